@@ -1,0 +1,71 @@
+"""``attend``: attention of q over k/v restricted to a pattern, on a chosen backend."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from foveal.kernels.select import Call, select
+from foveal.patterns.base import Pattern
+
+__all__ = ["attend"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_inputs(q, k, v, pattern, scale):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, heads, tokens, head_dim), got shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} must be one of {[str(d) for d in _DTYPES]}, got {t.dtype}")
+    if not isinstance(pattern, Pattern):
+        raise TypeError(f"pattern must be a foveal Pattern, got {type(pattern).__name__}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    b, hq, nq, d = q.shape
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ValueError(f"batch sizes differ: q {b}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(
+            f"k and v must agree in (batch, heads, tokens), got {tuple(k.shape[:3])} and {tuple(v.shape[:3])}"
+        )
+    if k.shape[-1] != d:
+        raise ValueError(f"q and k must share head_dim, got {d} and {k.shape[-1]}")
+    hkv = k.shape[1]
+    if hq % hkv:
+        raise ValueError(
+            f"query heads must be a multiple of key/value heads (GQA), got {hq} query and {hkv} key/value heads"
+        )
+    if nq != pattern.n_q:
+        raise ValueError(f"q has {nq} tokens but the pattern {pattern!r} has {pattern.n_q} queries")
+    if k.shape[2] != pattern.n_kv:
+        raise ValueError(f"k and v have {k.shape[2]} tokens but the pattern {pattern!r} has {pattern.n_kv} keys")
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+    return float(scale)
+
+
+def attend(q, k, v, pattern, *, scale=None, backend: str = "auto", return_lse: bool = False):
+    """Softmax attention of each query over the keys ``pattern`` allows.
+
+    ``q`` is (B, Hq, Nq, D), ``k`` (B, Hkv, Nk, D), ``v`` (B, Hkv, Nk, Dv), as in
+    ``scaled_dot_product_attention``; ``Hq`` a multiple of ``Hkv`` (GQA/MQA: query head
+    ``h`` uses key head ``h // (Hq // Hkv)``); tokens are in the row-major order of the
+    pattern's grid. Returns ``out`` (B, Hq, Nq, Dv), and with ``return_lse`` also the
+    float32 log-sum-exp of the allowed scaled scores (B, Hq, Nq). ``scale`` defaults to
+    ``1/sqrt(D)``. A query with no allowed key gets a zero output and ``lse = -inf``.
+    ``backend`` is ``"auto"`` or a name from ``foveal.kernels.select.BACKENDS``.
+    """
+    scale = _check_inputs(q, k, v, pattern, scale)
+    call = Call(q, k, v, pattern, scale)
+    out, lse = select(call, backend).run(call)
+    return (out, lse) if return_lse else out

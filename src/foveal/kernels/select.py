@@ -1,0 +1,80 @@
+"""Backend registry: what each backend supports, why not, and the ``auto`` choice.
+
+A backend is an object with a ``name``, ``why_not(call) -> list[str]`` (empty when
+it can run the call) and ``run(call) -> (out, lse)``. ``select(call, "auto")`` takes
+the first backend in ``AUTO_ORDER`` that supports the call; a named backend that
+cannot run the call raises with its reasons.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from foveal.kernels.reference import reference_attention
+
+__all__ = ["Call", "BACKENDS", "AUTO_ORDER", "select", "why_not"]
+
+
+@dataclass(frozen=True)
+class Call:
+    """Everything a backend needs to decide whether it can run, and to run."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    pattern: object
+    scale: float
+
+    @property
+    def needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(t.requires_grad for t in (self.q, self.k, self.v))
+
+
+class ReferenceBackend:
+    """Dense masked attention over the pattern's full mask: exact, O(N²) memory."""
+
+    name = "reference"
+    #: refuse above this many score elements per (batch, head): a dense N×N is the point
+    #: of this backend, but not for sizes that would exhaust memory by surprise
+    max_pairs = 1 << 28
+
+    def why_not(self, call: Call) -> list[str]:
+        pairs = call.pattern.n_q * call.pattern.n_kv
+        if pairs > self.max_pairs:
+            return [f"reference materialises {call.pattern.n_q}x{call.pattern.n_kv} scores (> {self.max_pairs} pairs)"]
+        return []
+
+    def run(self, call: Call):
+        mask = call.pattern.dense_mask(device=call.q.device)
+        return reference_attention(call.q, call.k, call.v, mask, call.scale)
+
+
+BACKENDS = {b.name: b for b in (ReferenceBackend(),)}
+#: ``auto`` tries these in order.
+AUTO_ORDER = ("reference",)
+
+
+def why_not(call: Call, backend: str) -> list[str]:
+    """Reasons ``backend`` cannot run ``call`` (empty if it can)."""
+    return BACKENDS[backend].why_not(call)
+
+
+def select(call: Call, backend: str):
+    """The backend object that will run ``call``."""
+    if backend == "auto":
+        reasons = {}
+        for name in AUTO_ORDER:
+            r = BACKENDS[name].why_not(call)
+            if not r:
+                return BACKENDS[name]
+            reasons[name] = r
+        detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in reasons.items())
+        raise ValueError(f"no backend can run this call ({detail})")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
+    reasons = BACKENDS[backend].why_not(call)
+    if reasons:
+        raise ValueError(f"backend {backend!r} cannot run this call: {'; '.join(reasons)}")
+    return BACKENDS[backend]

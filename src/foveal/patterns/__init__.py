@@ -1,0 +1,30 @@
+"""The pattern vocabulary: which (query, key) pairs may interact.
+
+Static patterns: ``Full``, ``Causal``, ``SlidingWindow``, ``Neighborhood``,
+``Window``, ``Grid``, ``Halo``, ``GlobalTokens``, ``Sinks``, ``Strided``; combine
+them with ``|`` and ``&``; ``MaskPattern`` wraps any elementwise function.
+"""
+
+from foveal.patterns.algebra import Intersection, Union
+from foveal.patterns.base import Pattern, ProgressionPattern
+from foveal.patterns.custom import MaskPattern
+from foveal.patterns.global_ import Causal, Full, GlobalTokens, Sinks, Strided
+from foveal.patterns.local import Grid, Halo, Neighborhood, SlidingWindow, Window
+
+__all__ = [
+    "Pattern",
+    "ProgressionPattern",
+    "Full",
+    "Causal",
+    "SlidingWindow",
+    "Neighborhood",
+    "Window",
+    "Grid",
+    "Halo",
+    "GlobalTokens",
+    "Sinks",
+    "Strided",
+    "Union",
+    "Intersection",
+    "MaskPattern",
+]

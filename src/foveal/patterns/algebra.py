@@ -1,0 +1,79 @@
+"""Union (``a | b``) and intersection (``a & b``) of patterns.
+
+The mask is the OR / AND of the parts' masks; the layout combines the parts'
+layouts block-wise (a union block is full if any part's is; an intersection block is
+full only if every part's is), so it stays analytic when the parts are.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+
+from foveal.patterns.base import Pattern
+
+__all__ = ["Union", "Intersection"]
+
+
+def _joint_shape(parts) -> tuple[int, ...]:
+    """The geometry shared by ``parts``: equal token counts, and equal grids where they have one."""
+    n = parts[0].n
+    grids = {p.shape for p in parts if len(p.shape) > 1}
+    for p in parts[1:]:
+        if p.n != n:
+            raise ValueError(
+                f"patterns combined with | or & must have the same number of tokens; "
+                f"{parts[0]!r} has {n}, {p!r} has {p.n}"
+            )
+    if len(grids) > 1:
+        raise ValueError(f"patterns combined with | or & must share one grid; got grids {sorted(grids)}")
+    return grids.pop() if grids else (n,)
+
+
+class _Combination(Pattern):
+    _symbol = "?"
+
+    def __init__(self, *parts: Pattern):
+        flat = []
+        for p in parts:
+            if not isinstance(p, Pattern):
+                raise TypeError(f"can only combine Patterns with {self._symbol}, got {type(p).__name__}")
+            flat.extend(p.parts if type(p) is type(self) else (p,))
+        if len(flat) < 2:
+            raise ValueError(f"{type(self).__name__} needs at least two patterns, got {len(flat)}")
+        self._set(parts=tuple(flat), shape=_joint_shape(flat))
+        methods = {p.layout_method for p in flat}
+        self._set(layout_method="analytic" if methods == {"analytic"} else "chunked mask evaluation (in part)")
+
+    def _key(self):
+        return self.parts
+
+    def _build_layout(self, block_q, block_k):
+        layouts = [p.layout(block_q, block_k) for p in self.parts]
+        return functools.reduce(self._layout_op, layouts)
+
+    def __repr__(self):
+        def show(p):
+            return f"({p!r})" if isinstance(p, _Combination) else repr(p)
+
+        return f" {self._symbol} ".join(show(p) for p in self.parts)
+
+
+class Union(_Combination):
+    """Pairs allowed by any part: ``a | b``."""
+
+    _symbol = "|"
+    _layout_op = staticmethod(operator.or_)
+
+    def mask(self, q_idx, kv_idx):
+        return functools.reduce(operator.or_, (p.mask(q_idx, kv_idx) for p in self.parts))
+
+
+class Intersection(_Combination):
+    """Pairs allowed by every part: ``a & b``."""
+
+    _symbol = "&"
+    _layout_op = staticmethod(operator.and_)
+
+    def mask(self, q_idx, kv_idx):
+        return functools.reduce(operator.and_, (p.mask(q_idx, kv_idx) for p in self.parts))

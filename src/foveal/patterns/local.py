@@ -1,0 +1,210 @@
+"""Local patterns: sliding window (flat), and the N-D neighbourhood, window, grid and halo.
+
+The N-D patterns act per grid axis and AND over axes; every per-axis parameter takes
+an int (all axes) or a tuple (one per axis).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from foveal._checks import as_shape, fmt_axes, per_axis, per_axis_bool, positive_int
+from foveal.patterns.base import ProgressionPattern
+from foveal.patterns.global_ import FlatPattern, _like
+
+__all__ = ["SlidingWindow", "Neighborhood", "Window", "Grid", "Halo"]
+
+
+class SlidingWindow(FlatPattern):
+    """Keys ``i - left <= j <= i + right`` with ``(i - j) % dilation == 0``.
+
+    FlashAttention's ``window_size=(left, right)`` when ``dilation == 1``; Longformer's
+    (dilated) sliding window. ``right=0`` (the default) is the causal sliding window.
+    """
+
+    def __init__(self, n, left: int, right: int = 0, dilation: int = 1):
+        self._init_shape(n)
+        self._set(
+            left=positive_int("left", left, minimum=0),
+            right=positive_int("right", right, minimum=0),
+            dilation=positive_int("dilation", dilation),
+        )
+
+    def progression(self, axis, x):
+        d = self.dilation
+        if d == 1:
+            back = torch.clamp(x, max=self.left)
+            fwd = torch.clamp(self.n - 1 - x, max=self.right)
+        else:
+            back = torch.clamp(x // d, max=self.left // d)
+            fwd = torch.clamp((self.n - 1 - x) // d, max=self.right // d)
+        return x - d * back, _like(x, d), back + fwd + 1
+
+    def _key(self):
+        return (self.shape, self.left, self.right, self.dilation)
+
+    def __repr__(self):
+        extra = "" if self.dilation == 1 else f", dilation={self.dilation}"
+        return f"SlidingWindow({self._n_repr()}, left={self.left}, right={self.right}{extra})"
+
+
+class GridPattern(ProgressionPattern):
+    """A pattern on an N-D grid that acts per axis (AND over axes)."""
+
+    def _init_grid(self, grid):
+        shape = as_shape("grid", grid)
+        self._set(shape=shape, axes_shape=shape)
+
+    def _grid_repr(self) -> str:
+        return f"grid={fmt_axes(self.shape)}"
+
+
+class Neighborhood(GridPattern):
+    """Neighbourhood attention with exactly NATTEN's definition (``na1d``/``na2d``/``na3d``).
+
+    Per axis of length ``L``: a query at ``x`` is in dilation group ``g = x % dilation``
+    at ``x' = x // dilation`` of a sub-axis of length ``L_g``; its keys are the same
+    group's ``kernel_size`` nearest positions around its stride group's leader (the
+    window shifts at the borders so every query has ``kernel_size`` keys), or, with
+    ``causal``, the ``x' - max(0, leader - kernel_size + 1) + 1`` positions up to ``x'``.
+    Hassani et al., "Neighborhood Attention Transformer" (2023); "Faster Neighborhood
+    Attention" (2024); "Generalized Neighborhood Attention" (2025).
+    """
+
+    def __init__(self, grid, kernel_size, dilation=1, stride=1, causal=False):
+        self._init_grid(grid)
+        nd = len(self.shape)
+        k = per_axis("kernel_size", kernel_size, nd)
+        d = per_axis("dilation", dilation, nd)
+        s = per_axis("stride", stride, nd)
+        c = per_axis_bool("causal", causal, nd)
+        for a, length in enumerate(self.shape):
+            if k[a] > length:
+                raise ValueError(
+                    f"kernel_size must be <= the grid on every axis; kernel_size[{a}]={k[a]} > grid[{a}]={length}"
+                )
+            if k[a] * d[a] > length:
+                raise ValueError(
+                    f"kernel_size * dilation must be <= the grid on every axis; on axis {a}: "
+                    f"{k[a]} * {d[a]} = {k[a] * d[a]} > grid[{a}]={length}"
+                )
+            if s[a] > k[a]:
+                raise ValueError(f"stride must be <= kernel_size on every axis; stride[{a}]={s[a]} > {k[a]}")
+        self._set(kernel_size=k, dilation=d, stride=s, causal=c)
+
+    def progression(self, axis, x):
+        length, k = self.shape[axis], self.kernel_size[axis]
+        d, s = self.dilation[axis], self.stride[axis]
+        g, xp = x % d, x // d
+        group_len = (length - g + d - 1) // d
+        if self.causal[axis]:
+            leader = torch.minimum((xp // s) * s + s - 1, group_len - 1)
+            lo = torch.clamp(leader - k + 1, min=0)
+            return lo * d + g, _like(x, d), xp - lo + 1
+        leader = torch.minimum((xp // s) * s + s // 2, group_len - 1)
+        left, right = k // 2, k // 2 + k % 2 - 1
+        centre = torch.minimum(torch.clamp(leader, min=left), group_len - 1 - right)
+        return (centre - left) * d + g, _like(x, d), _like(x, k)
+
+    def _key(self):
+        return (self.shape, self.kernel_size, self.dilation, self.stride, self.causal)
+
+    def __repr__(self):
+        parts = [self._grid_repr(), f"kernel_size={fmt_axes(self.kernel_size)}"]
+        if any(v != 1 for v in self.dilation):
+            parts.append(f"dilation={fmt_axes(self.dilation)}")
+        if any(v != 1 for v in self.stride):
+            parts.append(f"stride={fmt_axes(self.stride)}")
+        if any(self.causal):
+            parts.append(f"causal={fmt_axes(self.causal)}")
+        return f"Neighborhood({', '.join(parts)})"
+
+
+class Window(GridPattern):
+    """Non-overlapping windows: ``i`` and ``j`` interact iff ``i_a // window_a == j_a // window_a`` on every axis.
+
+    Swin's window attention (unshifted); MaxViT's block attention. The grid must be
+    divisible by the window.
+    """
+
+    def __init__(self, grid, window):
+        self._init_grid(grid)
+        w = per_axis("window", window, len(self.shape))
+        for a, length in enumerate(self.shape):
+            if length % w[a]:
+                raise ValueError(
+                    f"window must divide the grid on every axis; grid[{a}]={length} is not divisible by window[{a}]={w[a]}"
+                )
+        self._set(window=w)
+
+    def progression(self, axis, x):
+        w = self.window[axis]
+        return (x // w) * w, _like(x, 1), _like(x, w)
+
+    def _key(self):
+        return (self.shape, self.window)
+
+    def __repr__(self):
+        return f"Window({self._grid_repr()}, window={fmt_axes(self.window)})"
+
+
+class Grid(GridPattern):
+    """MaxViT grid attention: coordinates that agree modulo ``grid_a // size_a`` interact on every axis.
+
+    Each group holds ``prod(size)`` tokens spread over the whole grid at stride
+    ``grid_a // size_a`` (MaxViT's ``grid_partition``). ``size`` must divide the grid.
+    Tu et al., "MaxViT: Multi-Axis Vision Transformer" (2022).
+    """
+
+    def __init__(self, grid, size):
+        self._init_grid(grid)
+        g = per_axis("size", size, len(self.shape))
+        for a, length in enumerate(self.shape):
+            if length % g[a]:
+                raise ValueError(
+                    f"size must divide the grid on every axis; grid[{a}]={length} is not divisible by size[{a}]={g[a]}"
+                )
+        self._set(size=g)
+
+    def progression(self, axis, x):
+        spacing = self.shape[axis] // self.size[axis]
+        return x % spacing, _like(x, spacing), _like(x, self.size[axis])
+
+    def _key(self):
+        return (self.shape, self.size)
+
+    def __repr__(self):
+        return f"Grid({self._grid_repr()}, size={fmt_axes(self.size)})"
+
+
+class Halo(GridPattern):
+    """HaloNet blocked local attention: a ``block`` tile attends to that tile grown by ``halo``, clipped to the grid.
+
+    Per axis, query ``x`` in tile ``b = x // block`` sees keys in
+    ``[b·block − halo, (b+1)·block − 1 + halo]``. The last tile may be smaller when the
+    block does not divide the grid. Vaswani et al., "Scaling Local Self-Attention for
+    Parameter Efficient Visual Backbones" (2021).
+    """
+
+    def __init__(self, grid, block, halo):
+        self._init_grid(grid)
+        nd = len(self.shape)
+        b = per_axis("block", block, nd)
+        h = per_axis("halo", halo, nd, minimum=0)
+        for a, length in enumerate(self.shape):
+            if b[a] > length:
+                raise ValueError(f"block must be <= the grid on every axis; block[{a}]={b[a]} > grid[{a}]={length}")
+        self._set(block=b, halo=h)
+
+    def progression(self, axis, x):
+        length, b, h = self.shape[axis], self.block[axis], self.halo[axis]
+        tile = x // b
+        lo = torch.clamp(tile * b - h, min=0)
+        hi = torch.clamp((tile + 1) * b - 1 + h, max=length - 1)
+        return lo, _like(x, 1), hi - lo + 1
+
+    def _key(self):
+        return (self.shape, self.block, self.halo)
+
+    def __repr__(self):
+        return f"Halo({self._grid_repr()}, block={fmt_axes(self.block)}, halo={fmt_axes(self.halo)})"
