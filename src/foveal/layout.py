@@ -198,21 +198,32 @@ class BlockLayout:
 
         Partial blocks go to ``kv_indices`` (masked with ``mask_mod``), full blocks to
         ``full_kv_indices``; built with ``BlockMask.from_kv_blocks``, never with
-        ``create_block_mask``'s N² sweep.
+        ``create_block_mask``'s N² sweep. The index tables are padded to
+        ``num_kv_blocks`` columns, as FlexAttention's transposition for the backward
+        pass requires: ``num_q_blocks · num_kv_blocks`` int32 entries (block-level, not
+        token-level).
         """
         from torch.nn.attention.flex_attention import BlockMask
 
-        def padded(indptr, indices):
-            counts = indptr.diff()
-            width = max(int(counts.max()) if counts.numel() else 0, 1)
-            table = torch.zeros(self.num_q_blocks, width, dtype=torch.int32)
-            rows = self._rows(indptr)
-            cols = torch.arange(indices.numel()) - indptr[rows]
-            table[rows, cols] = indices.to(torch.int32)
-            return counts.to(torch.int32)[None, None].to(device), table[None, None].to(device)
+        def table(qb, kb):
+            order = torch.argsort(qb * self.num_kv_blocks + kb)
+            qb, kb = qb[order], kb[order]
+            indptr, _ = _csr(qb, kb, self.num_q_blocks)
+            out = torch.zeros(self.num_q_blocks, self.num_kv_blocks, dtype=torch.int32)
+            out[qb, torch.arange(kb.numel()) - indptr[qb]] = kb.to(torch.int32)
+            return indptr.diff().to(torch.int32)[None, None].to(device), out[None, None].to(device)
 
-        kv_num, kv_idx = padded(self.partial_indptr, self.partial_indices)
-        full_num, full_idx = padded(self.full_indptr, self.full_indices)
+        # FlexAttention treats a block on a ragged edge as partial (it masks the padded
+        # tile), so full blocks there move to the partial list, where mask_mod is applied.
+        fq, fk = self.full_pairs()
+        pq, pk = self.partial_pairs()
+        ragged = torch.zeros_like(fq, dtype=torch.bool)
+        if self.n_q % self.block_q:
+            ragged |= fq == self.num_q_blocks - 1
+        if self.n_kv % self.block_k:
+            ragged |= fk == self.num_kv_blocks - 1
+        kv_num, kv_idx = table(torch.cat([pq, fq[ragged]]), torch.cat([pk, fk[ragged]]))
+        full_num, full_idx = table(fq[~ragged], fk[~ragged])
         return BlockMask.from_kv_blocks(
             kv_num,
             kv_idx,

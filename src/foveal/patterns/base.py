@@ -67,9 +67,22 @@ class Pattern:
         """Bool tensor: may query ``q_idx`` attend to key ``kv_idx`` (row-major token indices)."""
         raise NotImplementedError
 
-    def mask_mod(self, b, h, q_idx, kv_idx):
-        """``mask`` with FlexAttention's ``mask_mod(b, h, q_idx, kv_idx)`` signature."""
-        return self.mask(q_idx, kv_idx)
+    @property
+    def mask_mod(self):
+        """``mask`` as a plain function with FlexAttention's ``mask_mod(b, h, q_idx, kv_idx)`` signature.
+
+        A closure rather than a bound method: FlexAttention tells mask from score
+        functions by counting positional arguments, and a bound method counts ``self``.
+        The same object is returned every time, so compiled kernels can be reused.
+        """
+        if "_mask_mod" not in self.__dict__:
+            pattern = self
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                return pattern.mask(q_idx, kv_idx)
+
+            self.__dict__["_mask_mod"] = mask_mod
+        return self.__dict__["_mask_mod"]
 
     def dense_mask(self, device=None) -> torch.Tensor:
         """The full ``(n_q, n_kv)`` bool mask. O(N²) memory: for tests, pictures and the reference."""
@@ -100,7 +113,7 @@ class Pattern:
             self.n_q, self.n_kv, block_q, block_k, qb, kb, counts, method=self.layout_method
         )
 
-    def count(self) -> int:
+    def num_allowed(self) -> int:
         """Number of allowed (query, key) pairs, without an N×N matrix."""
         lay = self.layout(64, 64)
         total = int(lay.full_areas().sum())
@@ -111,7 +124,7 @@ class Pattern:
 
     def density(self) -> float:
         """Share of the ``n_q · n_kv`` pairs that the pattern allows."""
-        return self.count() / (self.n_q * self.n_kv)
+        return self.num_allowed() / (self.n_q * self.n_kv)
 
     # -- algebra --------------------------------------------------------------
     def __or__(self, other: "Pattern") -> "Pattern":
@@ -316,7 +329,7 @@ class ProgressionPattern(Pattern):
             out.append(prod.sum((-1, -2)))
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
 
-    def count(self) -> int:
+    def num_allowed(self) -> int:
         total = 1
         for axis, length in enumerate(self.axes_shape):
             x = torch.arange(length)
