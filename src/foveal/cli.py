@@ -1,0 +1,59 @@
+"""The ``foveal`` command: ``foveal show`` (mask pictures) and ``foveal check`` (exactness check)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _show(args) -> int:
+    from foveal import show
+
+    if args.gallery:
+        paths = show.gallery(args.gallery)
+        for p in paths:
+            print(p)
+        print(f"wrote {len(paths)} pictures to {args.gallery}")
+        return 0
+    if not args.pattern:
+        print("foveal show: give a pattern expression or --gallery DIR", file=sys.stderr)
+        return 2
+    try:
+        pattern = show.parse_pattern(args.pattern)
+        out = args.output or "pattern.png"
+        path = show.render(pattern, out, query=args.query, block=args.block)
+    except (ValueError, TypeError) as e:
+        print(f"foveal show: {e}", file=sys.stderr)
+        return 2
+    print(f"{pattern!r}: density {pattern.density():.2%}\nwrote {path}")
+    return 0
+
+
+def _check(args) -> int:
+    from foveal.check import check_all
+
+    return 0 if check_all(tolerance=args.tolerance) else 1
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="foveal", description="Structured local-global attention.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("show", help="draw a pattern's mask and block layout as a PNG")
+    p.add_argument("pattern", nargs="?", help='a pattern expression, e.g. "Neighborhood(grid=(16,16), kernel_size=5)"')
+    p.add_argument("-o", "--output", help="PNG path (default: pattern.png)")
+    p.add_argument("--query", type=int, default=None, help="token whose keys are drawn (N-D patterns; default: centre)")
+    p.add_argument("--block", type=int, default=None, help="block size of the layout panel (default: automatic)")
+    p.add_argument("--gallery", metavar="DIR", help="write one picture per built-in pattern into DIR")
+    p.set_defaults(func=_show)
+
+    c = sub.add_parser("check", help="check every built-in pattern on every backend against dense attention")
+    c.add_argument("--tolerance", type=float, default=1e-5)
+    c.set_defaults(func=_check)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
