@@ -51,9 +51,23 @@ class ReferenceBackend:
         return reference_attention(call.q, call.k, call.v, mask, call.scale)
 
 
-BACKENDS = {b.name: b for b in (ReferenceBackend(),)}
+class CpuBackend:
+    """Gather-based sparse attention in eager PyTorch: exact, no compile step, forward and backward."""
+
+    name = "cpu"
+
+    def why_not(self, call: Call) -> list[str]:
+        return []
+
+    def run(self, call: Call):
+        from foveal.kernels.cpu import gather_attention
+
+        return gather_attention(call.q, call.k, call.v, call.pattern, call.scale)
+
+
+BACKENDS = {b.name: b for b in (ReferenceBackend(), CpuBackend())}
 #: ``auto`` tries these in order.
-AUTO_ORDER = ("reference",)
+AUTO_ORDER = ("cpu", "reference")
 
 
 def why_not(call: Call, backend: str) -> list[str]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import operator
 
+import torch
+
 from foveal.patterns.base import Pattern
 
 __all__ = ["Union", "Intersection"]
@@ -68,6 +70,9 @@ class Union(_Combination):
     def mask(self, q_idx, kv_idx):
         return functools.reduce(operator.or_, (p.mask(q_idx, kv_idx) for p in self.parts))
 
+    def key_set(self, q_tokens):
+        return torch.unique(torch.cat([p.key_set(q_tokens) for p in self.parts]))
+
 
 class Intersection(_Combination):
     """Pairs allowed by every part: ``a & b``."""
@@ -77,3 +82,10 @@ class Intersection(_Combination):
 
     def mask(self, q_idx, kv_idx):
         return functools.reduce(operator.and_, (p.mask(q_idx, kv_idx) for p in self.parts))
+
+    def key_set(self, q_tokens):
+        keys = self.parts[0].key_set(q_tokens)
+        for p in self.parts[1:]:
+            keys = keys[torch.isin(keys, p.key_set(q_tokens))]
+        return keys
+

@@ -113,6 +113,23 @@ class Pattern:
             self.n_q, self.n_kv, block_q, block_k, qb, kb, counts, method=self.layout_method
         )
 
+    def key_set(self, q_tokens: torch.Tensor) -> torch.Tensor:
+        """Sorted key tokens that the queries ``q_tokens`` may reach: a superset of their allowed keys.
+
+        Kernels gather these keys for a group of queries and mask the rest. This
+        fallback lists every key of the non-empty 64-key blocks of the queries' blocks.
+        """
+        block = 64
+        lay = self.layout(block, block)
+        qb = torch.unique(q_tokens // block)
+        kbs = []
+        for indptr, indices in ((lay.full_indptr, lay.full_indices), (lay.partial_indptr, lay.partial_indices)):
+            starts, stops = indptr[qb], indptr[qb + 1]
+            kbs.append(indices[_ranges_to_index(starts, stops)])
+        kb = torch.unique(torch.cat(kbs))
+        keys = (kb[:, None] * block + torch.arange(block)).flatten()
+        return keys[keys < self.n_kv]
+
     def num_allowed(self) -> int:
         """Number of allowed (query, key) pairs, without an N×N matrix."""
         lay = self.layout(64, 64)
@@ -329,6 +346,18 @@ class ProgressionPattern(Pattern):
             out.append(prod.sum((-1, -2)))
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
 
+    def key_set(self, q_tokens: torch.Tensor) -> torch.Tensor:
+        """Sorted key tokens the queries may reach: the product over axes of the per-axis unions."""
+        per_axis = []
+        for axis, x in enumerate(self._coords(q_tokens)):
+            x = torch.unique(x)
+            first, step, count = (torch.broadcast_to(t, x.shape) for t in self.progression(axis, x))
+            per_axis.append(progression_union(first, step, count))
+        flat = per_axis[0]
+        for axis in range(1, len(per_axis)):
+            flat = (flat[:, None] * self.axes_shape[axis] + per_axis[axis][None, :]).flatten()
+        return flat
+
     def num_allowed(self) -> int:
         total = 1
         for axis, length in enumerate(self.axes_shape):
@@ -336,6 +365,49 @@ class ProgressionPattern(Pattern):
             _, _, cnt = (torch.broadcast_to(t, x.shape) for t in self.progression(axis, x))
             total *= int(cnt.clamp(min=0).sum())
         return total
+
+
+def progression_union(first, step, count, budget: int = 1 << 20) -> torch.Tensor:
+    """Sorted union of the progressions ``first + step·t`` (``t < count``), or a covering range.
+
+    Unit-step progressions are merged as intervals; others are enumerated while their
+    total size is within ``budget``, beyond which the covering range is returned (a
+    superset, which is all a key set needs to be).
+    """
+    keep = count > 0
+    first, step, count = first[keep], step[keep], count[keep]
+    if first.numel() == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    last = first + step * (count - 1)
+    if bool((step == 1).all()):
+        order = torch.argsort(first)
+        f, l = first[order], last[order]
+        reach = torch.cummax(l, 0).values
+        new = torch.ones_like(f, dtype=torch.bool)
+        new[1:] = f[1:] > reach[:-1] + 1
+        seg = torch.cumsum(new, 0) - 1
+        seg_lo = f[new]
+        seg_hi = torch.full_like(seg_lo, -1).scatter_reduce(0, seg, l, "amax")
+        return _expand_intervals(seg_lo, seg_hi)
+    if int(count.sum()) > budget:
+        return torch.arange(int(first.min()), int(last.max()) + 1)
+    t = _ranges_to_index(torch.zeros_like(count), count)
+    values = torch.repeat_interleave(first, count) + torch.repeat_interleave(step, count) * t
+    return torch.unique(values)
+
+
+def _expand_intervals(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Concatenation of ``arange(lo[i], hi[i] + 1)`` over i."""
+    lengths = hi - lo + 1
+    return torch.repeat_interleave(lo, lengths) + _ranges_to_index(torch.zeros_like(lo), lengths)
+
+
+def _ranges_to_index(starts: torch.Tensor, stops: torch.Tensor) -> torch.Tensor:
+    """Concatenation of ``arange(starts[i], stops[i])`` over i."""
+    lengths = (stops - starts).clamp(min=0)
+    total = int(lengths.sum())
+    offsets = torch.arange(total) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+    return torch.repeat_interleave(starts, lengths) + offsets
 
 
 def progression_count_in(first, step, count, k0, k1):
