@@ -66,6 +66,6 @@ def attend(q, k, v, pattern, *, scale=None, backend: str = "auto", return_lse: b
     ``backend`` is ``"auto"`` or a name from ``foveal.kernels.select.BACKENDS``.
     """
     scale = _check_inputs(q, k, v, pattern, scale)
-    call = Call(q, k, v, pattern, scale)
+    call = Call(q, k, v, pattern, scale, need_lse=return_lse)
     out, lse = select(call, backend).run(call)
     return (out, lse) if return_lse else out

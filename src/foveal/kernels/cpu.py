@@ -52,12 +52,26 @@ def _from_slots(x, token_slot, batch, groups):
     return x.view(batch, bh // batch, n, g, e).transpose(2, 3).reshape(batch, (bh // batch) * g, n, e)
 
 
-def _sub_batches(bh, rows, nk):
-    step = max(1, SCORE_ELEMENTS // max(1, rows * nk))
+def _sub_batches(bh, rows, nk, shared: bool):
+    """Ranges of batch·head rows processed together: one at a time when groups have their own masks."""
+    step = max(1, SCORE_ELEMENTS // max(1, rows * nk)) if shared else 1
     return [(b0, min(b0 + step, bh)) for b0 in range(0, bh, step)]
 
 
-def _forward(q, k, v, plan: GatherPlan, scale: float):
+def _scores(qs, kf, chunk, b0, b1, groups, size, cdt):
+    """Scaled scores plus mask of one chunk for batch·head rows b0:b1: (nb·c, size·G, nk), and the gathered keys."""
+    c, nk = chunk.keys.shape
+    nb = b1 - b0
+    keys = chunk.keys_on(qs.device)
+    qc = qs[b0:b1, chunk.slots].reshape(nb * c, size * groups, -1)
+    kc = kf[b0:b1].index_select(1, keys).view(nb * c, nk, -1)
+    bias = chunk.bias(cdt, qs.device, groups)
+    if bias is None:
+        return torch.bmm(qc, kc.transpose(1, 2)), qc, kc
+    return torch.baddbmm(bias, qc, kc.transpose(1, 2)), qc, kc
+
+
+def _forward(q, k, v, plan: GatherPlan, scale: float, need_lse: bool = True):
     batch, hq, _, _ = q.shape
     hkv, dv = k.shape[1], v.shape[-1]
     groups = hq // hkv
@@ -68,30 +82,31 @@ def _forward(q, k, v, plan: GatherPlan, scale: float):
     vf = v.to(cdt).reshape(batch * hkv, -1, dv)
     bh, slots = qs.shape[0], qs.shape[1]
     out = torch.empty(bh, slots, groups, dv, dtype=cdt, device=q.device)
-    lse = torch.empty(bh, slots, groups, dtype=cdt, device=q.device)
+    lse = torch.empty(bh, slots, groups, dtype=cdt, device=q.device) if need_lse else None
     size = plan.group_size
     for chunk in plan.chunks:
         c, nk = chunk.keys.shape
         keys = chunk.keys_on(q.device)
-        bias = chunk.bias(cdt, q.device)
-        for b0, b1 in _sub_batches(bh, c * size * groups, nk):
+        empty = chunk.empty_on(q.device)
+        for b0, b1 in _sub_batches(bh, c * size * groups, nk, chunk.shared):
             nb = b1 - b0
-            qc = qs[b0:b1, chunk.slots].reshape(nb, c, size * groups, -1)
-            kc = kf[b0:b1].index_select(1, keys).view(nb, c, nk, -1)
-            vc = vf[b0:b1].index_select(1, keys).view(nb, c, nk, dv)
-            s = torch.matmul(qc, kc.transpose(-1, -2))  # (nb, c, size·G, nk)
-            if bias is not None:
-                s.view(nb, c, size, groups, nk).add_(bias[None, :, :, None, :])
-            m = s.amax(-1, keepdim=True)
-            m.masked_fill_(m == float("-inf"), 0.0)
-            s.sub_(m).exp_()
-            denom = s.sum(-1, keepdim=True)
-            o = torch.matmul(s, vc)
-            alive = denom > 0
-            o.div_(denom.masked_fill(~alive, 1.0))
-            lse_c = torch.where(alive, denom.log() + m, float("-inf"))
+            s, _, _ = _scores(qs, kf, chunk, b0, b1, groups, size, cdt)
+            vc = vf[b0:b1].index_select(1, keys).view(nb * c, nk, dv)
+            if need_lse:
+                m = s.amax(-1, keepdim=True)
+                m.masked_fill_(m == float("-inf"), 0.0)
+                s.sub_(m).exp_()
+                denom = s.sum(-1, keepdim=True)
+                o = torch.bmm(s, vc)
+                alive = denom > 0
+                o.div_(denom.masked_fill(~alive, 1.0))
+                lse_c = torch.where(alive, denom.log() + m, float("-inf"))
+                lse[b0:b1, chunk.slots] = lse_c.view(nb, c * size, groups)
+            else:
+                o = torch.bmm(torch.softmax(s, -1), vc)  # rows with no allowed key: NaN, zeroed below
+                if empty is not None:
+                    o.view(nb, c, size, groups * dv).masked_fill_(empty[None, :, :, None], 0.0)
             out[b0:b1, chunk.slots] = o.view(nb, c * size, groups, dv)
-            lse[b0:b1, chunk.slots] = lse_c.view(nb, c * size, groups)
     return out, lse
 
 
@@ -115,39 +130,34 @@ def _backward(q, k, v, out_slots, lse_slots, dout, dlse, plan: GatherPlan, scale
     dk = torch.zeros_like(kf)
     dvf = torch.zeros_like(vf)
     size = plan.group_size
+    rows = size * groups
     for chunk in plan.chunks:
         c, nk = chunk.keys.shape
         keys = chunk.keys_on(q.device)
-        bias = chunk.bias(cdt, q.device)
-        for b0, b1 in _sub_batches(bh, c * size * groups, nk):
+        for b0, b1 in _sub_batches(bh, c * rows, nk, chunk.shared):
             nb = b1 - b0
-            rows = size * groups
-            qc = qs[b0:b1, chunk.slots].reshape(nb, c, rows, d)
-            kc = kf[b0:b1].index_select(1, keys).view(nb, c, nk, d)
-            vc = vf[b0:b1].index_select(1, keys).view(nb, c, nk, dv)
-            doc = dos[b0:b1, chunk.slots].reshape(nb, c, rows, dv)
-            p = torch.matmul(qc, kc.transpose(-1, -2))
-            if bias is not None:
-                p.view(nb, c, size, groups, nk).add_(bias[None, :, :, None, :])
-            p.sub_(lse_safe[b0:b1, chunk.slots].reshape(nb, c, rows, 1)).exp_()
-            dvc = torch.matmul(p.transpose(-1, -2), doc)  # (nb, c, nk, Dv)
-            dvf[b0:b1].index_add_(1, keys, dvc.reshape(nb, c * nk, dv))
-            ds = torch.matmul(doc, vc.transpose(-1, -2))
-            ds.sub_(delta[b0:b1, chunk.slots].reshape(nb, c, rows, 1)).mul_(p)
-            dqs[b0:b1, chunk.slots] = torch.matmul(ds, kc).view(nb, c * size, groups, d)
-            dkc = torch.matmul(ds.transpose(-1, -2), qc)
-            dk[b0:b1].index_add_(1, keys, dkc.reshape(nb, c * nk, d))
+            p, qc, kc = _scores(qs, kf, chunk, b0, b1, groups, size, cdt)
+            vc = vf[b0:b1].index_select(1, keys).view(nb * c, nk, dv)
+            doc = dos[b0:b1, chunk.slots].reshape(nb * c, rows, dv)
+            p.sub_(lse_safe[b0:b1, chunk.slots].reshape(nb * c, rows, 1)).exp_()
+            dvc = torch.bmm(p.transpose(1, 2), doc)  # (nb·c, nk, Dv)
+            dvf[b0:b1].index_add_(1, keys, dvc.view(nb, c * nk, dv))
+            ds = torch.bmm(doc, vc.transpose(1, 2))
+            ds.sub_(delta[b0:b1, chunk.slots].reshape(nb * c, rows, 1)).mul_(p)
+            dqs[b0:b1, chunk.slots] = torch.bmm(ds, kc).view(nb, c * size, groups, d)
+            dkc = torch.bmm(ds.transpose(1, 2), qc)
+            dk[b0:b1].index_add_(1, keys, dkc.view(nb, c * nk, d))
     dq = _from_slots(dqs, token_slot, batch, groups).mul_(scale)
     return dq.to(q.dtype), dk.view_as(k).to(k.dtype), dvf.view_as(v).to(v.dtype)
 
 
-def _run(q, k, v, plan, scale):
-    """Forward in caller order: (out, lse) plus the slot-order tensors the backward needs."""
-    out_slots, lse_slots = _forward(q, k, v, plan, scale)
+def _run(q, k, v, plan, scale, need_lse=True):
+    """Forward in caller order: (out, lse or None) plus the slot-order tensors the backward needs."""
+    out_slots, lse_slots = _forward(q, k, v, plan, scale, need_lse)
     _, token_slot = plan.on(q.device)
     groups = q.shape[1] // k.shape[1]
     out = _from_slots(out_slots, token_slot, q.shape[0], groups).to(q.dtype)
-    lse = _from_slots(lse_slots[..., None], token_slot, q.shape[0], groups)[..., 0]
+    lse = None if lse_slots is None else _from_slots(lse_slots[..., None], token_slot, q.shape[0], groups)[..., 0]
     return out, lse, out_slots, lse_slots
 
 
@@ -168,10 +178,14 @@ class _GatherAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def gather_attention(q, k, v, pattern, scale: float, tile=None):
-    """Exact attention over ``pattern`` by the gather kernel; returns ``(out, lse)`` with autograd."""
+def gather_attention(q, k, v, pattern, scale: float, tile=None, need_lse: bool = True):
+    """Exact attention over ``pattern`` by the gather kernel; returns ``(out, lse)`` with autograd.
+
+    Without gradients and with ``need_lse=False`` it takes a faster path (a fused
+    softmax) and returns ``lse=None``.
+    """
     plan = plan_for(pattern, tile)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return _GatherAttention.apply(q, k, v, plan, scale)
-    out, lse, _, _ = _run(q, k, v, plan, scale)
+    out, lse, _, _ = _run(q, k, v, plan, scale, need_lse)
     return out, lse

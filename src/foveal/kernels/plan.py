@@ -22,7 +22,7 @@ import torch
 __all__ = ["GatherPlan", "Chunk", "build_plan", "default_tile"]
 
 #: score elements (query rows × gathered keys) a chunk holds per (batch, head)
-CHUNK_ELEMENTS = 1 << 16
+CHUNK_ELEMENTS = 1 << 18
 
 
 @dataclass
@@ -30,32 +30,52 @@ class Chunk:
     """Consecutive groups sharing one padded key count.
 
     ``slots`` is the range of query slots (``groups × group_size``); ``keys`` (groups,
-    nk) the gathered key tokens (padding: token 0, masked); ``allowed`` (groups,
-    group_size, nk) the mask, or None when every pair is allowed.
+    nk) the gathered key tokens (padding: token 0, masked); ``allowed`` the mask:
+    None when every pair is allowed, (1, group_size, nk) when all groups share one
+    mask, else (groups, group_size, nk). ``empty_rows`` (groups, group_size) marks
+    real queries with no allowed key (None if there are none).
     """
 
     slots: slice
     keys: torch.Tensor
     allowed: torch.Tensor | None
-    _bias: dict = field(default_factory=dict, repr=False)
+    empty_rows: torch.Tensor | None
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def shared(self) -> bool:
+        """True when one mask (or none) serves every group of the chunk."""
+        return self.allowed is None or self.allowed.shape[0] == 1
 
     def keys_on(self, device):
         """The flattened key tokens on ``device`` (cached)."""
-        key = str(device)
-        if key not in self._bias:
-            self._bias[key] = self.keys.flatten().to(device)
-        return self._bias[key]
+        key = ("keys", str(device))
+        if key not in self._cache:
+            self._cache[key] = self.keys.flatten().to(device)
+        return self._cache[key]
 
-    def bias(self, dtype, device):
-        """The mask as an additive term (0 or -inf) in ``dtype`` on ``device`` (cached)."""
+    def empty_on(self, device):
+        key = ("empty", str(device))
+        if key not in self._cache:
+            self._cache[key] = None if self.empty_rows is None else self.empty_rows.to(device)
+        return self._cache[key]
+
+    def bias(self, dtype, device, heads: int = 1):
+        """The mask as an additive term (0 or -inf), rows repeated for ``heads`` stacked query heads.
+
+        Shape (1 or groups, group_size · heads, nk), in ``dtype`` on ``device`` (cached).
+        """
         if self.allowed is None:
             return None
-        key = (dtype, str(device))
-        if key not in self._bias:
+        key = ("bias", dtype, str(device), heads)
+        if key not in self._cache:
             zero = torch.zeros((), dtype=dtype)
             neg = torch.full((), float("-inf"), dtype=dtype)
-            self._bias[key] = torch.where(self.allowed, zero, neg).to(device)
-        return self._bias[key]
+            b = torch.where(self.allowed, zero, neg)
+            if heads > 1:
+                b = b[:, :, None, :].expand(-1, -1, heads, -1).reshape(b.shape[0], -1, b.shape[-1])
+            self._cache[key] = b.to(device).contiguous()
+        return self._cache[key]
 
 
 @dataclass
@@ -82,6 +102,7 @@ class GatherPlan:
         return sum(c.keys.shape[0] * self.group_size * c.keys.shape[1] for c in self.chunks)
 
     def mask_bytes(self) -> int:
+        """Bytes the plan's masks take (shared masks counted once per chunk)."""
         return sum(c.allowed.numel() for c in self.chunks if c.allowed is not None)
 
     def on(self, device):
@@ -126,33 +147,61 @@ def build_plan(pattern, tile: tuple[int, ...] | None = None, chunk_elements: int
     groups = _tile_tokens(shape, tile)
     size = math.prod(tile)
     entries = []
-    for g, q in enumerate(groups):
+    mask_ids: dict[bytes, int] = {}
+    for q in groups:
         keys = pattern.key_set(q)
-        allowed = pattern.mask(q[:, None], keys[None, :])
-        entries.append((int(keys.numel()), g, q, keys, allowed))
-    entries.sort(key=lambda e: e[0])
+        allowed = torch.zeros(size, keys.numel(), dtype=torch.bool)
+        allowed[: q.numel()] = pattern.mask(q[:, None], keys[None, :])
+        mid = mask_ids.setdefault(allowed.numpy().tobytes() + bytes(str(keys.numel()), "ascii"), len(mask_ids))
+        entries.append((int(keys.numel()), mid, q, keys, allowed))
+    entries.sort(key=lambda e: (e[0], e[1]))
+
+    def per_chunk(nk):
+        return max(1, chunk_elements // (size * max(nk, 1)))
+
+    # Runs of groups with the same key count and mask become shared-mask chunks; the
+    # short runs left over are packed together, padded to the chunk's largest key count.
+    pieces, pending, i = [], [], 0
+    while i < len(entries):
+        j = i
+        while j < len(entries) and entries[j][:2] == entries[i][:2]:
+            j += 1
+        run, step = entries[i:j], per_chunk(entries[i][0])
+        if len(run) >= max(2, step // 4):
+            pieces += [run[a : a + step] for a in range(0, len(run), step)]
+        else:
+            pending += run
+        i = j
+    a = 0
+    while a < len(pending):
+        nk0, b = pending[a][0], a + 1
+        while b < len(pending) and b - a < per_chunk(pending[b][0]) and pending[b][0] * 8 <= max(nk0, 1) * 9:
+            b += 1
+        pieces.append(pending[a:b])
+        a = b
 
     slot_token = torch.zeros(len(groups) * size, dtype=torch.int64)
     token_slot = torch.empty(pattern.n_q, dtype=torch.int64)
     chunks, start = [], 0
-    while start < len(entries):
-        nk = max(entries[start][0], 1)
-        count = max(1, chunk_elements // (size * nk))
-        # the chunk's key count is its largest; stop where padding would exceed 1/8
-        stop = start + 1
-        while stop < len(entries) and stop - start < count and entries[stop][0] * 8 <= nk * 9:
-            stop += 1
-        part = entries[start:stop]
+    for part in pieces:
         nk = max(max(e[0] for e in part), 1)
         keys = torch.zeros(len(part), nk, dtype=torch.int64)
         allowed = torch.zeros(len(part), size, nk, dtype=torch.bool)
+        real = torch.zeros(len(part), size, dtype=torch.bool)
         for i, (m, _, q, k, a) in enumerate(part):
             slot0 = (start + i) * size
             slot_token[slot0 : slot0 + q.numel()] = q
             token_slot[q] = torch.arange(slot0, slot0 + q.numel())
             keys[i, :m] = k
-            allowed[i, : q.numel(), :m] = a
-        full = bool(allowed.all())
-        chunks.append(Chunk(slice(start * size, stop * size), keys, None if full else allowed))
-        start = stop
+            allowed[i, :, :m] = a
+            real[i, : q.numel()] = True
+        empty = real & ~allowed.any(-1)
+        if bool(allowed[real].all()) and bool(real.all()):
+            mask = None
+        elif len({e[1] for e in part}) == 1 and all(e[0] == nk for e in part):
+            mask = allowed[:1]
+        else:
+            mask = allowed
+        chunks.append(Chunk(slice(start * size, (start + len(part)) * size), keys, mask, empty if empty.any() else None))
+        start += len(part)
     return GatherPlan(pattern.n_q, pattern.n_kv, size, slot_token, token_slot, chunks, tile)

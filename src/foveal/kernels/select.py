@@ -26,6 +26,8 @@ class Call:
     v: torch.Tensor
     pattern: object
     scale: float
+    #: whether the caller wants the log-sum-exp (backends may skip it otherwise)
+    need_lse: bool = True
 
     @property
     def needs_grad(self) -> bool:
@@ -62,7 +64,7 @@ class CpuBackend:
     def run(self, call: Call):
         from foveal.kernels.cpu import gather_attention
 
-        return gather_attention(call.q, call.k, call.v, call.pattern, call.scale)
+        return gather_attention(call.q, call.k, call.v, call.pattern, call.scale, need_lse=call.need_lse)
 
 
 BACKENDS = {b.name: b for b in (ReferenceBackend(), CpuBackend())}
