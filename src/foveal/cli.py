@@ -35,6 +35,20 @@ def _check(args) -> int:
     return 0 if check_all(tolerance=args.tolerance) else 1
 
 
+def _bench(args) -> int:
+    if args.what == "speed":
+        from foveal.bench.speed import run_speed
+
+        try:
+            run_speed(args.suite, args.out, args.device, args.contenders)
+        except ValueError as e:
+            print(f"foveal bench speed: {e}", file=sys.stderr)
+            return 2
+        return 0
+    print(f"foveal bench: unknown benchmark {args.what!r}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="foveal", description="Structured local-global attention.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -50,6 +64,14 @@ def main(argv=None) -> int:
     c = sub.add_parser("check", help="check every built-in pattern on every backend against dense attention")
     c.add_argument("--tolerance", type=float, default=1e-5)
     c.set_defaults(func=_check)
+
+    b = sub.add_parser("bench", help="benchmarks: speed")
+    b.add_argument("what", choices=["speed"])
+    b.add_argument("--suite", default="quick", help="quick (about 2 minutes on a 2-core CPU) or full")
+    b.add_argument("--out", default="bench-out", help="folder for the JSON, Markdown and PNG results")
+    b.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    b.add_argument("--contenders", nargs="+", default=None, help="run only these contenders (names as in the table)")
+    b.set_defaults(func=_bench)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -1,0 +1,1 @@
+"""Benchmarks: ``foveal bench speed`` (time, memory, useful FLOP/s against the same run's matmul rate)."""

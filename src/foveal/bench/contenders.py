@@ -1,0 +1,173 @@
+"""What ``foveal bench speed`` times: foveal's backends and what users would use instead.
+
+Each contender's ``prepare(case, q, k, v)`` either returns a ``Prepared`` (the call
+to time, its one-off setup time, and a forward function for the exactness check) or
+a string saying why it does not run this case.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from foveal.functional import attend
+from foveal.patterns import Neighborhood, SlidingWindow
+
+__all__ = ["Prepared", "CONTENDERS"]
+
+#: dense contenders are skipped above these sizes (they would run for minutes or exhaust memory)
+DENSE_MAX_WORK = 1 << 38  # N² · batch · heads · head_dim
+MASK_MAX_PAIRS = 1 << 28  # N² booleans
+REFERENCE_MAX_TOKENS = 8192
+
+
+@dataclass
+class Prepared:
+    forward: Callable[[], torch.Tensor]  # returns out (B, H, N, Dv)
+    setup_seconds: float = 0.0  # layout / mask / plan built before the first call
+    comparable: bool = True  # computes the case's pattern exactly (else: a different mask)
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - start
+
+
+def _quiet(fn):
+    def run():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fn()
+
+    return run
+
+
+class FoveaBackend:
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.name = f"foveal {backend}"
+
+    def prepare(self, case, q, k, v):
+        from foveal.kernels.select import Call, select
+
+        pattern = case.pattern
+        if self.backend == "reference" and pattern.n > REFERENCE_MAX_TOKENS:
+            return f"dense reference above {REFERENCE_MAX_TOKENS} tokens"
+        call = Call(q, k, v, pattern, q.shape[-1] ** -0.5, need_lse=False)
+        try:
+            chosen = select(call, self.backend).name
+        except ValueError as e:
+            return str(e).split(": ", 1)[-1]
+        if chosen == "cpu":
+            from foveal.kernels.cpu import plan_for
+
+            _, setup = _timed(lambda: plan_for(pattern))
+        elif chosen == "flex":
+            from foveal.kernels.flex import block_mask_for
+
+            _, setup = _timed(lambda: block_mask_for(pattern, q.device))
+        else:
+            setup = 0.0
+        return Prepared(lambda: attend(q, k, v, pattern, backend=self.backend), setup)
+
+
+class DenseSDPA:
+    name = "torch sdpa (dense)"
+
+    def prepare(self, case, q, k, v):
+        n = case.pattern.n
+        if n * n * q.shape[0] * q.shape[1] * q.shape[-1] > DENSE_MAX_WORK:
+            return "dense attention too large for this machine"
+        return Prepared(lambda: F.scaled_dot_product_attention(q, k, v), comparable=False)
+
+
+class MaskedSDPA:
+    name = "torch sdpa + bool mask"
+
+    def prepare(self, case, q, k, v):
+        n = case.pattern.n
+        if n * n > MASK_MAX_PAIRS or n * n * q.shape[0] * q.shape[1] * q.shape[-1] > DENSE_MAX_WORK:
+            return f"an N×N mask of {n}² entries is too large"
+        mask, setup = _timed(lambda: case.pattern.dense_mask(device=q.device))
+        return Prepared(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), setup)
+
+
+class FlexCreateBlockMask:
+    name = "flex + create_block_mask"
+
+    def prepare(self, case, q, k, v):
+        if case.backward and q.device.type == "cpu":
+            return "compiled FlexAttention on CPU has no backward"
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        p = case.pattern
+        bm, setup = _timed(_quiet(lambda: create_block_mask(p.mask_mod, 1, 1, p.n, p.n, device=q.device)))
+        fn = torch.compile(flex_attention, dynamic=False)
+        return Prepared(_quiet(lambda: fn(q, k, v, block_mask=bm)), setup)
+
+
+class Natten:
+    name = "natten"
+
+    def prepare(self, case, q, k, v):
+        p = case.pattern
+        if not isinstance(p, Neighborhood):
+            return "not a neighbourhood pattern"
+        if case.backward and q.device.type == "cpu":
+            return "NATTEN refuses gradients on CPU"
+        if q.device.type == "cpu" and p.n > 16384:
+            return "NATTEN on CPU materialises every score (N² per head)"
+        try:
+            import natten.functional as nf
+        except ImportError:
+            return "natten is not installed"
+        op = {1: nf.na1d, 2: nf.na2d, 3: nf.na3d}[len(p.shape)]
+        b, h, _, d = q.shape
+
+        def to_natten(t):
+            return t.transpose(1, 2).reshape(b, *p.shape, h, t.shape[-1]).contiguous()
+
+        qn, kn, vn = to_natten(q), to_natten(k), to_natten(v)
+        kwargs = dict(kernel_size=p.kernel_size, stride=p.stride, dilation=p.dilation, is_causal=p.causal)
+
+        def run():
+            out = op(qn, kn, vn, **kwargs)
+            return out.reshape(b, -1, h, v.shape[-1]).transpose(1, 2)
+
+        return Prepared(_quiet(run))
+
+
+class LocalAttention:
+    name = "local-attention"
+
+    def prepare(self, case, q, k, v):
+        p = case.pattern
+        if not (isinstance(p, SlidingWindow) and p.right == 0 and p.dilation == 1 and p.left > 0):
+            return "not a causal sliding window"
+        try:
+            from local_attention import LocalAttention as LA
+        except ImportError:
+            return "local-attention is not installed"
+        # causal, look back one bucket, exact window: keys i-left..i, i.e. SlidingWindow(n, left)
+        la = LA(window_size=p.left, causal=True, look_backward=1, look_forward=0, exact_windowsize=True,
+                autopad=True, use_rotary_pos_emb=False).to(q.device)
+        return Prepared(lambda: la(q, k, v))
+
+
+CONTENDERS = [
+    FoveaBackend("cpu"),
+    FoveaBackend("flex"),
+    FoveaBackend("auto"),
+    FoveaBackend("reference"),
+    DenseSDPA(),
+    MaskedSDPA(),
+    FlexCreateBlockMask(),
+    Natten(),
+    LocalAttention(),
+]

@@ -1,0 +1,112 @@
+"""Timing, memory and rate measurements shared by the benchmarks.
+
+Machines are shared and noisy: every figure is taken in the same process as the
+others it is compared with, warm, as a median of several runs.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+
+import torch
+
+__all__ = ["time_call", "PeakMemory", "matmul_rate"]
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn, device, *, min_runs: int = 3, max_runs: int = 10, min_seconds: float = 0.5):
+    """(first-call seconds, median warm seconds, runs) of ``fn()``.
+
+    The first call includes compile and layout work, if any; warm runs repeat until
+    ``min_runs`` and ``min_seconds`` are both reached (at most ``max_runs``; one
+    more run only when the first took over 5 s).
+    """
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    first = time.perf_counter() - start
+    if first > 5:
+        min_runs, max_runs = 1, 1
+    times = []
+    while len(times) < max_runs and (len(times) < min_runs or sum(times) < min_seconds):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return first, statistics.median(times), len(times)
+
+
+def _trim():
+    """Return freed heap memory to the OS (glibc), so resident memory tracks live allocations."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak extra memory during a block: CUDA's allocator peak, or resident memory sampled every 0.5 ms on CPU.
+
+    On CPU the baseline is taken after returning freed heap memory to the OS; the
+    figure is the growth of resident memory, which includes the inputs' gradients
+    and any allocator slack.
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        _trim()
+        self._base = _rss()
+        self._stop = threading.Event()
+        self._max = self._base
+
+        def sample():
+            while not self._stop.is_set():
+                self._max = max(self._max, _rss())
+                time.sleep(0.0005)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
+        else:
+            self._stop.set()
+            self._thread.join()
+            self._max = max(self._max, _rss())
+            self.peak = self._max - self._base
+        return False
+
+
+def matmul_rate(device, dtype) -> float:
+    """Dense matmul FLOP/s of this machine for ``dtype``, measured now (median of warm runs)."""
+    n = 2048 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    _, t, _ = time_call(lambda: a @ b, device, min_runs=5, min_seconds=0.5)
+    return 2 * n**3 / t

@@ -1,0 +1,290 @@
+"""``foveal bench speed``: every contender on the same tensors, in one process.
+
+For each case (a pattern, batch, heads, head_dim, dtype, forward or forward+backward)
+each contender is timed warm (median of several runs), with its one-off setup
+(layout, plan or mask build) and its compile time (first call less a warm one) in
+their own columns, its peak extra memory, its *useful* FLOP/s (4·head_dim per pair
+the pattern allows, ×3.5 with the backward pass, as FlashAttention counts) and that
+as a share of the same run's dense matmul rate, and the largest difference from the
+exact reference on 256 sampled query rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from foveal.bench.contenders import CONTENDERS, Prepared
+from foveal.bench.measure import PeakMemory, matmul_rate, time_call
+from foveal.kernels.reference import reference_attention
+from foveal.patterns import Neighborhood, Sinks, SlidingWindow
+
+__all__ = ["Case", "SUITES", "run_speed"]
+
+
+@dataclass
+class Case:
+    family: str  # cases of one family differ in size; plotted as one line per contender
+    pattern: object
+    heads: int = 4
+    head_dim: int = 64
+    batch: int = 1
+    dtype: torch.dtype = torch.float32
+    backward: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.family} n={self.pattern.n} {'fwd+bwd' if self.backward else 'fwd'}"
+
+
+def _na(grid, k):
+    return Neighborhood(grid, k)
+
+
+def _sw(n, w):
+    return SlidingWindow(n, w)
+
+
+def _quick():
+    return [
+        Case("neighborhood 2-D 7x7", _na((64, 64), 7), heads=4),
+        Case("neighborhood 2-D 7x7", _na((64, 64), 7), heads=4, backward=True),
+        Case("causal window 512", _sw(8192, 512), heads=8),
+    ]
+
+
+def _full():
+    cases = []
+    for side in (32, 64, 128):
+        for bwd in (False, True):
+            cases.append(Case("neighborhood 2-D 7x7", _na((side, side), 7), heads=4, backward=bwd))
+    for side in (16, 24, 32):
+        for bwd in (False, True):
+            cases.append(Case("neighborhood 3-D 3x3x3", _na((side,) * 3, 3), heads=4, backward=bwd))
+    for n in (4096, 16384, 65536):
+        for bwd in (False, True):
+            cases.append(Case("causal window 512", _sw(n, 512), heads=8, backward=bwd))
+    for n in (4096, 16384):
+        cases.append(Case("streaming window 512 + 4 sinks", SlidingWindow(n, 512) | Sinks(n, 4), heads=8))
+    cases.append(Case("causal window 256 (memory)", _sw(65536, 256), heads=4, backward=True))
+    return cases
+
+
+SUITES = {"quick": _quick, "full": _full}
+
+
+def _reference_rows(q, k, v, pattern, rows):
+    """Exact outputs of the sampled query ``rows`` (O(rows · N))."""
+    mask = pattern.mask(rows[:, None], torch.arange(pattern.n_kv, device=q.device)[None, :])
+    out, _ = reference_attention(q[:, :, rows], k, v, mask, q.shape[-1] ** -0.5)
+    return out
+
+
+def _progress(i, total, text):
+    width = 30
+    done = int(width * i / max(total, 1))
+    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{total} {text[:70]:<70}")
+    sys.stderr.flush()
+
+
+def _fresh(case: Case) -> Case:
+    """The case with a new pattern object, so no contender finds another's cached layout or plan."""
+    import dataclasses
+
+    import foveal.patterns as P
+
+    pattern = eval(repr(case.pattern), {"__builtins__": {}}, {n: getattr(P, n) for n in P.__all__})
+    return dataclasses.replace(case, pattern=pattern)
+
+
+def _measure(case: Case, contender, device, rate) -> dict:
+    case = _fresh(case)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    shape = (case.batch, case.heads, case.pattern.n, case.head_dim)
+    q, k, v = (torch.randn(shape, generator=gen, dtype=case.dtype).to(device) for _ in range(3))
+    row = {"case": case.label, "family": case.family, "tokens": case.pattern.n, "pattern": repr(case.pattern),
+           "direction": "fwd+bwd" if case.backward else "fwd", "contender": contender.name}
+    try:
+        if case.backward:
+            for t in (q, k, v):
+                t.requires_grad_(True)
+        prepared = contender.prepare(case, q, k, v)
+        if not isinstance(prepared, Prepared):
+            return {**row, "status": f"skipped: {prepared}"}
+        if case.backward:
+            grad = torch.randn(shape, generator=gen, dtype=case.dtype).to(device)
+
+            def fn():
+                out = prepared.forward()
+                return torch.autograd.grad(out, (q, k, v), grad)
+        else:
+
+            def fn():
+                with torch.no_grad():
+                    return prepared.forward()
+
+        with PeakMemory(device) as mem:
+            first, median, runs = time_call(fn, device)
+        err = None
+        if prepared.comparable:
+            rows = torch.randperm(case.pattern.n, generator=gen)[:256].to(device)
+            with torch.no_grad():
+                out = prepared.forward()
+                want = _reference_rows(q.detach(), k.detach(), v.detach(), case.pattern, rows)
+            err = (out[:, :, rows].float() - want.float()).abs().max().item()
+        pairs = case.pattern.num_allowed() * case.batch * case.heads
+        useful = 4 * case.head_dim * pairs * (3.5 if case.backward else 1.0)
+        return {**row, "status": "ok", "median_s": median, "first_s": first, "runs": runs,
+                "setup_s": prepared.setup_seconds, "compile_s": max(first - median, 0.0),
+                "peak_bytes": mem.peak, "useful_flops": useful / median,
+                "share_of_matmul": useful / median / rate, "max_abs_err": err}
+    except Exception as e:  # a contender failing is a result, not a crash of the benchmark
+        return {**row, "status": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"}
+
+
+def _fmt_time(s):
+    return "—" if s is None else (f"{s * 1e3:.1f} ms" if s < 10 else f"{s:.1f} s")
+
+
+def _fmt_bytes(b):
+    return "—" if b is None else f"{b / 2**20:.0f} MiB"
+
+
+def format_table(rows) -> str:
+    """Markdown table, one block per case, with time as a ratio to ``foveal auto`` of the same case."""
+    lines = []
+    for label in dict.fromkeys(r["case"] for r in rows):
+        case_rows = [r for r in rows if r["case"] == label]
+        auto = next((r for r in case_rows if r["contender"] == "foveal auto" and r["status"] == "ok"), None)
+        lines += [f"\n**{label}** — `{case_rows[0]['pattern']}`\n",
+                  "| contender | time | × foveal auto | setup | compile | peak mem | useful GFLOP/s | share of matmul | max abs err |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in case_rows:
+            if r["status"] != "ok":
+                lines.append(f"| {r['contender']} | {r['status']} | | | | | | | |")
+                continue
+            ratio = f"{r['median_s'] / auto['median_s']:.2f}" if auto else "—"
+            err = "n/a (full attention)" if r["max_abs_err"] is None else f"{r['max_abs_err']:.1e}"
+            lines.append(
+                f"| {r['contender']} | {_fmt_time(r['median_s'])} | {ratio} | {_fmt_time(r['setup_s'])} | "
+                f"{_fmt_time(r['compile_s']) if r['compile_s'] > 0.05 else '—'} | {_fmt_bytes(r['peak_bytes'])} | "
+                f"{r['useful_flops'] / 1e9:.1f} | {r['share_of_matmul']:.1%} | {err} |"
+            )
+    return "\n".join(lines)
+
+
+def _find(rows, family, tokens, direction, contender):
+    for r in rows:
+        if (r["family"], r["tokens"], r["direction"], r["contender"]) == (family, tokens, direction, contender):
+            return r if r["status"] == "ok" else None
+    return None
+
+
+def targets(rows) -> str:
+    """The issue's speed targets as ratios from this run (where the cases were run)."""
+    out = []
+
+    def ratio(a, b, text, goal):
+        if a and b:
+            x = a["median_s"] / b["median_s"]
+            out.append(f"- {text}: {x:.3f}× (target ≤ {goal}×) — {'met' if x <= goal else 'NOT met'}")
+
+    na = ("neighborhood 2-D 7x7", 4096)
+    cpu_f = _find(rows, *na, "fwd", "foveal cpu")
+    ratio(cpu_f, _find(rows, *na, "fwd", "flex + create_block_mask"), "NA 7×7 64² fwd: foveal cpu / compiled flex", 0.15)
+    ratio(cpu_f, _find(rows, *na, "fwd", "natten"), "NA 7×7 64² fwd: foveal cpu / NATTEN", 0.01)
+    ratio(_find(rows, *na, "fwd+bwd", "foveal cpu"), _find(rows, *na, "fwd+bwd", "torch sdpa (dense)"),
+          "NA 7×7 64² fwd+bwd: foveal cpu / dense SDPA", 0.15)
+    sw = ("causal window 512", 16384, "fwd")
+    flex = _find(rows, *sw, "flex + create_block_mask")
+    ratio(_find(rows, *sw, "foveal cpu"), flex, "window 512, 16k fwd: foveal cpu / compiled flex kernel", 1.0)
+    ratio(_find(rows, *sw, "foveal auto"), flex, "window 512, 16k fwd: foveal auto / compiled flex kernel", 1.0)
+    cpu = _find(rows, *sw, "foveal cpu")
+    if cpu and flex:
+        x = cpu["setup_s"] / flex["setup_s"]
+        out.append(f"- window 512, 16k: foveal layout+plan build / create_block_mask: {x:.3f}× (target ≤ 0.01×) — "
+                   f"{'met' if x <= 0.01 else 'NOT met'}")
+    mem = _find(rows, "causal window 256 (memory)", 65536, "fwd+bwd", "foveal auto")
+    if mem:
+        out.append(f"- window 256, 64k tokens, fwd+bwd, default backend: peak extra memory "
+                   f"{mem['peak_bytes'] / 2**30:.2f} GiB (target < 2 GiB) — {'met' if mem['peak_bytes'] < 2 * 2**30 else 'NOT met'}")
+    return "\n".join(out)
+
+
+def plot(rows, path: Path, rate: float):
+    """Time against tokens, log–log, one panel per (family, direction), one line per contender."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys((r["family"], r["direction"]) for r in rows))
+    cols = 2
+    fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(12, 4.2 * math.ceil(len(panels) / cols)),
+                             squeeze=False)
+    for ax, (family, direction) in zip(axes.flat, panels):
+        for name in dict.fromkeys(r["contender"] for r in rows):
+            pts = sorted((r["tokens"], r["median_s"]) for r in rows
+                         if (r["family"], r["direction"], r["contender"]) == (family, direction, name) and r["status"] == "ok")
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"{family} — {direction}")
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("median time (s)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"foveal bench speed — same-run matmul rate {rate / 1e9:.0f} GFLOP/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_speed(suite: str = "quick", out_dir: str = "bench-out", device: str | None = None, contenders=None) -> dict:
+    """Run a suite; print the table; write ``speed.json``, ``speed.md`` and ``speed.png`` into ``out_dir``."""
+    if suite not in SUITES:
+        raise ValueError(f"suite must be one of {sorted(SUITES)}, got {suite!r}")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    chosen = [c for c in CONTENDERS if contenders is None or c.name in contenders]
+    if contenders is not None and len(chosen) != len(set(contenders)):
+        known = [c.name for c in CONTENDERS]
+        raise ValueError(f"contenders must be among {known}, got {sorted(contenders)}")
+    cases = SUITES[suite]()
+    rate = matmul_rate(dev, torch.float32)
+    rows, total, start = [], len(cases) * len(chosen), time.perf_counter()
+    for i, case in enumerate(cases):
+        for j, contender in enumerate(chosen):
+            _progress(i * len(chosen) + j, total, f"{case.label} — {contender.name}")
+            rows.append(_measure(case, contender, dev, rate))
+    _progress(total, total, f"done in {time.perf_counter() - start:.0f}s")
+    sys.stderr.write("\n")
+    result = {
+        "suite": suite,
+        "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "matmul_flops": rate,
+        "rows": rows,
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = format_table(rows)
+    summary = targets(rows)
+    header = (f"suite `{suite}` on {result['device']} ({result['machine']}); "
+              f"dense float32 matmul in the same run: {rate / 1e9:.0f} GFLOP/s")
+    text = f"{header}\n{table}\n\n{('Targets:' + chr(10) + summary) if summary else ''}\n"
+    (out / "speed.json").write_text(json.dumps(result, indent=1))
+    (out / "speed.md").write_text(text)
+    plot(rows, out / "speed.png", rate)
+    print(text)
+    print(f"wrote {out / 'speed.json'}, {out / 'speed.md'}, {out / 'speed.png'}")
+    return result

@@ -1,0 +1,67 @@
+"""The ``flex`` backend: compiled FlexAttention driven by the pattern's analytic layout.
+
+The ``BlockMask`` comes from ``pattern.layout(block, block).to_flex(pattern.mask_mod)``
+(never ``create_block_mask``'s N² sweep) and is cached per pattern, block size and
+device; the compiled ``flex_attention`` is one object for the process, and
+``torch.compile`` caches a kernel per shape, so only the first call of a shape pays
+the compile. On CPU, compiled FlexAttention (torch 2.13) runs inference only, without
+log-sum-exp and without float64; the backend says so rather than failing inside
+Inductor.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+__all__ = ["flex_attention_run", "block_mask_for", "cpu_limits"]
+
+_COMPILED = None
+#: FlexAttention's tile; the layout uses the same blocks
+BLOCK = 128
+
+
+def _compiled():
+    global _COMPILED
+    if _COMPILED is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _COMPILED = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED
+
+
+def block_mask_for(pattern, device, block: int = BLOCK):
+    """The pattern's ``BlockMask`` on ``device`` (cached on the pattern)."""
+    cache = pattern.__dict__.setdefault("_flex_cache", {})
+    key = (block, str(device))
+    if key not in cache:
+        cache[key] = pattern.layout(block, block).to_flex(pattern.mask_mod, device=device)
+    return cache[key]
+
+
+def cpu_limits(dtype, needs_grad: bool, need_lse: bool) -> list[str]:
+    """What compiled FlexAttention cannot do on CPU for this call."""
+    reasons = []
+    if needs_grad:
+        reasons.append("compiled FlexAttention on CPU supports inference only (no backward)")
+    if need_lse:
+        reasons.append("compiled FlexAttention on CPU cannot return the log-sum-exp")
+    if dtype == torch.float64:
+        reasons.append("compiled FlexAttention on CPU does not support float64")
+    return reasons
+
+
+def flex_attention_run(q, k, v, pattern, scale: float, need_lse: bool):
+    """Run compiled FlexAttention over ``pattern``; returns ``(out, lse or None)``."""
+    from torch.nn.attention.flex_attention import AuxRequest
+
+    bm = block_mask_for(pattern, q.device)
+    gqa = q.shape[1] != k.shape[1]
+    fn = _compiled()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if need_lse or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+            out, aux = fn(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa, return_aux=AuxRequest(lse=True))
+            return out, aux.lse
+        return fn(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa), None
