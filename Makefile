@@ -8,6 +8,7 @@ STAMP  := $(VENV)/.foveal-installed
 # The CPU build of torch: a plain `pip install torch` would pull a multi-GB CUDA build.
 TORCH_PIN  ?= torch==2.13.0
 NATTEN_PIN ?= natten==0.21.7
+LOCAL_ATTENTION_PIN ?= local-attention==1.11.2
 
 .PHONY: demo test install clean
 
@@ -18,6 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e '.[test]'
 	# NATTEN: a test and benchmark dependency only (an sdist; runs uncompiled on CPU).
 	$(BIN)/python -c "import natten" 2>/dev/null || $(BIN)/python -m pip install -q --no-build-isolation $(NATTEN_PIN)
+	# local-attention: a benchmark contender only (1-D windows).
+	$(BIN)/python -c "import local_attention" 2>/dev/null || $(BIN)/python -m pip install -q $(LOCAL_ATTENTION_PIN)
 	touch $(STAMP)
 
 install: $(STAMP)

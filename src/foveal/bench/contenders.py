@@ -106,6 +106,9 @@ class FlexCreateBlockMask:
             return "compiled FlexAttention on CPU has no backward"
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+        from foveal.kernels.flex import raise_recompile_limit
+
+        raise_recompile_limit()
         p = case.pattern
         bm, setup = _timed(_quiet(lambda: create_block_mask(p.mask_mod, 1, 1, p.n, p.n, device=q.device)))
         fn = torch.compile(flex_attention, dynamic=False)

@@ -22,11 +22,25 @@ _COMPILED = None
 BLOCK = 128
 
 
+#: kernels torch.compile may keep per frame: one per (shape, dtype, pattern) is the point
+#: of this backend, and dynamo's default of 8 would silently fall back to eager
+#: FlexAttention (which materialises every score) after the eighth shape
+RECOMPILE_LIMIT = 64
+
+
+def raise_recompile_limit():
+    """Let torch.compile keep a FlexAttention kernel for each of up to ``RECOMPILE_LIMIT`` shapes."""
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+
+
 def _compiled():
     global _COMPILED
     if _COMPILED is None:
         from torch.nn.attention.flex_attention import flex_attention
 
+        raise_recompile_limit()
         _COMPILED = torch.compile(flex_attention, dynamic=False)
     return _COMPILED
 

@@ -32,6 +32,13 @@ class FlatPattern(ProgressionPattern):
             out *= s
         return out
 
+    def _token_count(self, name: str, value) -> int:
+        """A number of leading tokens: a positive int no larger than the token count."""
+        value = positive_int(name, value)
+        if value > self.n:
+            raise ValueError(f"{name} must be <= the number of tokens {self.n}, got {value}")
+        return value
+
     def _n_repr(self) -> str:
         return f"n={fmt_axes(self.shape)}"
 
@@ -76,10 +83,7 @@ class GlobalTokens(FlatPattern):
 
     def __init__(self, n, count: int):
         self._init_shape(n)
-        count = positive_int("count", count)
-        if count > self.n:
-            raise ValueError(f"count must be <= the number of tokens {self.n}, got {count}")
-        self._set(count=count)
+        self._set(count=self._token_count("count", count))
 
     def progression(self, axis, x):
         return _like(x, 0), _like(x, 1), torch.where(x < self.count, self.n, self.count)
@@ -99,10 +103,7 @@ class Sinks(FlatPattern):
 
     def __init__(self, n, count: int):
         self._init_shape(n)
-        count = positive_int("count", count)
-        if count > self.n:
-            raise ValueError(f"count must be <= the number of tokens {self.n}, got {count}")
-        self._set(count=count)
+        self._set(count=self._token_count("count", count))
 
     def progression(self, axis, x):
         return _like(x, 0), _like(x, 1), _like(x, self.count)

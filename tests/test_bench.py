@@ -1,0 +1,50 @@
+"""``foveal bench speed`` on a tiny suite: every output is written and every foveal backend is exact."""
+
+import json
+
+import pytest
+
+from foveal.bench import speed
+from foveal.bench.speed import Case
+from foveal.cli import main
+from foveal.patterns import Neighborhood, SlidingWindow
+
+
+@pytest.fixture
+def tiny_suite(monkeypatch):
+    monkeypatch.setitem(
+        speed.SUITES,
+        "tiny",
+        lambda: [
+            Case("na", Neighborhood((12, 12), 5), heads=2, head_dim=16),
+            Case("na", Neighborhood((16, 16), 5), heads=2, head_dim=16, backward=True),
+            Case("window", SlidingWindow(300, 32), heads=2, head_dim=16),
+        ],
+    )
+    return "tiny"
+
+
+def test_speed_writes_table_json_and_plot(tiny_suite, tmp_path, capsys):
+    names = ["foveal cpu", "foveal auto", "foveal reference", "torch sdpa + bool mask", "torch sdpa (dense)", "natten"]
+    result = speed.run_speed(tiny_suite, str(tmp_path), "cpu", names)
+    rows = result["rows"]
+    assert len(rows) == 3 * len(names)
+    data = json.loads((tmp_path / "speed.json").read_text())
+    assert data["matmul_flops"] > 0 and len(data["rows"]) == len(rows)
+    assert (tmp_path / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "speed.md").read_text()
+    assert "× foveal auto" in md and "share of matmul" in md
+    for r in rows:
+        if r["contender"].startswith("foveal") and r["status"] == "ok":
+            assert r["max_abs_err"] < 1e-5, r
+            assert 0 < r["share_of_matmul"] and r["median_s"] > 0
+    # skips say why
+    natten_bwd = [r for r in rows if r["contender"] == "natten" and r["direction"] == "fwd+bwd"][0]
+    assert natten_bwd["status"] == "skipped: NATTEN refuses gradients on CPU"
+    assert "foveal bench speed" not in capsys.readouterr().err  # progress only, no errors
+
+
+def test_speed_refuses_unknown_suite_and_contender(tmp_path):
+    with pytest.raises(ValueError, match="suite must be one of"):
+        speed.run_speed("huge", str(tmp_path))
+    assert main(["bench", "speed", "--suite", "quick", "--contenders", "nope", "--out", str(tmp_path)]) == 2
