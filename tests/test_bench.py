@@ -48,3 +48,11 @@ def test_speed_refuses_unknown_suite_and_contender(tmp_path):
     with pytest.raises(ValueError, match="suite must be one of"):
         speed.run_speed("huge", str(tmp_path))
     assert main(["bench", "speed", "--suite", "quick", "--contenders", "nope", "--out", str(tmp_path)]) == 2
+
+
+def test_rerender_rebuilds_report_from_json(tiny_suite, tmp_path):
+    speed.run_speed(tiny_suite, str(tmp_path), "cpu", ["foveal cpu", "foveal auto"])
+    (tmp_path / "speed.md").unlink()
+    (tmp_path / "speed.png").unlink()
+    md, png = speed.rerender(tmp_path / "speed.json")
+    assert "foveal cpu" in md.read_text() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

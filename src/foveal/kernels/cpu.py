@@ -8,7 +8,7 @@ log-sum-exp (as FlashAttention does) and scatters key/value gradients back with
 ``index_add_``. GQA: the query heads sharing a key head are stacked as extra rows of
 the same matmul, so keys and values are never repeated.
 
-Working set: one chunk's scores, about ``SCORE_ELEMENTS`` elements, plus
+Working set: one chunk's scores (``plan.CHUNK_ELEMENTS`` per batch·head row), plus
 O(tokens × head_dim) buffers; never O(N²). Runs on any device PyTorch runs on.
 """
 
@@ -21,7 +21,8 @@ from foveal.kernels.plan import GatherPlan, build_plan
 
 __all__ = ["gather_attention", "plan_for"]
 
-#: score elements held at once (all batch·head rows of a sub-batch of one chunk)
+#: score elements one sub-batch holds across batch·head rows, for chunks whose groups
+#: share a mask (a plan chunk itself holds up to ``plan.CHUNK_ELEMENTS`` per row)
 SCORE_ELEMENTS = 1 << 18
 
 
@@ -56,10 +57,10 @@ def _to_slots(x, plan_slot_token, groups):
     return _take_rows(x, plan_slot_token).view(b * (h // groups), -1, groups, e)
 
 
-def _from_slots(x, token_slot, batch, groups):
-    """Inverse of ``_to_slots``: (B·Hkv, slots, G, E) -> (B, Hkv·G, N, E)."""
+def _from_slots(x, token_slot, batch, groups, identity: bool = False):
+    """Inverse of ``_to_slots``: (B·Hkv, slots, G, E) -> (B, Hkv·G, N, E); a view for identity plans without GQA."""
     bh, _, g, e = x.shape
-    if g == 1 and x.shape[1] == token_slot.numel() and torch.equal(token_slot, torch.arange(x.shape[1], device=x.device)):
+    if identity and g == 1:
         return x.view(batch, bh // batch, -1, e)
     x = _take_rows(x.reshape(bh, -1, g * e), token_slot).view(bh, -1, g, e)
     n = token_slot.numel()
@@ -193,7 +194,7 @@ def _backward(q, k, v, out_slots, lse_slots, dout, dlse, plan: GatherPlan, scale
             if alpha != 1.0:
                 dkc.mul_(alpha)
             dk[b0:b1].index_add_(1, keys, dkc.view(nb, c * nk, d))
-    dq = _from_slots(dqs, token_slot, batch, groups).mul_(scale)
+    dq = _from_slots(dqs, token_slot, batch, groups, plan.identity).mul_(scale)
     return dq.to(q.dtype), dk.view_as(k).to(k.dtype), dvf.view_as(v).to(v.dtype)
 
 
@@ -202,8 +203,8 @@ def _run(q, k, v, plan, scale, need_lse=True):
     out_slots, lse_slots = _forward(q, k, v, plan, scale, need_lse)
     _, token_slot = plan.on(q.device)
     groups = q.shape[1] // k.shape[1]
-    out = _from_slots(out_slots, token_slot, q.shape[0], groups).to(q.dtype)
-    lse = None if lse_slots is None else _from_slots(lse_slots[..., None], token_slot, q.shape[0], groups)[..., 0]
+    out = _from_slots(out_slots, token_slot, q.shape[0], groups, plan.identity).to(q.dtype)
+    lse = None if lse_slots is None else _from_slots(lse_slots[..., None], token_slot, q.shape[0], groups, plan.identity)[..., 0]
     return out, lse, out_slots, lse_slots
 
 

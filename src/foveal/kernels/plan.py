@@ -119,7 +119,9 @@ class GatherPlan:
     @property
     def identity(self) -> bool:
         """True when slot order is the token order (no tiling permutation, no padding)."""
-        return self.num_slots == self.n_q and torch.equal(self.slot_token, torch.arange(self.n_q))
+        if "identity" not in self._device:
+            self._device["identity"] = self.num_slots == self.n_q and torch.equal(self.slot_token, torch.arange(self.n_q))
+        return self._device["identity"]
 
     def gathered_pairs(self) -> int:
         """Query-slot × key pairs the kernel computes (the work, including masked pairs)."""
@@ -131,7 +133,7 @@ class GatherPlan:
 
     def on(self, device):
         """(slot_token, token_slot) on ``device`` (cached)."""
-        key = str(device)
+        key = ("index", str(device))
         if key not in self._device:
             self._device[key] = (self.slot_token.to(device), self.token_slot.to(device))
         return self._device[key]

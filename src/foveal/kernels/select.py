@@ -87,13 +87,16 @@ class FlexBackend:
 
 BACKENDS = {b.name: b for b in (ReferenceBackend(), CpuBackend(), FlexBackend())}
 
-#: ``auto`` tries these in order, per device type. Measured with ``foveal bench speed``
-#: (see BENCHMARKS.md). CPU: ``cpu`` first. It needs no compile step, has a backward
-#: pass and the log-sum-exp. Compiled FlexAttention pays 7-20 s of compile per shape,
-#: has neither on CPU, and ran a 7x7 neighbourhood on 64x64 about 3x slower than
-#: ``cpu`` (a causal 512 window on 16k tokens somewhat faster, forward only).
-#: GPU: ``flex``, whose fused Triton kernel is the fast path there; ``cpu`` runs on
-#: CUDA too, as the fallback.
+#: ``auto`` tries these in order, per device type. Measured with ``foveal bench speed
+#: --suite full`` on a 2-core CPU (BENCHMARKS.md), float32, head_dim 64, forward:
+#: ``cpu`` beat compiled FlexAttention's kernel time on every case, with no compile
+#: step: 7x7 neighbourhood on 64x64 15 ms vs 62 ms, on 128x128 67 ms vs 349 ms; 3x3x3
+#: on 32^3 166 ms vs 997 ms; causal window 512 on 16k tokens 233 ms vs 303 ms, on 64k
+#: 0.88 s vs 1.22 s. Compiled flex also pays 4-10 s of compile per shape and, on CPU,
+#: has no backward pass and no log-sum-exp. So on CPU: ``cpu``.
+#: GPU: ``flex``, whose fused Triton kernel is FlexAttention's fast path there, then
+#: ``cpu`` (runs on CUDA too). No GPU was available to measure this rule; it follows
+#: FlexAttention's own GPU results and should be re-measured.
 AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("flex", "cpu", "reference")}
 _AUTO_DEFAULT = ("cpu", "reference")
 
