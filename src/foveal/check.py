@@ -26,15 +26,16 @@ def _sdpa(q, k, v, mask):
 
 
 def check_pattern(pattern, backend: str, *, dtype=torch.float32, seed: int = 0):
-    """Max abs error of ``attend`` on ``backend`` vs dense SDPA: (forward, gradients), or None if unsupported."""
+    """Max abs error of ``attend`` on ``backend`` vs dense SDPA: (forward, gradients), or the reasons it cannot run."""
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(2, 4, pattern.n, 32, generator=gen, dtype=dtype)
     k, v = (torch.randn(2, 2, pattern.n, 32, generator=gen, dtype=dtype) for _ in range(2))
     ours = [t.clone().requires_grad_() for t in (q, k, v)]
     theirs = [t.clone().requires_grad_() for t in (q, k, v)]
     with torch.enable_grad():
-        if BACKENDS[backend].why_not(Call(*ours, pattern, 32**-0.5)):
-            return None
+        reasons = BACKENDS[backend].why_not(Call(*ours, pattern, 32**-0.5))
+        if reasons:
+            return reasons
         out = attend(*ours, pattern, backend=backend)
         want = _sdpa(*theirs, pattern.dense_mask())
         grad = torch.randn(out.shape, generator=gen, dtype=dtype)
@@ -55,8 +56,8 @@ def check_all(tolerance: float = 1e-5, print_fn=print) -> bool:
     for name, pattern in GALLERY.items():
         for backend in BACKENDS:
             res = check_pattern(pattern, backend)
-            if res is None:
-                line = f"{'n/a':>9} {'n/a':>9}  unsupported"
+            if isinstance(res, list):
+                line = f"{'n/a':>9} {'n/a':>9}  not run: {res[0]}"
             else:
                 good = max(res) <= tolerance
                 ok &= good
