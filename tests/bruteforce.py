@@ -89,3 +89,48 @@ def halo(shape, block, h):
         return [y for y in range(shape[a]) if b * block[a] - h[a] <= y <= (b + 1) * block[a] - 1 + h[a]]
 
     return _product(shape, keys)
+
+
+def _doc_ids(lengths):
+    return [d for d, length in enumerate(lengths) for _ in range(length)]
+
+
+def dilated(n, pairs):
+    def allowed(i):
+        keys = set()
+        for w, r in pairs:
+            keys |= {j for j in range(n) if i // w == j // w and (i % w) % r == (j % w) % r}
+        return keys
+
+    return _dense(n, allowed)
+
+
+def power(n, block, window, sinks):
+    def ok(i, j):
+        d = i // block - j // block
+        return j <= i and (d <= window or j // block < sinks or (d > 0 and d & (d - 1) == 0))
+
+    return _dense(n, lambda i: [j for j in range(n) if ok(i, j)])
+
+
+def document(lengths, inner):
+    """``inner(local_i, local_j, length) -> bool`` within each document."""
+    doc = _doc_ids(lengths)
+    start = {d: doc.index(d) for d in set(doc)}
+    n = len(doc)
+    return _dense(n, lambda i: [j for j in range(n) if doc[i] == doc[j]
+                                and inner(i - start[doc[i]], j - start[doc[j]], lengths[doc[i]])])
+
+
+def prefix_lm(n, prefix):
+    return _dense(n, lambda i: [j for j in range(n) if j <= i or j < prefix])
+
+
+def shared_question(lengths):
+    doc = _doc_ids(lengths)
+    return _dense(len(doc), lambda i: [j for j in range(i + 1) if doc[j] == doc[i] or doc[j] == 0])
+
+
+def causal_blockwise(lengths):
+    doc, last = _doc_ids(lengths), len(lengths) - 1
+    return _dense(len(doc), lambda i: [j for j in range(i + 1) if doc[j] == doc[i] or doc[i] == last])

@@ -7,12 +7,19 @@ checked against the reference on every backend).
 from __future__ import annotations
 
 from foveal.patterns import (
+    BigBird,
     Causal,
+    CausalBlockwise,
+    Dilated,
+    Document,
     Full,
     GlobalTokens,
     Grid,
     Halo,
     Neighborhood,
+    Power,
+    PrefixLM,
+    SharedQuestion,
     Sinks,
     SlidingWindow,
     Strided,
@@ -39,4 +46,11 @@ GALLERY = {
     "grid_2d": Grid((16, 16), size=4),
     "halo_2d": Halo((16, 16), block=4, halo=2),
     "neighborhood_plus_global": Neighborhood((16, 16), kernel_size=3) | GlobalTokens((16, 16), 4),
+    "dilated_longnet": Dilated(64, segment=(8, 16, 32), rate=(1, 2, 4)),
+    "power": Power(64, block=4, window=1, sinks=1),
+    "bigbird": BigBird(64, block=4, window=3, globals=1, random=2, seed=0),
+    "document_causal": Document([12, 20, 32], Causal),
+    "prefix_lm": PrefixLM(64, prefix=16),
+    "shared_question": SharedQuestion([12, 20, 32]),
+    "causal_blockwise": CausalBlockwise([12, 20, 32]),
 }

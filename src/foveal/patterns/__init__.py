@@ -1,15 +1,19 @@
 """The pattern vocabulary: which (query, key) pairs may interact.
 
 Static patterns: ``Full``, ``Causal``, ``SlidingWindow``, ``Neighborhood``,
-``Window``, ``Grid``, ``Halo``, ``GlobalTokens``, ``Sinks``, ``Strided``; combine
+``Window``, ``Grid``, ``Halo``, ``GlobalTokens``, ``Sinks``, ``Strided``,
+``Dilated``, ``Power``, ``BigBird``, and for packed sequences ``Document``,
+``PrefixLM``, ``SharedQuestion``, ``CausalBlockwise``; combine
 them with ``|`` and ``&``; ``MaskPattern`` wraps any elementwise function.
 """
 
 from foveal.patterns.algebra import Intersection, Union
 from foveal.patterns.base import Pattern, ProgressionPattern
 from foveal.patterns.custom import MaskPattern
+from foveal.patterns.documents import CausalBlockwise, Document, PrefixLM, SharedQuestion
 from foveal.patterns.global_ import Causal, Full, GlobalTokens, Sinks, Strided
 from foveal.patterns.local import Grid, Halo, Neighborhood, SlidingWindow, Window
+from foveal.patterns.sparse import BigBird, Dilated, Power
 
 __all__ = [
     "Pattern",
@@ -24,6 +28,13 @@ __all__ = [
     "GlobalTokens",
     "Sinks",
     "Strided",
+    "Dilated",
+    "Power",
+    "BigBird",
+    "Document",
+    "PrefixLM",
+    "SharedQuestion",
+    "CausalBlockwise",
     "Union",
     "Intersection",
     "MaskPattern",

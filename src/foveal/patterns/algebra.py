@@ -34,6 +34,8 @@ def _joint_shape(parts) -> tuple[int, ...]:
 
 class _Combination(Pattern):
     _symbol = "?"
+    #: named patterns built as combinations (e.g. ``Dilated`` with one pair) may hold one part
+    _min_parts = 2
 
     def __init__(self, *parts: Pattern):
         flat = []
@@ -41,8 +43,8 @@ class _Combination(Pattern):
             if not isinstance(p, Pattern):
                 raise TypeError(f"can only combine Patterns with {self._symbol}, got {type(p).__name__}")
             flat.extend(p.parts if type(p) is type(self) else (p,))
-        if len(flat) < 2:
-            raise ValueError(f"{type(self).__name__} needs at least two patterns, got {len(flat)}")
+        if len(flat) < self._min_parts:
+            raise ValueError(f"{type(self).__name__} needs at least {self._min_parts} patterns, got {len(flat)}")
         self._set(parts=tuple(flat), shape=_joint_shape(flat))
         methods = {p.layout_method for p in flat}
         self._set(layout_method="analytic" if methods == {"analytic"} else "chunked mask evaluation (in part)")
