@@ -4,6 +4,7 @@
 pattern; ``pattern.layout(block_q, block_k)`` gives its ``BlockLayout``.
 """
 
+from foveal.bias import ALiBi, RelativePositionBias
 from foveal.functional import attend
 from foveal.layout import BlockLayout
 from foveal.patterns import (
@@ -34,6 +35,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "attend",
+    "ALiBi",
+    "RelativePositionBias",
     "BlockLayout",
     "Pattern",
     "Full",

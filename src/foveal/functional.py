@@ -54,7 +54,7 @@ def _check_inputs(q, k, v, pattern, scale):
     return float(scale)
 
 
-def attend(q, k, v, pattern, *, scale=None, backend: str = "auto", return_lse: bool = False):
+def attend(q, k, v, pattern, *, bias=None, scale=None, backend: str = "auto", return_lse: bool = False):
     """Softmax attention of each query over the keys ``pattern`` allows.
 
     ``q`` is (B, Hq, Nq, D), ``k`` (B, Hkv, Nk, D), ``v`` (B, Hkv, Nk, Dv), as in
@@ -64,8 +64,13 @@ def attend(q, k, v, pattern, *, scale=None, backend: str = "auto", return_lse: b
     float32 log-sum-exp of the allowed scaled scores (B, Hq, Nq). ``scale`` defaults to
     ``1/sqrt(D)``. A query with no allowed key gets a zero output and ``lse = -inf``.
     ``backend`` is ``"auto"`` or a name from ``foveal.kernels.select.BACKENDS``.
+    ``bias`` is an additive score term ``bias(h, q_idx, kv_idx)`` (``foveal.bias``:
+    ``ALiBi``, ``RelativePositionBias``, or any such function), added to the scaled
+    scores; gradients reach the tensors its ``parameters()`` returns.
     """
     scale = _check_inputs(q, k, v, pattern, scale)
-    call = Call(q, k, v, pattern, scale, need_lse=return_lse)
+    if bias is not None and not callable(bias):
+        raise TypeError(f"bias must be None or a callable bias(h, q_idx, kv_idx) -> tensor, got {type(bias).__name__}")
+    call = Call(q, k, v, pattern, scale, need_lse=return_lse, bias=bias)
     out, lse = select(call, backend).run(call)
     return (out, lse) if return_lse else out

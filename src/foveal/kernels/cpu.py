@@ -116,7 +116,26 @@ def _query_slots(q, plan, groups, cdt, scale):
     return _to_slots(q.to(cdt) * scale, slot_token, groups), 1.0
 
 
-def _forward(q, k, v, plan: GatherPlan, scale: float, need_lse: bool = True):
+def _chunk_bias(bias, plan: GatherPlan, chunk, hq: int, hkv: int, cdt, device):
+    """The score term of one chunk for every query head, arranged like the scores: (Hkv, c, size·G, nk)."""
+    c, nk = chunk.keys.shape
+    size, groups = plan.group_size, hq // hkv
+    slot_token, _ = plan.on(device)
+    h = torch.arange(hq, device=device)[:, None, None, None]
+    qtok = slot_token[chunk.slots].view(1, c, size, 1)
+    keys = chunk.keys_on(device).view(1, c, 1, nk)
+    vals = torch.broadcast_to(bias(h, qtok, keys), (hq, c, size, nk)).to(cdt)
+    return vals.view(hkv, groups, c, size, nk).permute(0, 2, 3, 1, 4).reshape(hkv, c, size * groups, nk)
+
+
+def _add_bias(s, vals, b0, b1, hkv):
+    """Add the chunk's term to the scores of batch·head rows b0:b1 (row ``bh`` uses key head ``bh % Hkv``)."""
+    nb = b1 - b0
+    rows = torch.arange(b0, b1, device=vals.device) % hkv
+    s.view(nb, *vals.shape[1:]).add_(vals[rows] if nb > 1 else vals[b0 % hkv][None])
+
+
+def _forward(q, k, v, plan: GatherPlan, scale: float, need_lse: bool = True, bias=None):
     batch, hq, _, _ = q.shape
     hkv, dv = k.shape[1], v.shape[-1]
     groups = hq // hkv
@@ -131,9 +150,12 @@ def _forward(q, k, v, plan: GatherPlan, scale: float, need_lse: bool = True):
     for chunk in plan.chunks:
         c, nk = chunk.keys.shape
         empty = chunk.empty_on(q.device)
+        vals = None if bias is None else _chunk_bias(bias, plan, chunk, hq, hkv, cdt, q.device)
         for b0, b1 in _sub_batches(bh, c * size * groups, nk, chunk.shared and chunk.key_stride is None):
             nb = b1 - b0
             s, _, _ = _scores(qs, kf, chunk, b0, b1, groups, size, cdt, alpha)
+            if vals is not None:
+                _add_bias(s, vals, b0, b1, hkv)
             vc = _gather(vf, chunk, b0, b1)
             target = out[b0:b1, chunk.slots]
             if need_lse:
@@ -155,7 +177,7 @@ def _forward(q, k, v, plan: GatherPlan, scale: float, need_lse: bool = True):
     return out, lse
 
 
-def _backward(q, k, v, out_slots, lse_slots, dout, dlse, plan: GatherPlan, scale: float):
+def _backward(q, k, v, out_slots, lse_slots, dout, dlse, plan: GatherPlan, scale: float, bias=None, params=()):
     batch, hq, _, d = q.shape
     hkv, dv = k.shape[1], v.shape[-1]
     groups = hq // hkv
@@ -176,12 +198,17 @@ def _backward(q, k, v, out_slots, lse_slots, dout, dlse, plan: GatherPlan, scale
     dvf = torch.zeros_like(vf)
     size = plan.group_size
     rows = size * groups
+    param_grads = [torch.zeros_like(p) for p in params]
     for chunk in plan.chunks:
         c, nk = chunk.keys.shape
         keys = chunk.keys_on(q.device)
+        vals = None if bias is None else _chunk_bias(bias, plan, chunk, hq, hkv, cdt, q.device)
+        dvals = None if not params else torch.zeros_like(vals)
         for b0, b1 in _sub_batches(bh, c * rows, nk, chunk.shared and chunk.key_stride is None):
             nb = b1 - b0
             p, qc, kc = _scores(qs, kf, chunk, b0, b1, groups, size, cdt, alpha)
+            if vals is not None:
+                _add_bias(p, vals, b0, b1, hkv)
             vc = _gather(vf, chunk, b0, b1)
             doc = dos[b0:b1, chunk.slots].reshape(nb * c, rows, dv)
             p.sub_(lse_safe[b0:b1, chunk.slots].reshape(nb * c, rows, 1)).exp_()
@@ -189,18 +216,27 @@ def _backward(q, k, v, out_slots, lse_slots, dout, dlse, plan: GatherPlan, scale
             dvf[b0:b1].index_add_(1, keys, dvc.view(nb, c * nk, dv))
             ds = torch.bmm(doc, vc.transpose(1, 2))
             ds.sub_(delta[b0:b1, chunk.slots].reshape(nb * c, rows, 1)).mul_(p)
+            if dvals is not None:  # dL/d(term) = dL/d(score), summed over the batch
+                dvals.index_add_(0, torch.arange(b0, b1, device=q.device) % hkv, ds.view(nb, c, rows, nk))
             dqs[b0:b1, chunk.slots] = torch.bmm(ds, kc).view(nb, c * size, groups, d)
             dkc = torch.bmm(ds.transpose(1, 2), qc)
             if alpha != 1.0:
                 dkc.mul_(alpha)
             dk[b0:b1].index_add_(1, keys, dkc.view(nb, c * nk, d))
+        if dvals is not None:
+            with torch.enable_grad():
+                term = _chunk_bias(bias, plan, chunk, hq, hkv, cdt, q.device)
+                grads = torch.autograd.grad(term, params, dvals, allow_unused=True)
+            for acc, g in zip(param_grads, grads):
+                if g is not None:
+                    acc.add_(g)
     dq = _from_slots(dqs, token_slot, batch, groups, plan.identity).mul_(scale)
-    return dq.to(q.dtype), dk.view_as(k).to(k.dtype), dvf.view_as(v).to(v.dtype)
+    return dq.to(q.dtype), dk.view_as(k).to(k.dtype), dvf.view_as(v).to(v.dtype), param_grads
 
 
-def _run(q, k, v, plan, scale, need_lse=True):
+def _run(q, k, v, plan, scale, need_lse=True, bias=None):
     """Forward in caller order: (out, lse or None) plus the slot-order tensors the backward needs."""
-    out_slots, lse_slots = _forward(q, k, v, plan, scale, need_lse)
+    out_slots, lse_slots = _forward(q, k, v, plan, scale, need_lse, bias)
     _, token_slot = plan.on(q.device)
     groups = q.shape[1] // k.shape[1]
     out = _from_slots(out_slots, token_slot, q.shape[0], groups, plan.identity).to(q.dtype)
@@ -209,30 +245,38 @@ def _run(q, k, v, plan, scale, need_lse=True):
 
 
 class _GatherAttention(torch.autograd.Function):
+    """Autograd over the gather kernel; the score term's parameters are explicit inputs."""
+
     @staticmethod
-    def forward(ctx, q, k, v, plan, scale):
-        out, lse, out_slots, lse_slots = _run(q, k, v, plan, scale)
-        ctx.save_for_backward(q, k, v, out_slots, lse_slots)
-        ctx.plan, ctx.scale = plan, scale
+    def forward(ctx, q, k, v, plan, scale, bias, *params):
+        out, lse, out_slots, lse_slots = _run(q, k, v, plan, scale, True, bias)
+        ctx.save_for_backward(q, k, v, out_slots, lse_slots, *params)
+        ctx.plan, ctx.scale, ctx.bias = plan, scale, bias
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out_slots, lse_slots = ctx.saved_tensors
+        q, k, v, out_slots, lse_slots, *params = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
-        dq, dk, dv = _backward(q, k, v, out_slots, lse_slots, dout, dlse, ctx.plan, ctx.scale)
-        return dq, dk, dv, None, None
+        dq, dk, dv, dparams = _backward(
+            q, k, v, out_slots, lse_slots, dout, dlse, ctx.plan, ctx.scale, ctx.bias, tuple(params)
+        )
+        return (dq, dk, dv, None, None, None, *dparams)
 
 
-def gather_attention(q, k, v, pattern, scale: float, tile=None, need_lse: bool = True):
-    """Exact attention over ``pattern`` by the gather kernel; returns ``(out, lse)`` with autograd.
+def gather_attention(q, k, v, pattern, scale: float, tile=None, need_lse: bool = True, bias=None):
+    """Exact attention over ``pattern`` (plus the score term ``bias``) by the gather kernel; ``(out, lse)``.
 
-    Without gradients and with ``need_lse=False`` it takes a faster path (a fused
-    softmax) and returns ``lse=None``.
+    Differentiable in q, k, v and the tensors ``bias.parameters()`` returns. Without
+    gradients and with ``need_lse=False`` it takes a faster path (a fused softmax) and
+    returns ``lse=None``.
     """
+    from foveal.bias import bias_parameters
+
     plan = plan_for(pattern, tile)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return _GatherAttention.apply(q, k, v, plan, scale)
-    out, lse, _, _ = _run(q, k, v, plan, scale, need_lse)
+    params = bias_parameters(bias) if bias is not None else []
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *params)):
+        return _GatherAttention.apply(q, k, v, plan, scale, bias, *params)
+    out, lse, _, _ = _run(q, k, v, plan, scale, need_lse, bias)
     return out, lse

@@ -66,16 +66,23 @@ def cpu_limits(dtype, needs_grad: bool, need_lse: bool) -> list[str]:
     return reasons
 
 
-def flex_attention_run(q, k, v, pattern, scale: float, need_lse: bool):
-    """Run compiled FlexAttention over ``pattern``; returns ``(out, lse or None)``."""
+def flex_attention_run(q, k, v, pattern, scale: float, need_lse: bool, bias=None):
+    """Run compiled FlexAttention over ``pattern`` (and ``bias`` as a ``score_mod``); returns ``(out, lse or None)``."""
     from torch.nn.attention.flex_attention import AuxRequest
 
     bm = block_mask_for(pattern, q.device)
     gqa = q.shape[1] != k.shape[1]
     fn = _compiled()
+    kwargs = dict(block_mask=bm, scale=scale, enable_gqa=gqa)
+    if bias is not None:
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + bias(h, q_idx, kv_idx)
+
+        kwargs["score_mod"] = score_mod
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if need_lse or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
-            out, aux = fn(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa, return_aux=AuxRequest(lse=True))
+            out, aux = fn(q, k, v, return_aux=AuxRequest(lse=True), **kwargs)
             return out, aux.lse
-        return fn(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa), None
+        return fn(q, k, v, **kwargs), None

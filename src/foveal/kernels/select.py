@@ -28,10 +28,15 @@ class Call:
     scale: float
     #: whether the caller wants the log-sum-exp (backends may skip it otherwise)
     need_lse: bool = True
+    #: an additive score term ``bias(h, q_idx, kv_idx)`` (see ``foveal.bias``), or None
+    bias: object = None
 
     @property
     def needs_grad(self) -> bool:
-        return torch.is_grad_enabled() and any(t.requires_grad for t in (self.q, self.k, self.v))
+        from foveal.bias import bias_parameters
+
+        tensors = [self.q, self.k, self.v] + (bias_parameters(self.bias) if self.bias is not None else [])
+        return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 class ReferenceBackend:
@@ -50,7 +55,14 @@ class ReferenceBackend:
 
     def run(self, call: Call):
         mask = call.pattern.dense_mask(device=call.q.device)
-        return reference_attention(call.q, call.k, call.v, mask, call.scale)
+        bias = None
+        if call.bias is not None:
+            dev = call.q.device
+            h = torch.arange(call.q.shape[1], device=dev)[:, None, None]
+            qi = torch.arange(call.pattern.n_q, device=dev)[None, :, None]
+            ki = torch.arange(call.pattern.n_kv, device=dev)[None, None, :]
+            bias = call.bias(h, qi, ki)
+        return reference_attention(call.q, call.k, call.v, mask, call.scale, bias)
 
 
 class CpuBackend:
@@ -64,7 +76,9 @@ class CpuBackend:
     def run(self, call: Call):
         from foveal.kernels.cpu import gather_attention
 
-        return gather_attention(call.q, call.k, call.v, call.pattern, call.scale, need_lse=call.need_lse)
+        return gather_attention(
+            call.q, call.k, call.v, call.pattern, call.scale, need_lse=call.need_lse, bias=call.bias
+        )
 
 
 class FlexBackend:
@@ -82,7 +96,7 @@ class FlexBackend:
     def run(self, call: Call):
         from foveal.kernels.flex import flex_attention_run
 
-        return flex_attention_run(call.q, call.k, call.v, call.pattern, call.scale, call.need_lse)
+        return flex_attention_run(call.q, call.k, call.v, call.pattern, call.scale, call.need_lse, call.bias)
 
 
 BACKENDS = {b.name: b for b in (ReferenceBackend(), CpuBackend(), FlexBackend())}

@@ -1,0 +1,101 @@
+"""Score terms: additive terms on the attention scores, defined elementwise like a pattern.
+
+A score term is a callable ``bias(h, q_idx, kv_idx) -> tensor`` over broadcastable
+integer tensors (query head, query token, key token), FlexAttention's ``score_mod``
+contract for an additive term; ``attend(..., bias=...)`` adds it to the scaled scores
+before the mask and the softmax. If it has ``parameters()``, gradients flow to those
+that require grad, on every backend. Plain functions work too (no parameters).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from foveal._checks import as_shape, per_axis, positive_int
+
+__all__ = ["ALiBi", "RelativePositionBias", "bias_parameters"]
+
+
+def bias_parameters(bias) -> list[torch.Tensor]:
+    """The tensors of ``bias`` that require grad (empty for plain functions)."""
+    params = getattr(bias, "parameters", None)
+    if params is None:
+        return []
+    return [p for p in params() if isinstance(p, torch.Tensor) and p.requires_grad]
+
+
+def _coords(idx: torch.Tensor, shape: tuple[int, ...]) -> list[torch.Tensor]:
+    out, stride = [], math.prod(shape)
+    for length in shape:
+        stride //= length
+        out.append((idx // stride) % length)
+    return out
+
+
+class ALiBi:
+    """ALiBi: ``-slope_h · |i − j|`` with the geometric slopes ``2^(-8(h+1)/H)`` of Press et al. (2022).
+
+    For ``H`` not a power of two, the slopes of the next power of two are interleaved
+    as in the paper's reference code. Causal use sees ``slope_h · (j − i)``.
+    """
+
+    def __init__(self, num_heads: int):
+        num_heads = positive_int("num_heads", num_heads)
+
+        def slopes(n):
+            start = 2 ** (-8 / n)
+            return [start ** (i + 1) for i in range(n)]
+
+        p = 2 ** math.floor(math.log2(num_heads))
+        values = slopes(p)
+        if p < num_heads:
+            values += slopes(2 * p)[0::2][: num_heads - p]
+        self.num_heads = num_heads
+        self.slopes = torch.tensor(values, dtype=torch.float32)
+
+    def __call__(self, h, q_idx, kv_idx):
+        return -self.slopes.to(q_idx.device)[h] * (q_idx - kv_idx).abs()
+
+    def parameters(self):
+        return []
+
+    def __repr__(self):
+        return f"ALiBi(num_heads={self.num_heads})"
+
+
+class RelativePositionBias:
+    """A learned relative-position table per head on a grid (Swin, MaxViT, neighbourhood attention).
+
+    ``table`` has shape ``(heads, 2·max_offset_0 + 1, ..., 2·max_offset_{d-1} + 1)``;
+    the term for query ``i`` and key ``j`` on grid ``grid`` is
+    ``table[h, j_0 − i_0 + max_offset_0, ...]``, offsets clamped to the table (pairs
+    beyond it are normally masked by the pattern). Swin and MaxViT use
+    ``max_offset = window − 1``; neighbourhood attention ``kernel_size − 1`` (times the
+    dilation). Pass a tensor that requires grad (e.g. an ``nn.Parameter``) to learn it.
+    """
+
+    def __init__(self, grid, max_offset, table: torch.Tensor | None = None, heads: int | None = None):
+        grid = as_shape("grid", grid)
+        max_offset = per_axis("max_offset", max_offset, len(grid), minimum=0)
+        sizes = tuple(2 * m + 1 for m in max_offset)
+        if table is None:
+            heads = positive_int("heads", heads if heads is not None else 1)
+            table = torch.zeros(heads, *sizes)
+        if not isinstance(table, torch.Tensor) or table.dim() != len(grid) + 1 or tuple(table.shape[1:]) != sizes:
+            got = tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__
+            raise ValueError(f"table must have shape (heads, {', '.join(map(str, sizes))}), got {got}")
+        self.grid, self.max_offset, self.table = grid, max_offset, table
+
+    def __call__(self, h, q_idx, kv_idx):
+        index = [h]
+        for qc, kc, m in zip(_coords(q_idx, self.grid), _coords(kv_idx, self.grid), self.max_offset):
+            index.append((kc - qc).clamp(-m, m) + m)
+        return self.table[tuple(torch.broadcast_tensors(*index))]
+
+    def parameters(self):
+        return [self.table]
+
+    def __repr__(self):
+        return f"RelativePositionBias(grid={self.grid}, max_offset={self.max_offset}, heads={self.table.shape[0]})"
