@@ -72,13 +72,15 @@ class RelativePositionBias:
     the term for query ``i`` and key ``j`` on grid ``grid`` is
     ``table[h, j_0 − i_0 + max_offset_0, ...]``, offsets clamped to the table (pairs
     beyond it are normally masked by the pattern). Swin and MaxViT use
-    ``max_offset = window − 1``; neighbourhood attention ``kernel_size − 1`` (times the
-    dilation). Pass a tensor that requires grad (e.g. an ``nn.Parameter``) to learn it.
+    ``max_offset = window − 1``; neighbourhood attention ``kernel_size − 1`` with
+    ``step = dilation`` (offsets counted in dilated steps, NAT's (2k−1)-wide table).
+    Pass a tensor that requires grad (e.g. an ``nn.Parameter``) to learn it.
     """
 
-    def __init__(self, grid, max_offset, table: torch.Tensor | None = None, heads: int | None = None):
+    def __init__(self, grid, max_offset, table: torch.Tensor | None = None, heads: int | None = None, step=1):
         grid = as_shape("grid", grid)
         max_offset = per_axis("max_offset", max_offset, len(grid), minimum=0)
+        self.step = per_axis("step", step, len(grid))
         sizes = tuple(2 * m + 1 for m in max_offset)
         if table is None:
             heads = positive_int("heads", heads if heads is not None else 1)
@@ -90,8 +92,9 @@ class RelativePositionBias:
 
     def __call__(self, h, q_idx, kv_idx):
         index = [h]
-        for qc, kc, m in zip(_coords(q_idx, self.grid), _coords(kv_idx, self.grid), self.max_offset):
-            index.append((kc - qc).clamp(-m, m) + m)
+        for qc, kc, m, st in zip(_coords(q_idx, self.grid), _coords(kv_idx, self.grid), self.max_offset, self.step):
+            offset = kc - qc if st == 1 else (kc - qc) // st
+            index.append(offset.clamp(-m, m) + m)
         return self.table[tuple(torch.broadcast_tensors(*index))]
 
     def parameters(self):
