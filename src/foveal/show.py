@@ -56,7 +56,9 @@ def _mask_panel(ax, pattern: Pattern, query: int):
         ax.set_ylabel("query i")
         ax.set_title("mask (queries × keys)", fontsize=10)
         return
-    row = pattern.mask(torch.tensor(query), torch.arange(pattern.n)).reshape(shape).to(torch.int64)
+    if pattern.kv_shape != shape:
+        raise ValueError(f"drawing one query on its grid needs keys on the same grid; {pattern!r} has keys {pattern.kv_shape}")
+    row = pattern.mask(torch.tensor(query), torch.arange(pattern.n_kv)).reshape(shape).to(torch.int64)
     coords = []
     rest = query
     for s in reversed(shape):

@@ -8,6 +8,7 @@ full only if every part's is), so it stays analytic when the parts are.
 from __future__ import annotations
 
 import functools
+import math
 import operator
 
 import torch
@@ -17,15 +18,19 @@ from foveal.patterns.base import Pattern
 __all__ = ["Union", "Intersection"]
 
 
-def _joint_shape(parts) -> tuple[int, ...]:
-    """The geometry shared by ``parts``: equal token counts, and equal grids where they have one."""
-    n = parts[0].n
-    grids = {p.shape for p in parts if len(p.shape) > 1}
+def _joint_shape(parts, kv: bool = False) -> tuple[int, ...]:
+    """The query (or key) geometry shared by ``parts``: equal token counts, and equal grids where they have one."""
+    def shape_of(p):
+        return p.kv_shape if kv else p.shape
+
+    what = "keys" if kv else "tokens"
+    n = math.prod(shape_of(parts[0]))
+    grids = {shape_of(p) for p in parts if len(shape_of(p)) > 1}
     for p in parts[1:]:
-        if p.n != n:
+        if math.prod(shape_of(p)) != n:
             raise ValueError(
-                f"patterns combined with | or & must have the same number of tokens; "
-                f"{parts[0]!r} has {n}, {p!r} has {p.n}"
+                f"patterns combined with | or & must have the same number of {what}; "
+                f"{parts[0]!r} has {n}, {p!r} has {math.prod(shape_of(p))}"
             )
     if len(grids) > 1:
         raise ValueError(f"patterns combined with | or & must share one grid; got grids {sorted(grids)}")
@@ -46,6 +51,9 @@ class _Combination(Pattern):
         if len(flat) < self._min_parts:
             raise ValueError(f"{type(self).__name__} needs at least {self._min_parts} patterns, got {len(flat)}")
         self._set(parts=tuple(flat), shape=_joint_shape(flat))
+        kv_shape = _joint_shape(flat, kv=True)
+        if kv_shape != self.shape:
+            self._set(_kv_shape=kv_shape)
         methods = {p.layout_method for p in flat}
         self._set(layout_method="analytic" if methods == {"analytic"} else "chunked mask evaluation (in part)")
 

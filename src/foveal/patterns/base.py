@@ -47,8 +47,13 @@ class Pattern:
     # -- geometry -------------------------------------------------------------
     @property
     def n(self) -> int:
-        """Number of tokens (queries and keys)."""
+        """Number of query tokens (and of key tokens, unless the pattern is a cross pattern)."""
         return math.prod(self.shape)
+
+    @property
+    def kv_shape(self) -> tuple[int, ...]:
+        """Geometry of the keys: ``shape`` for self-attention, its own for cross attention."""
+        return self.__dict__.get("_kv_shape", self.shape)
 
     @property
     def n_q(self) -> int:
@@ -56,7 +61,7 @@ class Pattern:
 
     @property
     def n_kv(self) -> int:
-        return self.n
+        return math.prod(self.kv_shape)
 
     @property
     def ndim(self) -> int:
@@ -185,14 +190,20 @@ class ProgressionPattern(Pattern):
     axes_shape: tuple[int, ...]
     layout_method = "analytic"
 
+    @property
+    def kv_axes_shape(self) -> tuple[int, ...]:
+        """The axes key coordinates live on (``axes_shape`` unless the keys have their own geometry)."""
+        return self.__dict__.get("_kv_axes_shape", self.axes_shape)
+
     def progression(self, axis: int, x: torch.Tensor):
         raise NotImplementedError
 
     # -- mask -----------------------------------------------------------------
-    def _coords(self, idx: torch.Tensor) -> list[torch.Tensor]:
+    def _coords(self, idx: torch.Tensor, shape: tuple[int, ...] | None = None) -> list[torch.Tensor]:
+        shape = self.axes_shape if shape is None else shape
         coords = []
-        stride = self.n
-        for length in self.axes_shape:
+        stride = math.prod(shape)
+        for length in shape:
             stride //= length
             coords.append((idx // stride) % length)
         return coords
@@ -201,7 +212,7 @@ class ProgressionPattern(Pattern):
         q_idx = torch.as_tensor(q_idx)
         kv_idx = torch.as_tensor(kv_idx, device=q_idx.device)
         allowed = None
-        for axis, (x, y) in enumerate(zip(self._coords(q_idx), self._coords(kv_idx))):
+        for axis, (x, y) in enumerate(zip(self._coords(q_idx), self._coords(kv_idx, self.kv_axes_shape))):
             first, step, count = self.progression(axis, x)
             ok = (y >= first) & (y <= first + step * (count - 1)) & ((y - first) % step == 0)
             allowed = ok if allowed is None else allowed & ok
@@ -213,14 +224,15 @@ class ProgressionPattern(Pattern):
 
         qb, kb = self._candidate_pairs(block_q, block_k)
         counts = self._pair_counts(qb, kb, block_q, block_k)
-        return BlockLayout.from_counts(self.n, self.n, block_q, block_k, qb, kb, counts, method="analytic")
+        return BlockLayout.from_counts(self.n_q, self.n_kv, block_q, block_k, qb, kb, counts, method="analytic")
 
-    def _blocks_as_boxes(self, block: int):
-        """Boxes (half-open, per axis of ``axes_shape``) covering each row-major block."""
+    def _blocks_as_boxes(self, block: int, keys: bool = False):
+        """Boxes (half-open, per axis) covering each row-major block of queries (or of keys)."""
         cache = self.__dict__.setdefault("_box_cache", {})
-        if block not in cache:
-            cache[block] = blocks_as_boxes(self.n, block, self.axes_shape)
-        return cache[block]
+        if (block, keys) not in cache:
+            n, shape = (self.n_kv, self.kv_axes_shape) if keys else (self.n_q, self.axes_shape)
+            cache[(block, keys)] = blocks_as_boxes(n, block, shape)
+        return cache[(block, keys)]
 
     def _axis_values(self, axis: int, lo: torch.Tensor, hi: torch.Tensor):
         """Coordinates ``lo..hi-1`` of boxes along one axis, padded: (xs, valid), shape (*lo.shape, width)."""
@@ -253,7 +265,7 @@ class ProgressionPattern(Pattern):
             kb_hi = reach_hi[qb, 0] // block_k
             return _expand_ranges(qb, kb_lo, kb_hi)
         # N-D: walk the rows (all but the last axis) of each reachable bounding box.
-        strides = [math.prod(self.axes_shape[a + 1 :]) for a in range(nd)]
+        strides = [math.prod(self.kv_axes_shape[a + 1 :]) for a in range(nd)]
         q_list, lo_list, hi_list = [], [], []
         for q in torch.nonzero(nonempty).flatten().tolist():
             rl, rh = reach_lo[q].tolist(), reach_hi[q].tolist()
@@ -267,7 +279,7 @@ class ProgressionPattern(Pattern):
             empty = torch.zeros(0, dtype=torch.int64)
             return empty, empty
         qb, kb = _expand_ranges(torch.cat(q_list), torch.cat(lo_list), torch.cat(hi_list))
-        nkb = -(-self.n // block_k)
+        nkb = -(-self.n_kv // block_k)
         key = torch.unique(qb * nkb + kb)
         return key // nkb, key % nkb
 
@@ -303,7 +315,7 @@ class ProgressionPattern(Pattern):
         counts.
         """
         qlo_all, qhi_all = self._blocks_as_boxes(block_q)
-        klo_all, khi_all = self._blocks_as_boxes(block_k)
+        klo_all, khi_all = self._blocks_as_boxes(block_k, keys=True)
         fmax, lmin, lmax, fmin, unit = (t[qb][:, :, None, :] for t in self._box_bounds(block_q))
         klo, khi = klo_all[kb][:, None], khi_all[kb][:, None]  # (P, 1, mk, nd)
         qsize = (qhi_all - qlo_all)[qb][:, :, None, :]  # (P, mq, 1, nd)
@@ -323,7 +335,7 @@ class ProgressionPattern(Pattern):
     def _pair_counts_exact(self, qb, kb, block_q: int, block_k: int) -> torch.Tensor:
         """Allowed pairs per block pair, summing the closed-form count of every query row."""
         qlo_all, qhi_all = self._blocks_as_boxes(block_q)
-        klo_all, khi_all = self._blocks_as_boxes(block_k)
+        klo_all, khi_all = self._blocks_as_boxes(block_k, keys=True)
         mq, mk = qlo_all.shape[1], klo_all.shape[1]
         chunk = max(1, _WORK_ELEMENTS // (mq * mk * min(block_q, max(self.axes_shape))))
         out = []
@@ -355,7 +367,7 @@ class ProgressionPattern(Pattern):
             per_axis.append(progression_union(first, step, count))
         flat = per_axis[0]
         for axis in range(1, len(per_axis)):
-            flat = (flat[:, None] * self.axes_shape[axis] + per_axis[axis][None, :]).flatten()
+            flat = (flat[:, None] * self.kv_axes_shape[axis] + per_axis[axis][None, :]).flatten()
         return flat
 
     def num_allowed(self) -> int:

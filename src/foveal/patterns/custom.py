@@ -16,16 +16,19 @@ class MaskPattern(Pattern):
     them) where one fits; their layouts are analytic.
     """
 
-    def __init__(self, n, fn, name: str | None = None):
+    def __init__(self, n, fn, name: str | None = None, n_kv=None):
         if not callable(fn):
             raise TypeError(f"fn must be callable (q_idx, kv_idx) -> bool tensor, got {type(fn).__name__}")
         self._set(shape=as_shape("n", n), fn=fn, name=name or getattr(fn, "__name__", "fn"))
+        if n_kv is not None and as_shape("n_kv", n_kv) != self.shape:
+            self._set(_kv_shape=as_shape("n_kv", n_kv))
 
     def mask(self, q_idx, kv_idx):
         return self.fn(q_idx, kv_idx)
 
     def _key(self):
-        return (self.shape, self.fn)
+        return (self.shape, self.kv_shape, self.fn)
 
     def __repr__(self):
-        return f"MaskPattern(n={fmt_axes(self.shape)}, fn={self.name}) [layout: {self.layout_method}]"
+        kv = "" if self.kv_shape == self.shape else f", n_kv={fmt_axes(self.kv_shape)}"
+        return f"MaskPattern(n={fmt_axes(self.shape)}{kv}, fn={self.name}) [layout: {self.layout_method}]"

@@ -21,9 +21,18 @@ def _like(x: torch.Tensor, value) -> torch.Tensor:
 class FlatPattern(ProgressionPattern):
     """A pattern whose rule reads the flat token index: it factorises over ``(n,)``."""
 
-    def _init_shape(self, n):
+    def _init_shape(self, n, n_kv=None):
         shape = as_shape("n", n)
         self._set(shape=shape, axes_shape=(self._prod(shape),))
+        if n_kv is not None:
+            kv_shape = as_shape("n_kv", n_kv)
+            if kv_shape != shape:
+                self._set(_kv_shape=kv_shape, _kv_axes_shape=(self._prod(kv_shape),))
+
+    @property
+    def offset(self) -> int:
+        """``n_kv − n_q``: query ``i`` sits at key position ``i + offset`` (bottom-right alignment)."""
+        return self.n_kv - self.n_q
 
     @staticmethod
     def _prod(shape):
@@ -33,43 +42,49 @@ class FlatPattern(ProgressionPattern):
         return out
 
     def _token_count(self, name: str, value) -> int:
-        """A number of leading tokens: a positive int no larger than the token count."""
+        """A number of leading keys: a positive int no larger than the key count."""
         value = positive_int(name, value)
-        if value > self.n:
-            raise ValueError(f"{name} must be <= the number of tokens {self.n}, got {value}")
+        if value > self.n_kv:
+            raise ValueError(f"{name} must be <= the number of tokens {self.n_kv}, got {value}")
         return value
 
     def _n_repr(self) -> str:
-        return f"n={fmt_axes(self.shape)}"
+        kv = "" if self.kv_shape == self.shape else f", n_kv={fmt_axes(self.kv_shape)}"
+        return f"n={fmt_axes(self.shape)}{kv}"
 
 
 class Full(FlatPattern):
-    """Every query attends to every key."""
+    """Every query attends to every key (``n_kv`` keys, default ``n``)."""
 
-    def __init__(self, n):
-        self._init_shape(n)
+    def __init__(self, n, n_kv=None):
+        self._init_shape(n, n_kv)
 
     def progression(self, axis, x):
-        return _like(x, 0), _like(x, 1), _like(x, self.n)
+        return _like(x, 0), _like(x, 1), _like(x, self.n_kv)
 
     def _key(self):
-        return (self.shape,)
+        return (self.shape, self.kv_shape)
 
     def __repr__(self):
         return f"Full({self._n_repr()})"
 
 
 class Causal(FlatPattern):
-    """Query ``i`` attends to keys ``j <= i`` (flat row-major order on a grid)."""
+    """Query ``i`` attends to keys ``j <= i + n_kv − n_q`` (flat row-major order on a grid).
 
-    def __init__(self, n):
-        self._init_shape(n)
+    With ``n_kv`` keys (default ``n``) the mask is aligned bottom-right, as in
+    FlashAttention: the last query sees every key; with fewer keys than queries the
+    first ``n_q − n_kv`` queries see none (zero output).
+    """
+
+    def __init__(self, n, n_kv=None):
+        self._init_shape(n, n_kv)
 
     def progression(self, axis, x):
-        return _like(x, 0), _like(x, 1), x + 1
+        return _like(x, 0), _like(x, 1), torch.clamp(x + self.offset + 1, 0, self.n_kv)
 
     def _key(self):
-        return (self.shape,)
+        return (self.shape, self.kv_shape)
 
     def __repr__(self):
         return f"Causal({self._n_repr()})"
@@ -81,15 +96,15 @@ class GlobalTokens(FlatPattern):
     Longformer / BigBird global tokens. Combine with a local pattern by ``|``.
     """
 
-    def __init__(self, n, count: int):
-        self._init_shape(n)
+    def __init__(self, n, count: int, n_kv=None):
+        self._init_shape(n, n_kv)
         self._set(count=self._token_count("count", count))
 
     def progression(self, axis, x):
-        return _like(x, 0), _like(x, 1), torch.where(x < self.count, self.n, self.count)
+        return _like(x, 0), _like(x, 1), torch.where(x < self.count, self.n_kv, self.count)
 
     def _key(self):
-        return (self.shape, self.count)
+        return (self.shape, self.kv_shape, self.count)
 
     def __repr__(self):
         return f"GlobalTokens({self._n_repr()}, count={self.count})"
@@ -101,15 +116,15 @@ class Sinks(FlatPattern):
     Combine with ``SlidingWindow`` by ``|`` for StreamingLLM's pattern.
     """
 
-    def __init__(self, n, count: int):
-        self._init_shape(n)
+    def __init__(self, n, count: int, n_kv=None):
+        self._init_shape(n, n_kv)
         self._set(count=self._token_count("count", count))
 
     def progression(self, axis, x):
         return _like(x, 0), _like(x, 1), _like(x, self.count)
 
     def _key(self):
-        return (self.shape, self.count)
+        return (self.shape, self.kv_shape, self.count)
 
     def __repr__(self):
         return f"Sinks({self._n_repr()}, count={self.count})"

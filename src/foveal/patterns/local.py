@@ -16,14 +16,16 @@ __all__ = ["SlidingWindow", "Neighborhood", "Window", "Grid", "Halo"]
 
 
 class SlidingWindow(FlatPattern):
-    """Keys ``i - left <= j <= i + right`` with ``(i - j) % dilation == 0``.
+    """Keys ``c - left <= j <= c + right`` with ``(c - j) % dilation == 0``, where ``c = i + n_kv − n_q``.
 
     FlashAttention's ``window_size=(left, right)`` when ``dilation == 1``; Longformer's
     (dilated) sliding window. ``right=0`` (the default) is the causal sliding window.
+    With ``n_kv`` keys (default ``n``) the window is aligned bottom-right, as in
+    FlashAttention.
     """
 
-    def __init__(self, n, left: int, right: int = 0, dilation: int = 1):
-        self._init_shape(n)
+    def __init__(self, n, left: int, right: int = 0, dilation: int = 1, n_kv=None):
+        self._init_shape(n, n_kv)
         self._set(
             left=positive_int("left", left, minimum=0),
             right=positive_int("right", right, minimum=0),
@@ -31,17 +33,18 @@ class SlidingWindow(FlatPattern):
         )
 
     def progression(self, axis, x):
-        d = self.dilation
+        # keys c - d·m for m in [m_lo, m_hi], inside the window and inside [0, n_kv)
+        d, c = self.dilation, x + self.offset
         if d == 1:
-            back = torch.clamp(x, max=self.left)
-            fwd = torch.clamp(self.n - 1 - x, max=self.right)
+            back = torch.clamp(c, max=self.left)
+            fwd = torch.clamp(self.n_kv - 1 - c, max=self.right)
         else:
-            back = torch.clamp(x // d, max=self.left // d)
-            fwd = torch.clamp((self.n - 1 - x) // d, max=self.right // d)
-        return x - d * back, _like(x, d), back + fwd + 1
+            back = torch.clamp(c // d, max=self.left // d)
+            fwd = torch.clamp((self.n_kv - 1 - c) // d, max=self.right // d)
+        return c - d * back, _like(x, d), (back + fwd + 1).clamp(min=0)
 
     def _key(self):
-        return (self.shape, self.left, self.right, self.dilation)
+        return (self.shape, self.kv_shape, self.left, self.right, self.dilation)
 
     def __repr__(self):
         extra = "" if self.dilation == 1 else f", dilation={self.dilation}"
