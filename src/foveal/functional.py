@@ -9,6 +9,7 @@ import torch
 
 from foveal.kernels.select import Call, select
 from foveal.patterns.base import Pattern
+from foveal.patterns.order import Ordered
 
 __all__ = ["attend"]
 
@@ -71,6 +72,15 @@ def attend(q, k, v, pattern, *, bias=None, scale=None, backend: str = "auto", re
     scale = _check_inputs(q, k, v, pattern, scale)
     if bias is not None and not callable(bias):
         raise TypeError(f"bias must be None or a callable bias(h, q_idx, kv_idx) -> tensor, got {type(bias).__name__}")
+    if isinstance(pattern, Ordered) and backend != "reference":
+        # tokens into the pattern's order, the inner pattern there, and back (the reference keeps the dense mask)
+        res = attend(
+            *(pattern.to_order(t) for t in (q, k, v)), pattern.inner, scale=scale, backend=backend,
+            bias=None if bias is None else pattern.ordered_bias(bias), return_lse=return_lse,
+        )
+        if not return_lse:
+            return pattern.from_order(res)
+        return pattern.from_order(res[0]), pattern.from_order(res[1], dim=-1)
     call = Call(q, k, v, pattern, scale, need_lse=return_lse, bias=bias)
     out, lse = select(call, backend).run(call)
     return (out, lse) if return_lse else out
