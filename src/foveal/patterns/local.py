@@ -124,31 +124,50 @@ class Neighborhood(GridPattern):
 
 
 class Window(GridPattern):
-    """Non-overlapping windows: ``i`` and ``j`` interact iff ``i_a // window_a == j_a // window_a`` on every axis.
+    """Non-overlapping windows: ``i`` and ``j`` interact iff they fall in the same window on every axis.
 
-    Swin's window attention (unshifted); MaxViT's block attention. The grid must be
-    divisible by the window.
+    With ``shift = 0`` (the default) the windows are ``x_a // window_a``: Swin's window
+    attention (W-MSA), MaxViT's block attention. With ``shift = s`` the windows are
+    Swin's shifted windows (SW-MSA) in the original, un-rolled token coordinates:
+    rolling by ``-s``, partitioning and applying Swin's region mask is, per axis, the
+    groups ``floor((x_a − s_a) / window_a)``: ``[0, s)``, ``[s, s + w)``, …,
+    ``[L − w + s, L)``. The grid must be divisible by the window and
+    ``0 <= shift < window`` on every axis. Liu et al., "Swin Transformer: Hierarchical
+    Vision Transformer using Shifted Windows" (2021).
     """
 
-    def __init__(self, grid, window):
+    def __init__(self, grid, window, shift=0):
         self._init_grid(grid)
-        w = per_axis("window", window, len(self.shape))
+        nd = len(self.shape)
+        w = per_axis("window", window, nd)
+        s = per_axis("shift", shift, nd, minimum=0)
         for a, length in enumerate(self.shape):
             if length % w[a]:
                 raise ValueError(
                     f"window must divide the grid on every axis; grid[{a}]={length} is not divisible by window[{a}]={w[a]}"
                 )
-        self._set(window=w)
+            if s[a] >= w[a]:
+                raise ValueError(
+                    f"shift must be in [0, window) on every axis; shift[{a}]={s[a]} is not < window[{a}]={w[a]}"
+                )
+        self._set(window=w, shift=s)
 
     def progression(self, axis, x):
-        w = self.window[axis]
-        return (x // w) * w, _like(x, 1), _like(x, w)
+        w, s = self.window[axis], self.shift[axis]
+        if s == 0:
+            return (x // w) * w, _like(x, 1), _like(x, w)
+        start = ((x - s) // w) * w + s  # the group's start in un-rolled coordinates, may be < 0
+        first = torch.clamp(start, min=0)
+        return first, _like(x, 1), torch.clamp(start + w, max=self.shape[axis]) - first
 
     def _key(self):
+        if any(self.shift):
+            return (self.shape, self.window, self.shift)
         return (self.shape, self.window)
 
     def __repr__(self):
-        return f"Window({self._grid_repr()}, window={fmt_axes(self.window)})"
+        extra = f", shift={fmt_axes(self.shift)}" if any(self.shift) else ""
+        return f"Window({self._grid_repr()}, window={fmt_axes(self.window)}{extra})"
 
 
 class Grid(GridPattern):
