@@ -1,0 +1,233 @@
+"""The ``blocksparse`` kernel: exact attention of each (batch, head, query block) over its own key blocks.
+
+Content-selected patterns (``foveal.patterns.dynamic``) pick key blocks per batch
+element and query head at call time. This kernel takes that choice as a padded
+table ``kv_blocks`` of shape (B, Hq, num_q_blocks, S): the key blocks of each
+(b, h, query block), ``-1`` in unused slots (as FlexAttention's ``kv_indices`` /
+``kv_num_blocks``, but per batch element and head). Optionally ``partial``
+(same shape, bool) marks the slots where the elementwise ``mask_fn(b, h, q_idx,
+kv_idx)`` must be applied (a causal diagonal, a column/diagonal structure);
+other slots are attended fully. Tokens past the end of a ragged last block are
+never attended.
+
+Every (b, h, query block) is an *instance*. Instances are processed in chunks
+whose score tile (instances × block × kept slots × block) holds at most
+``SCORE_ELEMENTS`` elements; each chunk gathers its key/value blocks (padded to the
+chunk's largest slot count, padding masked), takes a numerically safe softmax and
+writes the output and log-sum-exp. Working set: one chunk's scores plus its
+gathered keys and values, ``SCORE_ELEMENTS · (1 + (D + Dv) / block)`` floats at
+most (more only when a single instance is larger), plus O(N · D) buffers; never
+O(N²). The backward pass is FlashAttention's: it recomputes each chunk's scores
+from the saved log-sum-exp and scatters key/value gradients with ``index_add_``.
+GQA: query head ``h`` reads key head ``h // (Hq // Hkv)``; keys are never repeated.
+A query with no allowed key gets a zero output, ``lse = -inf`` and zero gradients.
+Computes in float32 (float64 for float64 inputs); any device PyTorch runs on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["blocksparse_attention", "SCORE_ELEMENTS"]
+
+#: score elements one chunk holds (instances × block_q × slots × block_k)
+SCORE_ELEMENTS = 1 << 20
+
+
+def _compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class _Plan:
+    """Per-instance bookkeeping shared by the forward and backward passes."""
+
+    n_q: int
+    n_kv: int
+    block: int
+    table: torch.Tensor  # (R, S) key blocks, -1 unused
+    partial: torch.Tensor | None  # (R, S) bool
+    mask_fn: object
+    b_idx: torch.Tensor  # (R,)
+    h_idx: torch.Tensor  # (R,)
+    qb_idx: torch.Tensor  # (R,)
+    kv_base: torch.Tensor  # (R,) first row of the instance's key head in the flattened keys
+    chunks: list  # (r0, r1, slots)
+
+
+def _check(q, k, v, kv_blocks, block, partial, mask_fn):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor (batch, heads, tokens, head_dim), got {getattr(t, 'shape', t)!r}")
+    b, hq, n_q, d = q.shape
+    if k.shape[0] != b or v.shape[0] != b or k.shape[:3] != v.shape[:3] or k.shape[-1] != d:
+        raise ValueError(f"k, v must be (B, Hkv, Nk, D) matching q {tuple(q.shape)}, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if hq % k.shape[1]:
+        raise ValueError(f"query heads must be a multiple of key/value heads, got {hq} and {k.shape[1]}")
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be a positive int, got {block!r}")
+    nqb, nkb = -(-n_q // block), -(-k.shape[2] // block)
+    if not isinstance(kv_blocks, torch.Tensor) or kv_blocks.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"kv_blocks must be an int32/int64 tensor, got {getattr(kv_blocks, 'dtype', type(kv_blocks).__name__)}")
+    if kv_blocks.dim() != 4 or tuple(kv_blocks.shape[:3]) != (b, hq, nqb):
+        raise ValueError(f"kv_blocks must have shape ({b}, {hq}, {nqb}, slots), got {tuple(kv_blocks.shape)}")
+    if kv_blocks.numel() and (int(kv_blocks.min()) < -1 or int(kv_blocks.max()) >= nkb):
+        raise ValueError(f"kv_blocks entries must be -1 (unused) or key blocks in [0, {nkb}), got range "
+                         f"[{int(kv_blocks.min())}, {int(kv_blocks.max())}]")
+    if partial is not None and (partial.dtype != torch.bool or partial.shape != kv_blocks.shape):
+        raise ValueError(f"partial must be a bool tensor of shape {tuple(kv_blocks.shape)}, got {partial.dtype} {tuple(partial.shape)}")
+    if mask_fn is not None and not callable(mask_fn):
+        raise TypeError(f"mask_fn must be callable (b, h, q_idx, kv_idx) -> bool tensor, got {type(mask_fn).__name__}")
+
+
+def _plan(q, k, kv_blocks, block, partial, mask_fn) -> _Plan:
+    b, hq, n_q, _ = q.shape
+    hkv, n_kv = k.shape[1], k.shape[2]
+    nqb = -(-n_q // block)
+    dev = q.device
+    table = kv_blocks.to(device=dev, dtype=torch.int64).reshape(b * hq * nqb, -1)
+    # unused slots last, so each chunk can drop the trailing ones
+    order = torch.argsort((table < 0).to(torch.int8), dim=1, stable=True)
+    table = table.gather(1, order)
+    if partial is not None:
+        partial = partial.to(dev).reshape(table.shape).gather(1, order)
+    counts = (table >= 0).sum(1)
+    inst = torch.arange(table.shape[0], device=dev)
+    b_idx, h_idx, qb_idx = inst // (hq * nqb), (inst // nqb) % hq, inst % nqb
+    kv_base = (b_idx * hkv + h_idx // (hq // hkv)) * n_kv
+    slots = max(1, table.shape[1])
+    step = max(1, SCORE_ELEMENTS // (block * slots * block))
+    chunks = []
+    for r0 in range(0, table.shape[0], step):
+        r1 = min(r0 + step, table.shape[0])
+        chunks.append((r0, r1, int(counts[r0:r1].max()) if r1 > r0 else 0))
+    return _Plan(n_q, n_kv, block, table, partial, mask_fn, b_idx, h_idx, qb_idx, kv_base, chunks)
+
+
+def _pad_rows(x, n_blocks, block):
+    """(B, H, N, E) -> (B·H·n_blocks, block, E), zero rows past N."""
+    b, h, n, e = x.shape
+    if n_blocks * block != n:
+        x = F.pad(x, (0, 0, 0, n_blocks * block - n))
+    return x.reshape(b * h * n_blocks, block, e)
+
+
+def _chunk_scores(plan: _Plan, qc, kf, r0, r1, s_count, scale):
+    """Masked scaled scores of instances r0:r1 and their gathered key rows: (r, block, slots·block)."""
+    bs = plan.block
+    tb = plan.table[r0:r1, :s_count]  # (r, S)
+    ar = torch.arange(bs, device=tb.device)
+    tok = (tb[:, :, None] * bs + ar).reshape(r1 - r0, -1)  # (r, S·block)
+    valid = (tb >= 0).repeat_interleave(bs, 1) & (tok < plan.n_kv)
+    tok_safe = tok.clamp(0, plan.n_kv - 1)
+    rows = plan.kv_base[r0:r1, None] + tok_safe
+    kg = F.embedding(rows, kf)  # (r, S·block, D)
+    s = torch.bmm(qc, kg.transpose(1, 2)).mul_(scale)
+    allowed = valid[:, None, :]
+    if plan.mask_fn is not None:
+        qi = (plan.qb_idx[r0:r1, None, None] * bs + ar[None, :, None]).clamp(max=plan.n_q - 1)
+        m = plan.mask_fn(plan.b_idx[r0:r1, None, None], plan.h_idx[r0:r1, None, None], qi, tok_safe[:, None, :])
+        if plan.partial is not None:
+            m = m | ~plan.partial[r0:r1, :s_count].repeat_interleave(bs, 1)[:, None, :]
+        allowed = allowed & m
+    s.masked_fill_(~allowed, float("-inf"))
+    return s, rows, kg
+
+
+def _forward(q, k, v, plan: _Plan, scale):
+    cdt = _compute_dtype(q.dtype)
+    bs, nqb = plan.block, -(-plan.n_q // plan.block)
+    qp = _pad_rows(q.to(cdt), nqb, bs)
+    kf = k.to(cdt).reshape(-1, k.shape[-1])
+    vf = v.to(cdt).reshape(-1, v.shape[-1])
+    out = torch.zeros(qp.shape[0], bs, vf.shape[1], dtype=cdt, device=q.device)
+    lse = torch.full((qp.shape[0], bs), float("-inf"), dtype=cdt, device=q.device)
+    for r0, r1, s_count in plan.chunks:
+        if s_count == 0:
+            continue
+        s, rows, _ = _chunk_scores(plan, qp[r0:r1], kf, r0, r1, s_count, scale)
+        m = s.amax(-1, keepdim=True)
+        m.masked_fill_(m == float("-inf"), 0.0)
+        p = s.sub_(m).exp_()
+        denom = p.sum(-1, keepdim=True)
+        alive = denom > 0
+        o = torch.bmm(p, F.embedding(rows, vf))
+        out[r0:r1] = o.div_(denom.masked_fill(~alive, 1.0))
+        lse[r0:r1] = torch.where(alive, denom.log() + m, float("-inf")).squeeze(-1)
+    return out, lse
+
+
+def _unpad(x, b, h, n):
+    """(B·H·nb, block, E) -> (B, H, N, E)."""
+    r, bs = x.shape[:2]
+    return x.reshape(b, h, -1, *x.shape[2:])[:, :, :n]
+
+
+def _backward(q, k, v, out_p, lse_p, dout, dlse, plan: _Plan, scale):
+    cdt = _compute_dtype(q.dtype)
+    bs, nqb = plan.block, -(-plan.n_q // plan.block)
+    qp = _pad_rows(q.to(cdt), nqb, bs)
+    dop = _pad_rows(dout.to(cdt), nqb, bs)
+    kf = k.to(cdt).reshape(-1, k.shape[-1])
+    vf = v.to(cdt).reshape(-1, v.shape[-1])
+    delta = (dop * out_p).sum(-1)  # rowsum(dO ∘ O), less the gradient into lse
+    if dlse is not None:
+        delta = delta - _pad_rows(dlse.to(cdt)[..., None], nqb, bs)[..., 0]
+    lse_safe = lse_p.masked_fill(lse_p == float("-inf"), 0.0)
+    dq = torch.zeros_like(qp)
+    dk, dv = torch.zeros_like(kf), torch.zeros_like(vf)
+    for r0, r1, s_count in plan.chunks:
+        if s_count == 0:
+            continue
+        s, rows, kg = _chunk_scores(plan, qp[r0:r1], kf, r0, r1, s_count, scale)
+        p = s.sub_(lse_safe[r0:r1, :, None]).exp_()  # masked entries: exp(-inf) = 0
+        doc = dop[r0:r1]
+        flat = rows.flatten()
+        dv.index_add_(0, flat, torch.bmm(p.transpose(1, 2), doc).reshape(-1, dv.shape[1]))
+        ds = torch.bmm(doc, F.embedding(rows, vf).transpose(1, 2))
+        ds.sub_(delta[r0:r1, :, None]).mul_(p).mul_(scale)
+        dq[r0:r1] = torch.bmm(ds, kg)
+        dk.index_add_(0, flat, torch.bmm(ds.transpose(1, 2), qp[r0:r1]).reshape(-1, dk.shape[1]))
+    b, hq, n, _ = q.shape
+    return _unpad(dq, b, hq, n).to(q.dtype), dk.view_as(k).to(k.dtype), dv.view_as(v).to(v.dtype)
+
+
+class _BlockSparse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan, scale):
+        out_p, lse_p = _forward(q, k, v, plan, scale)
+        ctx.save_for_backward(q, k, v, out_p, lse_p)
+        ctx.plan, ctx.scale = plan, scale
+        b, hq, n, _ = q.shape
+        return _unpad(out_p, b, hq, n).to(q.dtype), _unpad(lse_p[..., None], b, hq, n)[..., 0]
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out_p, lse_p = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+        dq, dk, dv = _backward(q, k, v, out_p, lse_p, dout, dlse, ctx.plan, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def blocksparse_attention(q, k, v, kv_blocks, block: int, scale: float, *, partial=None, mask_fn=None):
+    """Exact attention of each (b, h, query block) over its listed key blocks; returns ``(out, lse)``.
+
+    ``q`` (B, Hq, Nq, D), ``k`` (B, Hkv, Nk, D), ``v`` (B, Hkv, Nk, Dv); ``kv_blocks``
+    (B, Hq, ceil(Nq / block), S) int, key block indices (blocks of ``block`` tokens)
+    or -1; ``partial`` (same shape, bool) marks slots masked elementwise by
+    ``mask_fn(b, h, q_idx, kv_idx) -> bool`` (broadcast index tensors, FlexAttention's
+    ``mask_mod`` contract); without ``partial`` the mask applies to every slot. A block
+    listed twice is attended twice: list each once. ``out`` has q's dtype, ``lse``
+    (B, Hq, Nq) float32 (float64 for float64 inputs). Differentiable in q, k and v.
+    """
+    _check(q, k, v, kv_blocks, block, partial, mask_fn)
+    plan = _plan(q, k, kv_blocks, block, partial, mask_fn)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return _BlockSparse.apply(q, k, v, plan, float(scale))
+    out_p, lse_p = _forward(q, k, v, plan, float(scale))
+    b, hq, n, _ = q.shape
+    return _unpad(out_p, b, hq, n).to(q.dtype), _unpad(lse_p[..., None], b, hq, n)[..., 0]
