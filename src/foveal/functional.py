@@ -9,6 +9,7 @@ import torch
 
 from foveal.kernels.select import Call, select
 from foveal.patterns.base import Pattern
+from foveal.patterns.dynamic import BlockSelection, DynamicPattern
 from foveal.patterns.order import Ordered
 
 __all__ = ["attend"]
@@ -24,8 +25,8 @@ def _check_inputs(q, k, v, pattern, scale):
             raise ValueError(f"{name} must be 4-D (batch, heads, tokens, head_dim), got shape {tuple(t.shape)}")
         if t.dtype not in _DTYPES:
             raise TypeError(f"{name} must be one of {[str(d) for d in _DTYPES]}, got {t.dtype}")
-    if not isinstance(pattern, Pattern):
-        raise TypeError(f"pattern must be a foveal Pattern, got {type(pattern).__name__}")
+    if not isinstance(pattern, (Pattern, DynamicPattern, BlockSelection)):
+        raise TypeError(f"pattern must be a foveal Pattern, dynamic pattern or BlockSelection, got {type(pattern).__name__}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -68,10 +69,17 @@ def attend(q, k, v, pattern, *, bias=None, scale=None, backend: str = "auto", re
     ``bias`` is an additive score term ``bias(h, q_idx, kv_idx)`` (``foveal.bias``:
     ``ALiBi``, ``RelativePositionBias``, or any such function), added to the scaled
     scores; gradients reach the tensors its ``parameters()`` returns.
+    ``pattern`` may also be a content-selected pattern (``foveal.patterns.dynamic``:
+    its blocks are selected from q and k without gradients, then attended with
+    gradients to q, k, v) or a ``BlockSelection`` made beforehand with
+    ``pattern.select(q, k)``, whose statistics (``density()``, ``blocks_kept()``) the
+    caller keeps; these run on the ``blocksparse`` kernel and take no ``bias``.
     """
     scale = _check_inputs(q, k, v, pattern, scale)
     if bias is not None and not callable(bias):
         raise TypeError(f"bias must be None or a callable bias(h, q_idx, kv_idx) -> tensor, got {type(bias).__name__}")
+    if isinstance(pattern, (DynamicPattern, BlockSelection)):
+        return _attend_selected(q, k, v, pattern, bias, scale, backend, return_lse)
     if isinstance(pattern, Ordered) and backend != "reference":
         # tokens into the pattern's order, the inner pattern there, and back (the reference keeps the dense mask)
         res = attend(
@@ -83,4 +91,21 @@ def attend(q, k, v, pattern, *, bias=None, scale=None, backend: str = "auto", re
         return pattern.from_order(res[0]), pattern.from_order(res[1], dim=-1)
     call = Call(q, k, v, pattern, scale, need_lse=return_lse, bias=bias)
     out, lse = select(call, backend).run(call)
+    return (out, lse) if return_lse else out
+
+
+def _attend_selected(q, k, v, pattern, bias, scale, backend, return_lse):
+    """``attend`` over a dynamic pattern or a selection: select under no_grad, then the blocksparse kernel."""
+    from foveal.kernels.blocksparse import blocksparse_attention
+
+    if bias is not None:
+        raise ValueError(f"bias is not supported with dynamic patterns or selections, got {type(bias).__name__}")
+    if backend not in ("auto", "blocksparse"):
+        raise ValueError(f"backend must be 'auto' or 'blocksparse' for {type(pattern).__name__}, got {backend!r}")
+    sel = pattern.select(q, k, scale) if isinstance(pattern, DynamicPattern) else pattern
+    if sel.kv_blocks.shape[:2] != q.shape[:2]:
+        raise ValueError(
+            f"the selection is for (batch, heads) {tuple(sel.kv_blocks.shape[:2])} but q has {tuple(q.shape[:2])}"
+        )
+    out, lse = blocksparse_attention(q, k, v, sel.kv_blocks, sel.block, scale, partial=sel.partial, mask_fn=sel.mask_fn)
     return (out, lse) if return_lse else out

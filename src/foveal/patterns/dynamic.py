@@ -1,0 +1,516 @@
+"""Content-selected (dynamic) patterns: key blocks chosen from q and k at call time.
+
+A dynamic pattern (``VerticalSlash``, ``VerticalSlashCover``, ``BlockTopK``,
+``BlockCover``, ``DHSA``) knows its sequence length and block size; its
+``select(q, k)`` looks at the tensors (without gradients) and returns a
+``BlockSelection``: for every (batch, query head, query block) the key blocks kept,
+which of them are *partial* (masked elementwise: the causal diagonal, or the
+column/diagonal structure of vertical-slash), and the exact elementwise rule.
+``foveal.functional.attend`` accepts either the dynamic pattern (it selects, then
+attends) or a selection made beforehand (so the caller keeps the statistics:
+``selection.density()``, ``blocks_kept()``...). Gradients flow to q, k and v through
+the kept entries; the selection itself is not differentiable.
+
+These are self-attention patterns on one sequence of ``n`` tokens (``n_q == n_kv``).
+Selection costs O(B·H·(n/block)²) booleans for the block table (block level, never
+token level) plus, for vertical-slash, O(B·H·last_q·n) for the estimate. Ties between
+equal scores are broken by the order ``torch.sort`` gives (stable: lower index first).
+
+``a_shape`` returns MInference's static A-shape as an ordinary (static) pattern.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from foveal._checks import positive_int
+
+__all__ = ["BlockSelection", "DynamicPattern", "a_shape", "VerticalSlash", "VerticalSlashCover", "BlockTopK", "BlockCover", "DHSA"]
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def a_shape(n: int, sinks: int = 100, local: int = 800):
+    """MInference's A-shape: ``j <= i`` and (``i - j <= local`` or ``j < sinks``), as a static Pattern.
+
+    Jiang et al., "MInference 1.0: Accelerating Pre-filling for Long-Context LLMs via
+    Dynamic Sparse Attention", 2024 (defaults 100 sinks, 800 local keys). It is
+    ``SlidingWindow(n, local) | (Sinks(n, sinks) & Causal(n))``; ``sinks`` larger than
+    ``n`` means every key (the same mask), so it is capped at ``n``.
+    """
+    from foveal.patterns.global_ import Causal, Sinks
+    from foveal.patterns.local import SlidingWindow
+
+    n = positive_int("n", n)
+    sinks = positive_int("sinks", sinks, minimum=0)
+    local = positive_int("local", local, minimum=0)
+    window = SlidingWindow(n, left=local)
+    return window if sinks == 0 else window | (Sinks(n, min(sinks, n)) & Causal(n))
+
+
+def _fraction(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0 < value <= 1):
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+# -- the selection ---------------------------------------------------------------
+
+
+class BlockSelection:
+    """Kept key blocks per (batch, query head, query block), with an exact elementwise rule.
+
+    ``kv_blocks`` (B, H, num_blocks, S) int64: the kept key blocks of each query block,
+    ascending, ``-1`` in unused slots. ``partial`` (same shape, bool) marks kept blocks
+    that are masked elementwise by ``mask_fn(b, h, q_idx, kv_idx)``; the other kept
+    blocks are attended fully (tokens past ``n`` in a ragged last block never count).
+    ``partial=None`` means every kept block is masked by ``mask_fn``. ``info`` holds
+    mechanism-specific tensors (e.g. vertical-slash's kept ``columns`` and ``offsets``).
+    """
+
+    def __init__(self, n, block, kv_blocks, partial, mask_fn, method: str, info: dict | None = None):
+        self.n, self.block = n, block
+        self.kv_blocks, self.partial, self.mask_fn = kv_blocks, partial, mask_fn
+        self.method, self.info = method, dict(info or {})
+
+    @property
+    def n_q(self) -> int:
+        return self.n
+
+    @property
+    def n_kv(self) -> int:
+        return self.n
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.n // self.block)
+
+    @property
+    def batch(self) -> int:
+        return self.kv_blocks.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return self.kv_blocks.shape[1]
+
+    # -- statistics -------------------------------------------------------------
+    def counts(self) -> torch.Tensor:
+        """Kept key blocks of each query block: (B, H, num_blocks)."""
+        return (self.kv_blocks >= 0).sum(-1)
+
+    def blocks_kept(self) -> torch.Tensor:
+        """Kept (query block, key block) pairs per (batch, head): (B, H)."""
+        return self.counts().sum(-1)
+
+    def block_density(self) -> torch.Tensor:
+        """Share of all ``num_blocks²`` block pairs that are kept, per (batch, head): (B, H) float."""
+        return self.blocks_kept().double() / self.num_blocks**2
+
+    def keys_kept(self) -> torch.Tensor:
+        """Allowed (query, key) pairs per (batch, head), counted exactly in bounded chunks: (B, H) int64."""
+        b, h, nb, s = self.kv_blocks.shape
+        total = torch.zeros(b * h * nb, dtype=torch.int64, device=self.kv_blocks.device)
+        table = self.kv_blocks.reshape(-1, s)
+        step = max(1, (1 << 20) // max(1, self.block * s * self.block))
+        for r0 in range(0, table.shape[0], step):
+            r1 = min(r0 + step, table.shape[0])
+            total[r0:r1] = self._allowed_chunk(table, r0, r1).sum((1, 2))
+        return total.view(b, h, nb).sum(-1)
+
+    def density(self) -> torch.Tensor:
+        """Share of the ``n²`` (query, key) pairs allowed, per (batch, head): (B, H) float."""
+        return self.keys_kept().double() / (self.n * self.n)
+
+    def _allowed_chunk(self, table, r0, r1):
+        """Allowed pairs of instances r0:r1 (flattened (b, h, query block)) as (r, block, S·block) bool."""
+        b, h, nb, s = self.kv_blocks.shape
+        bs, dev = self.block, table.device
+        inst = torch.arange(r0, r1, device=dev)
+        bi, hi, qb = inst // (h * nb), (inst // nb) % h, inst % nb
+        tb = table[r0:r1]
+        ar = torch.arange(bs, device=dev)
+        kj = (tb[:, :, None] * bs + ar).reshape(r1 - r0, 1, -1)
+        qi = (qb[:, None, None] * bs + ar[None, :, None])
+        ok = (tb >= 0).repeat_interleave(bs, 1)[:, None, :] & (kj < self.n) & (qi < self.n)
+        if self.mask_fn is not None:
+            m = self.mask_fn(bi[:, None, None], hi[:, None, None], qi.clamp(max=self.n - 1), kj.clamp(0, self.n - 1))
+            if self.partial is not None:
+                m = m | ~self.partial.reshape(-1, s)[r0:r1].repeat_interleave(bs, 1)[:, None, :]
+            ok = ok & m
+        return ok
+
+    # -- the definition ---------------------------------------------------------
+    def mask(self, b, h, q_idx, kv_idx) -> torch.Tensor:
+        """Bool: may query ``q_idx`` of batch ``b``, head ``h`` attend to key ``kv_idx`` (broadcast indices)."""
+        b, h, q_idx, kv_idx = torch.broadcast_tensors(*(torch.as_tensor(x) for x in (b, h, q_idx, kv_idx)))
+        qc, kc = q_idx.clamp(0, self.n - 1), kv_idx.clamp(0, self.n - 1)
+        row = self.kv_blocks[b, h, qc // self.block]  # (..., S)
+        hit = row == (kc // self.block)[..., None]
+        ok = hit.any(-1) & (q_idx >= 0) & (q_idx < self.n) & (kv_idx >= 0) & (kv_idx < self.n)
+        if self.mask_fn is not None:
+            part = (hit & self.partial[b, h, qc // self.block]).any(-1) if self.partial is not None else ok
+            ok = ok & (~part | self.mask_fn(b, h, qc, kc))
+        return ok
+
+    def dense_mask(self) -> torch.Tensor:
+        """The full (B, H, n, n) bool mask. O(B·H·n²): for tests and pictures."""
+        b, h = self.batch, self.heads
+        dev = self.kv_blocks.device
+        return self.mask(
+            torch.arange(b, device=dev)[:, None, None, None],
+            torch.arange(h, device=dev)[None, :, None, None],
+            torch.arange(self.n, device=dev)[None, None, :, None],
+            torch.arange(self.n, device=dev)[None, None, None, :],
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"BlockSelection({self.method}, n={self.n}, block={self.block}, batch={self.batch}, "
+            f"heads={self.heads}, mean block_density={float(self.block_density().mean()):.4f})"
+        )
+
+
+# -- shared maths ----------------------------------------------------------------
+
+
+def _scores(q, k):
+    """q (B, Hq, M, D) against k (B, Hkv, L, D) -> (B, Hq, M, L) float32; query head h uses key head h // G."""
+    b, hq, m, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    s = torch.matmul(q.float().reshape(b, hkv, g * m, d), k.float().transpose(-1, -2))
+    return s.view(b, hq, m, -1)
+
+
+def _pool(x, block):
+    """Mean of each block of tokens (the ragged last block over its own tokens) and block sizes."""
+    b, h, n, d = x.shape
+    nb = -(-n // block)
+    xp = torch.nn.functional.pad(x.float(), (0, 0, 0, nb * block - n)).view(b, h, nb, block, d)
+    sizes = torch.clamp(n - torch.arange(nb, device=x.device) * block, max=block).float()
+    return xp.sum(3) / sizes[:, None], sizes
+
+
+def _table(keep):
+    """Bool (B, H, nb, nkb) -> ascending key block table (B, H, nb, S), -1 in unused slots."""
+    nkb = keep.shape[-1]
+    idx = torch.arange(nkb, device=keep.device)
+    s = int(keep.sum(-1).max()) if keep.numel() else 0
+    srt = torch.where(keep, idx, nkb).sort(-1).values[..., :s]
+    return torch.where(srt < nkb, srt, -1)
+
+
+def _keep_ranked(key, count):
+    """Bool mask of the ``count`` (int or (B, H[, nb]) tensor) largest entries of ``key`` along the last dim."""
+    order = key.argsort(dim=-1, descending=True, stable=True)
+    rank_ok = torch.arange(key.shape[-1], device=key.device) < torch.as_tensor(count, device=key.device)[..., None]
+    return torch.zeros_like(key, dtype=torch.bool).scatter_(-1, order, rank_ok.expand_as(order))
+
+
+def _cover_count(score, alpha):
+    """Smallest count whose largest entries of ``score`` sum to at least ``alpha`` of the total (last dim)."""
+    cs = score.sort(-1, descending=True).values.cumsum(-1)
+    return ((cs < alpha * cs[..., -1:]).sum(-1) + 1).clamp(max=score.shape[-1])
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return kv_idx <= q_idx
+
+
+# -- the patterns ----------------------------------------------------------------
+
+
+class DynamicPattern:
+    """Base class: a pattern on ``n`` tokens whose key blocks are chosen from q and k at call time."""
+
+    n: int
+    block: int
+
+    @property
+    def n_q(self) -> int:
+        return self.n
+
+    @property
+    def n_kv(self) -> int:
+        return self.n
+
+    def select(self, q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> BlockSelection:
+        """The selection for ``q`` (B, Hq, n, D) and ``k`` (B, Hkv, n, D), computed without gradients."""
+        for name, t in (("q", q), ("k", k)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 4:
+                raise ValueError(f"{name} must be 4-D (batch, heads, tokens, head_dim), got shape {tuple(t.shape)}")
+            if t.dtype not in _FLOATS:
+                raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+            if t.shape[2] != self.n:
+                raise ValueError(f"{name} has {t.shape[2]} tokens but {self!r} has n={self.n}")
+        if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[1] % k.shape[1]:
+            raise ValueError(
+                f"q {tuple(q.shape)} and k {tuple(k.shape)} must share batch and head_dim, "
+                "with query heads a multiple of key heads"
+            )
+        if scale is None:
+            scale = 1.0 / math.sqrt(q.shape[-1])
+        with torch.no_grad():
+            return self._select(q.detach(), k.detach(), float(scale))
+
+    def _select(self, q, k, scale) -> BlockSelection:
+        raise NotImplementedError
+
+    def _params(self) -> str:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(n={self.n}, {self._params()})"
+
+
+class VerticalSlash(DynamicPattern):
+    """MInference's vertical-slash pattern: kept key columns and kept diagonals, per head, causal.
+
+    The last ``last_q`` queries' causal softmax against all keys is the estimate: a
+    column's score is its sum over those queries, an offset ``i - j``'s score the sum
+    along that diagonal. Kept: the first ``always_vertical`` columns and the nearest
+    ``always_slash`` offsets (always), and the best-scoring others up to ``vertical``
+    columns and ``slash`` offsets in all. Mask: ``j <= i`` and (``j`` kept or ``i - j``
+    kept). Jiang et al., "MInference 1.0: Accelerating Pre-filling for Long-Context LLMs
+    via Dynamic Sparse Attention", 2024; Nawrot et al., "The Sparse Frontier", 2025.
+    Defaults: ``vertical=1000``, ``slash=6096`` (MInference's most common head
+    configuration), ``last_q=64``, 30 forced columns/offsets; ``block`` (64, *chosen*)
+    only sets the kernel's tiling, not the mask. Selection ``info``: ``columns`` and
+    ``offsets``, (B, H, n) bool.
+    """
+
+    def __init__(self, n: int, vertical: int = 1000, slash: int = 6096, *, last_q: int = 64, block: int = 64,
+                 always_vertical: int = 30, always_slash: int = 30):
+        self.n = positive_int("n", n)
+        self.vertical = positive_int("vertical", vertical, minimum=0)
+        self.slash = positive_int("slash", slash, minimum=0)
+        self.last_q = positive_int("last_q", last_q)
+        self.block = positive_int("block", block)
+        self.always_vertical = positive_int("always_vertical", always_vertical, minimum=0)
+        self.always_slash = positive_int("always_slash", always_slash, minimum=0)
+
+    def _params(self):
+        return f"vertical={self.vertical}, slash={self.slash}, last_q={self.last_q}, block={self.block}"
+
+    def estimate(self, q, k, scale):
+        """Column and diagonal scores from the last ``last_q`` queries: two (B, H, n) float32 tensors."""
+        n = self.n
+        lq = min(self.last_q, n)
+        s = _scores(q[:, :, n - lq:], k) * scale
+        i = torch.arange(n - lq, n, device=q.device)[:, None]
+        j = torch.arange(n, device=q.device)[None, :]
+        p = torch.softmax(s.masked_fill(j > i, float("-inf")), -1)  # (B, H, lq, n)
+        col = p.sum(-2)
+        off = (i - j).clamp(min=0).reshape(-1)  # masked entries have p = 0
+        b, h = p.shape[:2]
+        diag = torch.zeros(b, h, n, device=q.device).scatter_add_(-1, off.expand(b, h, -1), p.reshape(b, h, -1))
+        return col, diag
+
+    def _counts(self, col, diag):
+        return min(self.vertical, self.n), min(self.slash, self.n)
+
+    def _select(self, q, k, scale):
+        n, bs = self.n, self.block
+        col, diag = self.estimate(q, k, scale)
+        nv, ns = self._counts(col, diag)
+        fv, fs = min(self.always_vertical, n), min(self.always_slash, n)
+        first = torch.arange(n, device=q.device)
+        cols = _keep_ranked(torch.where(first < fv, float("inf"), col), torch.clamp(torch.as_tensor(nv), min=fv))
+        offs = _keep_ranked(torch.where(first < fs, float("inf"), diag), torch.clamp(torch.as_tensor(ns), min=fs))
+        keep = self._blocks(cols, offs)
+
+        def mask_fn(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx) & (cols[b, h, kv_idx] | offs[b, h, (q_idx - kv_idx).clamp(min=0)])
+
+        return BlockSelection(n, bs, _table(keep), None, mask_fn, type(self).__name__,
+                              {"columns": cols, "offsets": offs})
+
+    def _blocks(self, cols, offs):
+        """(B, H, nb, nb) bool: the key blocks holding a kept column or diagonal of each query block (exact)."""
+        n, bs = self.n, self.block
+        nb = -(-n // bs)
+        b, h = cols.shape[:2]
+        dev = cols.device
+        colblk = torch.nn.functional.pad(cols, (0, nb * bs - n)).view(b, h, nb, bs).any(-1)
+        # offset o = a·bs + r reaches key block qb - a (rows i >= qb·bs + r) and, if r > 0, qb - a - 1
+        o = torch.arange(n, device=dev)
+        a, r = o // bs, o % bs
+        last_rows = n - (nb - 1) * bs
+        f = offs.float()
+        band = torch.zeros(b, h, nb + 1, device=dev).index_add_(-1, a, f).index_add_(-1, a + 1, f * (r > 0))
+        band_last = torch.zeros(b, h, nb + 1, device=dev).index_add_(-1, a, f * (r < last_rows))
+        band_last.index_add_(-1, a + 1, f * (r > 0))
+        qb = torch.arange(nb, device=dev)[:, None]
+        kb = torch.arange(nb, device=dev)[None, :]
+        d = (qb - kb).clamp(min=0)
+        diag = band[:, :, d] > 0
+        diag[:, :, -1] = band_last[:, :, d[-1]] > 0
+        return (colblk[:, :, None, :] | diag) & (kb <= qb)
+
+
+class VerticalSlashCover(VerticalSlash):
+    """FlexPrefill-style vertical-slash: as many columns and offsets as cover ``alpha`` of the estimated mass.
+
+    As ``VerticalSlash``, but per (batch, head) the number of kept columns (resp.
+    offsets) is the smallest count whose largest scores sum to at least ``alpha`` of
+    all scores, at least ``min_budget`` (capped at ``n``); the estimate uses the last
+    ``last_q`` (512) queries. Lai et al., "FlexPrefill: A Context-Aware Sparse Attention
+    Mechanism for Efficient Long-Sequence Inference", 2025, as simplified in Nawrot et
+    al., "The Sparse Frontier", 2025. Defaults ``alpha=0.9``, ``min_budget=256``; the 30
+    forced columns/offsets of ``VerticalSlash`` are kept (*chosen*; set them to 0 to drop).
+    """
+
+    def __init__(self, n: int, alpha: float = 0.9, min_budget: int = 256, *, last_q: int = 512, block: int = 64,
+                 always_vertical: int = 30, always_slash: int = 30):
+        super().__init__(n, 0, 0, last_q=last_q, block=block, always_vertical=always_vertical,
+                         always_slash=always_slash)
+        self.alpha = _fraction("alpha", alpha)
+        self.min_budget = positive_int("min_budget", min_budget, minimum=0)
+
+    def _params(self):
+        return f"alpha={self.alpha}, min_budget={self.min_budget}, last_q={self.last_q}, block={self.block}"
+
+    def _counts(self, col, diag):
+        def count(score):
+            return _cover_count(score, self.alpha).clamp(min=min(self.min_budget, self.n))
+
+        return count(col), count(diag)
+
+
+class _PooledBlocks(DynamicPattern):
+    """Shared by the block-level selectors: pooled block scores, causal at block level."""
+
+    def _allowed(self, nb, dev):
+        qb = torch.arange(nb, device=dev)[:, None]
+        kb = torch.arange(nb, device=dev)[None, :]
+        return (kb <= qb) if self.causal else torch.ones(nb, nb, dtype=torch.bool, device=dev), qb, kb
+
+    def _selection(self, keep, qb, kb, info):
+        nb = keep.shape[-1]
+        kv = _table(keep)
+        if not self.causal:
+            return BlockSelection(self.n, self.block, kv, None, None, type(self).__name__, info)
+        qrow = torch.arange(nb, device=keep.device)[:, None]
+        partial = (kv == qrow) & (kv >= 0)  # the diagonal block is causal inside
+        return BlockSelection(self.n, self.block, kv, partial, _causal, type(self).__name__, info)
+
+
+class BlockTopK(_PooledBlocks):
+    """Block-sparse attention with the top-k key blocks of each query block by pooled q·k.
+
+    q and k are mean-pooled over blocks of ``block`` tokens; query block ``qb`` scores
+    key block ``kb`` by ``mean(q_qb) · mean(k_kb)``. Kept: the diagonal block and the
+    first ``sinks`` key blocks (always), and the best-scoring other (causal: ``kb <=
+    qb``) blocks up to ``topk`` blocks in all; causal inside the diagonal block. Jiang et
+    al., "MInference 1.0", 2024 (block-sparse heads); Nawrot et al., "The Sparse
+    Frontier", 2025. Defaults: ``block=64``; ``topk=16`` and ``sinks=1`` are *chosen*.
+    Selection ``info``: ``scores`` (B, H, nb, nb) pooled scores.
+    """
+
+    def __init__(self, n: int, topk: int = 16, *, block: int = 64, sinks: int = 1, causal: bool = True):
+        self.n = positive_int("n", n)
+        self.topk = positive_int("topk", topk)
+        self.block = positive_int("block", block)
+        self.sinks = positive_int("sinks", sinks, minimum=0)
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {causal!r}")
+        self.causal = causal
+
+    def _params(self):
+        return f"topk={self.topk}, block={self.block}, sinks={self.sinks}, causal={self.causal}"
+
+    def _select(self, q, k, scale):
+        nb = -(-self.n // self.block)
+        s = _scores(_pool(q, self.block)[0], _pool(k, self.block)[0])
+        allowed, qb, kb = self._allowed(nb, q.device)
+        forced = ((kb == qb) | (kb < self.sinks)) & allowed
+        key = torch.where(forced, float("inf"), s).masked_fill(~allowed, float("-inf"))
+        count = torch.maximum(allowed.sum(-1).clamp(max=self.topk), forced.sum(-1))
+        keep = _keep_ranked(key, count) & allowed
+        return self._selection(keep, qb, kb, {"scores": s})
+
+
+class BlockCover(_PooledBlocks):
+    """FlexPrefill's query-aware selection: the fewest key blocks whose estimated attention mass reaches ``gamma``.
+
+    q and k are mean-pooled over blocks; query block ``qb``'s estimated attention over
+    the allowed (causal: ``kb <= qb``) key blocks is ``softmax(scale · mean(q_qb) ·
+    mean(k_kb))``. Kept: the smallest set of highest-mass blocks whose mass sums to at
+    least ``gamma``, plus the diagonal block and the first ``sinks`` blocks; causal
+    inside the diagonal block. Lai et al., "FlexPrefill: A Context-Aware Sparse
+    Attention Mechanism for Efficient Long-Sequence Inference", 2025. Defaults
+    ``gamma=0.9``, ``block=64``; ``sinks=1`` is *chosen*. Selection ``info``: ``mass``
+    (B, H, nb, nb) estimated block attention.
+    """
+
+    def __init__(self, n: int, gamma: float = 0.9, *, block: int = 64, sinks: int = 1, causal: bool = True):
+        self.n = positive_int("n", n)
+        self.gamma = _fraction("gamma", gamma)
+        self.block = positive_int("block", block)
+        self.sinks = positive_int("sinks", sinks, minimum=0)
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {causal!r}")
+        self.causal = causal
+
+    def _params(self):
+        return f"gamma={self.gamma}, block={self.block}, sinks={self.sinks}, causal={self.causal}"
+
+    def _select(self, q, k, scale):
+        nb = -(-self.n // self.block)
+        s = _scores(_pool(q, self.block)[0], _pool(k, self.block)[0]) * scale
+        allowed, qb, kb = self._allowed(nb, q.device)
+        mass = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1)
+        forced = ((kb == qb) | (kb < self.sinks)) & allowed
+        keep = (_keep_ranked(mass, _cover_count(mass, self.gamma)) | forced) & allowed
+        return self._selection(keep, qb, kb, {"mass": mass})
+
+
+class DHSA(_PooledBlocks):
+    """Dynamic Hierarchical Sparse Attention: whole key chunks kept by chunk-level similarity within a token budget.
+
+    The sequence is cut into chunks of ``chunk`` tokens (the ragged last one shorter);
+    a chunk's vector is ``sqrt(|c|) · mean`` of its queries (resp. keys), and chunk
+    scores are ``S_c = Q_c K_cᵀ``, causal at chunk level. Each query chunk keeps its
+    diagonal chunk, then whole key chunks in decreasing score while the kept key
+    tokens stay within ``budget`` (stopping at the first that does not fit); causal
+    inside the diagonal chunk. Xiong et al., "Long-Context Modeling with Dynamic
+    Hierarchical Sparse Attention for On-Device LLMs", 2025. Fixed-size chunks only
+    (given boundaries are not supported); ``chunk=64`` and ``budget=2048`` are
+    *chosen*. Selection ``info``: ``scores`` (B, H, nb, nb) chunk scores.
+    """
+
+    def __init__(self, n: int, budget: int = 2048, *, chunk: int = 64, causal: bool = True):
+        self.n = positive_int("n", n)
+        self.budget = positive_int("budget", budget)
+        self.block = positive_int("chunk", chunk)
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {causal!r}")
+        self.causal = causal
+
+    @property
+    def chunk(self) -> int:
+        return self.block
+
+    def _params(self):
+        return f"budget={self.budget}, chunk={self.block}, causal={self.causal}"
+
+    def _select(self, q, k, scale):
+        nb = -(-self.n // self.block)
+        qp, sizes = _pool(q, self.block)
+        kp, _ = _pool(k, self.block)
+        root = sizes.sqrt()[:, None]
+        s = _scores(qp * root, kp * root)
+        allowed, qb, kb = self._allowed(nb, q.device)
+        key = torch.where(kb == qb, float("inf"), s).masked_fill(~allowed, float("-inf"))
+        order = key.argsort(dim=-1, descending=True, stable=True)
+        ok = allowed.expand_as(key).gather(-1, order)
+        spent = (sizes[order] * ok).cumsum(-1)
+        rank0 = torch.arange(nb, device=q.device) == 0
+        keep_sorted = ok & (rank0 | (spent <= self.budget))
+        keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+        return self._selection(keep, qb, kb, {"scores": s})
