@@ -1,0 +1,211 @@
+"""Swin window attention (W-MSA) and shifted window attention (SW-MSA) as one module over ``attend``.
+
+Swin computes shifted windows by rolling the feature map by ``-shift``, partitioning it
+into windows, masking the pairs that the roll brought together (its "region mask") and
+rolling back. Here the same groups are a ``Window(grid, window, shift)`` pattern in the
+original token order, so nothing is rolled, partitioned or masked by hand. Within a
+group the offset between two tokens in rolled coordinates equals their offset in
+original coordinates, so Swin's relative-position table applies unchanged.
+Liu et al., "Swin Transformer: Hierarchical Vision Transformer using Shifted Windows"
+(ICCV 2021).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import nn
+
+from foveal._checks import per_axis, positive_int
+from foveal.bias import RelativePositionBias
+from foveal.functional import attend
+from foveal.patterns.base import Pattern
+from foveal.patterns.local import Window
+
+__all__ = ["WindowAttention", "swin_table_bias", "attend_channels_last"]
+
+
+def swin_table_bias(table: torch.Tensor, window: tuple[int, ...], grid: tuple[int, ...], step=1) -> RelativePositionBias:
+    """A Swin/timm relative-position table as a ``foveal.bias.RelativePositionBias`` on ``grid``.
+
+    ``table`` has Swin's layout ``(prod(2·window − 1), heads)``, rows in row-major
+    order of the offset *query − key* (Swin's ``relative_position_index``);
+    ``RelativePositionBias`` counts offsets *key − query*, hence the flip. ``step``
+    measures offsets in units of ``step`` grid cells (MaxViT's grid attention).
+    Differentiable: gradients reach ``table``.
+    """
+    sizes = tuple(2 * w - 1 for w in window)
+    heads = table.shape[-1]
+    t = table.t().reshape(heads, *sizes).flip(tuple(range(1, len(sizes) + 1)))
+    return RelativePositionBias(grid, tuple(w - 1 for w in window), t, step=step)
+
+
+# Under torch.compile, attend is one opaque eager call: its backends plan in Python
+# (tracing them only adds graph breaks and seconds of compile time) and the flex
+# backend compiles its own kernel. The projections around it are compiled as usual.
+_attend = torch.compiler.disable(attend)
+
+
+def attend_channels_last(
+    x: torch.Tensor,
+    qkv: nn.Linear,
+    proj: nn.Linear,
+    num_heads: int,
+    pattern: Pattern,
+    *,
+    bias=None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Multi-head self-attention of ``x`` (B, *grid, C) over ``pattern``: ``proj(attend(qkv(x)))``, same shape."""
+    b, *grid, c = x.shape
+    head_dim = qkv.out_features // (3 * num_heads)
+    # contiguous: the cpu kernel's strided key views misread non-contiguous k/v whose
+    # (batch·heads) reshape is a view (batch 1 or one head); the copy is cheap
+    q, k, v = qkv(x).reshape(b, -1, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).contiguous()
+    out = _attend(q, k, v, pattern, bias=bias, scale=scale, backend=backend)
+    return proj(out.transpose(1, 2).reshape(b, *grid, num_heads * head_dim))
+
+
+def check_backend(backend) -> str:
+    from foveal.kernels.select import BACKENDS
+
+    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
+        raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
+    return backend
+
+
+def check_no_attn_drop(attn_drop) -> None:
+    if isinstance(attn_drop, bool) or not isinstance(attn_drop, numbers.Real):
+        raise TypeError(f"attn_drop must be a float, got {attn_drop!r} ({type(attn_drop).__name__})")
+    if attn_drop != 0:
+        raise ValueError(
+            f"attn_drop must be 0.0 (attend applies no dropout to attention weights; use proj_drop), got {attn_drop!r}"
+        )
+
+
+def check_heads(dim, num_heads, dim_name: str = "dim") -> tuple[int, int]:
+    dim = positive_int(dim_name, dim)
+    num_heads = positive_int("num_heads", num_heads)
+    if dim % num_heads:
+        raise ValueError(f"{dim_name} must be divisible by num_heads, got {dim} and {num_heads}")
+    return dim, num_heads
+
+
+class WindowAttention(nn.Module):
+    """Swin's (shifted) window attention with its relative-position bias, on channels-last grids.
+
+    Each token attends to the tokens of its window (``shift_size = 0``, W-MSA) or of
+    its shifted window (``shift_size > 0``, SW-MSA, the exact groups of Swin's roll +
+    region mask) with softmax attention plus a learned per-head bias indexed by the
+    relative position within the window.
+
+    Shapes: ``x`` is (batch, *grid, dim), channels last, with 2 grid axes (``window_size``
+    an int or a pair) or as many as ``window_size`` has entries (1-D and 3-D too); every
+    grid axis must be divisible by the window. Returns the same shape.
+
+    Liu et al., "Swin Transformer: Hierarchical Vision Transformer using Shifted
+    Windows" (ICCV 2021). The state dict matches timm's ``WindowAttention``
+    (``qkv``, ``proj``, ``relative_position_bias_table`` of shape
+    ``((2·Wh−1)(2Ww−1), num_heads)``), so timm/Swin weights load; a stored
+    ``relative_position_index`` buffer is accepted and ignored (it is a constant).
+    Unlike timm's module, which takes pre-partitioned windows and a mask, this one
+    takes the whole feature map and does the shift itself; Swin's ``-100`` region mask
+    becomes exact exclusion (a difference below ``e^-90`` in the weights).
+
+    Parameters:
+        dim: channels (``embed_dim``).
+        num_heads: attention heads; ``dim`` must be divisible by it.
+        window_size: window per axis (int: a 2-D square window).
+        shift_size: Swin's shift per axis, ``0 <= shift_size < window_size`` (Swin uses
+            ``window_size // 2`` in every other block).
+        qkv_bias: bias in the qkv projection.
+        qk_scale: score scale, default ``head_dim ** -0.5``.
+        attn_drop: must be 0.0 (no dropout on attention weights in ``attend``).
+        proj_drop: dropout after the output projection.
+        rel_pos_bias: learn Swin's relative-position bias table.
+        backend: ``attend`` backend, ``"auto"`` by default.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size=7,
+        shift_size=0,
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        rel_pos_bias: bool = True,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        dim, num_heads = check_heads(dim, num_heads)
+        if isinstance(window_size, bool) or not isinstance(window_size, (numbers.Integral, tuple, list)):
+            raise TypeError(f"window_size must be an int or a tuple of 1 to 3 ints, got {window_size!r}")
+        nd = 2 if isinstance(window_size, numbers.Integral) else len(window_size)
+        if not 1 <= nd <= 3:
+            raise ValueError(
+                f"window_size must be an int (2-D) or a tuple of 1 to 3 ints (one per grid axis), got {window_size!r}"
+            )
+        self.window_size = per_axis("window_size", window_size, nd)
+        self.shift_size = per_axis("shift_size", shift_size, nd, minimum=0)
+        for a, (s, w) in enumerate(zip(self.shift_size, self.window_size)):
+            if s >= w:
+                raise ValueError(
+                    f"shift_size must be in [0, window_size) on every axis; shift_size[{a}]={s} is not < window_size[{a}]={w}"
+                )
+        check_no_attn_drop(attn_drop)
+        self.backend = check_backend(backend)
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.scale = qk_scale or self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        if rel_pos_bias:
+            rows = 1
+            for w in self.window_size:
+                rows *= 2 * w - 1
+            self.relative_position_bias_table = nn.Parameter(torch.zeros(rows, num_heads))
+            nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        else:
+            self.register_parameter("relative_position_bias_table", None)
+        self._patterns: dict[tuple[int, ...], Window] = {}
+
+    def pattern(self, grid) -> Window:
+        """The ``Window`` pattern (shifted when ``shift_size > 0``) this module uses on ``grid``."""
+        grid = tuple(grid)
+        if grid not in self._patterns:
+            self._patterns[grid] = Window(grid, self.window_size, shift=self.shift_size)
+        return self._patterns[grid]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: (batch, *grid, dim), channels last; returns the same shape."""
+        nd = len(self.window_size)
+        if not isinstance(x, torch.Tensor) or x.dim() != nd + 2:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"WindowAttention expects (batch, {nd} grid axes, dim), got shape {got}")
+        grid, c = tuple(x.shape[1:-1]), x.shape[-1]
+        if c != self.dim:
+            raise ValueError(f"x has {c} channels but dim is {self.dim}")
+        pattern = self.pattern(grid)
+        bias = None
+        if self.relative_position_bias_table is not None:
+            bias = swin_table_bias(self.relative_position_bias_table, self.window_size, grid)
+        out = attend_channels_last(
+            x, self.qkv, self.proj, self.num_heads, pattern, bias=bias, scale=self.scale, backend=self.backend
+        )
+        return self.proj_drop(out)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # timm (and the original Swin) store the constant index as a buffer; it is not needed here
+        state_dict.pop(prefix + "relative_position_index", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}, "
+            f"shift_size={self.shift_size}, rel_pos_bias={self.relative_position_bias_table is not None}"
+        )
