@@ -118,7 +118,10 @@ def test_morton_aligned_squares_are_runs():
             assert block == list(range(block[0], block[0] + w * w))
 
 
-@pytest.mark.parametrize("shape,tile", [((4, 6), (2, 3)), ((5, 7), (2, 3)), ((4, 4, 6), (2, 2, 3)), ((3, 5, 4), 2), ((9,), 4)])
+TILE_CASES = [((4, 6), (2, 3)), ((5, 7), (2, 3)), ((4, 4, 6), (2, 2, 3)), ((3, 5, 4), 2), ((9,), 4)]
+
+
+@pytest.mark.parametrize("shape,tile", TILE_CASES)
 def test_tiles_and_raster(shape, tile):
     perm = tiles(shape, tile)
     assert is_permutation(perm, math.prod(shape))

@@ -130,7 +130,8 @@ class HierarchicalLocalAttention(nn.Module):
         if x.shape[-1] != self.dim:
             raise ValueError(f"x has {x.shape[-1]} channels but dim is {self.dim}")
         if low is not None:
-            if not isinstance(low, torch.Tensor) or low.dim() != 4 or low.shape[0] != x.shape[0] or low.shape[-1] != self.dim:
+            ok = isinstance(low, torch.Tensor) and low.dim() == 4
+            if not ok or low.shape[0] != x.shape[0] or low.shape[-1] != self.dim:
                 got = tuple(low.shape) if isinstance(low, torch.Tensor) else type(low).__name__
                 raise ValueError(f"low must be (batch={x.shape[0]}, h, w, dim={self.dim}) or None, got {got}")
         elif self.pool is not None:
