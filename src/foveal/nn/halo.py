@@ -1,0 +1,247 @@
+"""HaloNet blocked local self-attention with relative logits, over ``attend``.
+
+Vaswani et al., "Scaling Local Self-Attention for Parameter Efficient Visual
+Backbones" (CVPR 2021); parameter layout of timm's ``HaloAttn``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from foveal._checks import fmt_axes, per_axis, positive_int
+from foveal.functional import attend
+from foveal.patterns import Halo
+from foveal.patterns.local import GridPattern
+
+__all__ = ["HaloAttention", "PaddedHalo", "HaloRelativeLogits"]
+
+_REL_POS = ("relative logits", None)
+_BORDERS = ("zeros", "mask")
+
+
+class PaddedHalo(GridPattern):
+    """Cross pattern of HaloNet with zero-padded borders: queries on ``grid``, keys on the grid padded by ``halo``.
+
+    The keys live on ``grid + 2·halo`` per axis (the input framed by ``halo`` padding
+    positions on each side); query ``x`` in tile ``b = x // block`` sees padded key
+    coordinates ``[b·block, b·block + block + 2·halo)``, i.e. its tile grown by the halo,
+    padding included — every query has ``(block + 2·halo)^dim`` keys, as in timm's
+    ``HaloAttn``. ``block`` must divide the grid. Compare ``Halo``, which clips the halo
+    at the borders instead.
+    """
+
+    def __init__(self, grid, block, halo):
+        self._init_grid(grid)
+        nd = len(self.shape)
+        b = per_axis("block", block, nd)
+        h = per_axis("halo", halo, nd, minimum=0)
+        for a, length in enumerate(self.shape):
+            if length % b[a]:
+                raise ValueError(
+                    f"block must divide the grid on every axis with zero-padded borders; "
+                    f"grid[{a}]={length} is not divisible by block[{a}]={b[a]}"
+                )
+        kv = tuple(length + 2 * hh for length, hh in zip(self.shape, h))
+        self._set(block=b, halo=h, _kv_shape=kv, _kv_axes_shape=kv)
+
+    def progression(self, axis, x):
+        b, h = self.block[axis], self.halo[axis]
+        return (x // b) * b, torch.ones_like(x), torch.zeros_like(x) + (b + 2 * h)
+
+    def _key(self):
+        return (self.shape, self.block, self.halo)
+
+    def __repr__(self):
+        return f"PaddedHalo({self._grid_repr()}, block={fmt_axes(self.block)}, halo={fmt_axes(self.halo)})"
+
+
+class HaloRelativeLogits:
+    """Score term ``q_i·r^h[Δy] + q_i·r^w[Δx]`` (HaloNet's relative logits) for ``attend(..., bias=...)``.
+
+    The logits depend on the query's content, so they are precomputed as two per-query
+    tables, ``table_h`` and ``table_w`` of shape (heads', Nq, R): entry ``[h, i, r]`` is
+    ``q_{h,i} · rel[r]`` for the relative offset ``Δ = r − (R − 1) // 2``
+    (key coordinate minus query coordinate, in image coordinates). The bias contract has
+    no batch index, so callers fold the batch into the heads (heads' = batch·heads). The
+    query grid is ``grid``; keys live on ``kv_grid``, whose coordinate ``c`` is image
+    coordinate ``c − kv_offset`` (``kv_offset = halo`` for the zero-padded key grid).
+    ``parameters()`` returns the two tables, so the kernels send gradients through them
+    to the queries and the embeddings. Offsets beyond the tables are clamped (such
+    pairs are outside the halo and masked by the pattern).
+    """
+
+    def __init__(self, table_h, table_w, grid, kv_grid, kv_offset: int):
+        self.table_h, self.table_w = table_h, table_w
+        self.width, self.kv_width = grid[1], kv_grid[1]
+        self.kv_offset = kv_offset
+        self.radius = (table_h.shape[-1] - 1) // 2
+
+    def __call__(self, h, q_idx, kv_idx):
+        qy, qx = q_idx // self.width, q_idx % self.width
+        ky = kv_idx // self.kv_width - self.kv_offset
+        kx = kv_idx % self.kv_width - self.kv_offset
+        r = self.radius
+        iy = (ky - qy).clamp(-r, r) + r
+        ix = (kx - qx).clamp(-r, r) + r
+        return self.table_h[h, q_idx, iy] + self.table_w[h, q_idx, ix]
+
+    def parameters(self):
+        return [self.table_h, self.table_w]
+
+    def __repr__(self):
+        return f"HaloRelativeLogits(heads={self.table_h.shape[0]}, radius={self.radius})"
+
+
+class _PosEmbedRel(nn.Module):
+    """The two relative-embedding tables of timm's ``PosEmbedRel`` (``height_rel``, ``width_rel``)."""
+
+    def __init__(self, win_size: int, dim_head: int, scale: float):
+        super().__init__()
+        self.height_rel = nn.Parameter(torch.randn(2 * win_size - 1, dim_head) * scale)
+        self.width_rel = nn.Parameter(torch.randn(2 * win_size - 1, dim_head) * scale)
+
+
+class HaloAttention(nn.Module):
+    """HaloNet attention: each ``block_size``² tile of queries attends to that tile grown by ``halo_size``.
+
+    ``q = W_q x``, ``k, v = W_kv x`` (1×1 projections, ``num_heads`` heads); the query
+    at ``i`` attends to the keys of its tile's halo window with scores
+    ``q_i·k_j / sqrt(d) + q_i·r^h[Δy] + q_i·r^w[Δx]`` (relative logits,
+    ``Δ = key − query`` per axis). The output is the heads' concatenated values
+    (no output projection, as in timm's ``HaloAttn``). Input and output are
+    channels-last (B, H, W, dim). Vaswani et al., "Scaling Local Self-Attention for
+    Parameter Efficient Visual Backbones" (CVPR 2021).
+
+    Borders (``border``): ``"zeros"`` (default, timm's behaviour) pads the projected keys
+    and values with zeros by ``halo_size`` on every side; the padded keys are *not*
+    masked — they take part in the softmax with score ``0 + relative logits`` and a zero
+    value — so every query has exactly ``(block_size + 2·halo_size)²`` keys. This runs as
+    exact attention over the ``PaddedHalo`` cross pattern (queries on the grid, keys on
+    the padded grid) and needs ``block_size`` to divide H and W, as timm does.
+    ``"mask"`` uses foveal's ``Halo`` pattern, which clips the halo at the borders (no
+    padded keys; any grid at least one block large; the last tile may be smaller).
+
+    Relative logits are a score term (``HaloRelativeLogits``) passed to ``attend``:
+    per-query tables of ``q·r`` for every offset, gathered per pair, with the batch
+    folded into the heads. The embeddings have timm's shape ``(2·win − 1, dim_head)``,
+    ``win = block_size + 2·halo_size``, indexed as timm's relative-to-absolute shift
+    does: offset ``Δ`` reads row ``Δ + win − 1 + halo_size`` (the first ``2·halo_size``
+    rows are never read — a quirk kept so timm checkpoints load). They are shared by
+    all heads, unscaled unless ``scale_pos_embed`` (then the whole score is scaled).
+
+    Parameters: ``dim`` (= output dim); ``num_heads`` (8; must divide ``dim``);
+    ``block_size`` (8); ``halo_size`` (3); ``qkv_bias``; ``rel_pos``
+    (``"relative logits"`` or ``None``); ``border`` (``"zeros"`` or ``"mask"``);
+    ``scale_pos_embed`` (timm's flag); ``backend`` for ``attend``. State-dict keys as
+    timm's ``HaloAttn``: ``q``, ``kv`` (1×1 ``Conv2d``; ``kv`` holds each head's keys then
+    values), ``pos_embed.height_rel``, ``pos_embed.width_rel``. timm's ``stride``,
+    ``dim_head``/``qk_ratio`` and ``avg_down`` are not offered.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        block_size: int = 8,
+        halo_size: int = 3,
+        qkv_bias: bool = False,
+        rel_pos: str | None = "relative logits",
+        border: str = "zeros",
+        scale_pos_embed: bool = False,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        dim = positive_int("dim", dim)
+        num_heads = positive_int("num_heads", num_heads)
+        if dim % num_heads:
+            raise ValueError(f"dim must be divisible by num_heads, got {dim} and {num_heads}")
+        self.block_size = positive_int("block_size", block_size)
+        self.halo_size = positive_int("halo_size", halo_size, minimum=0)
+        if rel_pos not in _REL_POS:
+            raise ValueError(f"rel_pos must be one of {_REL_POS}, got {rel_pos!r}")
+        if border not in _BORDERS:
+            raise ValueError(f"border must be one of {_BORDERS}, got {border!r}")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.win_size = self.block_size + 2 * self.halo_size
+        self.scale = self.head_dim**-0.5
+        self.rel_pos, self.border, self.scale_pos_embed, self.backend = rel_pos, border, bool(scale_pos_embed), backend
+        self.q = nn.Conv2d(dim, dim, 1, bias=qkv_bias)
+        self.kv = nn.Conv2d(dim, 2 * dim, 1, bias=qkv_bias)
+        if rel_pos is not None:
+            self.pos_embed = _PosEmbedRel(self.win_size, self.head_dim, self.scale)
+        else:
+            self.pos_embed = None
+        self.reset_parameters()
+        self._patterns: dict[tuple[int, ...], object] = {}
+
+    def reset_parameters(self) -> None:
+        """timm's initialisation: fan-in truncated normal projections, tables with std ``dim_head**-0.5``."""
+        std = self.dim**-0.5
+        nn.init.trunc_normal_(self.q.weight, std=std)
+        nn.init.trunc_normal_(self.kv.weight, std=std)
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed.height_rel, std=self.scale)
+            nn.init.trunc_normal_(self.pos_embed.width_rel, std=self.scale)
+
+    def pattern(self, grid):
+        """The pattern used on ``grid`` (cached with its kernel plan): ``PaddedHalo`` for zeros, ``Halo`` for mask."""
+        grid = tuple(grid)
+        if grid not in self._patterns:
+            kind = PaddedHalo if self.border == "zeros" else Halo
+            self._patterns[grid] = kind(grid, self.block_size, self.halo_size)
+        return self._patterns[grid]
+
+    def _check(self, x):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"x must be (batch, height, width, dim), got shape {tuple(x.shape)}")
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x has {x.shape[-1]} channels but dim is {self.dim}")
+        h, w = x.shape[1:3]
+        if self.border == "zeros" and (h % self.block_size or w % self.block_size):
+            raise ValueError(
+                f"border='zeros' needs block_size to divide height and width (as timm's HaloAttn), got "
+                f"grid ({h}, {w}) and block_size={self.block_size}; use border='mask' for other sizes"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: (B, H, W, dim), channels last; returns the same shape."""
+        self._check(x)
+        b, h, w, c = x.shape
+        nh, d, halo = self.num_heads, self.head_dim, self.halo_size
+        pattern = self.pattern((h, w))
+        q = F.linear(x, self.q.weight.flatten(1), self.q.bias).reshape(b, h * w, nh, d).transpose(1, 2)
+        kv = F.linear(x, self.kv.weight.flatten(1), self.kv.bias).reshape(b, h, w, nh, 2, d)
+        k, v = kv.unbind(4)  # (B, H, W, heads, d): each head's channels are [keys, values], as timm
+        if self.border == "zeros":
+            k, v = (F.pad(t, (0, 0, 0, 0, halo, halo, halo, halo)) for t in (k, v))
+        kv_grid = k.shape[1:3]
+        # contiguous: the cpu kernel's strided key view assumes dense rows of head_dim
+        k, v = (t.reshape(b, -1, nh, d).transpose(1, 2).contiguous() for t in (k, v))
+        if self.pos_embed is None:
+            out = attend(q, k, v, pattern, scale=self.scale, backend=self.backend)
+        else:
+            # the score term has no batch index: fold the batch into the heads
+            qf, kf, vf = (t.reshape(1, b * nh, -1, d) for t in (q, k, v))
+            bias = self._relative_logits(qf[0], (h, w), kv_grid)
+            out = attend(qf, kf, vf, pattern, bias=bias, scale=self.scale, backend=self.backend)
+        return out.reshape(b, nh, h, w, d).permute(0, 2, 3, 1, 4).reshape(b, h, w, c)
+
+    def _relative_logits(self, q: torch.Tensor, grid, kv_grid) -> HaloRelativeLogits:
+        """Per-query tables ``q·r`` for offsets ``|Δ| <= block_size + halo_size − 1`` (the reachable ones)."""
+        first = 2 * self.halo_size  # timm row of the most negative reachable offset
+        rel_h, rel_w = self.pos_embed.height_rel[first:], self.pos_embed.width_rel[first:]
+        table_h, table_w = q @ rel_h.to(q.dtype).T, q @ rel_w.to(q.dtype).T  # (B·heads, N, 2(block+halo)−1)
+        if self.scale_pos_embed:
+            table_h, table_w = table_h * self.scale, table_w * self.scale
+        offset = self.halo_size if self.border == "zeros" else 0
+        return HaloRelativeLogits(table_h, table_w, grid, kv_grid, offset)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, block_size={self.block_size}, "
+            f"halo_size={self.halo_size}, rel_pos={self.rel_pos!r}, border={self.border!r}"
+        )
