@@ -1,0 +1,245 @@
+"""LargeGT graph attention: sampled-neighbourhood attention plus attention to a k-means codebook.
+
+Local path: each node attends to the tokens of its sampled neighbourhood (itself and a
+fixed number of sampled node ids, ``-1`` meaning "no neighbour"), gathered per node:
+cost O(N·S), no N×N. Global path: each node attends to a small codebook of centroids
+of the node features, kept by EMA k-means during training, with a ``log(count)`` term
+on the scores (``attend`` over a ``Full`` cross pattern). The two outputs are
+concatenated and projected.
+Dwivedi et al., "Graph Transformers for Large Graphs" (LargeGT, 2023); the codebook
+follows Kong et al., "GOAT: A Global Transformer on Large-scale Graphs" (ICML 2023).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from foveal._checks import positive_int
+from foveal.functional import attend
+from foveal.patterns import Full
+
+__all__ = ["GraphLocalGlobalAttention", "gathered_attention", "ema_kmeans_update"]
+
+
+def gathered_attention(q, k, v, index, scale: float):
+    """Softmax attention of each query over its own key set, given as row indices into ``k``/``v``.
+
+    ``q`` (N, H, D); ``k`` (M, H, D), ``v`` (M, H, Dv); ``index`` (N, S) long, entries in
+    ``[0, M)`` or ``-1`` (no key). Returns (N, H, Dv); a query whose row is all ``-1``
+    gets zeros. Keys are gathered per query (O(N·S) memory); a repeated index is a
+    repeated token.
+    """
+    valid = index >= 0
+    safe = index.clamp(min=0)
+    kg, vg = k[safe], v[safe]  # (N, S, H, D)
+    s = torch.einsum("nhd,nshd->nhs", q, kg).float() * scale
+    mask = valid[:, None, :]
+    s = s.masked_fill(~mask, float("-inf")).masked_fill(~mask.any(-1, keepdim=True), 0.0)
+    p = torch.softmax(s, dim=-1) * mask
+    return torch.einsum("nhs,nshd->nhd", p.to(vg.dtype), vg)
+
+
+@torch.no_grad()
+def ema_kmeans_update(codebook, cluster_size, ema_sum, z, decay: float, eps: float = 1e-5):
+    """One EMA k-means step (VQ-VAE / GOAT style), in place; returns the assignment of each row of ``z``.
+
+    Each row of ``z`` (N, C) goes to its nearest centroid of ``codebook`` (K, C);
+    ``cluster_size ← decay·cluster_size + (1−decay)·counts`` with Laplace smoothing
+    ``(n_k + eps) / (n + K·eps) · n``, ``ema_sum ← decay·ema_sum + (1−decay)·Σ z``,
+    ``codebook ← ema_sum / cluster_size``. Computed in float32.
+    """
+    zf = z.detach().float()
+    cb = codebook.float()
+    k = cb.shape[0]
+    assign = torch.cdist(zf, cb).argmin(dim=1)
+    counts = torch.bincount(assign, minlength=k).float()
+    sums = torch.zeros_like(cb).index_add_(0, assign, zf)
+    size = cluster_size.float() * decay + (1 - decay) * counts
+    n = size.sum()
+    size = (size + eps) / (n + k * eps) * n
+    new_sum = ema_sum.float() * decay + (1 - decay) * sums
+    cluster_size.copy_(size)
+    ema_sum.copy_(new_sum)
+    codebook.copy_(new_sum / size[:, None])
+    return assign
+
+
+def _unit(name: str, value, *, open_low: bool) -> float:
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real)
+    ok = ok and ((0.0 < value < 1.0) if open_low else (0.0 <= value < 1.0))
+    if not ok:
+        raise ValueError(f"{name} must be a number in {'(0, 1)' if open_low else '[0, 1)'}, got {value!r}")
+    return float(value)
+
+
+class GraphLocalGlobalAttention(nn.Module):
+    """LargeGT's local + global attention for node features of a (large) graph.
+
+    Local: node ``i`` attends (``softmax(q_i K_Sᵀ/sqrt(d)) V_S``, per head) to the
+    tokens of its sampled neighbourhood ``S = [i] + neighbors[i]`` (``-1`` entries
+    masked out; ``include_self=False`` drops ``i``). Global: ``q'_i`` attends to the
+    ``num_centroids`` centroids ``μ`` of an EMA k-means codebook of the node features,
+    ``softmax(q'_i (W_k μ)ᵀ/sqrt(d) + log n) (W_v μ)``, ``n`` the centroids' (EMA)
+    cluster sizes. Output ``proj([local, global])``. In training every forward then
+    moves the codebook one EMA k-means step towards the batch's node features (the
+    output uses the codebook from before the step, as in the paper's code).
+
+    Shapes: ``x`` (N, dim) features of the query nodes; ``neighbors`` (N, S) long
+    indices into ``context`` (default ``x``: the rows of the same tensor), ``-1`` for
+    "no neighbour"; ``context`` (M, dim) features of the nodes the indices point to
+    (for a mini-batch of target nodes over the whole graph). Returns (N, dim).
+
+    Dwivedi et al., "Graph Transformers for Large Graphs" (2023). Where this differs
+    from the paper's code: the local module there is a small transformer over the
+    sampled sequence (node, neighbours, and their 1-/2-hop aggregated features), read
+    out from the node's token — here the node's query attends to the sampled tokens
+    directly (pass aggregated features as extra rows of ``context`` to include them);
+    k-means runs on the node features themselves (the paper's code batch-normalises
+    ``[proj(x), positional encoding]`` first); the ``log`` term uses the EMA cluster
+    sizes, which differ from the paper's current assignment counts by a common factor
+    in expectation (a softmax-invariant shift); the codebook starts as ``randn`` with
+    unit cluster sizes *(choose)*. Repeated ids in ``neighbors`` count as repeated
+    tokens. The paper follows the concatenation with its feed-forward network.
+
+    Parameters: ``dim``, ``num_heads``, ``num_centroids`` (codebook size), ``qkv_bias``,
+    ``qk_scale`` (default ``head_dim**-0.5``), ``proj_drop``, ``decay`` (EMA, 0.99 as
+    in the paper), ``include_self``, ``count_bias`` (the ``log n`` term), ``backend``
+    for the global path's ``attend``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_centroids: int = 64,
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+        proj_drop: float = 0.0,
+        decay: float = 0.99,
+        include_self: bool = True,
+        count_bias: bool = True,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        dim = positive_int("dim", dim)
+        num_heads = positive_int("num_heads", num_heads)
+        if dim % num_heads:
+            raise ValueError(f"dim must be divisible by num_heads, got {dim} and {num_heads}")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.num_centroids = positive_int("num_centroids", num_centroids)
+        self.decay = _unit("decay", decay, open_low=False)
+        for name, flag in (("include_self", include_self), ("count_bias", count_bias)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        self.include_self, self.count_bias = include_self, count_bias
+        self.scale = qk_scale or self.head_dim**-0.5
+        self.backend = backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)  # local path
+        self.q_global = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv_global = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(2 * dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        codebook = torch.randn(self.num_centroids, dim)
+        self.register_buffer("codebook", codebook)
+        self.register_buffer("cluster_size", torch.ones(self.num_centroids))
+        self.register_buffer("ema_sum", codebook.clone())
+
+    def pattern(self, n: int) -> Full:
+        """The global path's pattern: ``n`` nodes against all ``num_centroids`` centroids."""
+        return Full(positive_int("n", n), n_kv=self.num_centroids)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(t.shape[0], self.num_heads, self.head_dim)
+
+    def local_path(self, x, neighbors, context=None) -> torch.Tensor:
+        """The local path before ``proj``: (N, H, head_dim)."""
+        c, w, b = self.dim, self.qkv.weight, self.qkv.bias
+        context = x if context is None else context
+
+        def kv_of(t):
+            return F.linear(t, w[c:], None if b is None else b[c:]).split(c, dim=-1)
+
+        q = F.linear(x, w[:c], None if b is None else b[:c])
+        k, v = kv_of(context)
+        index = neighbors
+        if self.include_self:
+            m = context.shape[0]
+            if context is x:  # the node's own token is a row of context already
+                own = torch.arange(m, device=x.device)[:, None]
+            else:
+                k_self, v_self = kv_of(x)
+                k, v = torch.cat([k, k_self]), torch.cat([v, v_self])
+                own = torch.arange(m, m + x.shape[0], device=x.device)[:, None]
+            index = torch.cat([own, neighbors], dim=1)
+        return gathered_attention(self._heads(q), self._heads(k), self._heads(v), index, self.scale)
+
+    def global_path(self, x) -> torch.Tensor:
+        """The global path before ``proj``: (N, H, head_dim)."""
+        n = x.shape[0]
+        q = self._heads(self.q_global(x)).transpose(0, 1)[None].contiguous()  # (1, H, N, d)
+        kv = self.kv_global(self.codebook.to(x.dtype))
+        k, v = (self._heads(t).transpose(0, 1)[None].contiguous() for t in kv.split(self.dim, dim=-1))
+        bias = None
+        if self.count_bias:
+            log_count = self.cluster_size.float().log()
+
+            def bias(h, q_idx, kv_idx):
+                return log_count[kv_idx]
+
+        o = attend(q, k, v, self.pattern(n), bias=bias, scale=self.scale, backend=self.backend)
+        return o[0].transpose(0, 1)
+
+    def forward(self, x: torch.Tensor, neighbors: torch.Tensor, context: torch.Tensor | None = None):
+        """``x`` (N, dim); ``neighbors`` (N, S) indices into ``context`` (default ``x``), -1 = none; returns (N, dim)."""
+        context = self._check(x, neighbors, context)
+        n = x.shape[0]
+        out_local = self.local_path(x, neighbors, context).reshape(n, self.dim)
+        out_global = self.global_path(x).reshape(n, self.dim)
+        out = self.proj_drop(self.proj(torch.cat([out_local, out_global], dim=-1)))
+        if self.training:
+            self.update_codebook(x)
+        return out
+
+    @torch.no_grad()
+    def update_codebook(self, x: torch.Tensor) -> torch.Tensor:
+        """One EMA k-means step of the codebook towards the rows of ``x`` (N, dim); returns their assignments."""
+        return ema_kmeans_update(self.codebook, self.cluster_size, self.ema_sum, x, self.decay)
+
+    def _check(self, x, neighbors, context):
+        if not isinstance(x, torch.Tensor) or x.dim() != 2:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be a (nodes, dim) tensor, got {got}")
+        if x.shape[1] != self.dim:
+            raise ValueError(f"x has {x.shape[1]} channels but dim is {self.dim}")
+        if context is None:
+            context = x
+        elif not isinstance(context, torch.Tensor) or context.dim() != 2 or context.shape[1] != self.dim:
+            got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
+            raise ValueError(f"context must be a (nodes, {self.dim}) tensor, got {got}")
+        elif context.dtype != x.dtype or context.device != x.device:
+            raise ValueError(f"context must match x in dtype and device, got {context.dtype} on {context.device}")
+        if not isinstance(neighbors, torch.Tensor) or neighbors.dtype != torch.long:
+            got = neighbors.dtype if isinstance(neighbors, torch.Tensor) else type(neighbors).__name__
+            raise TypeError(f"neighbors must be a torch.long tensor of node indices, got {got}")
+        if neighbors.dim() != 2 or neighbors.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"neighbors must have shape ({x.shape[0]}, S): S sampled ids per node, got {tuple(neighbors.shape)}"
+            )
+        if neighbors.device != x.device:
+            raise ValueError(f"neighbors must be on x's device {x.device}, got {neighbors.device}")
+        if neighbors.numel() and (int(neighbors.min()) < -1 or int(neighbors.max()) >= context.shape[0]):
+            raise ValueError(
+                f"neighbors must hold ids in [0, {context.shape[0]}) or -1 (no neighbour), "
+                f"got values in [{int(neighbors.min())}, {int(neighbors.max())}]"
+            )
+        return context
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, num_centroids={self.num_centroids}, "
+            f"decay={self.decay}, include_self={self.include_self}, count_bias={self.count_bias}"
+        )
