@@ -1,0 +1,280 @@
+"""DaViT: channel group attention, and the dual (spatial window + channel) block, channels-last.
+
+Ding et al., "DaViT: Dual Attention Vision Transformers" (ECCV 2022); module and
+parameter names of timm's ``davit.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from foveal._checks import positive_int
+from foveal.functional import attend
+from foveal.patterns import Window
+
+__all__ = [
+    "channel_group_attention",
+    "ChannelAttention",
+    "ConvPosEnc",
+    "SpatialBlock",
+    "ChannelBlock",
+    "DaViTBlock",
+]
+
+
+def channel_group_attention(query, key, value, scale: float):
+    """Attention whose tokens are channels: ``value @ softmax(scale · queryᵀ key)ᵀ``.
+
+    All three are (B, groups, N, Cg): per group, the Cg channels attend to each other
+    with the N spatial positions as the "head dimension" — a (Cg × Cg) map, cost
+    linear in N.
+    """
+    attn = torch.softmax((query * scale).transpose(-1, -2) @ key, dim=-1)  # (B, g, Cg, Cg)
+    return value @ attn.transpose(-1, -2)
+
+
+def _check_tokens(x, dim: int, name: str, ndim: int | None = None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} expects (batch, height, width, dim), got shape {tuple(x.shape)}")
+    if x.dim() < 3:
+        raise ValueError(f"{name} expects (batch, *tokens, dim), got shape {tuple(x.shape)}")
+    if x.shape[-1] != dim:
+        raise ValueError(f"x has {x.shape[-1]} channels but dim is {dim}")
+
+
+def _heads(dim, num_heads) -> tuple[int, int]:
+    dim, num_heads = positive_int("dim", dim), positive_int("num_heads", num_heads)
+    if dim % num_heads:
+        raise ValueError(f"dim must be divisible by num_heads, got {dim} and {num_heads}")
+    return dim, num_heads
+
+
+def _probability(name, p) -> float:
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1), got {p!r}")
+    return float(p)
+
+
+def _drop_path(x, p: float, training: bool):
+    """Stochastic depth: zero whole samples with probability ``p``, rescale the rest."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - p)
+    return x * keep / (1.0 - p)
+
+
+class ChannelAttention(nn.Module):
+    """DaViT channel group attention: channels are the tokens, spatial positions the feature dimension.
+
+    ``qkv`` gives q, k, v (B, N, C); the C channels split into ``num_heads`` groups of
+    ``Cg = C / num_heads``. DaViT (``v2=False``, the paper and timm's
+    ``ChannelAttention``): ``A = softmax((s·k)ᵀ v)`` over a group's channels,
+    ``s = Cg^-0.5``, and ``out = q Aᵀ`` — the roles of q, k and v are permuted relative to
+    token attention, a quirk kept as checkpoints expect it. ``v2=True`` (timm's
+    ``ChannelAttentionV2``, DaViT in Florence-2): ``A = softmax((s·q)ᵀ k)``,
+    ``out = v Aᵀ`` with ``s = N^-0.5`` (``dynamic_scale``) or ``Cg^-0.5``. Then ``proj``.
+    Input and output are channels-last (B, *tokens, dim), any token layout: the
+    result does not depend on where the tokens sit. Cost O(N·C²/heads), linear in N.
+    Ding et al., "DaViT: Dual Attention Vision Transformers" (ECCV 2022).
+
+    Parameters: ``dim``; ``num_heads`` (channel groups, must divide ``dim``); ``qkv_bias``;
+    ``v2``; ``dynamic_scale`` (v2 only). State-dict keys: ``qkv``, ``proj``.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, v2: bool = False, dynamic_scale: bool = True):
+        super().__init__()
+        self.dim, self.num_heads = _heads(dim, num_heads)
+        self.head_dim = self.dim // self.num_heads
+        self.v2, self.dynamic_scale = bool(v2), bool(dynamic_scale)
+        self.qkv = nn.Linear(self.dim, 3 * self.dim, bias=qkv_bias)
+        self.proj = nn.Linear(self.dim, self.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: (B, *tokens, dim), channels last; returns the same shape."""
+        _check_tokens(x, self.dim, type(self).__name__)
+        b, c = x.shape[0], x.shape[-1]
+        n = math.prod(x.shape[1:-1])
+        q, k, v = self.qkv(x.reshape(b, n, c)).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.v2:
+            scale = n**-0.5 if self.dynamic_scale else self.head_dim**-0.5
+            out = channel_group_attention(q, k, v, scale)
+        else:
+            out = channel_group_attention(k, v, q, self.head_dim**-0.5)
+        return self.proj(out.transpose(1, 2).reshape(x.shape))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}, v2={self.v2}"
+
+
+class ConvPosEnc(nn.Module):
+    """DaViT's convolutional position encoding: ``x + act(DWConv_k(x))`` on (B, H, W, dim), channels last.
+
+    A depth-wise ``k×k`` conv with bias (``proj``), zero padding ``k // 2``; ``act`` adds a
+    GELU. Ding et al., "DaViT" (2022); Chu et al., "Conditional Positional Encodings" (2021).
+    """
+
+    def __init__(self, dim: int, k: int = 3, act: bool = False):
+        super().__init__()
+        dim, k = positive_int("dim", dim), positive_int("k", k)
+        if k % 2 == 0:
+            raise ValueError(f"k must be odd (the map keeps its size), got {k}")
+        self.proj = nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim)
+        self.activation = nn.GELU() if act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feat = self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return x + self.activation(feat)
+
+
+class _Mlp(nn.Module):
+    """timm's ``Mlp`` (``fc1`` → GELU → ``fc2``)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class _WindowAttention(nn.Module):
+    """DaViT's window attention (no relative position bias): ``attend`` over ``Window`` on (B, H, W, dim)."""
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, qkv_bias: bool, backend: str):
+        super().__init__()
+        self.dim, self.num_heads, self.window_size, self.backend = dim, num_heads, window_size, backend
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self._patterns: dict[tuple[int, int], Window] = {}
+
+    def pattern(self, grid) -> Window:
+        """The ``Window`` pattern on ``grid`` padded up to whole windows (cached with its kernel plan)."""
+        w = self.window_size
+        padded = tuple(-(-g // w) * w for g in grid)
+        if padded not in self._patterns:
+            self._patterns[padded] = Window(padded, w)
+        return self._patterns[padded]
+
+    def forward(self, x):
+        b, h, w, c = x.shape
+        ws = self.window_size
+        pad_b, pad_r = (-h) % ws, (-w) % ws
+        if pad_b or pad_r:  # as DaViT: zero tokens (after the norm) fill the last windows, then are cropped
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        hp, wp = x.shape[1:3]
+        qkv = self.qkv(x).reshape(b, hp * wp, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = (t.contiguous() for t in qkv.unbind(0))
+        out = attend(q, k, v, self.pattern((h, w)), scale=self.scale, backend=self.backend)
+        out = self.proj(out.transpose(1, 2).reshape(b, hp, wp, c))
+        return out[:, :h, :w] if pad_b or pad_r else out
+
+
+class SpatialBlock(nn.Module):
+    """DaViT spatial block: ``cpe1`` → pre-norm window attention + residual → ``cpe2`` → pre-norm MLP + residual.
+
+    Window attention over non-overlapping ``window_size``² windows (``foveal.patterns.Window``
+    through ``attend``, no relative position bias, as DaViT); a grid that is not a multiple
+    of the window is padded with zero tokens after ``norm1`` (they take part as keys) and
+    cropped, as in DaViT. Channels-last (B, H, W, dim). Ding et al., "DaViT" (ECCV 2022).
+    Parameters: ``dim``, ``num_heads``, ``window_size`` (7), ``mlp_ratio`` (4),
+    ``qkv_bias`` (True), ``drop_path``, ``ffn`` (with MLP), ``cpe_act``, ``backend``.
+    """
+
+    def __init__(
+        self, dim, num_heads, window_size=7, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, ffn=True, cpe_act=False,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.dim, self.num_heads = _heads(dim, num_heads)
+        self.window_size = positive_int("window_size", window_size)
+        self.drop_path = _probability("drop_path", drop_path)
+        self.cpe1 = ConvPosEnc(self.dim, 3, cpe_act)
+        self.norm1 = nn.LayerNorm(self.dim)
+        self.attn = _WindowAttention(self.dim, self.num_heads, self.window_size, qkv_bias, backend)
+        self.cpe2 = ConvPosEnc(self.dim, 3, cpe_act)
+        self.norm2 = nn.LayerNorm(self.dim) if ffn else None
+        self.mlp = _Mlp(self.dim, int(self.dim * mlp_ratio)) if ffn else None
+
+    def pattern(self, grid) -> Window:
+        """The ``Window`` pattern used on ``grid`` (after padding to whole windows)."""
+        return self.attn.pattern(grid)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: (B, H, W, dim), channels last; returns the same shape."""
+        _check_tokens(x, self.dim, type(self).__name__, ndim=4)
+        x = self.cpe1(x)
+        x = x + _drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        x = self.cpe2(x)
+        if self.mlp is not None:
+            x = x + _drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+        return x
+
+
+class ChannelBlock(nn.Module):
+    """DaViT channel block: ``cpe1`` → pre-norm channel group attention + residual → ``cpe2`` → pre-norm MLP + residual.
+
+    Channels-last (B, H, W, dim). Ding et al., "DaViT" (ECCV 2022). Parameters: ``dim``,
+    ``num_heads``, ``mlp_ratio`` (4), ``qkv_bias`` (True), ``drop_path``, ``ffn``,
+    ``cpe_act``, ``v2`` (``ChannelAttention``'s variant).
+    """
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, ffn=True, cpe_act=False, v2=False):
+        super().__init__()
+        self.dim, self.num_heads = _heads(dim, num_heads)
+        self.drop_path = _probability("drop_path", drop_path)
+        self.cpe1 = ConvPosEnc(self.dim, 3, cpe_act)
+        self.norm1 = nn.LayerNorm(self.dim)
+        self.attn = ChannelAttention(self.dim, self.num_heads, qkv_bias, v2=v2)
+        self.cpe2 = ConvPosEnc(self.dim, 3, cpe_act)
+        self.norm2 = nn.LayerNorm(self.dim) if ffn else None
+        self.mlp = _Mlp(self.dim, int(self.dim * mlp_ratio)) if ffn else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: (B, H, W, dim), channels last; returns the same shape."""
+        _check_tokens(x, self.dim, type(self).__name__, ndim=4)
+        x = self.cpe1(x)
+        x = x + _drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        x = self.cpe2(x)
+        if self.mlp is not None:
+            x = x + _drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+        return x
+
+
+class DaViTBlock(nn.Sequential):
+    """DaViT dual attention block: a ``SpatialBlock`` (window attention) then a ``ChannelBlock`` (channel attention).
+
+    Each half is conv position encoding → pre-norm attention with residual → conv
+    position encoding → pre-norm MLP with residual; local interactions come from the
+    windows, global ones from the channel attention (whose channel maps see every
+    position). Channels-last (B, H, W, dim) in and out. Submodules ``0`` and ``1``, as
+    timm's DaViT stages. Ding et al., "DaViT: Dual Attention Vision Transformers"
+    (ECCV 2022).
+
+    Parameters: ``dim``; ``num_heads`` (used by both halves; must divide ``dim``);
+    ``window_size`` (7); ``mlp_ratio`` (4); ``qkv_bias`` (True); ``drop_path``; ``ffn``;
+    ``cpe_act``; ``v2`` (channel attention variant); ``backend`` for the window attention.
+    """
+
+    def __init__(
+        self, dim, num_heads, window_size=7, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, ffn=True, cpe_act=False,
+        v2=False, backend: str = "auto",
+    ):
+        super().__init__(
+            SpatialBlock(dim, num_heads, window_size, mlp_ratio, qkv_bias, drop_path, ffn, cpe_act, backend),
+            ChannelBlock(dim, num_heads, mlp_ratio, qkv_bias, drop_path, ffn, cpe_act, v2),
+        )
+
+    def pattern(self, grid) -> Window:
+        """The ``Window`` pattern of the spatial half on ``grid`` (padded to whole windows)."""
+        return self[0].pattern(grid)
