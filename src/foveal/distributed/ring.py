@@ -1,0 +1,213 @@
+"""Ring attention with sparsity-aware skipping, forward and backward.
+
+K/V shards travel around the ring of positions ``0..R−1`` (position ``r`` receives
+from ``r−1``); at step ``t`` position ``r`` attends its queries to the visiting shard
+``(r − t) mod R`` under the pattern restricted to those tokens, and the partial
+results are merged with the log-sum-exp rule. The next transfer is posted
+(asynchronous ``isend``/``irecv``) before the step's attention, so it overlaps the
+compute. A step whose sub-layout is empty is skipped, and a shard travels only as far
+as the farthest position that needs it (``RingSchedule``): a causal sliding window
+over contiguous shards sends each shard to its next neighbour only.
+
+Backward (Liu et al., "Ring Attention with Blockwise Transformers", 2023, and
+Brandon et al., "Striped Attention", 2023, for the forward; the backward here is the
+flash rule per step): K/V travel the same way again with a dK/dV accumulator each;
+every position adds its contribution, and at the end of its journey an accumulator
+goes straight back to the shard's owner. Per step, the contribution is the gradient of
+that step's (out_t, lse_t) under the merge:
+``d out_t = w_t·dO``, ``d lse_t = w_t·(dO·(out_t − out) + d lse)``, ``w_t = exp(lse_t − lse)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from foveal.distributed.comm import post
+from foveal.functional import attend
+
+__all__ = ["ring_attention", "merge", "split_kv"]
+
+# tags: kv transfers, accumulators, accumulator returns (per pass; spaced so calls stay apart)
+_TAG_KV, _TAG_ACC, _TAG_RET = 1_000_000, 2_000_000, 3_000_000
+
+
+def split_kv(kv, d):
+    """(k, v) from K/V packed along the last dimension, as contiguous tensors.
+
+    Contiguous on purpose: the ``cpu`` kernel reads keys through strided views that
+    assume a contiguous last dimension, so a sliced (non-contiguous) k gives wrong
+    results there.
+    """
+    return kv[..., :d].contiguous(), kv[..., d:].contiguous()
+
+
+def merge(out, lse, o_t, l_t):
+    """Log-sum-exp merge of a partial result into float32 accumulators (rows with no keys: -inf, zero)."""
+    o_t = o_t.float()
+    if out is None:
+        return o_t.clone(), l_t.clone()
+    new = torch.logaddexp(lse, l_t)
+    safe = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
+    a = torch.where(torch.isfinite(lse), torch.exp(lse - safe), torch.zeros_like(lse))
+    b = torch.where(torch.isfinite(l_t), torch.exp(l_t - safe), torch.zeros_like(l_t))
+    return out * a[..., None] + o_t * b[..., None], new
+
+
+class RingConfig:
+    """Everything the ring needs besides tensors: schedule, peers, shard patterns, attend options."""
+
+    def __init__(self, sched, me, peers, patterns, group, scale, backend, stats, tag=0):
+        self.sched, self.me, self.peers, self.patterns = sched, me, peers, patterns
+        self.group, self.scale, self.backend, self.stats, self.tag = group, scale, backend, stats, tag
+
+    @property
+    def next(self):
+        return self.peers[(self.me + 1) % len(self.peers)]
+
+    @property
+    def prev(self):
+        return self.peers[(self.me - 1) % len(self.peers)]
+
+
+def _count(cfg, backward: bool):
+    st = cfg.stats
+    if st is None:
+        return
+    sched, me, r = cfg.sched, cfg.me, cfg.sched.world
+    computed = sum(sched.computes(me, t) for t in range(sched.steps))
+    sent = sum(sched.sends(me, t) for t in range(1, sched.steps))
+    st.steps += r
+    st.steps_computed += computed
+    st.steps_skipped += r - computed
+    st.transfers += r - 1
+    st.transfers_skipped += (r - 1) - sent
+
+
+def _ring_forward(cfg, q, kv, d):
+    sched, me = cfg.sched, cfg.me
+    out = lse = None
+    buf = kv
+    spec = (kv.shape, kv.dtype, kv.device)
+    for t in range(sched.steps):
+        waiter = None
+        if t + 1 < sched.steps:
+            sends = {cfg.next: buf} if sched.sends(me, t + 1) else {}
+            recvs = {cfg.prev: spec} if sched.receives(me, t + 1) else {}
+            if sends or recvs:
+                waiter = post(sends, recvs, cfg.group, cfg.tag + _TAG_KV + t, f"ring step {t + 1}: K/V", cfg.stats)
+        if sched.computes(me, t):
+            s = sched.holds(me, t)
+            o_t, l_t = attend(
+                q, *split_kv(buf, d), cfg.patterns(s), scale=cfg.scale, backend=cfg.backend, return_lse=True
+            )
+            out, lse = merge(out, lse, o_t, l_t)
+        if waiter is not None:
+            got = waiter()
+            if cfg.prev in got:
+                buf = got[cfg.prev]
+    if out is None:  # this rank's queries attend to nothing
+        out = torch.zeros(*q.shape[:-1], kv.shape[-1] - d, dtype=torch.float32, device=q.device)
+        lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+    _count(cfg, backward=False)
+    return out, lse
+
+
+def _step_grads(cfg, s, q, kbuf, vbuf, out, lse, dout, dlse):
+    with torch.enable_grad():
+        qd = q.detach().requires_grad_()
+        kd = kbuf.detach().requires_grad_()
+        vd = vbuf.detach().requires_grad_()
+        o_t, l_t = attend(qd, kd, vd, cfg.patterns(s), scale=cfg.scale, backend=cfg.backend, return_lse=True)
+        safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+        w = torch.where(torch.isfinite(l_t), torch.exp(l_t.detach() - safe), torch.zeros_like(l_t))
+        d_o = (w[..., None] * dout).to(o_t.dtype)
+        d_l = w * ((dout * (o_t.detach().float() - out)).sum(-1) + dlse)
+        gq, gk, gv = torch.autograd.grad((o_t, l_t), (qd, kd, vd), (d_o, d_l))
+    return gq.float(), torch.cat([gk, gv], -1).float()
+
+
+def _ring_backward(cfg, q, kv, d, out, lse, dout, dlse):
+    sched, me, world = cfg.sched, cfg.me, cfg.sched.world
+    dout = dout.float()
+    dlse = torch.zeros_like(lse) if dlse is None else dlse.float()
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    spec = (kv.shape, kv.dtype, kv.device)
+    aspec = (kv.shape, torch.float32, kv.device)
+    what = "ring backward"
+    # my own accumulator comes back from the end of its journey
+    ret = None
+    if sched.hops[me] > 0:
+        end = cfg.peers[(me + sched.hops[me]) % world]
+        ret = post({}, {end: aspec}, cfg.group, cfg.tag + _TAG_RET, f"{what}: dK/dV of my shard", cfg.stats)
+    mine = None
+    buf, acc_wait, pending = kv, None, []
+    for t in range(sched.steps):
+        s = sched.holds(me, t)
+        held = t == 0 or sched.receives(me, t)
+        waiter = None
+        if t + 1 < sched.steps:
+            sends = {cfg.next: buf} if sched.sends(me, t + 1) else {}
+            recvs = {cfg.prev: spec} if sched.receives(me, t + 1) else {}
+            if sends or recvs:
+                waiter = post(sends, recvs, cfg.group, cfg.tag + _TAG_KV + t, f"{what} step {t + 1}: K/V", cfg.stats)
+        if held:
+            contrib = None
+            if sched.computes(me, t):
+                gq, contrib = _step_grads(cfg, s, q, *split_kv(buf, d), out, lse, dout, dlse)
+                dq += gq
+            if acc_wait is not None:
+                acc = acc_wait()[cfg.prev]
+                acc = acc if contrib is None else acc + contrib
+            else:
+                acc = torch.zeros(aspec[0], dtype=torch.float32, device=kv.device) if contrib is None else contrib
+            if sched.sends(me, t + 1) and t + 1 < sched.steps:
+                pending.append(post({cfg.next: acc}, {}, cfg.group, cfg.tag + _TAG_ACC + t, f"{what} step {t + 1}: dK/dV", cfg.stats))
+            elif s == me:
+                mine = acc
+            else:
+                pending.append(post({cfg.peers[s]: acc}, {}, cfg.group, cfg.tag + _TAG_RET, f"{what}: returning dK/dV", cfg.stats))
+        acc_wait = None
+        if t + 1 < sched.steps and sched.receives(me, t + 1):
+            acc_wait = post({}, {cfg.prev: aspec}, cfg.group, cfg.tag + _TAG_ACC + t, f"{what} step {t + 1}: dK/dV", cfg.stats)
+        if waiter is not None:
+            got = waiter()
+            if cfg.prev in got:
+                buf = got[cfg.prev]
+    for w in pending:
+        w()
+    if ret is not None:
+        mine = ret()[cfg.peers[(me + sched.hops[me]) % world]]
+    if mine is None:
+        mine = torch.zeros(aspec[0], dtype=torch.float32, device=kv.device)
+    _count(cfg, backward=True)
+    return dq, mine
+
+
+class _Ring(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, cfg, q, k, v):
+        d = k.shape[-1]
+        kv = torch.cat([k, v], -1)
+        out, lse = _ring_forward(cfg, q, kv, d)
+        ctx.cfg, ctx.d = cfg, d
+        ctx.save_for_backward(q, kv, out, lse)
+        ctx.k_dtype = k.dtype
+        return out.to(q.dtype), lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, kv, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros(out.shape, dtype=torch.float32, device=q.device)
+        dq, dkv = _ring_backward(ctx.cfg, q, kv, ctx.d, out, lse, dout, dlse)
+        d = ctx.d
+        return None, dq.to(q.dtype), dkv[..., :d].to(ctx.k_dtype), dkv[..., d:].to(ctx.k_dtype)
+
+
+def ring_attention(q, k, v, cfg: RingConfig):
+    """Ring attention of the local ``q`` (B, Hq, n, D) over every position's K/V; returns (out, lse)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return _Ring.apply(cfg, q, k, v)
+    d = k.shape[-1]
+    out, lse = _ring_forward(cfg, q, torch.cat([k, v], -1), d)
+    return out.to(q.dtype), lse

@@ -1,0 +1,184 @@
+"""Worker processes for tests/test_distributed.py: many cases per spawned gloo group.
+
+Each rank builds the same random full tensors, takes its shard, runs ``attend_cp``
+forward and backward, and compares its rows of the output, lse and gradients with a
+dense implementation written here from the definition (softmax over the keys
+``pattern.mask`` allows). Results go to one JSON file per rank.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+
+
+def dense_attention(q, k, v, pattern, scale):
+    """softmax(q·kᵀ·scale over allowed keys)·v in float64, GQA by repeating key heads; (out, lse)."""
+    g = q.shape[1] // k.shape[1]
+    qd, kd, vd = q.double(), k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+    n = q.shape[2]
+    idx = torch.arange(n)
+    allowed = pattern.mask(idx[:, None], idx[None, :]).expand(n, n)
+    s = (qd @ kd.transpose(-1, -2)) * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+    return p @ vd, lse
+
+
+def make_pattern(name, n):
+    from foveal.patterns import Causal, Document, Full, Neighborhood, Sinks, SlidingWindow
+
+    if name == "causal":
+        return Causal(n)
+    if name == "window":
+        return SlidingWindow(n, 10)
+    if name == "window2":
+        return SlidingWindow(n, 6, 6)
+    if name == "sinks+window":
+        return Sinks(n, 4) | SlidingWindow(n, 9)
+    if name == "neighborhood2d":
+        return Neighborhood((8, n // 8), 3)
+    if name == "document":
+        a = n // 3 + 2
+        return Document([a, n - 2 * a + 3, a - 3], Causal)
+    if name == "document-full":
+        a = n // 4
+        return Document([a + 5, n - a - 5], Full)
+    raise ValueError(name)
+
+
+def run_case(case, rank, world, group):
+    from foveal.distributed import CPStats, attend_cp, shard
+
+    n = case["n"]
+    pattern = make_pattern(case["pattern"], n)
+    dtype = getattr(torch, case.get("dtype", "float32"))
+    b, hq, hkv, d, dv = case.get("shape", (2, 4, 2, 8, 8))
+    gen = torch.Generator().manual_seed(case["seed"])
+    q = torch.randn(b, hq, n, d, generator=gen)
+    k = torch.randn(b, hkv, n, d, generator=gen)
+    v = torch.randn(b, hkv, n, dv, generator=gen)
+    go = torch.randn(b, hq, n, dv, generator=gen)
+    gl = torch.randn(b, hq, n, generator=gen)
+    scale = 1 / math.sqrt(d)
+    qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
+    ref_out, ref_lse = dense_attention(qr, kr, vr, pattern, scale)
+    fin = torch.isfinite(ref_lse)
+    ((ref_out * go.double()).sum() + (torch.where(fin, ref_lse, 0.0) * gl.double()).sum()).backward()
+    order = case["order"]
+    ql, kl, vl = (shard(t.to(dtype), pattern, group, order=order).requires_grad_() for t in (q, k, v))
+    stats = CPStats()
+    out, lse = attend_cp(
+        ql, kl, vl, pattern, group, method=case["method"], order=order, return_lse=True,
+        ulysses_degree=case.get("ulysses_degree"), stats=stats,
+    )
+    gol, gll = shard(go, pattern, group, order=order), shard(gl[:, :, :, None], pattern, group, order=order)[..., 0]
+    lfin = torch.isfinite(lse)
+    ((out.float() * gol).sum() + (torch.where(lfin, lse, 0.0) * gll).sum()).backward()
+    errs = {}
+    for name, mine, ref in (
+        ("out", out, ref_out),
+        ("lse", lse, ref_lse),
+        ("dq", ql.grad, qr.grad),
+        ("dk", kl.grad, kr.grad),
+        ("dv", vl.grad, vr.grad),
+    ):
+        ref_l = shard(ref.detach().double()[..., None] if ref.dim() == 3 else ref.detach().double(), pattern, group, order=order)
+        if ref.dim() == 3:
+            ref_l = ref_l[..., 0]
+        m = mine.detach().double()
+        both_inf = torch.isinf(m) & torch.isinf(ref_l) & (torch.sign(m) == torch.sign(ref_l))
+        diff = torch.where(both_inf, 0.0, (m - ref_l).abs())
+        errs[name] = float(diff.max()) if diff.numel() else 0.0
+        errs[name + "_scale"] = float(torch.where(torch.isfinite(ref_l), ref_l, 0.0).abs().max()) if ref_l.numel() else 0.0
+    return {
+        "errs": errs,
+        "stats": {
+            "bytes_sent": {str(p): b for p, b in stats.bytes_sent.items()},
+            "steps": stats.steps,
+            "steps_computed": stats.steps_computed,
+            "steps_skipped": stats.steps_skipped,
+            "transfers_skipped": stats.transfers_skipped,
+        },
+    }
+
+
+def run_fault(case, rank, world, group):
+    """A rank raising mid-ring, or ranks disagreeing on shapes: every rank must raise within the timeout."""
+    import foveal.distributed.ring as ring
+    from foveal.distributed import attend_cp, shard
+    from foveal.patterns import Causal
+
+    n = case["n"]
+    pattern = Causal(n)
+    q = torch.randn(1, 2, n, 8, generator=torch.Generator().manual_seed(0))
+    ql = shard(q, pattern, group)
+    t0 = time.monotonic()
+    original = ring.attend
+    try:
+        if case["fault"] == "raise_mid_ring" and rank == case["bad_rank"]:
+            calls = {"n": 0}
+
+            def failing(*a, **kw):
+                calls["n"] += 1
+                if calls["n"] == 2:
+                    raise RuntimeError("injected failure on this rank")
+                return original(*a, **kw)
+
+            ring.attend = failing
+        if case["fault"] == "shape_mismatch" and rank == case["bad_rank"]:
+            pattern = Causal(n + world)
+            ql = torch.randn(1, 2, (n + world) // world, 8)
+        attend_cp(ql, ql, ql, pattern, group, method="ring")
+        return {"raised": None, "seconds": time.monotonic() - t0}
+    except Exception as e:  # noqa: BLE001 - the message is the result
+        return {"raised": f"{type(e).__name__}: {e}", "seconds": time.monotonic() - t0}
+    finally:
+        ring.attend = original
+
+
+def worker(rank, world, init_file, out_dir, cases, timeout):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=timeout),
+    )
+    results = {}
+    group = dist.group.WORLD
+    for case in cases:
+        cid = case["id"]
+        try:
+            if "fault" in case:
+                # a fresh group per fault: a failed exchange leaves its group unusable
+                group = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=case["timeout"]))
+                results[cid] = run_fault(case, rank, world, group)
+            else:
+                results[cid] = run_case(case, rank, world, group)
+        except Exception:  # noqa: BLE001
+            results[cid] = {"error": traceback.format_exc()}
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
+
+
+def spawn(world, cases, tmp_path, timeout=30.0):
+    """Run ``cases`` on ``world`` gloo processes; returns ``{case id: [result of rank 0, 1, ...]}``."""
+    import torch.multiprocessing as mp
+
+    init_file = str(tmp_path / f"init{world}")
+    out_dir = str(tmp_path)
+    mp.spawn(worker, args=(world, init_file, out_dir, cases, timeout), nprocs=world, join=True)
+    per_rank = []
+    for r in range(world):
+        with open(os.path.join(out_dir, f"rank{r}.json")) as f:
+            per_rank.append(json.load(f))
+    return {c["id"]: [per_rank[r][c["id"]] for r in range(world)] for c in cases}
