@@ -238,9 +238,11 @@ def test_snapkv_selection_and_decoding_on_the_compressed_cache(pool):
 def test_snapkv_keeps_everything_of_a_short_prompt_and_scores_in_chunks():
     q, k = torch.randn(1, 2, 8, 4), torch.randn(1, 2, 12, 4)
     assert torch.equal(snapkv_select(q, k, SnapKV(capacity=20)), torch.arange(12).expand(1, 2, 12))
-    cfg = SnapKV(capacity=3, window=8, kernel=1, sinks=0, recent=0)
-    _, pooled = snapkv_loop(q, k, cfg, 0.5)
-    torch.testing.assert_close(snapkv_scores(q, k, cfg)[0, 1], torch.tensor(pooled), atol=1e-5, rtol=1e-5)
+    for kernel, pool in ((1, "avg"), (5, "avg"), (5, "max")):
+        cfg = SnapKV(capacity=3, window=6, kernel=kernel, pool=pool, sinks=0, recent=0)
+        _, pooled = snapkv_loop(q, k, cfg, 0.5)  # pooled scores of the last head
+        got = snapkv_scores(q, k, cfg, scale=0.5)[0, 1]
+        torch.testing.assert_close(got, torch.tensor(pooled, dtype=torch.float32), atol=1e-5, rtol=1e-5)
 
 
 # -- errors ---------------------------------------------------------------------------
