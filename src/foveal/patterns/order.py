@@ -90,23 +90,25 @@ def hilbert_index(row: torch.Tensor, col: torch.Tensor, bits: int) -> torch.Tens
 
     The curve starts at ``(0, 0)`` and ends at ``(0, 2^bits − 1)``. One pass per bit,
     from the most significant: the quadrant of the cell gives two bits of the index,
-    then the cell is reflected / transposed into that quadrant's frame.
+    then the cell is reflected (xor with all-ones) and transposed (xor swap) into that
+    quadrant's frame. Branch-free integer operations only.
     """
-    x, y = col.clone(), row.clone()
+    dtype = torch.int32 if bits <= 15 else torch.int64
+    x, y = col.to(dtype), row.to(dtype)
     d = torch.zeros_like(x)
-    s = 1 << (bits - 1)
-    while s > 0:
-        rx = ((x & s) > 0).to(torch.int64)
-        ry = ((y & s) > 0).to(torch.int64)
-        d += s * s * ((3 * rx) ^ ry)
-        x, y = x & (s - 1), y & (s - 1)
-        flip = (ry == 0) & (rx == 1)
-        x = torch.where(flip, s - 1 - x, x)
-        y = torch.where(flip, s - 1 - y, y)
-        swap = ry == 0
-        x, y = torch.where(swap, y, x), torch.where(swap, x, y)
-        s >>= 1
-    return d
+    for b in range(bits - 1, -1, -1):
+        low = (1 << b) - 1
+        rx, ry = (x >> b) & 1, (y >> b) & 1
+        d |= ((3 * rx) ^ ry) << (2 * b)
+        x &= low
+        y &= low
+        flip = (rx & (ry ^ 1)) * low  # quadrant 3 of 0..3: reflect both coordinates
+        x ^= flip
+        y ^= flip
+        swap = (x ^ y) * (ry ^ 1)  # quadrants 0 and 3: transpose
+        x ^= swap
+        y ^= swap
+    return d.to(torch.int64)
 
 
 def hilbert(shape) -> torch.Tensor:
@@ -123,7 +125,14 @@ def hilbert(shape) -> torch.Tensor:
     if len(shape) != 2:
         raise ValueError(f"hilbert needs a 2-D grid (rows, cols), got shape {fmt_axes(shape)}")
     row, col = _coords(shape)
-    return torch.argsort(hilbert_index(row, col, max(_bits(s) for s in shape)))
+    bits = max(_bits(s) for s in shape)
+    d = hilbert_index(row, col, bits)
+    if (1 << (2 * bits)) > 4 * d.numel():  # a thin grid in a large square: sort the indices
+        return torch.argsort(d)
+    # every cell has its own index: place the tokens at their indices, drop the empty ones
+    slots = torch.full((1 << (2 * bits),), -1, dtype=torch.int64)
+    slots[d] = torch.arange(d.numel())
+    return slots[slots >= 0]
 
 
 def inverse(perm: torch.Tensor) -> torch.Tensor:
