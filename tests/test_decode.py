@@ -8,7 +8,16 @@ import pytest
 import torch
 
 import bruteforce as bf
-from foveal.decode import KVCache, Quest, SnapKV, attend_decode, future_visible, snapkv_scores, snapkv_select
+from foveal.decode import (
+    KVCache,
+    Quest,
+    SnapKV,
+    attend_decode,
+    future_visible,
+    snapkv_compress,
+    snapkv_scores,
+    snapkv_select,
+)
 from foveal.functional import attend
 from foveal.patterns import Causal, Dilated, Sinks, SlidingWindow, Strided
 
@@ -220,8 +229,10 @@ def test_snapkv_selection_and_decoding_on_the_compressed_cache(pool):
     # decoding on the compressed cache: kept prompt keys (per head) and the new tokens, causal
     cache = KVCache(b, hkv, d)
     cache.append(kp, v[:, :, :length])
-    cache.keep(idx)
+    assert torch.equal(snapkv_compress(cache, qp[:, :, -10:], cfg), want_idx)
     assert cache.size == 15 and torch.equal(cache.positions, idx)
+    with pytest.raises(ValueError, match="compressed"):
+        snapkv_compress(cache, qp, cfg)
     outs = []
     for t in range(length, length + extra):
         cache.append(k[:, :, t : t + 1], v[:, :, t : t + 1])
@@ -233,9 +244,14 @@ def test_snapkv_selection_and_decoding_on_the_compressed_cache(pool):
     mask[..., length:] = bf.causal(extra)
     want, _ = dense_attention(q[:, :, length:], k, v, mask)
     torch.testing.assert_close(torch.cat(outs, 2), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="compressed .SnapKV. cache decodes with Causal only"):
+        attend_decode(q[:, :, -1:], cache, SlidingWindow(length + extra, 3))
 
 
-def test_snapkv_keeps_everything_of_a_short_prompt_and_scores_in_chunks():
+def test_snapkv_keeps_everything_of_a_short_prompt_and_scores_in_chunks(monkeypatch):
+    import foveal.decode
+
+    monkeypatch.setattr(foveal.decode, "SNAPKV_CHUNK_ELEMENTS", 20)  # keys in chunks of 3
     q, k = torch.randn(1, 2, 8, 4), torch.randn(1, 2, 12, 4)
     assert torch.equal(snapkv_select(q, k, SnapKV(capacity=20)), torch.arange(12).expand(1, 2, 12))
     for kernel, pool in ((1, "avg"), (5, "avg"), (5, "max")):

@@ -30,9 +30,21 @@ from foveal.patterns.algebra import Intersection, Union
 from foveal.patterns.global_ import GlobalTokens
 from foveal.patterns.sparse import _DilatedSegment
 
-__all__ = ["KVCache", "attend_decode", "future_visible", "Quest", "quest_pages", "SnapKV", "snapkv_select"]
+__all__ = [
+    "KVCache",
+    "attend_decode",
+    "future_visible",
+    "Quest",
+    "quest_pages",
+    "SnapKV",
+    "snapkv_scores",
+    "snapkv_select",
+    "snapkv_compress",
+]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: score elements per key head that one chunk of SnapKV's scoring holds
+SNAPKV_CHUNK_ELEMENTS = 1 << 20
 
 
 # -- which cached keys a later query may still see ------------------------------------
@@ -372,7 +384,7 @@ def snapkv_scores(q: torch.Tensor, k: torch.Tensor, config: SnapKV, scale=None) 
     groups = hq // hkv
     qg = qw.float().reshape(b, hkv, groups * w, d)
     votes = []
-    chunk = max(1, (1 << 20) // max(1, groups * w))
+    chunk = max(1, SNAPKV_CHUNK_ELEMENTS // max(1, groups * w))
     for s in range(0, length, chunk):
         kc = k[:, :, s : s + chunk].float()
         sc = (qg @ kc.transpose(-1, -2) * scale).view(b, hkv, groups, w, -1)
@@ -410,6 +422,23 @@ def snapkv_select(q: torch.Tensor, k: torch.Tensor, config: SnapKV = SnapKV(), s
     top = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :take]
     keep = torch.cat([top, torch.nonzero(forced).flatten().expand(b, hkv, -1)], dim=-1)
     return torch.sort(keep, dim=-1).values
+
+
+def snapkv_compress(cache: KVCache, q: torch.Tensor, config: SnapKV = SnapKV(), scale=None) -> torch.Tensor:
+    """Compress a prefilled cache with SnapKV; returns the kept positions (B, Hkv, K).
+
+    ``q`` (B, Hq, Nq, D) are the last prompt queries (at least ``config.window`` of them
+    for the full observation window). The cache must hold the whole prompt (no eviction,
+    not yet compressed); afterwards it decodes with ``Causal``.
+    """
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
+    if cache.compressed or cache.size != cache.length:
+        raise ValueError(f"snapkv_compress needs a cache holding the whole prompt ({cache.length} tokens), "
+                         f"it holds {cache.size}{' (compressed)' if cache.compressed else ''}")
+    index = snapkv_select(q, cache.k, config, scale)
+    cache.keep(index)
+    return cache.positions
 
 
 def _check_q_k(q, k):
@@ -490,6 +519,9 @@ def attend_decode(q, cache: KVCache, pattern=None, *, select=None, scale=None, b
         pattern = cache.pattern
     elif not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be a foveal Pattern or None, got {type(pattern).__name__}")
+    elif pattern.n_q != pattern.n_kv:
+        raise ValueError(f"pattern must be a self-attention pattern over the whole sequence (n_q == n_kv), "
+                         f"got {pattern!r}")
     elif not _never_evicts(cache.pattern) and pattern != cache.pattern:
         raise ValueError(f"pattern {pattern!r} differs from the pattern {cache.pattern!r} the cache evicts by")
     if pattern is not None and cache.length > pattern.n:
