@@ -45,7 +45,10 @@ PATTERNS = {
     "causal": (lambda n: Causal(n), lambda n: bf.causal(n)),
     "window": (lambda n: SlidingWindow(n, 5), lambda n: bf.sliding_window(n, 5, 0, 1)),
     "window_dilated": (lambda n: SlidingWindow(n, 9, dilation=3), lambda n: bf.sliding_window(n, 9, 0, 3)),
-    "sinks_window": (lambda n: Sinks(n, 3) | SlidingWindow(n, 6), lambda n: bf.sinks(n, 3) | bf.sliding_window(n, 6, 0, 1)),
+    "sinks_window": (
+        lambda n: Sinks(n, 3) | SlidingWindow(n, 6),
+        lambda n: bf.sinks(n, 3) | bf.sliding_window(n, 6, 0, 1),
+    ),
     "strided": (lambda n: Strided(n, 3), lambda n: bf.strided(n, 3)),
     "dilated": (lambda n: Dilated(n, (8, 16), (2, 4)), lambda n: bf.dilated(n, [(8, 2), (16, 4)])),
 }

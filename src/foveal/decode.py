@@ -49,7 +49,7 @@ SNAPKV_CHUNK_ELEMENTS = 1 << 20
 
 # -- which cached keys a later query may still see ------------------------------------
 def future_visible(pattern: Pattern, key_pos: torch.Tensor, t: int) -> torch.Tensor:
-    """Bool per key position: may a query at a position ``i >= t`` (``i < pattern.n``) see it under ``pattern & Causal``.
+    """Bool per key position: may a query at ``t <= i < pattern.n`` see it under ``pattern & Causal``.
 
     Exact for ``SlidingWindow``, ``Sinks``, ``GlobalTokens``, ``Strided``, ``Causal``,
     ``Full`` and LongNet segments, and for unions of them; an intersection keeps a key

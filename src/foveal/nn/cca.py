@@ -42,7 +42,7 @@ class _CoreKeys(FlatPattern):
 
 
 class _LocalKeys(FlatPattern):
-    """Query ``t`` sees raw keys ``t − ℓ(t) < j ≤ t``, ``ℓ(t) = ((t+1) mod g) + s``, stored after ``groups`` core keys."""
+    """Query ``t`` sees raw keys ``t − ℓ(t) < j ≤ t``, ``ℓ(t) = ((t+1) mod g) + s`` (stored after the core keys)."""
 
     def __init__(self, n, groups: int, group_size: int, window: int):
         self._init_shape(n, n + groups)
@@ -119,7 +119,9 @@ class CoreContextAttention(nn.Module):
         self.group_size = positive_int("group_size", group_size)
         self.window = positive_int("window", window, minimum=0)
         if causal is not True:
-            raise ValueError(f"causal must be True: CCA-Attention is defined for causal language modelling, got {causal!r}")
+            raise ValueError(
+                f"causal must be True: CCA-Attention is defined for causal language modelling, got {causal!r}"
+            )
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.scale = qk_scale or self.head_dim**-0.5
         self.backend = backend
