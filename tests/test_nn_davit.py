@@ -39,8 +39,11 @@ def _cpe(x, cpe):
 
 
 def dense_channel_attention(m, x):
-    """Per group g of channels (tokens = channels, N positions = features):
-    v1 (DaViT): A = softmax((K_g/sqrt(Cg))ᵀ V_g), out_g = (A Q_gᵀ)ᵀ; v2: A = softmax((s Q_g)ᵀ K_g), out_g = (A V_gᵀ)ᵀ."""
+    """Per group g of channels (tokens = channels, N positions = features).
+
+    v1 (DaViT): A = softmax((K_g/sqrt(Cg))ᵀ V_g), out_g = (A Q_gᵀ)ᵀ;
+    v2: A = softmax((s Q_g)ᵀ K_g), out_g = (A V_gᵀ)ᵀ.
+    """
     b, c = x.shape[0], x.shape[-1]
     t = _linear(x.reshape(b, -1, c), m.qkv)
     n, cg = t.shape[1], c // m.num_heads
@@ -117,7 +120,9 @@ def test_davit_block_matches_dense(seed):
     dim = heads * rng.choice([4, 8])
     ws = rng.choice([2, 3])
     grid = (rng.randint(2, 7), rng.randint(2, 7))  # often not a multiple of the window
-    blk = DaViTBlock(dim, heads, window_size=ws, mlp_ratio=2, qkv_bias=seed != 1, ffn=seed != 2, cpe_act=seed == 1, v2=seed == 0)
+    blk = DaViTBlock(
+        dim, heads, window_size=ws, mlp_ratio=2, qkv_bias=seed != 1, ffn=seed != 2, cpe_act=seed == 1, v2=seed == 0
+    )
     _randomize_norms(blk)
     x = torch.randn(2, *grid, dim, requires_grad=True)
     want = dense_block(blk[1], dense_block(blk[0], x))

@@ -36,7 +36,8 @@ def dense_ela(module, x):
     w, gn = module.conv.weight, module.gn
 
     def gate(strip):
-        return torch.sigmoid(_group_norm(_conv1d(strip, w, module.conv.groups), gn.num_groups, gn.weight, gn.bias, gn.eps))
+        conv = _conv1d(strip, w, module.conv.groups)
+        return torch.sigmoid(_group_norm(conv, gn.num_groups, gn.weight, gn.bias, gn.eps))
 
     y_h = gate(xc.mean(3))[:, :, :, None]
     y_w = gate(xc.mean(2))[:, :, None, :]

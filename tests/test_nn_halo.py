@@ -98,7 +98,8 @@ def test_reference_backend_and_no_rel_pos(border):
     out, want = m(x), dense_halonet(m, x)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     g = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, [x, m.pos_embed.height_rel], g), torch.autograd.grad(want, [x, m.pos_embed.height_rel], g)):
+    params = [x, m.pos_embed.height_rel, m.pos_embed.width_rel, m.q.weight]
+    for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(want, params, g)):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     plain = HaloAttention(8, num_heads=2, block_size=2, halo_size=1, border=border, rel_pos=None)
     assert plain.pos_embed is None
@@ -124,6 +125,7 @@ def test_bfloat16_patterns_compile_and_errors():
     # PaddedHalo's mask: the tile's window on the padded grid, every query sees (block + 2 halo)^2 keys
     mask = PaddedHalo((4, 4), 2, 1).dense_mask()
     assert mask.shape == (16, 36) and bool((mask.sum(1) == 16).all())
+    torch.testing.assert_close(m(x), want, atol=1e-5, rtol=1e-5)  # eager first: the compile reuses the cached plan
     torch.testing.assert_close(torch.compile(m, backend="eager")(x), want, atol=1e-5, rtol=1e-5)
     out = m.to(torch.bfloat16)(x.to(torch.bfloat16))
     assert out.dtype == torch.bfloat16

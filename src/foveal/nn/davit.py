@@ -88,7 +88,9 @@ class ChannelAttention(nn.Module):
     ``v2``; ``dynamic_scale`` (v2 only). State-dict keys: ``qkv``, ``proj``.
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, v2: bool = False, dynamic_scale: bool = True):
+    def __init__(
+        self, dim: int, num_heads: int = 8, qkv_bias: bool = False, v2: bool = False, dynamic_scale: bool = True
+    ):
         super().__init__()
         self.dim, self.num_heads = _heads(dim, num_heads)
         self.head_dim = self.dim // self.num_heads
@@ -222,7 +224,7 @@ class SpatialBlock(nn.Module):
 
 
 class ChannelBlock(nn.Module):
-    """DaViT channel block: ``cpe1`` → pre-norm channel group attention + residual → ``cpe2`` → pre-norm MLP + residual.
+    """DaViT channel block: ``cpe1`` → pre-norm channel attention + residual → ``cpe2`` → pre-norm MLP + residual.
 
     Channels-last (B, H, W, dim). Ding et al., "DaViT" (ECCV 2022). Parameters: ``dim``,
     ``num_heads``, ``mlp_ratio`` (4), ``qkv_bias`` (True), ``drop_path``, ``ffn``,
