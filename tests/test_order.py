@@ -261,3 +261,20 @@ def test_ordered_refuses_bad_input():
         Ordered(Causal(16), torch.arange(15), (4, 4))
     with pytest.raises(TypeError, match="or a LongTensor permutation, got list"):
         Ordered(Causal(16), list(range(16)), (4, 4))
+
+
+def test_attend_never_evaluates_the_ordered_mask(monkeypatch):
+    grid = (64, 64)
+    p = Ordered(Window((4096,), 64), "hilbert", grid)
+
+    def refuse(*args):
+        raise AssertionError("a kernel evaluated Ordered.mask instead of running the inner pattern in order")
+
+    monkeypatch.setattr(Ordered, "mask", refuse)
+    q, k, v = (torch.randn(1, 1, 4096, 8) for _ in range(3))
+    out = attend(q, k, v, p, backend="cpu")
+    # each aligned 8×8 square attends within itself: check one square against dense attention
+    rows, cols = torch.meshgrid(torch.arange(16, 24), torch.arange(8, 16), indexing="ij")
+    tok = (rows * 64 + cols).flatten()
+    s = q[0, 0, tok] @ k[0, 0, tok].T / math.sqrt(8)
+    torch.testing.assert_close(out[0, 0, tok], torch.softmax(s, -1) @ v[0, 0, tok], atol=1e-5, rtol=1e-5)
