@@ -19,7 +19,7 @@ from foveal.decode import (
     snapkv_select,
 )
 from foveal.functional import attend
-from foveal.patterns import Causal, Dilated, Sinks, SlidingWindow, Strided
+from foveal.patterns import Causal, Dilated, Power, Sinks, SlidingWindow, Strided
 
 
 @pytest.fixture(autouse=True)
@@ -51,6 +51,8 @@ PATTERNS = {
     ),
     "strided": (lambda n: Strided(n, 3), lambda n: bf.strided(n, 3)),
     "dilated": (lambda n: Dilated(n, (8, 16), (2, 4)), lambda n: bf.dilated(n, [(8, 2), (16, 4)])),
+    # no eviction rule: every key is kept (safe), decoding is still exact
+    "power": (lambda n: Power(n, 4), lambda n: bf.power(n, 4, 1, 1)),
 }
 
 
@@ -118,7 +120,11 @@ def test_future_visibility_is_exact(name):
     for t in range(1, n + 1):
         keys = torch.arange(t)
         want = torch.tensor([bool(mask[t:, j].any()) for j in range(t)])
-        assert torch.equal(future_visible(pattern, keys, t), want), t
+        got = future_visible(pattern, keys, t)
+        if name == "power":
+            assert got.all() == (t < n)  # no rule for this pattern: keep everything while queries remain
+        else:
+            assert torch.equal(got, want), t
 
 
 def test_bfloat16_decoding_and_gradient_to_q():
