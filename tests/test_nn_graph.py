@@ -51,8 +51,8 @@ def dense_reference(m, x, neighbors, context=None):
     local = _masked_attention(heads(F.linear(x, wq, bq)), heads(F.linear(keys, wk, bk)),
                               heads(F.linear(keys, wv, bv)), adj)
     qg = heads(m.q_global(x))
-    kg, vg = (heads(t) for t in m.kv_global(m.codebook.to(x.dtype)).chunk(2, dim=-1))
-    bias = m.cluster_size.float().log() if m.count_bias else None
+    kg, vg = (heads(t) for t in m.kv_global(m.codebook.to(x.dtype, copy=True)).chunk(2, dim=-1))
+    bias = m.cluster_size.float().log().clone() if m.count_bias else None
     glob = _masked_attention(qg, kg, vg, torch.ones(n, m.num_centroids, dtype=torch.bool), bias)
     cat = torch.cat([local.transpose(0, 1).reshape(n, c), glob.transpose(0, 1).reshape(n, c)], -1)
     return m.proj(cat)
@@ -108,6 +108,10 @@ def test_training_forward_uses_old_codebook_then_takes_an_ema_kmeans_step():
     want = kmeans_step_reference(before["codebook"], before["cluster_size"], before["ema_sum"], x, 0.9)
     out = m.train()(x, nb)
     torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
+    params = list(m.parameters())
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(want_out, params, g)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     for name, w in zip(("codebook", "cluster_size", "ema_sum"), want):
         torch.testing.assert_close(getattr(m, name), w, atol=1e-5, rtol=1e-5)
     m.eval()(x, nb)
@@ -177,3 +181,11 @@ def test_bad_input_is_refused():
         m(x, torch.tensor([[0, 4], [-2, 1], [0, 0], [1, 1]]))
     with pytest.raises(ValueError, match="x has 6 channels but dim is 8"):
         m(torch.randn(4, 6), torch.zeros(4, 2, dtype=torch.long))
+
+
+def test_graph_example_runs(capsys):
+    from foveal.examples.graph import main
+
+    result = main(["--nodes", "60", "--epochs", "2", "--sample", "4"])
+    assert 0.0 <= result["accuracy"] <= 1.0
+    assert "test accuracy" in capsys.readouterr().out
