@@ -167,14 +167,18 @@ class KVCache:
                 f"the cache's pattern covers {self.pattern.n} positions; appending {m} tokens at position {t} "
                 f"would exceed it (build the pattern with n >= the longest sequence)"
             )
+        keep = None
         if not _never_evicts(self.pattern) and self.size:
-            self._evict(future_visible(self.pattern, self._pos[: self.size], t))
+            keep = future_visible(self.pattern, self._pos[: self.size], t)
+        kept = self.size if keep is None else int(keep.sum())
+        if self.capacity is not None and kept + m > self.capacity:
+            raise ValueError(
+                f"cache capacity {self.capacity} is too small: {kept} keys are still visible and "
+                f"{m} new ones were appended"
+            )
+        if keep is not None:
+            self._evict(keep)
         if self.size + m > self._k.shape[2]:
-            if self.capacity is not None:
-                raise ValueError(
-                    f"cache capacity {self.capacity} is too small: {self.size} keys are still visible and "
-                    f"{m} new ones were appended"
-                )
             self._grow(max(2 * self._k.shape[2], self.size + m))
         s = slice(self.size, self.size + m)
         self._k[:, :, s] = k.detach()
