@@ -281,6 +281,8 @@ def test_errors_name_the_argument():
         cache.append(k.bfloat16(), k.bfloat16())
     cache.append(k, k)
     cache.append(k, k)
+    attend_decode(torch.randn(2, 4, 6, 8), cache)  # nothing evicted yet: all six positions may query
+    cache.append(k, k)  # evicts positions 0 and 1
     with pytest.raises(ValueError, match=r"q has 4 queries; they must be 1 \.\. 3"):
         attend_decode(torch.randn(2, 4, 4, 8), cache)
     with pytest.raises(ValueError, match="differs from the pattern"):

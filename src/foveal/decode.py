@@ -131,7 +131,7 @@ class KVCache:
         self._head_pos = None  # (B, Hkv, alloc) true positions once compressed per head
         self.size = 0  # slots in use
         self.length = 0  # tokens appended so far: the next position
-        self.complete_from = 0  # queries at positions >= this see every key they may see
+        self.complete_from = 0  # queries at positions >= this still find every key they may see
 
     # -- views ---------------------------------------------------------------------
     @property
@@ -188,7 +188,6 @@ class KVCache:
             self._head_pos[:, :, s] = self._pos[s]
         self.size += m
         self.length += m
-        self.complete_from = t
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep, for each batch element and key head, the slots ``index`` (B, Hkv, K), in that order.
@@ -224,6 +223,7 @@ class KVCache:
     def _evict(self, keep: torch.Tensor) -> None:
         if bool(keep.all()):
             return
+        self.complete_from = self.length  # earlier queries may have needed what goes now
         idx = torch.nonzero(keep).flatten()
         kk = idx.numel()
         self._k[:, :, :kk] = self._k[:, :, idx]
@@ -506,19 +506,6 @@ def attend_decode(q, cache: KVCache, pattern=None, *, select=None, scale=None, b
     if q.dtype != cache.dtype or q.device != cache.device:
         raise TypeError(f"q must have the cache's dtype {cache.dtype} and device {cache.device}, "
                         f"got {q.dtype} on {q.device}")
-    if select is not None:
-        if not isinstance(select, Quest):
-            raise TypeError(f"select must be None or a Quest, got {type(select).__name__}")
-        if cache.compressed or not _never_evicts(pattern or cache.pattern) or not _never_evicts(cache.pattern):
-            raise ValueError(f"Quest selection needs an uncompressed causal cache (pattern None or Causal), got "
-                             f"{'a compressed cache' if cache.compressed else repr(pattern or cache.pattern)}")
-    first = cache.length - m
-    if m == 0 or first < cache.complete_from:
-        raise ValueError(
-            f"q has {m} queries; they must be 1 .. {cache.length - cache.complete_from} (the positions of the "
-            f"last append, {cache.complete_from} .. {cache.length - 1}): the cache may have evicted keys "
-            f"earlier queries need"
-        )
     if pattern is None:
         pattern = cache.pattern
     elif not isinstance(pattern, Pattern):
@@ -528,6 +515,19 @@ def attend_decode(q, cache: KVCache, pattern=None, *, select=None, scale=None, b
                          f"got {pattern!r}")
     elif not _never_evicts(cache.pattern) and pattern != cache.pattern:
         raise ValueError(f"pattern {pattern!r} differs from the pattern {cache.pattern!r} the cache evicts by")
+    if select is not None:
+        if not isinstance(select, Quest):
+            raise TypeError(f"select must be None or a Quest, got {type(select).__name__}")
+        if cache.compressed or not _never_evicts(pattern):
+            raise ValueError(f"Quest selection needs an uncompressed causal cache (pattern None or Causal), got "
+                             f"{'a compressed cache' if cache.compressed else repr(pattern)}")
+    first = cache.length - m
+    if m == 0 or first < cache.complete_from:
+        raise ValueError(
+            f"q has {m} queries; they must be 1 .. {cache.length - cache.complete_from} (queries at positions "
+            f"{cache.complete_from} .. {cache.length - 1}): the cache has evicted or dropped keys that earlier "
+            f"queries need"
+        )
     if pattern is not None and cache.length > pattern.n:
         raise ValueError(f"pattern covers {pattern.n} positions but the cache holds {cache.length} tokens")
     if cache.compressed and not _never_evicts(pattern):
