@@ -1,11 +1,13 @@
 """HaloAttention against an independent dense HaloNet (tiles unfolded with their halo, relative logits per pair)."""
 
+import itertools
 import math
 import random
 
 import pytest
 import torch
 
+from foveal.functional import attend
 from foveal.nn.halo import HaloAttention, PaddedHalo
 from foveal.patterns import Halo
 
@@ -142,3 +144,26 @@ def test_bfloat16_patterns_compile_and_errors():
         HaloAttention(16, 2, border="mask")(torch.randn(1, 4, 8, 16))
     with pytest.raises(ValueError, match="x has 8 channels but dim is 16"):
         HaloAttention(16, 2)(torch.randn(1, 8, 8, 8))
+
+
+@pytest.mark.parametrize("grid, block, halo", [((6,), 2, 1), ((4, 6), (2, 3), (1, 0)), ((2, 4, 4), 2, (0, 1, 2))])
+def test_padded_halo_pattern_against_loops_and_cpu_kernel(grid, block, halo):
+    p = PaddedHalo(grid, block, halo)
+    nd = len(grid)
+    block = (block,) * nd if isinstance(block, int) else block
+    halo = (halo,) * nd if isinstance(halo, int) else halo
+    kv_grid = tuple(g + 2 * h for g, h in zip(grid, halo))
+    qs, ks = list(itertools.product(*map(range, grid))), list(itertools.product(*map(range, kv_grid)))
+
+    def allowed(q, k):  # padded key coordinate within [tile start, tile end + 2 halo)
+        return all(q[a] // block[a] * block[a] <= k[a] < (q[a] // block[a] + 1) * block[a] + 2 * halo[a] for a in range(nd))
+
+    want = torch.tensor([[allowed(q, k) for k in ks] for q in qs])
+    assert p.kv_shape == kv_grid and torch.equal(p.dense_mask(), want)
+    assert p.num_allowed() == int(want.sum())
+    q = torch.randn(2, 2, p.n_q, 4)
+    k, v = torch.randn(2, 2, p.n_kv, 4), torch.randn(2, 2, p.n_kv, 4)
+    a, b = attend(q, k, v, p, backend="cpu"), attend(q, k, v, p, backend="reference")
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="not divisible by block"):
+        PaddedHalo(tuple(g + 1 for g in grid), block, halo)
