@@ -156,7 +156,8 @@ def test_padded_halo_pattern_against_loops_and_cpu_kernel(grid, block, halo):
     qs, ks = list(itertools.product(*map(range, grid))), list(itertools.product(*map(range, kv_grid)))
 
     def allowed(q, k):  # padded key coordinate within [tile start, tile end + 2 halo)
-        return all(q[a] // block[a] * block[a] <= k[a] < (q[a] // block[a] + 1) * block[a] + 2 * halo[a] for a in range(nd))
+        starts = [q[a] // block[a] * block[a] for a in range(nd)]
+        return all(starts[a] <= k[a] < starts[a] + block[a] + 2 * halo[a] for a in range(nd))
 
     want = torch.tensor([[allowed(q, k) for k in ks] for q in qs])
     assert p.kv_shape == kv_grid and torch.equal(p.dense_mask(), want)
