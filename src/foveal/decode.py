@@ -35,6 +35,7 @@ __all__ = [
     "attend_decode",
     "future_visible",
     "Quest",
+    "page_bounds",
     "quest_pages",
     "SnapKV",
     "snapkv_scores",
@@ -132,6 +133,7 @@ class KVCache:
         self.size = 0  # slots in use
         self.length = 0  # tokens appended so far: the next position
         self.complete_from = 0  # queries at positions >= this still find every key they may see
+        self._bounds = {}  # page_size -> Quest page summaries (lo, hi)
 
     # -- views ---------------------------------------------------------------------
     @property
@@ -156,6 +158,23 @@ class KVCache:
     def __repr__(self):
         return (f"KVCache(batch={self.batch}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, "
                 f"length={self.length}, size={self.size}, pattern={self.pattern!r})")
+
+    def page_bounds(self, page_size: int):
+        """Quest's page summaries of the complete pages of slots: (lo, hi), each (B, Hkv, P, D) float32.
+
+        Kept up to date incrementally: a page is summarised once, when it completes.
+        Eviction and ``keep`` drop the summaries.
+        """
+        page_size = positive_int("page_size", page_size)
+        lo, hi = self._bounds.get(page_size, (None, None))
+        done = 0 if lo is None else lo.shape[2]
+        total = self.size // page_size
+        if total > done:
+            new_lo, new_hi = page_bounds(self.k[:, :, done * page_size : total * page_size], page_size)
+            lo = new_lo if lo is None else torch.cat([lo, new_lo], dim=2)
+            hi = new_hi if hi is None else torch.cat([hi, new_hi], dim=2)
+            self._bounds[page_size] = (lo, hi)
+        return lo, hi
 
     # -- updates -------------------------------------------------------------------
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -219,10 +238,12 @@ class KVCache:
         self._pos[:kk] = pos.amax(dim=(0, 1)) if kk else self._pos[:kk]
         self.size = kk
         self.complete_from = self.length
+        self._bounds = {}
 
     def _evict(self, keep: torch.Tensor) -> None:
         if bool(keep.all()):
             return
+        self._bounds = {}
         self.complete_from = self.length  # earlier queries may have needed what goes now
         idx = torch.nonzero(keep).flatten()
         kk = idx.numel()
@@ -285,20 +306,24 @@ class Quest:
         return self.token_budget // self.page_size
 
 
-def quest_pages(q: torch.Tensor, k: torch.Tensor, num_pages: int, page_size: int) -> torch.Tensor:
-    """Top ``num_pages`` complete pages of ``k`` by Quest's bound, per query head: (B, Hq, num_pages), ascending.
+def page_bounds(k: torch.Tensor, page_size: int):
+    """Elementwise min and max of the keys of every complete page: two (B, Hkv, P, D) float32 tensors."""
+    b, h, n, d = k.shape
+    pages = n // page_size
+    kp = k[:, :, : pages * page_size].reshape(b, h, pages, page_size, d)
+    return kp.amin(dim=3).float(), kp.amax(dim=3).float()
 
-    ``q`` is (B, Hq, D) (one query per head), ``k`` (B, Hkv, P·page_size, D): only the
-    complete pages are given. Query head ``h`` scores the pages of key head ``h // (Hq // Hkv)``.
+
+def quest_pages(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, num_pages: int) -> torch.Tensor:
+    """Top ``num_pages`` pages by Quest's bound ``Σ_d max(q_d·lo_d, q_d·hi_d)``, per query head: (B, Hq, k) ascending.
+
+    ``q`` is (B, Hq, D) (one query per head); ``lo`` / ``hi`` (B, Hkv, P, D) are the
+    pages' elementwise key minima and maxima (``page_bounds``). Query head ``h`` scores
+    the pages of key head ``h // (Hq // Hkv)``; ties go to the earlier page.
     """
-    b, hq, d = q.shape
-    hkv = k.shape[1]
-    pages = k.shape[2] // page_size
-    kp = k[:, :, : pages * page_size].reshape(b, hkv, pages, page_size, d)
-    lo = kp.amin(dim=3).float().repeat_interleave(hq // hkv, dim=1)  # (B, Hq, P, D)
-    hi = kp.amax(dim=3).float().repeat_interleave(hq // hkv, dim=1)
+    groups = q.shape[1] // lo.shape[1]
     qf = q.float()[:, :, None, :]
-    bound = torch.maximum(qf * lo, qf * hi).sum(-1)  # (B, Hq, P)
+    bound = torch.maximum(qf * lo.repeat_interleave(groups, dim=1), qf * hi.repeat_interleave(groups, dim=1)).sum(-1)
     top = torch.sort(bound, dim=-1, descending=True, stable=True).indices[..., :num_pages]
     return torch.sort(top, dim=-1).values
 
@@ -318,7 +343,8 @@ def _quest_decode(q, cache, quest, scale, backend, return_lse):
         cur = pos // p
         npages = min(quest.pages, cur)
         if npages:
-            pages = quest_pages(q[:, :, i], cache.k[:, :, : cur * p], npages, p)
+            lo, hi = cache.page_bounds(p)
+            pages = quest_pages(q[:, :, i], lo[:, :, :cur], hi[:, :, :cur], npages)
             slots = (pages[..., None] * p + torch.arange(p, device=q.device)).flatten(2)
         else:
             pages = torch.zeros(b, hq, 0, dtype=torch.int64, device=q.device)
