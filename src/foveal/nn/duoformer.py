@@ -1,0 +1,211 @@
+"""DuoFormer's scale-wise attention over the multi-scale tokens of backbone stages.
+
+Tang, Zhang, Ho, Knudsen and Tasdizen, "DuoFormer: Leveraging Hierarchical Visual
+Representations by Local and Global Attention" (2024; MIDL 2025).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from foveal._checks import positive_int
+from foveal.functional import attend
+from foveal.patterns import Full, Neighborhood, Window
+from foveal.patterns.base import Pattern
+
+__all__ = ["ScaleWiseAttention", "multiscale_tokens"]
+
+# Under torch.compile attend stays one opaque eager call: its backends plan in Python.
+_attend = torch.compiler.disable(attend)
+
+
+def multiscale_tokens(maps: Sequence[torch.Tensor], regions: tuple[int, int]) -> torch.Tensor:
+    """The tokens of every region, coarse scales first: (B, Rh·Rw, S, D) from maps (B, Rh·f, Rw·f', D).
+
+    Each map's grid is an integer multiple ``(f, f')`` of the region grid; region
+    ``(i, j)`` takes that map's ``f × f'`` block at ``(i·f, j·f')`` in row-major order.
+    Maps are taken in the order given (pass them coarse to fine).
+    """
+    rh, rw = regions
+    out = []
+    for x in maps:
+        b, h, w, d = x.shape
+        fh, fw = h // rh, w // rw
+        out.append(x.reshape(b, rh, fh, rw, fw, d).permute(0, 1, 3, 2, 4, 5).reshape(b, rh * rw, fh * fw, d))
+    return torch.cat(out, dim=2)
+
+
+def _split_heads(qkv: torch.Tensor, heads: int):
+    """(B, N, 3·D) → q, k, v as contiguous (B, heads, N, D/heads).
+
+    Contiguous on purpose: with one head, the permuted views of a fused qkv have rows
+    3·D apart, which the cpu backend's strided key gather (as of this writing) misreads.
+    """
+    b, n, _ = qkv.shape
+    return [t.contiguous() for t in qkv.reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)]
+
+
+class ScaleWiseAttention(nn.Module):
+    """DuoFormer: attention across the scales of each region, then attention across the regions.
+
+    The feature maps of several backbone stages (channels last; map ``s`` on a grid
+    ``grid_ratios[s]`` times the region grid, the grid of the coarsest map) are projected
+    to ``embed_dim``;
+    each region's tokens are its blocks of every map, coarse to fine (1 + 4 + 16 + …
+    tokens for stride-2 stages), preceded by a *scale token* (the region's average of
+    every map, concatenated and projected: the paper's downsampled hierarchical
+    features), plus a learned per-position embedding. *Scale attention* (local) is
+    multi-head attention among the tokens of one region — ``attend`` with a
+    block-diagonal ``Window`` pattern over the regions' runs of tokens; token
+    ``region_token`` of each region (1, the coarsest map's token, as the reference
+    returns) then represents the region in *patch attention* (global) across regions —
+    ``Full``, or ``Neighborhood(regions, patch_kernel_size)`` for local patch attention.
+
+    Shapes: ``maps`` a list of (B, Rh·g_s, Rw·g_s, dims[s]) with ``g_s = grid_ratios[s]``
+    → (B, Rh, Rw, embed_dim).
+
+    Tang, Zhang, Ho, Knudsen and Tasdizen, "DuoFormer: Leveraging Hierarchical Visual
+    Representations by Local and Global Attention" (2024). As in the reference, patch
+    attention has no residual or MLP (the reference's patch block removed them) and
+    scale attention returns the attended tokens; residuals, norms and MLPs belong to the
+    surrounding block. Token order inside a 2×2 block is row-major here (the reference
+    lists one stage column-major; it only permutes the positional embedding).
+
+    Parameters: ``dims`` channels of each map (in the order the maps are passed);
+    ``num_heads`` heads of both attentions; ``embed_dim`` token width (default
+    ``dims[-1]``); ``grid_ratios`` each map's grid over the region grid (default
+    ``(2^(S−1), …, 2, 1)``: backbone stages fine to coarse, stride 2); ``scale_token`` prepend the pooled scale token; ``region_token``
+    which per-region token feeds patch attention (default 1); ``patch_kernel_size``
+    None for global patch attention, else a neighbourhood on the region grid;
+    ``qkv_bias``; ``qk_scale`` (default ``head_dim ** -0.5``; the reference's
+    ``MultiscaleAttention`` uses ``2 · embed_dim ** -0.5``); ``proj_drop``; ``backend``
+    for ``attend``.
+    """
+
+    def __init__(
+        self,
+        dims: Sequence[int],
+        num_heads: int,
+        embed_dim: int | None = None,
+        grid_ratios: Sequence[int] | None = None,
+        scale_token: bool = True,
+        region_token: int = 1,
+        patch_kernel_size=None,
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+        proj_drop: float = 0.0,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if isinstance(dims, (int, str)) or not isinstance(dims, Sequence) or len(dims) == 0:
+            raise TypeError(f"dims must be a non-empty sequence of ints (channels of each map), got {dims!r}")
+        self.dims = tuple(positive_int(f"dims[{i}]", d) for i, d in enumerate(dims))
+        self.embed_dim = self.dims[-1] if embed_dim is None else positive_int("embed_dim", embed_dim)
+        self.num_heads = positive_int("num_heads", num_heads)
+        if self.embed_dim % num_heads:
+            raise ValueError(f"embed_dim must be divisible by num_heads, got {self.embed_dim} and {num_heads}")
+        if grid_ratios is None:  # backbone order, fine to coarse, stride 2 between stages
+            grid_ratios = tuple(2 ** (len(self.dims) - 1 - s) for s in range(len(self.dims)))
+        if isinstance(grid_ratios, (int, str)) or not isinstance(grid_ratios, Sequence):
+            raise TypeError(f"grid_ratios must be a sequence of ints or None, got {grid_ratios!r}")
+        if len(grid_ratios) != len(self.dims):
+            raise ValueError(f"grid_ratios must have one entry per map ({len(self.dims)}), got {tuple(grid_ratios)!r}")
+        self.grid_ratios = tuple(positive_int(f"grid_ratios[{i}]", r) for i, r in enumerate(grid_ratios))
+        if min(self.grid_ratios) != 1:
+            raise ValueError(f"one map must be on the region grid (grid ratio 1), got grid_ratios={self.grid_ratios}")
+        self.tokens = int(scale_token) + sum(r * r for r in self.grid_ratios)
+        self.region_token = positive_int("region_token", region_token, minimum=0)
+        if self.region_token >= self.tokens:
+            raise ValueError(f"region_token must be < the {self.tokens} tokens per region, got {region_token}")
+        self.patch_kernel_size = None if patch_kernel_size is None else positive_int("patch_kernel_size", patch_kernel_size)
+        self.scale = qk_scale or (self.embed_dim // num_heads) ** -0.5
+        self.backend = backend
+        d = self.embed_dim
+        self.proj_in = nn.ModuleList(nn.Linear(c, d) for c in self.dims)
+        self.scale_token = nn.Linear(sum(self.dims), d) if scale_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1, self.tokens, d))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.scale_qkv = nn.Linear(d, 3 * d, bias=qkv_bias)
+        self.scale_proj = nn.Linear(d, d)
+        self.qkv = nn.Linear(d, 3 * d, bias=qkv_bias)
+        self.proj = nn.Linear(d, d)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self._patterns: dict = {}
+
+    # -- geometry ---------------------------------------------------------------------
+    def pattern(self, grid) -> Pattern:
+        """The patch-attention pattern on the region grid ``grid``: ``Full`` or a ``Neighborhood``."""
+        grid = tuple(grid)
+        if ("patch", grid) not in self._patterns:
+            k = self.patch_kernel_size
+            self._patterns[("patch", grid)] = Full(math.prod(grid)) if k is None else Neighborhood(grid, k)
+        return self._patterns[("patch", grid)]
+
+    def scale_pattern(self, num_regions: int, tokens: int) -> Window:
+        """The scale-attention pattern: ``tokens`` consecutive tokens per region attend among themselves."""
+        key = ("scale", num_regions, tokens)
+        if key not in self._patterns:
+            self._patterns[key] = Window((num_regions * tokens,), tokens)
+        return self._patterns[key]
+
+    # -- forward ----------------------------------------------------------------------
+    def _check(self, maps):
+        if isinstance(maps, torch.Tensor) or not isinstance(maps, Sequence):
+            raise TypeError(f"maps must be a list of channels-last feature maps, got {type(maps).__name__}")
+        if len(maps) != len(self.dims):
+            raise ValueError(f"expected {len(self.dims)} feature maps (one per entry of dims), got {len(maps)}")
+        for s, x in enumerate(maps):
+            if not isinstance(x, torch.Tensor) or x.dim() != 4:
+                shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(f"maps[{s}] must be a (batch, height, width, channels) tensor, got {shape}")
+            if x.shape[-1] != self.dims[s]:
+                raise ValueError(f"maps[{s}] has {x.shape[-1]} channels but dims[{s}] is {self.dims[s]}")
+            if x.shape[0] != maps[0].shape[0]:
+                raise ValueError(f"maps differ in batch size: maps[0] has {maps[0].shape[0]}, maps[{s}] has {x.shape[0]}")
+        grids = [tuple(x.shape[1:3]) for x in maps]
+        s0 = self.grid_ratios.index(1)
+        rh, rw = grids[s0]
+        for s, (h, w) in enumerate(grids):
+            r = self.grid_ratios[s]
+            if (h, w) != (rh * r, rw * r):
+                raise ValueError(
+                    f"maps[{s}] must have grid_ratios[{s}]={r} times the region grid {(rh, rw)} "
+                    f"(the grid of maps[{s0}]), i.e. {(rh * r, rw * r)}, got {(h, w)}"
+                )
+        return grids, (rh, rw)
+
+    def forward(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``maps``: list of (B, H_s, W_s, dims[s]); returns (B, Rh, Rw, embed_dim)."""
+        grids, regions = self._check(maps)
+        b, d, heads = maps[0].shape[0], self.embed_dim, self.num_heads
+        nr = math.prod(regions)
+        order = sorted(range(len(maps)), key=lambda s: self.grid_ratios[s])  # coarse to fine
+        tokens = multiscale_tokens([self.proj_in[s](maps[s]) for s in order], regions)  # (B, R, S, d)
+        if self.scale_token is not None:
+            pooled = [F.adaptive_avg_pool2d(x.permute(0, 3, 1, 2), regions) for x in maps]
+            scale = self.scale_token(torch.cat(pooled, 1).flatten(2).transpose(1, 2))  # (B, R, d)
+            tokens = torch.cat([scale[:, :, None], tokens], dim=2)
+        tokens = tokens + self.pos_embed
+        t = tokens.shape[2]
+        # scale attention: the tokens of one region attend among themselves
+        q, k, v = _split_heads(self.scale_qkv(tokens).reshape(b, nr * t, 3 * d), heads)
+        y = _attend(q, k, v, self.scale_pattern(nr, t), scale=self.scale, backend=self.backend)
+        y = self.scale_proj(y.transpose(1, 2).reshape(b, nr, t, d))
+        # patch attention: one token per region, across regions
+        r = y[:, :, self.region_token]
+        q, k, v = _split_heads(self.qkv(r), heads)
+        out = _attend(q, k, v, self.pattern(regions), scale=self.scale, backend=self.backend)
+        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, nr, d)))
+        return out.reshape(b, *regions, d)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dims={self.dims}, embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+            f"scale_token={self.scale_token is not None}, region_token={self.region_token}, "
+            f"patch_kernel_size={self.patch_kernel_size}"
+        )
