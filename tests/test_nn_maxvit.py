@@ -1,4 +1,4 @@
-"""MaxViT multi-axis attention and block against an independent dense MaxViT (partition reshapes, per-partition attention)."""
+"""MaxViT multi-axis attention and block against an independent dense MaxViT (partition reshapes, attention per part)."""
 
 import itertools
 import random
@@ -183,7 +183,7 @@ def test_block_trains():
     x, target = torch.randn(4, 4, 4, 16), torch.randn(4, 4, 4, 16)
     opt = torch.optim.Adam(blk.parameters(), lr=1e-2)
     losses = []
-    for _ in range(12):
+    for _ in range(8):
         loss = F.mse_loss(blk(x), target)
         opt.zero_grad()
         loss.backward()
@@ -204,7 +204,7 @@ def test_block_under_torch_compile():
 @pytest.mark.parametrize(
     "make, err, match",
     [
-        (lambda: MultiAxisAttention(8, 2, 2, kind="axial"), ValueError, r"kind must be one of \('block', 'grid'\), got 'axial'"),
+        (lambda: MultiAxisAttention(8, 2, 2, kind="axial"), ValueError, r"kind must be one of .*, got 'axial'"),
         (lambda: MultiAxisAttention(10, 4), ValueError, "dim must be divisible by num_heads, got 10 and 4"),
         (lambda: MultiAxisAttention(8, 2, 0), ValueError, "partition_size must be >= 1, got 0"),
         (lambda: MultiAxisAttention(8, 2, attn_drop=0.5), ValueError, "attn_drop must be 0.0"),

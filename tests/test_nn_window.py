@@ -104,7 +104,8 @@ def test_matches_swin_forward_and_backward(nd, seed):
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     g = torch.randn_like(out)
     tensors = [x] + list(m.parameters())
-    for name, a, b in zip(["x"] + [n for n, _ in m.named_parameters()], _grads(out, g, tensors), _grads(want, g, tensors)):
+    names = ["x"] + [n for n, _ in m.named_parameters()]
+    for name, a, b in zip(names, _grads(out, g, tensors), _grads(want, g, tensors)):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda s: f"d{name}: {s}")
 
 

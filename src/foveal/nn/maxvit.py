@@ -213,7 +213,9 @@ class MBConv(nn.Module):
 class _PartitionAttention(nn.Module):
     """Pre-norm residual block: ``x + attn(LN(x))``, then ``x + MLP(LN(x))`` (channels last)."""
 
-    def __init__(self, dim, num_heads, partition_size, kind, mlp_ratio, qkv_bias, proj_drop, rel_pos_bias, drop_path, backend):
+    def __init__(
+        self, dim, num_heads, partition_size, kind, mlp_ratio, qkv_bias, proj_drop, rel_pos_bias, drop_path, backend
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = MultiAxisAttention(
@@ -286,7 +288,7 @@ class MaxViTBlock(nn.Module):
         self.attn_grid = _PartitionAttention(dim, num_heads, partition_size, "grid", *args)
 
     def pattern(self, grid):
-        """``Window(grid, P) | Grid(grid, P)``: the two stages' patterns in one picture (each stage attends with its own)."""
+        """``Window(grid, P) | Grid(grid, P)``: both stages' patterns in one picture (each attends with its own)."""
         return self.attn_block.attn.pattern(grid) | self.attn_grid.attn.pattern(grid)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

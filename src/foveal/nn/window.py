@@ -26,7 +26,9 @@ from foveal.patterns.local import Window
 __all__ = ["WindowAttention", "swin_table_bias", "attend_channels_last"]
 
 
-def swin_table_bias(table: torch.Tensor, window: tuple[int, ...], grid: tuple[int, ...], step=1) -> RelativePositionBias:
+def swin_table_bias(
+    table: torch.Tensor, window: tuple[int, ...], grid: tuple[int, ...], step=1
+) -> RelativePositionBias:
     """A Swin/timm relative-position table as a ``foveal.bias.RelativePositionBias`` on ``grid``.
 
     ``table`` has Swin's layout ``(prod(2·window − 1), heads)``, rows in row-major
@@ -155,7 +157,8 @@ class WindowAttention(nn.Module):
         for a, (s, w) in enumerate(zip(self.shift_size, self.window_size)):
             if s >= w:
                 raise ValueError(
-                    f"shift_size must be in [0, window_size) on every axis; shift_size[{a}]={s} is not < window_size[{a}]={w}"
+                    f"shift_size must be in [0, window_size) on every axis; "
+                    f"shift_size[{a}]={s} is not < window_size[{a}]={w}"
                 )
         check_no_attn_drop(attn_drop)
         self.backend = check_backend(backend)
