@@ -15,7 +15,7 @@ def _maps(b, h, n, layers, heads_axis=True):
 
 
 def dense_rollout(maps):
-    """DCAL eq. (3) as written: Ŝ_i = S̄_i ⊗ S̄_{i−1} ⊗ … ⊗ S̄_1 with S̄ = 0.5 S + 0.5 E, full matrices."""
+    """DCAL eq. (3) as written: Ŝ_i = S̄_i ⊗ S̄_{i−1} ⊗ … ⊗ S̄_1, S̄ = 0.5 S + 0.5 E, full matrices."""
     n = maps[0].shape[-1]
     eye = torch.eye(n, dtype=torch.float64)
     s_hat = eye.expand(maps[0].shape[0], n, n)

@@ -177,7 +177,8 @@ def test_bad_input_is_refused():
         m(x, torch.zeros(4, 2, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"neighbors must have shape \(4, S\): S sampled ids per node, got \(3, 2\)"):
         m(x, torch.zeros(3, 2, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"neighbors must hold ids in \[0, 4\) or -1 \(no neighbour\), got values in \[-2, 4\]"):
+    msg = r"neighbors must hold ids in \[0, 4\) or -1 \(no neighbour\), got values in \[-2, 4\]"
+    with pytest.raises(ValueError, match=msg):
         m(x, torch.tensor([[0, 4], [-2, 1], [0, 0], [1, 1]]))
     with pytest.raises(ValueError, match="x has 6 channels but dim is 8"):
         m(torch.randn(4, 6), torch.zeros(4, 2, dtype=torch.long))

@@ -195,7 +195,7 @@ class GraphLocalGlobalAttention(nn.Module):
         return o[0].transpose(0, 1)
 
     def forward(self, x: torch.Tensor, neighbors: torch.Tensor, context: torch.Tensor | None = None):
-        """``x`` (N, dim); ``neighbors`` (N, S) indices into ``context`` (default ``x``), -1 = none; returns (N, dim)."""
+        """``x`` (N, dim); ``neighbors`` (N, S) ids into ``context`` (default ``x``), -1 = none; returns (N, dim)."""
         context = self._check(x, neighbors, context)
         n = x.shape[0]
         out_local = self.local_path(x, neighbors, context).reshape(n, self.dim)
