@@ -198,3 +198,34 @@ def test_bad_tables_are_refused():
         blocksparse_attention(q, k, v, table, 0, 1.0)
     with pytest.raises(ValueError, match="partial must be a bool"):
         blocksparse_attention(q, k, v, table, block, 1.0, partial=partial.int(), mask_fn=_fn)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_single_key_tokens_besides_blocks(seed):
+    # vertical-slash style: blocks plus single tokens outside them, all masked by mask_fn
+    q, k, v, table, partial, block = _case(30 + seed, hq=4, hkv=2)
+    rng = random.Random(seed)
+    b, h, nqb, _ = table.shape
+    n = q.shape[2]
+    width = rng.randint(1, 6)
+    tokens = torch.full((b, h, nqb, width), -1, dtype=torch.int64)
+    mask = mask_from_table(table, partial, _fn, n, n, block)
+    for bi in range(b):
+        for hi in range(h):
+            for qb in range(nqb):
+                outside = [j for j in range(n) if j // block not in table[bi, hi, qb].tolist()]
+                for slot, j in zip(rng.sample(range(width), width), rng.sample(outside, min(width, len(outside)))):
+                    if rng.random() < 0.8:
+                        tokens[bi, hi, qb, slot] = j
+                        i = torch.arange(qb * block, min(n, (qb + 1) * block))
+                        mask[bi, hi, i, j] = torch.as_tensor(_fn(bi, hi, i, j))
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    out, lse = blocksparse_attention(qr, kr, vr, table, block, 0.6, partial=partial, mask_fn=_fn, kv_tokens=tokens)
+    q2, k2, v2 = (t.double().requires_grad_() for t in (q, k, v))
+    ref_out, ref_lse = dense_attention(q2, k2, v2, mask, 0.6)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+    for ours, theirs in zip(_grads(out, lse, (qr, kr, vr), seed), _grads(ref_out, ref_lse, (q2, k2, v2), seed)):
+        torch.testing.assert_close(ours.double(), theirs, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="kv_tokens entries"):
+        blocksparse_attention(q, k, v, table, block, 0.6, kv_tokens=tokens + n)

@@ -8,7 +8,9 @@ table ``kv_blocks`` of shape (B, Hq, num_q_blocks, S): the key blocks of each
 (same shape, bool) marks the slots where the elementwise ``mask_fn(b, h, q_idx,
 kv_idx)`` must be applied (a causal diagonal, a column/diagonal structure);
 other slots are attended fully. Tokens past the end of a ragged last block are
-never attended.
+never attended. Optionally ``kv_tokens`` (B, Hq, num_q_blocks, T) lists single key
+tokens gathered besides the blocks (vertical-slash's kept columns outside its
+diagonal blocks), ``-1`` unused; ``mask_fn`` applies to them.
 
 Every (b, h, query block) is an *instance*. Instances are processed in chunks
 whose score tile (instances × block × kept slots × block) holds at most
@@ -49,16 +51,17 @@ class _Plan:
     n_kv: int
     block: int
     table: torch.Tensor  # (R, S) key blocks, -1 unused
+    tokens: torch.Tensor | None  # (R, T) single key tokens, -1 unused
     partial: torch.Tensor | None  # (R, S) bool
     mask_fn: object
     b_idx: torch.Tensor  # (R,)
     h_idx: torch.Tensor  # (R,)
     qb_idx: torch.Tensor  # (R,)
     kv_base: torch.Tensor  # (R,) first row of the instance's key head in the flattened keys
-    chunks: list  # (r0, r1, slots)
+    chunks: list  # (r0, r1, block slots, token slots)
 
 
-def _check(q, k, v, kv_blocks, block, partial, mask_fn):
+def _check(q, k, v, kv_blocks, block, partial, mask_fn, kv_tokens=None):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D tensor (batch, heads, tokens, head_dim), got {getattr(t, 'shape', t)!r}")
@@ -79,32 +82,48 @@ def _check(q, k, v, kv_blocks, block, partial, mask_fn):
                          f"[{int(kv_blocks.min())}, {int(kv_blocks.max())}]")
     if partial is not None and (partial.dtype != torch.bool or partial.shape != kv_blocks.shape):
         raise ValueError(f"partial must be a bool tensor of shape {tuple(kv_blocks.shape)}, got {partial.dtype} {tuple(partial.shape)}")
+    if kv_tokens is not None:
+        if not isinstance(kv_tokens, torch.Tensor) or kv_tokens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"kv_tokens must be None or an int32/int64 tensor, got {type(kv_tokens).__name__}")
+        if kv_tokens.dim() != 4 or tuple(kv_tokens.shape[:3]) != (b, hq, nqb):
+            raise ValueError(f"kv_tokens must have shape ({b}, {hq}, {nqb}, tokens), got {tuple(kv_tokens.shape)}")
+        if kv_tokens.numel() and (int(kv_tokens.min()) < -1 or int(kv_tokens.max()) >= k.shape[2]):
+            raise ValueError(f"kv_tokens entries must be -1 (unused) or key tokens in [0, {k.shape[2]}), got range "
+                             f"[{int(kv_tokens.min())}, {int(kv_tokens.max())}]")
     if mask_fn is not None and not callable(mask_fn):
         raise TypeError(f"mask_fn must be callable (b, h, q_idx, kv_idx) -> bool tensor, got {type(mask_fn).__name__}")
 
 
-def _plan(q, k, kv_blocks, block, partial, mask_fn) -> _Plan:
+def _last_unused(table):
+    """Each row's unused (-1) slots moved to the end, in a stable way; and the permutation."""
+    order = torch.argsort((table < 0).to(torch.int8), dim=1, stable=True)
+    return table.gather(1, order), order
+
+
+def _plan(q, k, kv_blocks, block, partial, mask_fn, kv_tokens=None) -> _Plan:
     b, hq, n_q, _ = q.shape
     hkv, n_kv = k.shape[1], k.shape[2]
     nqb = -(-n_q // block)
     dev = q.device
     table = kv_blocks.to(device=dev, dtype=torch.int64).reshape(b * hq * nqb, -1)
     # unused slots last, so each chunk can drop the trailing ones
-    order = torch.argsort((table < 0).to(torch.int8), dim=1, stable=True)
-    table = table.gather(1, order)
+    table, order = _last_unused(table)
     if partial is not None:
         partial = partial.to(dev).reshape(table.shape).gather(1, order)
     counts = (table >= 0).sum(1)
+    tokens, tcounts, width = None, torch.zeros_like(counts), 0
+    if kv_tokens is not None and kv_tokens.shape[-1]:
+        tokens, _ = _last_unused(kv_tokens.to(device=dev, dtype=torch.int64).reshape(table.shape[0], -1))
+        tcounts, width = (tokens >= 0).sum(1), tokens.shape[1]
     inst = torch.arange(table.shape[0], device=dev)
     b_idx, h_idx, qb_idx = inst // (hq * nqb), (inst // nqb) % hq, inst % nqb
     kv_base = (b_idx * hkv + h_idx // (hq // hkv)) * n_kv
-    slots = max(1, table.shape[1])
-    step = max(1, SCORE_ELEMENTS // (block * slots * block))
+    step = max(1, SCORE_ELEMENTS // (block * max(1, table.shape[1] * block + width)))
     chunks = []
     for r0 in range(0, table.shape[0], step):
         r1 = min(r0 + step, table.shape[0])
-        chunks.append((r0, r1, int(counts[r0:r1].max()) if r1 > r0 else 0))
-    return _Plan(n_q, n_kv, block, table, partial, mask_fn, b_idx, h_idx, qb_idx, kv_base, chunks)
+        chunks.append((r0, r1, int(counts[r0:r1].max()), int(tcounts[r0:r1].max())))
+    return _Plan(n_q, n_kv, block, table, tokens, partial, mask_fn, b_idx, h_idx, qb_idx, kv_base, chunks)
 
 
 def _pad_rows(x, n_blocks, block):
@@ -115,13 +134,21 @@ def _pad_rows(x, n_blocks, block):
     return x.reshape(b * h * n_blocks, block, e)
 
 
-def _chunk_scores(plan: _Plan, qc, kf, r0, r1, s_count, scale):
-    """Masked scaled scores of instances r0:r1 and their gathered key rows: (r, block, slots·block)."""
+def _chunk_scores(plan: _Plan, qc, kf, r0, r1, s_count, t_count, scale):
+    """Masked scaled scores of instances r0:r1 and their gathered key rows: (r, block, S·block + T)."""
     bs = plan.block
     tb = plan.table[r0:r1, :s_count]  # (r, S)
     ar = torch.arange(bs, device=tb.device)
     tok = (tb[:, :, None] * bs + ar).reshape(r1 - r0, -1)  # (r, S·block)
     valid = (tb >= 0).repeat_interleave(bs, 1) & (tok < plan.n_kv)
+    part = None
+    if plan.mask_fn is not None and plan.partial is not None:
+        part = plan.partial[r0:r1, :s_count].repeat_interleave(bs, 1)
+    if t_count:
+        extra = plan.tokens[r0:r1, :t_count]
+        tok, valid = torch.cat([tok, extra], 1), torch.cat([valid, extra >= 0], 1)
+        if part is not None:
+            part = torch.cat([part, torch.ones_like(extra, dtype=torch.bool)], 1)
     tok_safe = tok.clamp(0, plan.n_kv - 1)
     rows = plan.kv_base[r0:r1, None] + tok_safe
     kg = F.embedding(rows, kf)  # (r, S·block, D)
@@ -130,8 +157,8 @@ def _chunk_scores(plan: _Plan, qc, kf, r0, r1, s_count, scale):
     if plan.mask_fn is not None:
         qi = (plan.qb_idx[r0:r1, None, None] * bs + ar[None, :, None]).clamp(max=plan.n_q - 1)
         m = plan.mask_fn(plan.b_idx[r0:r1, None, None], plan.h_idx[r0:r1, None, None], qi, tok_safe[:, None, :])
-        if plan.partial is not None:
-            m = m | ~plan.partial[r0:r1, :s_count].repeat_interleave(bs, 1)[:, None, :]
+        if part is not None:
+            m = m | ~part[:, None, :]
         allowed = allowed & m
     s.masked_fill_(~allowed, float("-inf"))
     return s, rows, kg
@@ -145,10 +172,10 @@ def _forward(q, k, v, plan: _Plan, scale):
     vf = v.to(cdt).reshape(-1, v.shape[-1])
     out = torch.zeros(qp.shape[0], bs, vf.shape[1], dtype=cdt, device=q.device)
     lse = torch.full((qp.shape[0], bs), float("-inf"), dtype=cdt, device=q.device)
-    for r0, r1, s_count in plan.chunks:
-        if s_count == 0:
+    for r0, r1, s_count, t_count in plan.chunks:
+        if s_count + t_count == 0:
             continue
-        s, rows, _ = _chunk_scores(plan, qp[r0:r1], kf, r0, r1, s_count, scale)
+        s, rows, _ = _chunk_scores(plan, qp[r0:r1], kf, r0, r1, s_count, t_count, scale)
         m = s.amax(-1, keepdim=True)
         m.masked_fill_(m == float("-inf"), 0.0)
         p = s.sub_(m).exp_()
@@ -179,10 +206,10 @@ def _backward(q, k, v, out_p, lse_p, dout, dlse, plan: _Plan, scale):
     lse_safe = lse_p.masked_fill(lse_p == float("-inf"), 0.0)
     dq = torch.zeros_like(qp)
     dk, dv = torch.zeros_like(kf), torch.zeros_like(vf)
-    for r0, r1, s_count in plan.chunks:
-        if s_count == 0:
+    for r0, r1, s_count, t_count in plan.chunks:
+        if s_count + t_count == 0:
             continue
-        s, rows, kg = _chunk_scores(plan, qp[r0:r1], kf, r0, r1, s_count, scale)
+        s, rows, kg = _chunk_scores(plan, qp[r0:r1], kf, r0, r1, s_count, t_count, scale)
         p = s.sub_(lse_safe[r0:r1, :, None]).exp_()  # masked entries: exp(-inf) = 0
         doc = dop[r0:r1]
         flat = rows.flatten()
@@ -213,7 +240,7 @@ class _BlockSparse(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def blocksparse_attention(q, k, v, kv_blocks, block: int, scale: float, *, partial=None, mask_fn=None):
+def blocksparse_attention(q, k, v, kv_blocks, block: int, scale: float, *, partial=None, mask_fn=None, kv_tokens=None):
     """Exact attention of each (b, h, query block) over its listed key blocks; returns ``(out, lse)``.
 
     ``q`` (B, Hq, Nq, D), ``k`` (B, Hkv, Nk, D), ``v`` (B, Hkv, Nk, Dv); ``kv_blocks``
@@ -221,11 +248,14 @@ def blocksparse_attention(q, k, v, kv_blocks, block: int, scale: float, *, parti
     or -1; ``partial`` (same shape, bool) marks slots masked elementwise by
     ``mask_fn(b, h, q_idx, kv_idx) -> bool`` (broadcast index tensors, FlexAttention's
     ``mask_mod`` contract); without ``partial`` the mask applies to every slot. A block
-    listed twice is attended twice: list each once. ``out`` has q's dtype, ``lse``
+    listed twice is attended twice: list each once. ``kv_tokens`` (B, Hq, ceil(Nq /
+    block), T) int, optional: single key tokens (or -1) gathered besides the blocks,
+    always masked by ``mask_fn``; they must not lie in a listed block of the same
+    query block (they would count twice). ``out`` has q's dtype, ``lse``
     (B, Hq, Nq) float32 (float64 for float64 inputs). Differentiable in q, k and v.
     """
-    _check(q, k, v, kv_blocks, block, partial, mask_fn)
-    plan = _plan(q, k, kv_blocks, block, partial, mask_fn)
+    _check(q, k, v, kv_blocks, block, partial, mask_fn, kv_tokens)
+    plan = _plan(q, k, kv_blocks, block, partial, mask_fn, kv_tokens)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return _BlockSparse.apply(q, k, v, plan, float(scale))
     out_p, lse_p = _forward(q, k, v, plan, float(scale))
