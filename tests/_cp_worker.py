@@ -78,8 +78,9 @@ def run_case(case, rank, world, group):
     stats = CPStats()
     out, lse = attend_cp(
         ql, kl, vl, pattern, group, method=case["method"], order=order, return_lse=True,
-        ulysses_degree=case.get("ulysses_degree"), stats=stats,
+        ulysses_degree=case.get("ulysses_degree"), stats=stats, backend=case.get("backend", "auto"),
     )
+    fwd_sent = {str(p): b for p, b in stats.bytes_sent.items()}
     gol, gll = shard(go, pattern, group, order=order), shard(gl[:, :, :, None], pattern, group, order=order)[..., 0]
     lfin = torch.isfinite(lse)
     ((out.float() * gol).sum() + (torch.where(lfin, lse, 0.0) * gll).sum()).backward()
@@ -103,6 +104,7 @@ def run_case(case, rank, world, group):
         "errs": errs,
         "stats": {
             "bytes_sent": {str(p): b for p, b in stats.bytes_sent.items()},
+            "bytes_sent_forward": fwd_sent,
             "steps": stats.steps,
             "steps_computed": stats.steps_computed,
             "steps_skipped": stats.steps_skipped,

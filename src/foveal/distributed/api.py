@@ -20,7 +20,7 @@ import zlib
 import torch
 
 from foveal.distributed.allgather import allgather_attention
-from foveal.distributed.comm import CPStats, exchange, group_info, handshake
+from foveal.distributed.comm import CPStats, confirm, exchange, group_info, handshake
 from foveal.distributed.orders import ORDERS, as_order
 from foveal.distributed.plan import cp_layout, group_need, ring_schedule
 from foveal.distributed.ring import RingConfig, ring_attention
@@ -166,13 +166,26 @@ def attend_cp(
     (``ulysses_degree`` ranks per Ulysses group, the ring across groups). ``backend``
     is the local ``attend`` backend. ``stats`` (a ``CPStats``) counts bytes and skipped
     steps. ``check`` makes every rank confirm with the others that they agree on
-    shapes and arguments first (one small all-gather), so a mismatch raises on every
-    rank instead of hanging.
+    shapes and arguments first, and that every rank finished the forward pass after
+    (two small all-gathers), so a mismatch or a failing rank raises on every rank
+    (within the group's timeout) instead of hanging or returning on some ranks only.
     """
     group, world, rank = group_info(group)
     order, scale, u = _check(q, k, v, pattern, world, method, order, scale, ulysses_degree)
     if check:
         handshake(group, _signature(q, k, v, pattern, world, method, order, u, scale), f"attend_cp({method})")
+    if not check:
+        return _run(q, k, v, pattern, group, world, rank, method, order, scale, backend, return_lse, u, stats)
+    error = result = None
+    try:
+        result = _run(q, k, v, pattern, group, world, rank, method, order, scale, backend, return_lse, u, stats)
+    except Exception as e:  # report to the others, then re-raise
+        error = e
+    confirm(group, error, f"attend_cp({method})")
+    return result
+
+
+def _run(q, k, v, pattern, group, world, rank, method, order, scale, backend, return_lse, u, stats):
     lay = cp_layout(pattern, world, order)
     if method == "allgather":
         out, lse = allgather_attention(q, k, v, lay, rank, group, scale, backend, stats)

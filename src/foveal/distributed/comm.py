@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-__all__ = ["ContextParallelError", "CPStats", "init", "exchange", "group_info", "handshake", "DEFAULT_TIMEOUT"]
+__all__ = ["ContextParallelError", "CPStats", "init", "exchange", "group_info", "handshake", "confirm", "DEFAULT_TIMEOUT"]
 
 #: seconds a rank waits for a peer before raising (``init(timeout=)`` sets the group's)
 DEFAULT_TIMEOUT = 60.0
@@ -204,4 +204,33 @@ def handshake(group, signature: tuple, what: str):
             f"rank {dist.get_rank(group)}: {what}: ranks disagree on the call (shapes, dtype, pattern, "
             f"method or order); ranks {differ} differ from this rank; every rank must call with "
             f"the same shapes and arguments"
+        )
+
+
+def confirm(group, error: BaseException | None, what: str):
+    """Every rank reports whether its part succeeded; raise on every rank if any failed.
+
+    A rank whose part raised passes its exception as ``error`` (it is re-raised after
+    the report, so the others learn at once instead of waiting for a timeout); ranks that
+    succeeded raise ``ContextParallelError`` naming the ranks that failed. A rank that
+    never reports makes the others raise within the group's timeout.
+    """
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    flag = torch.tensor([0 if error is None else 1], dtype=torch.int64)
+    flags = [torch.zeros_like(flag) for _ in range(world)]
+    try:
+        dist.all_gather(flags, flag, group=group)
+    except Exception as e:
+        if error is not None:
+            raise error
+        raise ContextParallelError(
+            f"rank {rank}: {what}: could not confirm completion with the other ranks "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e}); a peer rank failed, stopped or timed out"
+        ) from e
+    if error is not None:
+        raise error
+    failed = [r for r, f in enumerate(flags) if int(f)]
+    if failed:
+        raise ContextParallelError(
+            f"rank {rank}: {what}: rank(s) {failed} failed during the call; this rank's result is discarded"
         )

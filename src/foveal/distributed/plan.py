@@ -27,6 +27,7 @@ from foveal.distributed.subpattern import ShardPattern
 __all__ = ["CPLayout", "cp_layout", "ring_schedule", "plan_block"]
 
 _CACHE: dict = {}
+_CACHE_SIZE = 32
 
 
 def plan_block(n: int, unit: int, max_blocks: int = 4096) -> int:
@@ -122,8 +123,8 @@ def cp_layout(pattern, world: int, order="contiguous") -> CPLayout:
         load.index_add_(0, qown * world + kown, torch.ones_like(qown))
     load = load.view(world, world)
     # key blocks of s that r needs
-    key = torch.unique((qown * world + kown) * nb + kblk)
-    rs, kbs = key // nb, key % nb
+    pair = torch.unique((qown * world + kown) * nb + kblk)
+    rs, kbs = pair // nb, pair % nb
     kv_blocks = [[None] * world for _ in range(world)]
     ptr = torch.searchsorted(rs, torch.arange(world * world + 1))
     for r in range(world):
@@ -131,6 +132,8 @@ def cp_layout(pattern, world: int, order="contiguous") -> CPLayout:
             i = r * world + s
             kv_blocks[r][s] = kbs[ptr[i] : ptr[i + 1]]
     out = CPLayout(pattern, world, order, block, tokens, owner, load, kv_blocks)
+    if len(_CACHE) >= _CACHE_SIZE:  # forget the oldest plan
+        _CACHE.pop(next(iter(_CACHE)))
     _CACHE[key] = out
     return out
 

@@ -11,9 +11,10 @@ over contiguous shards sends each shard to its next neighbour only.
 
 Backward (Liu et al., "Ring Attention with Blockwise Transformers", 2023, and
 Brandon et al., "Striped Attention", 2023, for the forward; the backward here is the
-flash rule per step): K/V travel the same way again with a dK/dV accumulator each;
-every position adds its contribution, and at the end of its journey an accumulator
-goes straight back to the shard's owner. Per step, the contribution is the gradient of
+flash rule per step): K/V travel the same way again; from the first position after
+the owner on, a dK/dV accumulator travels with them and every position adds its
+contribution; at the end of the shard's journey the accumulator goes straight back to
+the owner (one hop for a shard only the next rank needs). Per step, the contribution is the gradient of
 that step's (out_t, lse_t) under the merge:
 ``d out_t = w_t·dO``, ``d lse_t = w_t·(dO·(out_t − out) + d lse)``, ``w_t = exp(lse_t − lse)``.
 """
@@ -155,19 +156,22 @@ def _ring_backward(cfg, q, kv, d, out, lse, dout, dlse):
             if sched.computes(me, t):
                 gq, contrib = _step_grads(cfg, s, q, *split_kv(buf, d), out, lse, dout, dlse)
                 dq += gq
-            if acc_wait is not None:
-                acc = acc_wait()[cfg.prev]
-                acc = acc if contrib is None else acc + contrib
+            if t == 0:  # my own shard: keep my contribution; the travelling accumulator starts at the next position
+                mine = contrib
             else:
-                acc = torch.zeros(aspec[0], dtype=torch.float32, device=kv.device) if contrib is None else contrib
-            if sched.sends(me, t + 1) and t + 1 < sched.steps:
-                pending.append(post({cfg.next: acc}, {}, cfg.group, cfg.tag + _TAG_ACC + t, f"{what} step {t + 1}: dK/dV", cfg.stats))
-            elif s == me:
-                mine = acc
-            else:
-                pending.append(post({cfg.peers[s]: acc}, {}, cfg.group, cfg.tag + _TAG_RET, f"{what}: returning dK/dV", cfg.stats))
+                if acc_wait is not None:
+                    acc = acc_wait()[cfg.prev]
+                    acc = acc if contrib is None else acc + contrib
+                else:
+                    acc = torch.zeros(aspec[0], dtype=torch.float32, device=kv.device) if contrib is None else contrib
+                if sched.sends(me, t + 1):
+                    tag = cfg.tag + _TAG_ACC + t
+                    pending.append(post({cfg.next: acc}, {}, cfg.group, tag, f"{what} step {t + 1}: dK/dV", cfg.stats))
+                else:  # the end of this shard's journey: straight back to its owner
+                    tag = cfg.tag + _TAG_RET
+                    pending.append(post({cfg.peers[s]: acc}, {}, cfg.group, tag, f"{what}: returning dK/dV", cfg.stats))
         acc_wait = None
-        if t + 1 < sched.steps and sched.receives(me, t + 1):
+        if t >= 1 and t + 1 < sched.steps and sched.receives(me, t + 1):
             acc_wait = post({}, {cfg.prev: aspec}, cfg.group, cfg.tag + _TAG_ACC + t, f"{what} step {t + 1}: dK/dV", cfg.stats)
         if waiter is not None:
             got = waiter()
@@ -176,7 +180,8 @@ def _ring_backward(cfg, q, kv, d, out, lse, dout, dlse):
     for w in pending:
         w()
     if ret is not None:
-        mine = ret()[cfg.peers[(me + sched.hops[me]) % world]]
+        back = ret()[cfg.peers[(me + sched.hops[me]) % world]]
+        mine = back if mine is None else mine + back
     if mine is None:
         mine = torch.zeros(aspec[0], dtype=torch.float32, device=kv.device)
     _count(cfg, backward=True)

@@ -1,0 +1,272 @@
+"""Context parallelism: attend_cp on 2, 3 and 4 gloo processes equals dense attention, forward and backward.
+
+The oracle is a dense softmax attention written in ``_cp_worker.py`` from the
+definition (``pattern.mask`` over all pairs, float64). Multi-process cases are
+batched: one spawned group per world size runs many (method, order, pattern) cases
+and the tests below read its results. Single-process tests check the token orders,
+the plan (which shards each rank needs, load balance) and the argument errors.
+"""
+
+import datetime
+import math
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import _cp_worker as W
+from foveal.distributed import ContextParallelError, CPStats, Order, attend_cp, cp_layout, ring_schedule, shard, unshard
+from foveal.distributed.orders import shard_tokens
+from foveal.distributed.subpattern import ShardPattern
+from foveal.patterns import Causal, Document, Neighborhood, Sinks, SlidingWindow
+
+METHODS = ("ring", "allgather", "ulysses", "hybrid")
+ORDERS = ("contiguous", "zigzag", "balanced")
+PATTERNS = ("causal", "window", "sinks+window", "neighborhood2d", "document")
+
+
+def _cases(world):
+    """Every method × order × pattern at 4 ranks; a cross-section at 2 and 3, plus dtypes, GQA, faults."""
+    cases, seed = [], 0
+
+    def add(**c):
+        nonlocal seed
+        seed += 1
+        c.setdefault("n", 96)
+        c.setdefault("seed", seed)
+        c["id"] = "-".join(str(c[k]) for k in ("method", "order", "pattern")) + c.pop("tag", "")
+        if c["method"] == "hybrid":
+            c.setdefault("ulysses_degree", 2 if world % 2 == 0 else 1)
+        if world == 3:
+            c.setdefault("shape", (2, 6, 3, 8, 8))
+        cases.append(c)
+
+    if world == 4:  # with world 3 below: every method × order × pattern once
+        for m in METHODS:
+            for o in ORDERS:
+                for p in ("causal", "neighborhood2d", "document"):
+                    add(method=m, order=o, pattern=p)
+        add(method="ring", order="contiguous", pattern="window", n=512, tag="-stats")
+        add(method="allgather", order="contiguous", pattern="window", n=512, tag="-stats")
+        add(method="ring", order="striped", pattern="causal", tag="-striped")
+    elif world == 2:
+        for m in METHODS:
+            for o in ORDERS:
+                add(method=m, order=o, pattern="window2")
+            add(method=m, order="zigzag", pattern="causal", dtype="bfloat16", tag="-bf16")
+            add(method=m, order="contiguous", pattern="document-full", shape=(2, 4, 1, 8, 6), tag="-mqa-dv6")
+    else:
+        for m in METHODS:
+            for o in ORDERS:
+                for p in ("window", "sinks+window"):
+                    add(method=m, order=o, pattern=p)
+        add(method="ring", order="zigzag", pattern="causal", dtype="bfloat16", tag="-bf16")
+        cases.append({"id": "fault-raise", "fault": "raise_mid_ring", "bad_rank": 1, "n": 96, "timeout": 4.0})
+        cases.append({"id": "fault-shapes", "fault": "shape_mismatch", "bad_rank": 2, "n": 96, "timeout": 4.0})
+    return cases
+
+
+_RESULTS = {}
+
+
+def _results(world):
+    if world not in _RESULTS:
+        with tempfile.TemporaryDirectory() as tmp:
+            import pathlib
+
+            cases = _cases(world)
+            _RESULTS[world] = (cases, W.spawn(world, cases, pathlib.Path(tmp), timeout=20.0))
+    return _RESULTS[world]
+
+
+def _check_close(world, case, per_rank):
+    loose = case.get("dtype") == "bfloat16"
+    for r, res in enumerate(per_rank):
+        assert "error" not in res, f"{case['id']} rank {r}:\n{res['error']}"
+        e = res["errs"]
+        for name in ("out", "lse", "dq", "dk", "dv"):
+            tol = (0.05 if loose else 2e-5) * max(1.0, e[name + "_scale"])
+            assert e[name] <= tol, f"{case['id']} rank {r}: {name} differs by {e[name]:.3g} (tolerance {tol:.3g})"
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_every_method_and_order_equals_dense_attention_forward_and_backward(world):
+    cases, results = _results(world)
+    checked = 0
+    for case in cases:
+        if "fault" in case:
+            continue
+        _check_close(world, case, results[case["id"]])
+        checked += 1
+    assert checked >= 15
+
+
+def test_ring_with_a_window_sends_to_the_next_neighbour_only_and_skips_the_other_steps():
+    cases, results = _results(4)
+    per_rank = results["ring-contiguous-window-stats"]
+    shard_bytes = 2 * 2 * 128 * (8 + 8) * 4  # (B, Hkv, N/P, D + Dv) float32
+    for r, res in enumerate(per_rank):
+        st = res["stats"]
+        fwd = {int(p): b for p, b in st["bytes_sent_forward"].items() if b}
+        both = {int(p): b for p, b in st["bytes_sent"].items() if b}
+        # forward: K/V of my shard to the next rank only (the last rank's keys are needed by nobody else)
+        assert fwd == ({r + 1: shard_bytes} if r < 3 else {}), fwd
+        # backward: K/V again, and the dK/dV of the previous rank's shard straight back to it
+        expect = {r + 1: 2 * shard_bytes} if r < 3 else {}
+        if r > 0:
+            expect[r - 1] = shard_bytes
+        assert both == expect, both
+        # forward and backward each: P = 4 steps, own shard and the previous rank's computed
+        computed = 2 if r > 0 else 1
+        assert st["steps"] == 8 and st["steps_computed"] == 2 * computed and st["steps_skipped"] == 2 * (4 - computed)
+        assert st["transfers_skipped"] == 2 * (3 - (1 if r < 3 else 0))
+
+
+def test_sparse_allgather_sends_only_the_needed_blocks():
+    cases, results = _results(4)
+    per_rank = results["allgather-contiguous-window-stats"]
+    block_bytes = 2 * 2 * 64 * (8 + 8) * 4  # one 64-token block of K/V (the window of 10 reaches one block back)
+    for r, res in enumerate(per_rank):
+        sent = {int(p): b for p, b in res["stats"]["bytes_sent_forward"].items() if b}
+        assert sent == ({r + 1: block_bytes} if r < 3 else {}), sent
+
+
+def test_a_rank_failing_mid_ring_makes_every_rank_raise_within_the_timeout():
+    cases, results = _results(3)
+    per_rank = results["fault-raise"]
+    for r, res in enumerate(per_rank):
+        assert res["raised"], f"rank {r} did not raise"
+        assert res["seconds"] < 4.0 * 2 + 2, res
+        if r == 1:
+            assert "injected failure" in res["raised"]
+        else:
+            # told by the failing rank's report, or by its own transfer timing out
+            assert "ContextParallelError" in res["raised"], res["raised"]
+            assert "rank(s) [1] failed" in res["raised"] or "ring step" in res["raised"], res["raised"]
+
+
+def test_ranks_disagreeing_on_shapes_all_raise_a_clear_error():
+    cases, results = _results(3)
+    for r, res in enumerate(results["fault-shapes"]):
+        assert res["raised"] and "disagree" in res["raised"], (r, res)
+        assert res["seconds"] < 4.0 + 2
+
+
+# -- single process -----------------------------------------------------------------
+
+
+def test_orders_follow_their_definitions():
+    n, p = 48, 3
+    c = n // p
+    assert [t.tolist() for t in shard_tokens(n, p, "contiguous")] == [list(range(r * c, (r + 1) * c)) for r in range(p)]
+    h = n // (2 * p)
+    zig = [list(range(r * h, (r + 1) * h)) + list(range((2 * p - 1 - r) * h, (2 * p - r) * h)) for r in range(p)]
+    assert [t.tolist() for t in shard_tokens(n, p, "zigzag")] == zig
+    assert [t.tolist() for t in shard_tokens(n, p, "striped")] == [list(range(r, n, p)) for r in range(p)]
+    assert [t.tolist() for t in shard_tokens(n, p, Order("striped", 2))] == [
+        [i for i in range(n) if (i // 2) % p == r] for r in range(p)
+    ]
+    for pattern in (Causal(n), Document([10, 30, 8], Causal), Neighborhood((6, 8), 3)):
+        toks = shard_tokens(pattern, p, "balanced")
+        assert all(t.numel() == n // p for t in toks)
+        assert sorted(torch.cat(toks).tolist()) == list(range(n))
+
+
+def _load_ratio(pattern, world, order):
+    load = cp_layout(pattern, world, order).load.sum(1).double()
+    return float(load.max() / load.mean())
+
+
+def test_zigzag_and_balanced_orders_balance_a_causal_mask():
+    pattern = Causal(4096)
+    assert _load_ratio(pattern, 8, "contiguous") > 1.7
+    assert _load_ratio(pattern, 8, "zigzag") < 1.05
+    assert _load_ratio(pattern, 8, "balanced") < 1.05
+    docs = Document([3000, 500, 300, 296], Causal)
+    assert _load_ratio(docs, 4, "balanced") < _load_ratio(docs, 4, "contiguous")
+
+
+def test_plan_needs_match_the_dense_mask():
+    for pattern, order in (
+        (SlidingWindow(256, 20), "contiguous"),
+        (Sinks(256, 4) | SlidingWindow(256, 9), "zigzag"),
+        (Neighborhood((16, 16), 5), "balanced"),
+        (Document([100, 60, 96], Causal), "contiguous"),
+    ):
+        lay = cp_layout(pattern, 4, order)
+        dense = pattern.dense_mask()
+        for r in range(4):
+            for s in range(4):
+                sub = dense[lay.tokens[r]][:, lay.tokens[s]]
+                assert bool(lay.need[r, s]) == bool(sub.any()), (pattern, order, r, s)
+                sp = ShardPattern(pattern, lay.tokens[r], lay.tokens[s])
+                assert torch.equal(sp.dense_mask(), sub)
+                # every allowed key lies in the key set of its query group
+                for q0 in range(0, sp.n_q, 16):
+                    qs = torch.arange(q0, min(q0 + 16, sp.n_q))
+                    ks = sp.key_set(qs)
+                    allowed = torch.nonzero(sub[qs].any(0)).flatten()
+                    assert bool(torch.isin(allowed, ks).all())
+
+
+def test_ring_schedule_for_a_sliding_window_uses_one_hop():
+    sched = ring_schedule(cp_layout(SlidingWindow(512, 40), 4, "contiguous").need)
+    assert sched.hops == (1, 1, 1, 0) and sched.steps == 2
+    sched = ring_schedule(cp_layout(Causal(512), 4, "contiguous").need)
+    assert sched.hops == (3, 2, 1, 0) and sched.steps == 4
+
+
+@pytest.fixture
+def one_rank_group():
+    with tempfile.NamedTemporaryFile() as f:
+        dist.init_process_group(
+            "gloo", init_method=f"file://{f.name}", rank=0, world_size=1, timeout=datetime.timedelta(seconds=10)
+        )
+        try:
+            yield dist.group.WORLD
+        finally:
+            dist.destroy_process_group()
+
+
+def test_one_rank_equals_dense_and_bad_arguments_are_refused(one_rank_group):
+    pattern = SlidingWindow(64, 7)
+    q, k, v = torch.randn(2, 4, 64, 8), torch.randn(2, 2, 64, 8), torch.randn(2, 2, 64, 8)
+    ref, _ = W.dense_attention(q, k, v, pattern, 1 / math.sqrt(8))
+    for method in ("ring", "allgather", "ulysses"):
+        out = attend_cp(q, k, v, pattern, method=method, order="zigzag")
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(unshard(shard(q, pattern, order="zigzag"), pattern, order="zigzag"), q)
+    with pytest.raises(ValueError, match="method must be one of"):
+        attend_cp(q, k, v, pattern, method="rings")
+    with pytest.raises(ValueError, match="order must be one of"):
+        attend_cp(q, k, v, pattern, order="spiral")
+    with pytest.raises(ValueError, match="local tokens"):
+        attend_cp(q[:, :, :32], k[:, :, :32], v[:, :, :32], pattern)
+    with pytest.raises(ValueError, match="ulysses_degree"):
+        attend_cp(q, k, v, pattern, method="hybrid")
+    with pytest.raises(ValueError, match="as many keys as queries"):
+        attend_cp(q, k, v, SlidingWindow(64, 7, n_kv=80))
+    with pytest.raises(TypeError, match="one dtype"):
+        attend_cp(q, k.double(), v, pattern)
+    with pytest.raises(ValueError, match="zigzag order"):
+        shard(torch.randn(1, 1, 63, 4), SlidingWindow(63, 3), order="zigzag")
+
+
+def test_attend_cp_without_a_process_group_says_how_to_start_one():
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised")
+    q = torch.randn(1, 1, 16, 4)
+    with pytest.raises(ContextParallelError, match="not initialised"):
+        attend_cp(q, q, q, Causal(16))
+
+
+def test_ulysses_refuses_heads_that_do_not_divide():
+    # checked before any communication: needs a world of 2, which _check sees from the group;
+    # exercised here through the argument check itself
+    from foveal.distributed.api import _check
+
+    q = torch.randn(1, 3, 8, 4)
+    with pytest.raises(ValueError, match="heads must be divisible by 2"):
+        _check(q, q, q, Causal(16), 2, "ulysses", "contiguous", None, None)
+    assert CPStats().total_sent == 0
