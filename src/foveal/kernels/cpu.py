@@ -76,11 +76,13 @@ def _sub_batches(bh, rows, nk, shared: bool):
 def _gather(xf, chunk, b0, b1):
     """Keys (or values) of a chunk for batch·head rows b0:b1, as (nb·c, nk, E): a view where possible."""
     c, nk = chunk.keys.shape
-    nb, n, e = b1 - b0, xf.shape[1], xf.shape[2]
+    nb, e = b1 - b0, xf.shape[2]
     stride = chunk.key_stride
     if stride is not None and nb == 1:
+        # xf may be a strided view (k sliced out of a fused qkv): use its real strides
         first, step = stride
-        return xf.as_strided((c, nk, e), (step * e, e, 1), xf.storage_offset() + (b0 * n + first) * e)
+        s0, s1, s2 = xf.stride()
+        return xf.as_strided((c, nk, e), (step * s1, s1, s2), xf.storage_offset() + b0 * s0 + first * s1)
     return _take_rows(xf[b0:b1], chunk.keys_on(xf.device)).view(nb * c, nk, e)
 
 
