@@ -40,13 +40,44 @@ def _bench(args) -> int:
         from foveal.bench.speed import run_speed
 
         try:
-            run_speed(args.suite, args.out, args.device, args.contenders)
+            run_speed(args.suite or "quick", args.out, args.device, args.contenders)
         except ValueError as e:
             print(f"foveal bench speed: {e}", file=sys.stderr)
             return 2
         return 0
+    if args.what == "quality":
+        return _quality(args)
     print(f"foveal bench: unknown benchmark {args.what!r}", file=sys.stderr)
     return 2
+
+
+#: ``--suite`` of ``foveal bench quality``: which suites of which benchmark it runs
+QUALITY_SUITES = {
+    "quick": ("lm-quick", "vision-quick"),
+    "full": ("lm", "vision"),
+    "lm-quick": ("lm-quick",),
+    "lm": ("lm",),
+    "vision-quick": ("vision-quick",),
+    "vision": ("vision",),
+}
+
+
+def _quality(args) -> int:
+    suite = args.suite or "quick"
+    if suite not in QUALITY_SUITES:
+        print(f"foveal bench quality: --suite must be one of {list(QUALITY_SUITES)}, got {suite!r}", file=sys.stderr)
+        return 2
+    for part in QUALITY_SUITES[suite]:
+        if part.startswith("vision"):
+            from foveal.bench.quality_vision import run_vision_quality as run
+        else:
+            from foveal.bench.quality_lm import run_lm_quality as run
+        try:
+            run(part, args.out)
+        except ValueError as e:
+            print(f"foveal bench quality: {e}", file=sys.stderr)
+            return 2
+    return 0
 
 
 def main(argv=None) -> int:
@@ -65,9 +96,14 @@ def main(argv=None) -> int:
     c.add_argument("--tolerance", type=float, default=1e-5)
     c.set_defaults(func=_check)
 
-    b = sub.add_parser("bench", help="benchmarks: speed")
-    b.add_argument("what", choices=["speed"])
-    b.add_argument("--suite", default="quick", help="quick (about 2 minutes on a 2-core CPU) or full")
+    b = sub.add_parser("bench", help="benchmarks: speed, quality")
+    b.add_argument("what", choices=["speed", "quality"])
+    b.add_argument(
+        "--suite",
+        default=None,
+        help="speed: quick (about 2 minutes on a 2-core CPU) or full; quality: quick (under 5 minutes), full, "
+        "lm-quick, lm, vision-quick or vision (default: quick)",
+    )
     b.add_argument("--out", default="bench-out", help="folder for the JSON, Markdown and PNG results")
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     b.add_argument("--contenders", nargs="+", default=None, help="run only these contenders (names as in the table)")

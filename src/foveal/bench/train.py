@@ -1,0 +1,72 @@
+"""A fixed-budget training loop shared by the quality benchmarks.
+
+Every contender gets the same data, the same number of steps, the same batch size
+and the same optimiser (AdamW, linear warm-up then cosine decay); only the model
+differs. Seeds are fixed, so a repeated run gives the same numbers on one machine.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Budget", "fit", "progress"]
+
+
+@dataclass(frozen=True)
+class Budget:
+    steps: int
+    batch: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup: float = 0.1
+    seed: int = 0
+
+
+def progress(i: int, total: int, text: str, start: float | None = None):
+    """A one-line progress bar on stderr, with elapsed time when ``start`` is given."""
+    width = 30
+    done = int(width * i / max(total, 1))
+    elapsed = f" {time.perf_counter() - start:4.0f}s" if start is not None else ""
+    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{total}{elapsed} {text[:60]:<60}")
+    sys.stderr.flush()
+
+
+def _schedule(step: int, budget: Budget) -> float:
+    warm = max(1, int(budget.warmup * budget.steps))
+    if step < warm:
+        return (step + 1) / warm
+    t = (step - warm) / max(1, budget.steps - warm)
+    return 0.5 * (1 + math.cos(math.pi * t))
+
+
+def fit(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn, budget: Budget, on_step=None):
+    """Train ``model`` on ``(inputs, targets)`` for ``budget.steps`` minibatch steps; returns seconds taken.
+
+    Minibatches are drawn with replacement from a generator seeded by ``budget.seed``.
+    ``on_step(step)`` is called after every step (for progress bars).
+    """
+    torch.manual_seed(budget.seed)
+    gen = torch.Generator().manual_seed(budget.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=budget.lr, weight_decay=budget.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, budget))
+    model.train()
+    start = time.perf_counter()
+    for step in range(budget.steps):
+        idx = torch.randint(0, inputs.shape[0], (budget.batch,), generator=gen)
+        loss = loss_fn(model(inputs[idx]), targets[idx])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training diverged at step {step}: loss {loss.item()}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if on_step is not None:
+            on_step(step)
+    model.eval()
+    return time.perf_counter() - start

@@ -1,0 +1,129 @@
+"""Synthetic vision tasks that need both local detail and long-range context, generated from a seed.
+
+* ``pathfinder``: are the two marked dots joined by one dashed path? (distractor paths,
+  crossings allowed) — after Linsley et al. 2018 and the Long Range Arena.
+* ``match``: do two small binary patches far apart on the image show the same pattern?
+* ``cue-seg``: segment a shape whose class (1 or 2) is given by a cue in the far corner;
+  background is class 0. Scored by mIoU over the three classes.
+
+Each generator returns ``(images (N, 1, S, S) float32, labels)`` and is deterministic in
+its seed; labels are balanced.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Task", "TASKS", "pathfinder", "match", "cue_segmentation"]
+
+
+def _stamp(img, y, x, r, value):
+    s = img.shape[-1]
+    img[max(0, y - r) : min(s, y + r + 1), max(0, x - r) : min(s, x + r + 1)] = value
+
+
+def _path(gen, size, length, dash=(3, 2)):
+    """A smooth random walk: (list of integer points, drawn-points mask of dashes), kept inside the image."""
+    margin = 3
+    y = torch.randint(margin, size - margin, (), generator=gen).item() + 0.5
+    x = torch.randint(margin, size - margin, (), generator=gen).item() + 0.5
+    angle = torch.rand((), generator=gen).item() * 2 * math.pi
+    points = []
+    for _ in range(length):
+        angle += (torch.rand((), generator=gen).item() - 0.5) * 0.8
+        ny, nx = y + math.sin(angle), x + math.cos(angle)
+        if not (margin <= ny < size - margin and margin <= nx < size - margin):
+            angle += math.pi / 2 + torch.rand((), generator=gen).item() * math.pi
+            continue
+        y, x = ny, nx
+        points.append((int(y), int(x)))
+    on, off = dash
+    drawn = [p for i, p in enumerate(points) if i % (on + off) < on]
+    return points, drawn
+
+
+def pathfinder(count: int, size: int = 32, seed: int = 0, paths: int = 2, length: int = None):
+    """Connectivity: label 1 when both dots sit on the two ends of the same dashed path."""
+    gen = torch.Generator().manual_seed(seed)
+    length = length or int(1.4 * size)
+    images = torch.zeros(count, 1, size, size)
+    labels = torch.arange(count) % 2
+    labels = labels[torch.randperm(count, generator=gen)]
+    for i in range(count):
+        curves = []
+        while len(curves) < paths:
+            pts, drawn = _path(gen, size, length)
+            if len(pts) > length // 2 and abs(pts[0][0] - pts[-1][0]) + abs(pts[0][1] - pts[-1][1]) > size // 3:
+                curves.append((pts, drawn))
+        img = images[i, 0]
+        for _, drawn in curves:
+            for y, x in drawn:
+                img[y, x] = 0.6
+        first = curves[0][0]
+        end = first[-1] if labels[i] else curves[1][0][-1]
+        for y, x in (first[0], end):
+            _stamp(img, y, x, 1, 1.0)
+    return images, labels
+
+
+def match(count: int, size: int = 32, seed: int = 0, patch: int = 4):
+    """Long-range comparison: label 1 when the patch on the left equals the patch on the right."""
+    gen = torch.Generator().manual_seed(seed)
+    images = 0.1 * torch.rand(count, 1, size, size, generator=gen)
+    labels = (torch.arange(count) % 2)[torch.randperm(count, generator=gen)]
+    third = size // 3
+    for i in range(count):
+        a = (torch.rand(patch, patch, generator=gen) < 0.5).float()
+        b = a.clone() if labels[i] else (torch.rand(patch, patch, generator=gen) < 0.5).float()
+        while not labels[i] and torch.equal(a, b):
+            b = (torch.rand(patch, patch, generator=gen) < 0.5).float()
+        ya, yb = (torch.randint(0, size - patch + 1, (2,), generator=gen)).tolist()
+        xa = torch.randint(0, third - patch + 1, (), generator=gen).item()
+        xb = torch.randint(size - third, size - patch + 1, (), generator=gen).item()
+        images[i, 0, ya : ya + patch, xa : xa + patch] = 0.2 + 0.8 * a
+        images[i, 0, yb : yb + patch, xb : xb + patch] = 0.2 + 0.8 * b
+    return images, labels
+
+
+def cue_segmentation(count: int, size: int = 32, seed: int = 0):
+    """Dense: pixels of the shape get class 1 or 2 by the cue in the opposite corner; background 0."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.zeros(count, 1, size, size)
+    masks = torch.zeros(count, size, size, dtype=torch.long)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    cls = (torch.arange(count) % 2)[torch.randperm(count, generator=gen)] + 1
+    half = size // 2
+    for i in range(count):
+        r = torch.randint(size // 8, size // 5 + 1, (), generator=gen).item()
+        cy, cx = (torch.randint(r, half - 1, (2,), generator=gen) + torch.randint(0, 2, (2,), generator=gen) * half).tolist()
+        cy, cx = min(cy, size - r - 1), min(cx, size - r - 1)
+        if torch.rand((), generator=gen).item() < 0.5:
+            shape = (yy - cy).abs().maximum((xx - cx).abs()) <= r
+        else:
+            shape = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        images[i, 0][shape] = 0.5
+        masks[i][shape] = cls[i]
+        # the cue: a 3×3 checker (class 1) or a solid square (class 2) in the corner farthest from the shape
+        qy, qx = (0 if cy >= half else size - 3), (0 if cx >= half else size - 3)
+        cue = torch.ones(3, 3) if cls[i] == 2 else (torch.arange(9).reshape(3, 3) % 2).float()
+        images[i, 0, qy : qy + 3, qx : qx + 3] = cue
+    return images, masks
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    kind: str  # "classify" or "segment"
+    num_classes: int
+    make: object
+    description: str
+
+
+TASKS = {
+    "pathfinder": Task("pathfinder", "classify", 2, pathfinder, "are the two dots joined by one dashed path?"),
+    "match": Task("match", "classify", 2, match, "do two patches a third of the image apart match?"),
+    "cue-seg": Task("cue-seg", "segment", 3, cue_segmentation, "segment a shape; its class is a cue in the far corner"),
+}
