@@ -5,6 +5,7 @@ pattern; ``pattern.layout(block_q, block_k)`` gives its ``BlockLayout``.
 """
 
 from foveal.bias import ALiBi, RelativePositionBias
+from foveal.decode import KVCache, Quest, SnapKV, attend_decode, snapkv_compress
 from foveal.functional import attend
 from foveal.layout import BlockLayout
 from foveal.patterns import (
@@ -20,6 +21,7 @@ from foveal.patterns import (
     Intersection,
     MaskPattern,
     Neighborhood,
+    Ordered,
     Pattern,
     Power,
     PrefixLM,
@@ -59,4 +61,10 @@ __all__ = [
     "Union",
     "Intersection",
     "MaskPattern",
+    "Ordered",
+    "KVCache",
+    "attend_decode",
+    "Quest",
+    "SnapKV",
+    "snapkv_compress",
 ]

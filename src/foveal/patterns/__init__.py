@@ -5,6 +5,8 @@ Static patterns: ``Full``, ``Causal``, ``SlidingWindow``, ``Neighborhood``,
 ``Dilated``, ``Power``, ``BigBird``, and for packed sequences ``Document``,
 ``PrefixLM``, ``SharedQuestion``, ``CausalBlockwise``; combine
 them with ``|`` and ``&``; ``MaskPattern`` wraps any elementwise function.
+``Ordered(inner, order, grid)`` runs a 1-D pattern along a token order
+(``raster``, ``tiles``, ``morton``, ``hilbert``).
 """
 
 from foveal.patterns.algebra import Intersection, Union
@@ -13,6 +15,7 @@ from foveal.patterns.custom import MaskPattern
 from foveal.patterns.documents import CausalBlockwise, Document, PrefixLM, SharedQuestion
 from foveal.patterns.global_ import Causal, Full, GlobalTokens, Sinks, Strided
 from foveal.patterns.local import Grid, Halo, Neighborhood, SlidingWindow, Window
+from foveal.patterns.order import Ordered, hilbert, morton, raster, tiles
 from foveal.patterns.sparse import BigBird, Dilated, Power
 
 __all__ = [
@@ -38,4 +41,8 @@ __all__ = [
     "Union",
     "Intersection",
     "MaskPattern",
+    "Ordered",
 ]
+
+# token orders: functions, not patterns (kept out of __all__ so that pattern-name listings stay patterns)
+ORDERS = {"raster": raster, "tiles": tiles, "morton": morton, "hilbert": hilbert}
