@@ -81,7 +81,10 @@ def dense_contmix(m, x, ctx):
     g, k, s = m.num_heads, m.kernel_size, m.smk_size
     if min(h0, w0) < k:
         size = (k, int(k / h0 * w0)) if h0 < w0 else (int(k / w0 * h0), k)
-        up = lambda t: F.interpolate(t.permute(0, 3, 1, 2), size=size, mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+        def up(t):
+            t = F.interpolate(t.permute(0, 3, 1, 2), size=size, mode="bilinear", align_corners=False)
+            return t.permute(0, 2, 3, 1)
+
         x, ctx = up(x), up(ctx)
     _, h, w, _ = x.shape
     n, cq = h * w, c // 2 // g

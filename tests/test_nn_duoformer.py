@@ -33,7 +33,9 @@ def dense_duoformer(m, maps):
     for i in range(rh):
         for j in range(rw):
             toks = []
-            blocks = [maps[s][:, i * ratios[s] : (i + 1) * ratios[s], j * ratios[s] : (j + 1) * ratios[s]] for s in range(len(maps))]
+            blocks = [
+                x[:, i * r : (i + 1) * r, j * r : (j + 1) * r] for x, r in zip(maps, ratios)
+            ]  # the region's block of every map
             if m.scale_token is not None:  # mean of every map over the region, concatenated, projected
                 pooled = torch.cat([blk.mean((1, 2)) for blk in blocks], -1)
                 toks.append(F.linear(pooled, m.scale_token.weight, m.scale_token.bias)[:, None])
@@ -82,7 +84,8 @@ def test_matches_dense_forward_and_backward(seed):
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     g = torch.randn_like(out)
     params = maps + list(m.parameters())
-    for a, b in zip(torch.autograd.grad(out, params, g, allow_unused=True), torch.autograd.grad(want, params, g, allow_unused=True)):
+    grads = torch.autograd.grad(out, params, g, allow_unused=True)
+    for a, b in zip(grads, torch.autograd.grad(want, params, g, allow_unused=True)):
         if b is None:  # e.g. tokens no query reads: must be unused by both
             assert a is None or not a.any()
             continue
@@ -119,5 +122,5 @@ def test_errors():
         m([torch.randn(2, 4, 4, 4)])
     with pytest.raises(ValueError, match=r"maps\[1\] has 4 channels but dims\[1\] is 8"):
         m([torch.randn(2, 4, 4, 4), torch.randn(2, 2, 2, 4)])
-    with pytest.raises(ValueError, match=r"maps\[0\] must have grid_ratios\[0\]=2 times the region grid \(2, 2\).*got \(5, 4\)"):
+    with pytest.raises(ValueError, match=r"maps\[0\] must have grid_ratios\[0\]=2 times the region grid \(2, 2\)"):
         m([torch.randn(2, 5, 4, 4), torch.randn(2, 2, 2, 8)])

@@ -1,7 +1,5 @@
 """VaryingWindowAttention (VWFormer) against a dense implementation written from the paper's description."""
 
-import random
-
 import pytest
 import torch
 import torch.nn.functional as F

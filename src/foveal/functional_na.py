@@ -45,6 +45,18 @@ def neighborhood_index(grid, kernel_size, dilation=1, device=None) -> torch.Tens
     return index
 
 
+_INDEX_CACHE: dict = {}
+
+
+def _cached_index(grid, kernel_size, dilation, device) -> torch.Tensor:
+    key = (grid, kernel_size, dilation, str(device))
+    if key not in _INDEX_CACHE:
+        if len(_INDEX_CACHE) > 64:
+            _INDEX_CACHE.clear()
+        _INDEX_CACHE[key] = neighborhood_index(grid, kernel_size, dilation, device=device)
+    return _INDEX_CACHE[key]
+
+
 class _NAAV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weights, v, index):
@@ -77,7 +89,9 @@ def _check(weights, v, kernel_size, dilation):
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if v.dim() < 4 or v.dim() > 6:
-        raise ValueError(f"v must be (batch, heads, *grid, head_dim) with a 1-, 2- or 3-D grid, got shape {tuple(v.shape)}")
+        raise ValueError(
+            f"v must be (batch, heads, *grid, head_dim) with a 1-, 2- or 3-D grid, got shape {tuple(v.shape)}"
+        )
     nd = v.dim() - 3
     grid = tuple(v.shape[2:-1])
     k = per_axis("kernel_size", kernel_size, nd)
@@ -105,7 +119,7 @@ def na_av(weights: torch.Tensor, v: torch.Tensor, kernel_size, dilation=1) -> to
     ``weights`` and ``v`` (first order).
     """
     grid, k, d = _check(weights, v, kernel_size, dilation)
-    index = neighborhood_index(grid, k, d, device=v.device)
+    index = _cached_index(grid, k, d, v.device)
     b, h = v.shape[:2]
     n = math.prod(grid)
     out = _NAAV.apply(weights.reshape(b, h, n, -1), v.reshape(b, h, n, v.shape[-1]), index)

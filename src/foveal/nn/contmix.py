@@ -128,7 +128,9 @@ class ContMix(nn.Module):
                 raise TypeError(f"context must be a torch.Tensor or None, got {type(context).__name__}")
             want = (*x.shape[:3], self.ctx_dim)
             if tuple(context.shape) != want:
-                raise ValueError(f"context must have shape (batch, height, width, ctx_dim) = {want}, got {tuple(context.shape)}")
+                raise ValueError(
+                    f"context must have shape (batch, height, width, ctx_dim) = {want}, got {tuple(context.shape)}"
+                )
         elif self.ctx_dim != self.dim:
             raise ValueError(f"context is required when ctx_dim ({self.ctx_dim}) differs from dim ({self.dim})")
 

@@ -79,7 +79,8 @@ class ScaleWiseAttention(nn.Module):
     Parameters: ``dims`` channels of each map (in the order the maps are passed);
     ``num_heads`` heads of both attentions; ``embed_dim`` token width (default
     ``dims[-1]``); ``grid_ratios`` each map's grid over the region grid (default
-    ``(2^(S−1), …, 2, 1)``: backbone stages fine to coarse, stride 2); ``scale_token`` prepend the pooled scale token; ``region_token``
+    ``(2^(S−1), …, 2, 1)``: backbone stages fine to coarse, stride 2); ``scale_token``
+    prepend the pooled scale token; ``region_token``
     which per-region token feeds patch attention (default 1); ``patch_kernel_size``
     None for global patch attention, else a neighbourhood on the region grid;
     ``qkv_bias``; ``qk_scale`` (default ``head_dim ** -0.5``; the reference's
@@ -122,7 +123,9 @@ class ScaleWiseAttention(nn.Module):
         self.region_token = positive_int("region_token", region_token, minimum=0)
         if self.region_token >= self.tokens:
             raise ValueError(f"region_token must be < the {self.tokens} tokens per region, got {region_token}")
-        self.patch_kernel_size = None if patch_kernel_size is None else positive_int("patch_kernel_size", patch_kernel_size)
+        if patch_kernel_size is not None:
+            patch_kernel_size = positive_int("patch_kernel_size", patch_kernel_size)
+        self.patch_kernel_size = patch_kernel_size
         self.scale = qk_scale or (self.embed_dim // num_heads) ** -0.5
         self.backend = backend
         d = self.embed_dim
@@ -166,7 +169,9 @@ class ScaleWiseAttention(nn.Module):
             if x.shape[-1] != self.dims[s]:
                 raise ValueError(f"maps[{s}] has {x.shape[-1]} channels but dims[{s}] is {self.dims[s]}")
             if x.shape[0] != maps[0].shape[0]:
-                raise ValueError(f"maps differ in batch size: maps[0] has {maps[0].shape[0]}, maps[{s}] has {x.shape[0]}")
+                raise ValueError(
+                    f"maps differ in batch size: maps[0] has {maps[0].shape[0]}, maps[{s}] has {x.shape[0]}"
+                )
         grids = [tuple(x.shape[1:3]) for x in maps]
         s0 = self.grid_ratios.index(1)
         rh, rw = grids[s0]

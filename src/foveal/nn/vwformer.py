@@ -89,6 +89,12 @@ def _act(act_layer):
     return nn.Identity() if act_layer is None else act_layer()
 
 
+def _linear_norm_act(dim_in, dim_out, norm_layer, act_layer):
+    """A 1×1 ConvModule (conv, norm, activation) on channels-last tensors; no bias before a norm."""
+    linear = nn.Linear(dim_in, dim_out, bias=norm_layer is None)
+    return nn.Sequential(linear, _norm(norm_layer, dim_out), _act(act_layer))
+
+
 class VWABranch(nn.Module):
     """One VWA ratio: queries of each window attend to the pooled context window ``ratio`` times larger.
 
@@ -110,7 +116,9 @@ class VWABranch(nn.Module):
         super().__init__()
         self.ratio = positive_int("ratio", ratio)
         if dim % (ratio * ratio):
-            raise ValueError(f"dim must be divisible by ratio² (DOPE reduces dim by ratio²), got dim={dim}, ratio={ratio}")
+            raise ValueError(
+                f"dim must be divisible by ratio² (DOPE reduces dim by ratio²), got dim={dim}, ratio={ratio}"
+            )
         self.num_heads, self.backend = num_heads, backend
         self.dope = nn.Conv2d(dim, dim // (ratio * ratio), ratio, bias=norm_layer is None)
         self.dope_norm = _norm(norm_layer, dim // (ratio * ratio))
@@ -200,13 +208,13 @@ class VaryingWindowAttention(nn.Module):
                 raise ValueError(f"window_size must be an int or a pair, got {window_size!r}")
         self.num_windows = positive_int("num_windows", num_windows)
         self.short_cut = bool(short_cut)
-        self.short_path = nn.Sequential(nn.Linear(dim, dim, bias=norm_layer is None), _norm(norm_layer, dim), _act(act_layer))
-        self.image_pool = nn.Sequential(nn.Linear(dim, dim, bias=norm_layer is None), _norm(norm_layer, dim), _act(act_layer))
+        self.short_path = _linear_norm_act(dim, dim, norm_layer, act_layer)
+        self.image_pool = _linear_norm_act(dim, dim, norm_layer, act_layer)
         self.branches = nn.ModuleList(
             VWABranch(dim, num_heads, r, norm_layer, act_layer, backend) for r in self.ratios
         )
         width = dim * (2 + len(self.ratios))
-        self.fuse = nn.Sequential(nn.Linear(width, dim, bias=norm_layer is None), _norm(norm_layer, dim), _act(act_layer))
+        self.fuse = _linear_norm_act(width, dim, norm_layer, act_layer)
         self.proj_drop = nn.Dropout(proj_drop)
         self._patterns: dict[tuple[int, int], Window] = {}
 
