@@ -80,6 +80,22 @@ def vertical_slash_mask(cols, offs):
     return (j <= i) & (cols[..., None, :] | diag)
 
 
+def check_vertical_slash_layout(sel, cols, offs):
+    """Whole blocks: those a kept diagonal passes through; single tokens: kept columns a query block sees elsewhere."""
+    n, block = cols.shape[-1], sel.block
+    blocks = blocks_of(vertical_slash_mask(torch.zeros_like(cols), offs), block)
+    assert torch.equal(table_blocks(sel), blocks)
+    b_, h_, nb, _ = blocks.shape
+    for b in range(b_):
+        for h in range(h_):
+            for qb in range(nb):
+                last = min(n, (qb + 1) * block) - 1
+                expect = [j for j in range(n) if cols[b, h, j] and j <= last and not blocks[b, h, qb, j // block]]
+                got = sorted(int(x) for x in sel.kv_tokens[b, h, qb] if x >= 0)
+                assert got == expect
+    assert torch.equal(sel.tokens_kept(), (sel.kv_tokens >= 0).sum((-1, -2)))
+
+
 def table_blocks(sel):
     """The selection's block table as a (B, H, nb, nb) bool, by loops."""
     b_, h_, nb, s = sel.kv_blocks.shape
@@ -122,10 +138,10 @@ def check_attend(pattern, q, k, v, mask, tol=1e-5):
 def check_selection(sel, mask, blocks=None):
     """The selection's elementwise rule, block table and statistics agree with the reference mask."""
     assert torch.equal(sel.dense_mask(), mask)
-    expect = blocks_of(mask, sel.block) if blocks is None else blocks
-    assert torch.equal(table_blocks(sel), expect)
+    if blocks is not None:
+        assert torch.equal(table_blocks(sel), blocks)
     assert torch.equal(sel.keys_kept(), mask.sum((-1, -2)))
-    assert torch.equal(sel.blocks_kept(), expect.sum((-1, -2)))
+    assert torch.equal(sel.blocks_kept(), table_blocks(sel).sum((-1, -2)))
     torch.testing.assert_close(sel.density(), mask.sum((-1, -2)).double() / mask.shape[-1] ** 2)
 
 
@@ -146,6 +162,7 @@ def test_vertical_slash_matches_its_definition(seed, heads):
     assert torch.equal(sel.info["offsets"], offs)
     mask = vertical_slash_mask(cols, offs)
     check_selection(sel, mask)
+    check_vertical_slash_layout(sel, cols, offs)
     check_attend(pat, q, k, v, mask)
 
 
@@ -168,6 +185,7 @@ def test_vertical_slash_cover_matches_its_definition(seed, heads):
     assert torch.equal(sel.info["offsets"], offs)
     mask = vertical_slash_mask(cols, offs)
     check_selection(sel, mask)
+    check_vertical_slash_layout(sel, cols, offs)
     check_attend(pat, q, k, v, mask)
 
 

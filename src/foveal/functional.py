@@ -107,5 +107,7 @@ def _attend_selected(q, k, v, pattern, bias, scale, backend, return_lse):
         raise ValueError(
             f"the selection is for (batch, heads) {tuple(sel.kv_blocks.shape[:2])} but q has {tuple(q.shape[:2])}"
         )
-    out, lse = blocksparse_attention(q, k, v, sel.kv_blocks, sel.block, scale, partial=sel.partial, mask_fn=sel.mask_fn)
+    out, lse = blocksparse_attention(
+        q, k, v, sel.kv_blocks, sel.block, scale, partial=sel.partial, mask_fn=sel.mask_fn, kv_tokens=sel.kv_tokens
+    )
     return (out, lse) if return_lse else out

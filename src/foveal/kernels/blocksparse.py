@@ -134,8 +134,8 @@ def _pad_rows(x, n_blocks, block):
     return x.reshape(b * h * n_blocks, block, e)
 
 
-def _chunk_scores(plan: _Plan, qc, kf, r0, r1, s_count, t_count, scale):
-    """Masked scaled scores of instances r0:r1 and their gathered key rows: (r, block, S·block + T)."""
+def _chunk_scores(plan: _Plan, qc, kf, r0, r1, s_count, t_count):
+    """Masked scores of instances r0:r1 (``qc`` already scaled) and their gathered key rows: (r, block, S·block + T)."""
     bs = plan.block
     tb = plan.table[r0:r1, :s_count]  # (r, S)
     ar = torch.arange(bs, device=tb.device)
@@ -152,7 +152,7 @@ def _chunk_scores(plan: _Plan, qc, kf, r0, r1, s_count, t_count, scale):
     tok_safe = tok.clamp(0, plan.n_kv - 1)
     rows = plan.kv_base[r0:r1, None] + tok_safe
     kg = F.embedding(rows, kf)  # (r, S·block, D)
-    s = torch.bmm(qc, kg.transpose(1, 2)).mul_(scale)
+    s = torch.bmm(qc, kg.transpose(1, 2))
     allowed = valid[:, None, :]
     if plan.mask_fn is not None:
         qi = (plan.qb_idx[r0:r1, None, None] * bs + ar[None, :, None]).clamp(max=plan.n_q - 1)
@@ -167,7 +167,7 @@ def _chunk_scores(plan: _Plan, qc, kf, r0, r1, s_count, t_count, scale):
 def _forward(q, k, v, plan: _Plan, scale):
     cdt = _compute_dtype(q.dtype)
     bs, nqb = plan.block, -(-plan.n_q // plan.block)
-    qp = _pad_rows(q.to(cdt), nqb, bs)
+    qp = _pad_rows(q.to(cdt) * scale, nqb, bs)
     kf = k.to(cdt).reshape(-1, k.shape[-1])
     vf = v.to(cdt).reshape(-1, v.shape[-1])
     out = torch.zeros(qp.shape[0], bs, vf.shape[1], dtype=cdt, device=q.device)
@@ -175,7 +175,7 @@ def _forward(q, k, v, plan: _Plan, scale):
     for r0, r1, s_count, t_count in plan.chunks:
         if s_count + t_count == 0:
             continue
-        s, rows, _ = _chunk_scores(plan, qp[r0:r1], kf, r0, r1, s_count, t_count, scale)
+        s, rows, _ = _chunk_scores(plan, qp[r0:r1], kf, r0, r1, s_count, t_count)
         m = s.amax(-1, keepdim=True)
         m.masked_fill_(m == float("-inf"), 0.0)
         p = s.sub_(m).exp_()
@@ -196,7 +196,7 @@ def _unpad(x, b, h, n):
 def _backward(q, k, v, out_p, lse_p, dout, dlse, plan: _Plan, scale):
     cdt = _compute_dtype(q.dtype)
     bs, nqb = plan.block, -(-plan.n_q // plan.block)
-    qp = _pad_rows(q.to(cdt), nqb, bs)
+    qp = _pad_rows(q.to(cdt) * scale, nqb, bs)
     dop = _pad_rows(dout.to(cdt), nqb, bs)
     kf = k.to(cdt).reshape(-1, k.shape[-1])
     vf = v.to(cdt).reshape(-1, v.shape[-1])
@@ -209,14 +209,14 @@ def _backward(q, k, v, out_p, lse_p, dout, dlse, plan: _Plan, scale):
     for r0, r1, s_count, t_count in plan.chunks:
         if s_count + t_count == 0:
             continue
-        s, rows, kg = _chunk_scores(plan, qp[r0:r1], kf, r0, r1, s_count, t_count, scale)
+        s, rows, kg = _chunk_scores(plan, qp[r0:r1], kf, r0, r1, s_count, t_count)
         p = s.sub_(lse_safe[r0:r1, :, None]).exp_()  # masked entries: exp(-inf) = 0
         doc = dop[r0:r1]
         flat = rows.flatten()
         dv.index_add_(0, flat, torch.bmm(p.transpose(1, 2), doc).reshape(-1, dv.shape[1]))
         ds = torch.bmm(doc, F.embedding(rows, vf).transpose(1, 2))
-        ds.sub_(delta[r0:r1, :, None]).mul_(p).mul_(scale)
-        dq[r0:r1] = torch.bmm(ds, kg)
+        ds.sub_(delta[r0:r1, :, None]).mul_(p)  # dL/d(scaled score)
+        dq[r0:r1] = torch.bmm(ds, kg).mul_(scale)
         dk.index_add_(0, flat, torch.bmm(ds.transpose(1, 2), qp[r0:r1]).reshape(-1, dk.shape[1]))
     b, hq, n, _ = q.shape
     return _unpad(dq, b, hq, n).to(q.dtype), dk.view_as(k).to(k.dtype), dv.view_as(v).to(v.dtype)

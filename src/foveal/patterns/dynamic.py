@@ -67,13 +67,18 @@ class BlockSelection:
     ascending, ``-1`` in unused slots. ``partial`` (same shape, bool) marks kept blocks
     that are masked elementwise by ``mask_fn(b, h, q_idx, kv_idx)``; the other kept
     blocks are attended fully (tokens past ``n`` in a ragged last block never count).
-    ``partial=None`` means every kept block is masked by ``mask_fn``. ``info`` holds
-    mechanism-specific tensors (e.g. vertical-slash's kept ``columns`` and ``offsets``).
+    ``partial=None`` means every kept block is masked by ``mask_fn``. ``kv_tokens``
+    (B, H, num_blocks, T) int64, optional: single key tokens kept besides the blocks
+    (never inside a kept block of the same query block), ``-1`` unused, always masked
+    by ``mask_fn`` (vertical-slash's columns). ``info`` holds mechanism-specific
+    tensors (e.g. vertical-slash's kept ``columns`` and ``offsets``).
     """
 
-    def __init__(self, n, block, kv_blocks, partial, mask_fn, method: str, info: dict | None = None):
+    def __init__(self, n, block, kv_blocks, partial, mask_fn, method: str, info: dict | None = None,
+                 kv_tokens=None):
         self.n, self.block = n, block
         self.kv_blocks, self.partial, self.mask_fn = kv_blocks, partial, mask_fn
+        self.kv_tokens = kv_tokens
         self.method, self.info = method, dict(info or {})
 
     @property
@@ -109,37 +114,51 @@ class BlockSelection:
         """Share of all ``num_blocks²`` block pairs that are kept, per (batch, head): (B, H) float."""
         return self.blocks_kept().double() / self.num_blocks**2
 
+    def tokens_kept(self) -> torch.Tensor:
+        """Single key tokens kept besides the blocks, summed over query blocks, per (batch, head): (B, H)."""
+        if self.kv_tokens is None:
+            return torch.zeros(self.batch, self.heads, dtype=torch.int64, device=self.kv_blocks.device)
+        return (self.kv_tokens >= 0).sum((-1, -2))
+
     def keys_kept(self) -> torch.Tensor:
         """Allowed (query, key) pairs per (batch, head), counted exactly in bounded chunks: (B, H) int64."""
         b, h, nb, s = self.kv_blocks.shape
+        width = 0 if self.kv_tokens is None else self.kv_tokens.shape[-1]
         total = torch.zeros(b * h * nb, dtype=torch.int64, device=self.kv_blocks.device)
-        table = self.kv_blocks.reshape(-1, s)
-        step = max(1, (1 << 20) // max(1, self.block * s * self.block))
-        for r0 in range(0, table.shape[0], step):
-            r1 = min(r0 + step, table.shape[0])
-            total[r0:r1] = self._allowed_chunk(table, r0, r1).sum((1, 2))
+        step = max(1, (1 << 20) // max(1, self.block * (s * self.block + width)))
+        for r0 in range(0, b * h * nb, step):
+            r1 = min(r0 + step, b * h * nb)
+            total[r0:r1] = self._allowed_chunk(r0, r1).sum((1, 2))
         return total.view(b, h, nb).sum(-1)
 
     def density(self) -> torch.Tensor:
         """Share of the ``n²`` (query, key) pairs allowed, per (batch, head): (B, H) float."""
         return self.keys_kept().double() / (self.n * self.n)
 
-    def _allowed_chunk(self, table, r0, r1):
-        """Allowed pairs of instances r0:r1 (flattened (b, h, query block)) as (r, block, S·block) bool."""
+    def _allowed_chunk(self, r0, r1):
+        """Allowed pairs of instances r0:r1 (flattened (b, h, query block)) as (r, block, S·block + T) bool."""
         b, h, nb, s = self.kv_blocks.shape
-        bs, dev = self.block, table.device
+        bs, dev = self.block, self.kv_blocks.device
         inst = torch.arange(r0, r1, device=dev)
         bi, hi, qb = inst // (h * nb), (inst // nb) % h, inst % nb
-        tb = table[r0:r1]
+        tb = self.kv_blocks.reshape(-1, s)[r0:r1]
         ar = torch.arange(bs, device=dev)
-        kj = (tb[:, :, None] * bs + ar).reshape(r1 - r0, 1, -1)
-        qi = (qb[:, None, None] * bs + ar[None, :, None])
-        ok = (tb >= 0).repeat_interleave(bs, 1)[:, None, :] & (kj < self.n) & (qi < self.n)
+        kj = (tb[:, :, None] * bs + ar).reshape(r1 - r0, -1)
+        valid = (tb >= 0).repeat_interleave(bs, 1)
+        part = None
+        if self.partial is not None:
+            part = self.partial.reshape(-1, s)[r0:r1].repeat_interleave(bs, 1)
+        if self.kv_tokens is not None:
+            extra = self.kv_tokens.reshape(b * h * nb, -1)[r0:r1]
+            kj, valid = torch.cat([kj, extra], 1), torch.cat([valid, extra >= 0], 1)
+            if part is not None:
+                part = torch.cat([part, torch.ones_like(extra, dtype=torch.bool)], 1)
+        kj = kj[:, None, :]
+        qi = qb[:, None, None] * bs + ar[None, :, None]
+        ok = valid[:, None, :] & (kj < self.n) & (qi < self.n)
         if self.mask_fn is not None:
             m = self.mask_fn(bi[:, None, None], hi[:, None, None], qi.clamp(max=self.n - 1), kj.clamp(0, self.n - 1))
-            if self.partial is not None:
-                m = m | ~self.partial.reshape(-1, s)[r0:r1].repeat_interleave(bs, 1)[:, None, :]
-            ok = ok & m
+            ok = ok & (m if part is None else m | ~part[:, None, :])
         return ok
 
     # -- the definition ---------------------------------------------------------
@@ -149,9 +168,13 @@ class BlockSelection:
         qc, kc = q_idx.clamp(0, self.n - 1), kv_idx.clamp(0, self.n - 1)
         row = self.kv_blocks[b, h, qc // self.block]  # (..., S)
         hit = row == (kc // self.block)[..., None]
-        ok = hit.any(-1) & (q_idx >= 0) & (q_idx < self.n) & (kv_idx >= 0) & (kv_idx < self.n)
+        inside = (q_idx >= 0) & (q_idx < self.n) & (kv_idx >= 0) & (kv_idx < self.n)
+        single = torch.zeros_like(inside)
+        if self.kv_tokens is not None:
+            single = (self.kv_tokens[b, h, qc // self.block] == kc[..., None]).any(-1)
+        ok = (hit.any(-1) | single) & inside
         if self.mask_fn is not None:
-            part = (hit & self.partial[b, h, qc // self.block]).any(-1) if self.partial is not None else ok
+            part = (hit & self.partial[b, h, qc // self.block]).any(-1) | single if self.partial is not None else ok
             ok = ok & (~part | self.mask_fn(b, h, qc, kc))
         return ok
 
@@ -322,21 +345,33 @@ class VerticalSlash(DynamicPattern):
         first = torch.arange(n, device=q.device)
         cols = _keep_ranked(torch.where(first < fv, float("inf"), col), torch.clamp(torch.as_tensor(nv), min=fv))
         offs = _keep_ranked(torch.where(first < fs, float("inf"), diag), torch.clamp(torch.as_tensor(ns), min=fs))
-        keep = self._blocks(cols, offs)
+        band = self._slash_blocks(offs)
 
         def mask_fn(b, h, q_idx, kv_idx):
             return (kv_idx <= q_idx) & (cols[b, h, kv_idx] | offs[b, h, (q_idx - kv_idx).clamp(min=0)])
 
-        return BlockSelection(n, bs, _table(keep), None, mask_fn, type(self).__name__,
-                              {"columns": cols, "offsets": offs})
+        return BlockSelection(n, bs, _table(band), None, mask_fn, type(self).__name__,
+                              {"columns": cols, "offsets": offs}, kv_tokens=self._column_tokens(cols, band))
 
-    def _blocks(self, cols, offs):
-        """(B, H, nb, nb) bool: the key blocks holding a kept column or diagonal of each query block (exact)."""
+    def _column_tokens(self, cols, band):
+        """(B, H, nb, T): kept columns a query block can see (``j <=`` its last query) outside its slash blocks."""
+        n, bs = self.n, self.block
+        nb = band.shape[-1]
+        idx = torch.arange(n, device=cols.device)
+        colidx = torch.where(cols, idx, n).sort(-1).values[..., : max(1, int(cols.sum(-1).max()))]  # (B, H, V)
+        last = torch.clamp((torch.arange(nb, device=cols.device) + 1) * bs, max=n) - 1
+        blk = (colidx // bs).clamp(max=nb - 1)[:, :, None, :].expand(-1, -1, nb, -1)
+        want = (colidx[:, :, None, :] <= last[:, None]) & ~band.gather(-1, blk)  # (B, H, nb, V)
+        srt = torch.where(want, colidx[:, :, None, :], n).sort(-1).values
+        srt = srt[..., : int(want.sum(-1).max())]
+        return torch.where(srt < n, srt, -1)
+
+    def _slash_blocks(self, offs):
+        """(B, H, nb, nb) bool: the key blocks a kept diagonal of each query block passes through (exact)."""
         n, bs = self.n, self.block
         nb = -(-n // bs)
-        b, h = cols.shape[:2]
-        dev = cols.device
-        colblk = torch.nn.functional.pad(cols, (0, nb * bs - n)).view(b, h, nb, bs).any(-1)
+        b, h = offs.shape[:2]
+        dev = offs.device
         # offset o = a·bs + r reaches key block qb - a (rows i >= qb·bs + r) and, if r > 0, qb - a - 1
         o = torch.arange(n, device=dev)
         a, r = o // bs, o % bs
@@ -350,7 +385,7 @@ class VerticalSlash(DynamicPattern):
         d = (qb - kb).clamp(min=0)
         diag = band[:, :, d] > 0
         diag[:, :, -1] = band_last[:, :, d[-1]] > 0
-        return (colblk[:, :, None, :] | diag) & (kb <= qb)
+        return diag & (kb <= qb)
 
 
 class VerticalSlashCover(VerticalSlash):
