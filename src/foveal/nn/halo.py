@@ -10,51 +10,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from foveal._checks import fmt_axes, per_axis, positive_int
+from foveal._checks import positive_int
 from foveal.functional import attend
 from foveal.patterns import Halo
-from foveal.patterns.local import GridPattern
+from foveal.patterns.local import PaddedHalo
 
 __all__ = ["HaloAttention", "PaddedHalo", "HaloRelativeLogits"]
 
 _REL_POS = ("relative logits", None)
 _BORDERS = ("zeros", "mask")
-
-
-class PaddedHalo(GridPattern):
-    """Cross pattern of HaloNet with zero-padded borders: queries on ``grid``, keys on the grid padded by ``halo``.
-
-    The keys live on ``grid + 2·halo`` per axis (the input framed by ``halo`` padding
-    positions on each side); query ``x`` in tile ``b = x // block`` sees padded key
-    coordinates ``[b·block, b·block + block + 2·halo)``, i.e. its tile grown by the halo,
-    padding included — every query has ``(block + 2·halo)^dim`` keys, as in timm's
-    ``HaloAttn``. ``block`` must divide the grid. Compare ``Halo``, which clips the halo
-    at the borders instead.
-    """
-
-    def __init__(self, grid, block, halo):
-        self._init_grid(grid)
-        nd = len(self.shape)
-        b = per_axis("block", block, nd)
-        h = per_axis("halo", halo, nd, minimum=0)
-        for a, length in enumerate(self.shape):
-            if length % b[a]:
-                raise ValueError(
-                    f"block must divide the grid on every axis with zero-padded borders; "
-                    f"grid[{a}]={length} is not divisible by block[{a}]={b[a]}"
-                )
-        kv = tuple(length + 2 * hh for length, hh in zip(self.shape, h))
-        self._set(block=b, halo=h, _kv_shape=kv, _kv_axes_shape=kv)
-
-    def progression(self, axis, x):
-        b, h = self.block[axis], self.halo[axis]
-        return (x // b) * b, torch.ones_like(x), torch.zeros_like(x) + (b + 2 * h)
-
-    def _key(self):
-        return (self.shape, self.block, self.halo)
-
-    def __repr__(self):
-        return f"PaddedHalo({self._grid_repr()}, block={fmt_axes(self.block)}, halo={fmt_axes(self.halo)})"
 
 
 class HaloRelativeLogits:

@@ -1,4 +1,4 @@
-"""Local patterns: sliding window (flat), and the N-D neighbourhood, window, grid and halo.
+"""Local patterns: sliding window (flat), and the N-D neighbourhood, window, grid, halo and padded halo.
 
 The N-D patterns act per grid axis and AND over axes; every per-axis parameter takes
 an int (all axes) or a tuple (one per axis).
@@ -12,7 +12,7 @@ from foveal._checks import as_shape, fmt_axes, per_axis, per_axis_bool, positive
 from foveal.patterns.base import ProgressionPattern
 from foveal.patterns.global_ import FlatPattern, _like
 
-__all__ = ["SlidingWindow", "Neighborhood", "Window", "Grid", "Halo"]
+__all__ = ["SlidingWindow", "Neighborhood", "Window", "Grid", "Halo", "PaddedHalo"]
 
 
 class SlidingWindow(FlatPattern):
@@ -230,3 +230,46 @@ class Halo(GridPattern):
 
     def __repr__(self):
         return f"Halo({self._grid_repr()}, block={fmt_axes(self.block)}, halo={fmt_axes(self.halo)})"
+
+
+class PaddedHalo(GridPattern):
+    """Cross pattern of HaloNet with zero-padded borders: queries on ``grid``, keys on the grid padded by ``halo``.
+
+    The keys live on ``grid + 2·halo`` per axis (the input framed by ``halo`` padding
+    positions on each side); query ``x`` in tile ``b = x // block`` sees padded key
+    coordinates ``[b·block, b·block + block + 2·halo)``, i.e. its tile grown by the halo,
+    padding included — every query has ``(block + 2·halo)^dim`` keys, as in timm's
+    ``HaloAttn``. ``block`` must divide the grid. Compare ``Halo``, which clips the halo
+    at the borders instead. ``kv_offset`` (= ``halo``) is where the query grid sits on
+    the key grid: query coordinate ``x`` is key coordinate ``x + halo``. Vaswani et al.,
+    "Scaling Local Self-Attention for Parameter Efficient Visual Backbones" (2021).
+    """
+
+    def __init__(self, grid, block, halo):
+        self._init_grid(grid)
+        nd = len(self.shape)
+        b = per_axis("block", block, nd)
+        h = per_axis("halo", halo, nd, minimum=0)
+        for a, length in enumerate(self.shape):
+            if length % b[a]:
+                raise ValueError(
+                    f"block must divide the grid on every axis with zero-padded borders; "
+                    f"grid[{a}]={length} is not divisible by block[{a}]={b[a]}"
+                )
+        kv = tuple(length + 2 * hh for length, hh in zip(self.shape, h))
+        self._set(block=b, halo=h, _kv_shape=kv, _kv_axes_shape=kv)
+
+    @property
+    def kv_offset(self) -> tuple[int, ...]:
+        """Per axis, the key coordinate of query coordinate 0 (the padding before the grid)."""
+        return self.halo
+
+    def progression(self, axis, x):
+        b, h = self.block[axis], self.halo[axis]
+        return (x // b) * b, _like(x, 1), _like(x, b + 2 * h)
+
+    def _key(self):
+        return (self.shape, self.block, self.halo)
+
+    def __repr__(self):
+        return f"PaddedHalo({self._grid_repr()}, block={fmt_axes(self.block)}, halo={fmt_axes(self.halo)})"
