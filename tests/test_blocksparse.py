@@ -229,3 +229,47 @@ def test_single_key_tokens_besides_blocks(seed):
         torch.testing.assert_close(ours.double(), theirs, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="kv_tokens entries"):
         blocksparse_attention(q, k, v, table, block, 0.6, kv_tokens=tokens + n)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_selection_block_mask_for_flex_attention(seed):
+    # per-(batch, head) BlockMask: eager FlexAttention over it equals the dense reference
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from foveal.kernels.blocksparse import selection_block_mask
+
+    q, k, v, table, partial, block = _case([40, 43][seed], hq=4, hkv=2)  # even and ragged
+    n = q.shape[2]
+    mask = mask_from_table(table, partial, _fn, n, n, block)
+    tokens = torch.full(table.shape[:3] + (1,), -1, dtype=torch.int64)
+    for bi, hi, qb in [(0, 0, 0), (1, 3, table.shape[2] - 1)]:
+        free = [j for j in range(n) if j // block not in table[bi, hi, qb].tolist()]
+        if free:
+            j = free[len(free) // 2]
+            tokens[bi, hi, qb, 0] = j
+            i = torch.arange(qb * block, min(n, (qb + 1) * block))
+            mask[bi, hi, i, j] = torch.as_tensor(_fn(bi, hi, i, j))
+    sel = BlockSelection(n, block, table, partial, _fn, "test", kv_tokens=tokens)
+    bm = selection_block_mask(sel)
+    # the tables, by loops: listed non-partial blocks are full unless on a ragged edge; the rest partial
+    nb = table.shape[2]
+    for bi in range(table.shape[0]):
+        for hi in range(table.shape[1]):
+            for qb in range(nb):
+                full, part = set(), set()
+                for t, kb in enumerate(table[bi, hi, qb].tolist()):
+                    ragged = n % block and (qb == nb - 1 or kb == nb - 1)
+                    if kb >= 0:
+                        (part if partial[bi, hi, qb, t] or ragged else full).add(kb)
+                part |= {j // block for j in tokens[bi, hi, qb].tolist() if j >= 0}
+                got_part = bm.kv_indices[bi, hi, qb, : bm.kv_num_blocks[bi, hi, qb]].tolist()
+                got_full = bm.full_kv_indices[bi, hi, qb, : bm.full_kv_num_blocks[bi, hi, qb]].tolist()
+                assert (sorted(got_part), sorted(got_full)) == (sorted(part), sorted(full))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = flex_attention(q, k, v, block_mask=bm, scale=0.5, enable_gqa=True)
+    ref, ref_lse = dense_attention(q, k, v, mask, 0.5)
+    alive = torch.isfinite(ref_lse)
+    torch.testing.assert_close(out.double()[alive], ref[alive], atol=1e-5, rtol=1e-5)

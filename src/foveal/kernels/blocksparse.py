@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["blocksparse_attention", "SCORE_ELEMENTS"]
+__all__ = ["blocksparse_attention", "selection_block_mask", "SCORE_ELEMENTS"]
 
 #: score elements one chunk holds (instances × block_q × slots × block_k)
 SCORE_ELEMENTS = 1 << 20
@@ -261,3 +261,50 @@ def blocksparse_attention(q, k, v, kv_blocks, block: int, scale: float, *, parti
     out_p, lse_p = _forward(q, k, v, plan, float(scale))
     b, hq, n, _ = q.shape
     return _unpad(out_p, b, hq, n).to(q.dtype), _unpad(lse_p[..., None], b, hq, n)[..., 0]
+
+
+def selection_block_mask(selection, device=None):
+    """A FlexAttention ``BlockMask`` with per-(batch, head) tables for a ``BlockSelection``.
+
+    Kept blocks not marked partial go to ``full_kv_indices``; partial blocks, blocks
+    holding single kept tokens (``kv_tokens``) and full blocks on a ragged edge go to
+    ``kv_indices``, masked by the selection's exact rule ``selection.mask``. Tables are
+    padded to ``num_blocks`` columns (as FlexAttention's backward requires): block-level
+    memory, B·H·num_blocks² int32. For ``torch.nn.attention.flex_attention(q, k, v,
+    block_mask=...)`` with ``enable_gqa=True`` when key heads are fewer; on CUDA that is
+    FlexAttention's fused kernel (not measured here: no GPU was available).
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    kv, bs, n = selection.kv_blocks, selection.block, selection.n
+    b, h, nb, _ = kv.shape
+    if selection.partial is not None:
+        partial = selection.partial
+    else:
+        partial = torch.full_like(kv, selection.mask_fn is not None, dtype=torch.bool)
+    state = torch.zeros(b, h, nb, nb + 1, dtype=torch.int8, device=kv.device)  # last column: unused slots
+    state.scatter_(-1, torch.where(kv >= 0, kv, nb), torch.where(partial, 1, 2).to(torch.int8))
+    state = state[..., :nb]
+    if selection.kv_tokens is not None and selection.kv_tokens.shape[-1]:
+        tok = selection.kv_tokens
+        single = torch.zeros(b, h, nb, nb + 1, dtype=torch.int8, device=kv.device)
+        single.scatter_(-1, torch.where(tok >= 0, tok // bs, nb), torch.ones_like(tok, dtype=torch.int8))
+        state = torch.maximum(state, single[..., :nb])
+    if n % bs:  # FlexAttention masks a ragged tile through mask_mod: such blocks must be partial
+        state[:, :, -1] = torch.where(state[:, :, -1] == 2, 1, state[:, :, -1])
+        state[..., -1] = torch.where(state[..., -1] == 2, 1, state[..., -1])
+
+    def table(m):
+        idx = torch.where(m, torch.arange(nb, device=m.device), nb).sort(-1).values
+        return m.sum(-1).to(torch.int32).to(device), torch.where(idx < nb, idx, 0).to(torch.int32).to(device)
+
+    kv_num, kv_idx = table(state == 1)
+    full_num, full_idx = table(state == 2)
+    mask = selection.mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return mask(b, h, q_idx, kv_idx)
+
+    return BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(bs, bs), mask_mod=mask_mod, seq_lengths=(n, n)
+    )
