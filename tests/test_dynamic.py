@@ -368,3 +368,26 @@ def test_bad_arguments_are_refused_with_the_value():
         BlockTopK(16, 2).select(k, q)
     with pytest.raises(ValueError, match="pattern"):
         attend(q, k, v, BlockTopK(20, 2))
+
+
+@pytest.mark.parametrize("make", [
+    lambda n: VerticalSlash(n, 7, 5, last_q=8, block=8, always_vertical=2, always_slash=2),
+    lambda n: VerticalSlashCover(n, 0.5, 2, last_q=8, block=8),
+    lambda n: BlockTopK(n, 2, block=8),
+    lambda n: BlockCover(n, 0.5, block=8, causal=False),
+    lambda n: DHSA(n, 20, chunk=8),
+])
+def test_selection_in_slices_equals_selection_at_once(make, monkeypatch):
+    import foveal.patterns.dynamic as dyn
+
+    n = 37
+    q, k, v = _inputs(5, 4, 2, n, b=3)
+    whole = make(n).select(q, k)
+    monkeypatch.setattr(dyn, "SELECT_ELEMENTS", 1)  # one batch element and one key head at a time
+    sliced = make(n).select(q, k)
+    assert torch.equal(sliced.dense_mask(), whole.dense_mask())
+    assert torch.equal(table_blocks(sliced), table_blocks(whole))
+    assert sliced.info.keys() == whole.info.keys()
+    for name in whole.info:
+        assert torch.equal(sliced.info[name], whole.info[name])
+    torch.testing.assert_close(attend(q, k, v, sliced), attend(q, k, v, whole))

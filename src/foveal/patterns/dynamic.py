@@ -12,8 +12,9 @@ attends) or a selection made beforehand (so the caller keeps the statistics:
 the kept entries; the selection itself is not differentiable.
 
 These are self-attention patterns on one sequence of ``n`` tokens (``n_q == n_kv``).
-Selection costs O(B·H·(n/block)²) booleans for the block table (block level, never
-token level) plus, for vertical-slash, O(B·H·last_q·n) for the estimate. Ties between
+Selection builds block-level tables, O(B·H·(n/block)²) booleans, and, for
+vertical-slash, an estimate of O(last_q·n) per head; it runs on a batch element and a
+few key heads at a time when all at once would exceed ``SELECT_ELEMENTS``. Ties between
 equal scores are broken by the order ``torch.sort`` gives (stable: lower index first).
 
 ``a_shape`` returns MInference's static A-shape as an ordinary (static) pattern.
@@ -31,6 +32,10 @@ from foveal._checks import positive_int
 __all__ = ["BlockSelection", "DynamicPattern", "a_shape", "VerticalSlash", "VerticalSlashCover", "BlockTopK", "BlockCover", "DHSA"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+#: elements the selection's temporaries may hold at once: larger inputs are selected a
+#: batch element and a few key heads at a time (the tables are block-level in any case)
+SELECT_ELEMENTS = 1 << 24
 
 
 def a_shape(n: int, sinks: int = 100, local: int = 800):
@@ -276,13 +281,59 @@ class DynamicPattern:
                 f"q {tuple(q.shape)} and k {tuple(k.shape)} must share batch and head_dim, "
                 "with query heads a multiple of key heads"
             )
+        if q.dtype != k.dtype or q.device != k.device:
+            raise ValueError(f"q and k must share dtype and device, got {q.dtype}/{q.device} and {k.dtype}/{k.device}")
         if scale is None:
             scale = 1.0 / math.sqrt(q.shape[-1])
+        q, k, scale = q.detach(), k.detach(), float(scale)
+        b, hq, hkv = q.shape[0], q.shape[1], k.shape[1]
+        g = hq // hkv
+        per_key_head = g * self._work()
         with torch.no_grad():
-            return self._select(q.detach(), k.detach(), float(scale))
+            if b * hkv * per_key_head <= SELECT_ELEMENTS:
+                return self._select(q, k, scale)
+            step = max(1, SELECT_ELEMENTS // per_key_head)
+            parts = [
+                (b0, h0 * g, self._select(q[b0:b0 + 1, h0 * g:(h0 + step) * g], k[b0:b0 + 1, h0:h0 + step], scale))
+                for b0 in range(b) for h0 in range(0, hkv, step)
+            ]
+            return self._merge(parts, b, hq)
 
     def _select(self, q, k, scale) -> BlockSelection:
         raise NotImplementedError
+
+    def _work(self) -> int:
+        """Elements the selection's temporaries hold per query head."""
+        nb = -(-self.n // self.block)
+        return 4 * nb * nb
+
+    def _mask_fn(self, info):
+        """The elementwise rule of the selection's partial blocks, from its ``info``."""
+        raise NotImplementedError
+
+    def _merge(self, parts, b, hq) -> BlockSelection:
+        """One selection from selections of (batch, head) slices: ``parts`` is [(b0, h0, selection)]."""
+        first = parts[0][2]
+        dev = first.kv_blocks.device
+        nb = first.kv_blocks.shape[2]
+        width = max(p.kv_blocks.shape[-1] for _, _, p in parts)
+        kv = torch.full((b, hq, nb, width), -1, dtype=torch.int64, device=dev)
+        partial = None if first.partial is None else torch.zeros(b, hq, nb, width, dtype=torch.bool, device=dev)
+        tokens = None
+        if first.kv_tokens is not None:
+            twidth = max(p.kv_tokens.shape[-1] for _, _, p in parts)
+            tokens = torch.full((b, hq, nb, twidth), -1, dtype=torch.int64, device=dev)
+        info = {name: t.new_empty((b, hq) + tuple(t.shape[2:])) for name, t in first.info.items()}
+        for b0, h0, p in parts:
+            rows = (slice(b0, b0 + p.batch), slice(h0, h0 + p.heads))
+            kv[rows + (slice(None), slice(0, p.kv_blocks.shape[-1]))] = p.kv_blocks
+            if partial is not None:
+                partial[rows + (slice(None), slice(0, p.partial.shape[-1]))] = p.partial
+            if tokens is not None:
+                tokens[rows + (slice(None), slice(0, p.kv_tokens.shape[-1]))] = p.kv_tokens
+            for name, t in p.info.items():
+                info[name][rows] = t
+        return BlockSelection(self.n, self.block, kv, partial, self._mask_fn(info), first.method, info, tokens)
 
     def _params(self) -> str:
         raise NotImplementedError
@@ -346,12 +397,20 @@ class VerticalSlash(DynamicPattern):
         cols = _keep_ranked(torch.where(first < fv, float("inf"), col), torch.clamp(torch.as_tensor(nv), min=fv))
         offs = _keep_ranked(torch.where(first < fs, float("inf"), diag), torch.clamp(torch.as_tensor(ns), min=fs))
         band = self._slash_blocks(offs)
+        info = {"columns": cols, "offsets": offs}
+        return BlockSelection(n, bs, _table(band), None, self._mask_fn(info), type(self).__name__, info,
+                              kv_tokens=self._column_tokens(cols, band))
+
+    def _work(self):
+        return super()._work() + 4 * min(self.last_q, self.n) * self.n
+
+    def _mask_fn(self, info):
+        cols, offs = info["columns"], info["offsets"]
 
         def mask_fn(b, h, q_idx, kv_idx):
             return (kv_idx <= q_idx) & (cols[b, h, kv_idx] | offs[b, h, (q_idx - kv_idx).clamp(min=0)])
 
-        return BlockSelection(n, bs, _table(band), None, mask_fn, type(self).__name__,
-                              {"columns": cols, "offsets": offs}, kv_tokens=self._column_tokens(cols, band))
+        return mask_fn
 
     def _column_tokens(self, cols, band):
         """(B, H, nb, T): kept columns a query block can see (``j <=`` its last query) outside its slash blocks."""
@@ -424,6 +483,9 @@ class _PooledBlocks(DynamicPattern):
         qb = torch.arange(nb, device=dev)[:, None]
         kb = torch.arange(nb, device=dev)[None, :]
         return (kb <= qb) if self.causal else torch.ones(nb, nb, dtype=torch.bool, device=dev), qb, kb
+
+    def _mask_fn(self, info):
+        return _causal if self.causal else None
 
     def _selection(self, keep, qb, kb, info):
         nb = keep.shape[-1]
