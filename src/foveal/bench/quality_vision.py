@@ -150,7 +150,8 @@ def run_vision_quality(suite: str = "vision-quick", out_dir: str = "bench-out", 
     done = 0
     for tname in spec.tasks:
         task = TASKS[tname]
-        data = (task.make(spec.train, seed=1), task.make(spec.test, seed=2))
+        size = spec.model.get("img_size", 32)
+        data = (task.make(spec.train, size=size, seed=1), task.make(spec.test, size=size, seed=2))
         for mixer in chosen:
             def on_step(step, base=done, label=f"{tname} — {mixer}"):
                 if progress_bar:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import math
 
+import torch
 from torch import nn
 
 __all__ = ["MIXERS", "build_mixer", "mixer_names"]
@@ -55,23 +56,31 @@ def _focal(dim, heads, grid):
 
 
 def _ela(dim, heads, grid):
-    return _module("foveal.nn.ela", "EfficientLocalAttention")(dim, groups=math.gcd(dim, 16))
+    return _module("foveal.nn.ela", "EfficientLocalAttention")(dim, num_groups=math.gcd(dim, 16))
 
 
 def _pam(dim, heads, grid):
     return _module("foveal.nn.danet", "PositionAttention")(dim)
 
 
-def _vwa(dim, heads, grid):
-    return _module("foveal.nn.vwformer", "VaryingWindowAttention")(dim, heads)
+def _vwa(dim, heads, grid, window=4):
+    w = min(_fit(grid[0], window), _fit(grid[1], window))
+    ratios = tuple(r for r in (2, 4) if dim % (r * r) == 0) or (1,)
+    return _module("foveal.nn.vwformer", "VaryingWindowAttention")(dim, heads, window_size=w, ratios=ratios)
 
 
 def _contmix(dim, heads, grid):
     return _module("foveal.nn.contmix", "ContMix")(dim, num_heads=heads)
 
 
-def _hilbert(dim, heads, grid):
-    return _module("foveal.nn.hierarchical", "HierarchicalLocalAttention")(dim, heads)
+def _hilbert(dim, heads, grid, window=4, pool=2):
+    return _module("foveal.nn.hierarchical", "HierarchicalLocalAttention")(
+        dim, heads, window_size=min(window, *grid), pool=pool if min(grid) >= 2 * pool else None
+    )
+
+
+def _scatter(dim, heads, grid, window=4):
+    return _ScatterWindows(_module("foveal.nn.scatter", "ScatteredLinearAttention")(dim, heads), window)
 
 
 def _global(dim, heads, grid):
@@ -88,6 +97,22 @@ class _Alternate(nn.Module):
     def forward(self, x):
         x = x + self.first(x)
         return self.second(x)
+
+
+class _ScatterWindows(nn.Module):
+    """ScatterFormer's linear attention on a dense map: the groups are the ``window × window`` tiles."""
+
+    def __init__(self, inner: nn.Module, window: int):
+        super().__init__()
+        self.inner, self.window = inner, window
+
+    def forward(self, x):
+        b, h, w, c = x.shape
+        rows = torch.arange(h, device=x.device)[:, None] // self.window
+        cols = torch.arange(w, device=x.device)[None, :] // self.window
+        tile = (rows * (-(-w // self.window)) + cols).flatten()
+        groups = (torch.arange(b, device=x.device)[:, None] * tile.numel() + tile[None, :]).flatten()
+        return self.inner(x.reshape(b * h * w, c), groups).reshape(b, h, w, c)
 
 
 class _FullAttention(nn.Module):
@@ -129,6 +154,7 @@ MIXERS = {
     "vwa": (_vwa, "VWFormer varying-window attention"),
     "contmix": (_contmix, "OverLoCK ContMix dynamic kernels"),
     "hilbert": (_hilbert, "Scale-DiT local attention in Hilbert order + global path"),
+    "scatter-linear": (_scatter, "ScatterFormer linear attention within 4×4 tiles"),
 }
 
 
