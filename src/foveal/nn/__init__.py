@@ -6,8 +6,10 @@ modules expose ``pattern(grid)``, the foveal pattern they attend under
 """
 
 from foveal.nn.cca import CoreContextAttention
+from foveal.nn.contmix import ContMix
 from foveal.nn.danet import ChannelAffinityAttention, PositionAttention
 from foveal.nn.davit import ChannelAttention, ChannelBlock, ConvPosEnc, DaViTBlock, SpatialBlock
+from foveal.nn.duoformer import ScaleWiseAttention
 from foveal.nn.dcal import GlobalLocalCrossAttention, PairwiseCrossAttention, attention_rollout
 from foveal.nn.ela import EfficientLocalAttention
 from foveal.nn.focal import FocalModulation
@@ -17,6 +19,7 @@ from foveal.nn.hierarchical import HierarchicalLocalAttention
 from foveal.nn.maxvit import MaxViTBlock, MBConv, MultiAxisAttention
 from foveal.nn.neighborhood import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
 from foveal.nn.scatter import ScatteredLinearAttention
+from foveal.nn.vwformer import VaryingWindowAttention
 from foveal.nn.window import WindowAttention
 
 __all__ = [
@@ -40,6 +43,9 @@ __all__ = [
     "GlobalLocalCrossAttention",
     "PairwiseCrossAttention",
     "attention_rollout",
+    "VaryingWindowAttention",
+    "ContMix",
+    "ScaleWiseAttention",
     "HierarchicalLocalAttention",
     "ScatteredLinearAttention",
     "GraphLocalGlobalAttention",
