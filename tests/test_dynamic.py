@@ -391,3 +391,15 @@ def test_selection_in_slices_equals_selection_at_once(make, monkeypatch):
     for name in whole.info:
         assert torch.equal(sliced.info[name], whole.info[name])
     torch.testing.assert_close(attend(q, k, v, sliced), attend(q, k, v, whole))
+
+
+def test_nothing_kept_gives_zero_output_and_minus_inf_lse():
+    n = 20
+    q, k, v = (t.requires_grad_() for t in _inputs(1, 2, 1, n))
+    pat = VerticalSlash(n, 0, 0, block=8, always_vertical=0, always_slash=0)
+    sel = pat.select(q, k)
+    assert not sel.dense_mask().any() and (sel.keys_kept() == 0).all() and (sel.blocks_kept() == 0).all()
+    out, lse = attend(q, k, v, pat, return_lse=True)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+    out.sum().backward()
+    assert (q.grad == 0).all() and (k.grad == 0).all()

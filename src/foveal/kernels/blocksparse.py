@@ -105,7 +105,7 @@ def _plan(q, k, kv_blocks, block, partial, mask_fn, kv_tokens=None) -> _Plan:
     hkv, n_kv = k.shape[1], k.shape[2]
     nqb = -(-n_q // block)
     dev = q.device
-    table = kv_blocks.to(device=dev, dtype=torch.int64).reshape(b * hq * nqb, -1)
+    table = kv_blocks.to(device=dev, dtype=torch.int64).reshape(b * hq * nqb, kv_blocks.shape[-1])
     # unused slots last, so each chunk can drop the trailing ones
     table, order = _last_unused(table)
     if partial is not None:
@@ -113,7 +113,7 @@ def _plan(q, k, kv_blocks, block, partial, mask_fn, kv_tokens=None) -> _Plan:
     counts = (table >= 0).sum(1)
     tokens, tcounts, width = None, torch.zeros_like(counts), 0
     if kv_tokens is not None and kv_tokens.shape[-1]:
-        tokens, _ = _last_unused(kv_tokens.to(device=dev, dtype=torch.int64).reshape(table.shape[0], -1))
+        tokens, _ = _last_unused(kv_tokens.to(device=dev, dtype=torch.int64).reshape(table.shape[0], kv_tokens.shape[-1]))
         tcounts, width = (tokens >= 0).sum(1), tokens.shape[1]
     inst = torch.arange(table.shape[0], device=dev)
     b_idx, h_idx, qb_idx = inst // (hq * nqb), (inst // nqb) % hq, inst % nqb

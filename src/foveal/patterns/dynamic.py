@@ -146,15 +146,15 @@ class BlockSelection:
         bs, dev = self.block, self.kv_blocks.device
         inst = torch.arange(r0, r1, device=dev)
         bi, hi, qb = inst // (h * nb), (inst // nb) % h, inst % nb
-        tb = self.kv_blocks.reshape(-1, s)[r0:r1]
+        tb = self.kv_blocks.reshape(b * h * nb, s)[r0:r1]
         ar = torch.arange(bs, device=dev)
         kj = (tb[:, :, None] * bs + ar).reshape(r1 - r0, -1)
         valid = (tb >= 0).repeat_interleave(bs, 1)
         part = None
         if self.partial is not None:
-            part = self.partial.reshape(-1, s)[r0:r1].repeat_interleave(bs, 1)
+            part = self.partial.reshape(b * h * nb, s)[r0:r1].repeat_interleave(bs, 1)
         if self.kv_tokens is not None:
-            extra = self.kv_tokens.reshape(b * h * nb, -1)[r0:r1]
+            extra = self.kv_tokens.reshape(b * h * nb, self.kv_tokens.shape[-1])[r0:r1]
             kj, valid = torch.cat([kj, extra], 1), torch.cat([valid, extra >= 0], 1)
             if part is not None:
                 part = torch.cat([part, torch.ones_like(extra, dtype=torch.bool)], 1)
