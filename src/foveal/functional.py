@@ -26,7 +26,10 @@ def _check_inputs(q, k, v, pattern, scale):
         if t.dtype not in _DTYPES:
             raise TypeError(f"{name} must be one of {[str(d) for d in _DTYPES]}, got {t.dtype}")
     if not isinstance(pattern, (Pattern, DynamicPattern, BlockSelection)):
-        raise TypeError(f"pattern must be a foveal Pattern, dynamic pattern or BlockSelection, got {type(pattern).__name__}")
+        raise TypeError(
+            f"pattern must be a foveal Pattern, got {type(pattern).__name__} "
+            "(a dynamic pattern or a BlockSelection is accepted too)"
+        )
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
