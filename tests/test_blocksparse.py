@@ -43,7 +43,8 @@ def mask_from_table(table, partial, fn, n_q, n_kv, block):
                     if masked:
                         i = torch.arange(rows.start, rows.stop)[:, None]
                         j = torch.arange(cols.start, cols.stop)[None, :]
-                        m[bi, hi, rows, cols] = torch.broadcast_to(torch.as_tensor(fn(bi, hi, i, j)), (i.numel(), j.numel()))
+                        allowed = torch.as_tensor(fn(bi, hi, i, j))
+                        m[bi, hi, rows, cols] = torch.broadcast_to(allowed, (i.numel(), j.numel()))
                     else:
                         m[bi, hi, rows, cols] = True
     return m

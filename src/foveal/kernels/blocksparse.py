@@ -64,24 +64,31 @@ class _Plan:
 def _check(q, k, v, kv_blocks, block, partial, mask_fn, kv_tokens=None):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor (batch, heads, tokens, head_dim), got {getattr(t, 'shape', t)!r}")
+            got = getattr(t, "shape", t)
+            raise ValueError(f"{name} must be a 4-D tensor (batch, heads, tokens, head_dim), got {got!r}")
     b, hq, n_q, d = q.shape
     if k.shape[0] != b or v.shape[0] != b or k.shape[:3] != v.shape[:3] or k.shape[-1] != d:
-        raise ValueError(f"k, v must be (B, Hkv, Nk, D) matching q {tuple(q.shape)}, got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(
+            f"k, v must be (B, Hkv, Nk, D) matching q {tuple(q.shape)}, got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
     if hq % k.shape[1]:
         raise ValueError(f"query heads must be a multiple of key/value heads, got {hq} and {k.shape[1]}")
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ValueError(f"block must be a positive int, got {block!r}")
     nqb, nkb = -(-n_q // block), -(-k.shape[2] // block)
     if not isinstance(kv_blocks, torch.Tensor) or kv_blocks.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"kv_blocks must be an int32/int64 tensor, got {getattr(kv_blocks, 'dtype', type(kv_blocks).__name__)}")
+        got = getattr(kv_blocks, "dtype", type(kv_blocks).__name__)
+        raise TypeError(f"kv_blocks must be an int32/int64 tensor, got {got}")
     if kv_blocks.dim() != 4 or tuple(kv_blocks.shape[:3]) != (b, hq, nqb):
         raise ValueError(f"kv_blocks must have shape ({b}, {hq}, {nqb}, slots), got {tuple(kv_blocks.shape)}")
     if kv_blocks.numel() and (int(kv_blocks.min()) < -1 or int(kv_blocks.max()) >= nkb):
         raise ValueError(f"kv_blocks entries must be -1 (unused) or key blocks in [0, {nkb}), got range "
                          f"[{int(kv_blocks.min())}, {int(kv_blocks.max())}]")
     if partial is not None and (partial.dtype != torch.bool or partial.shape != kv_blocks.shape):
-        raise ValueError(f"partial must be a bool tensor of shape {tuple(kv_blocks.shape)}, got {partial.dtype} {tuple(partial.shape)}")
+        raise ValueError(
+            f"partial must be a bool tensor of shape {tuple(kv_blocks.shape)}, "
+            f"got {partial.dtype} {tuple(partial.shape)}"
+        )
     if kv_tokens is not None:
         if not isinstance(kv_tokens, torch.Tensor) or kv_tokens.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"kv_tokens must be None or an int32/int64 tensor, got {type(kv_tokens).__name__}")
@@ -113,7 +120,8 @@ def _plan(q, k, kv_blocks, block, partial, mask_fn, kv_tokens=None) -> _Plan:
     counts = (table >= 0).sum(1)
     tokens, tcounts, width = None, torch.zeros_like(counts), 0
     if kv_tokens is not None and kv_tokens.shape[-1]:
-        tokens, _ = _last_unused(kv_tokens.to(device=dev, dtype=torch.int64).reshape(table.shape[0], kv_tokens.shape[-1]))
+        flat = kv_tokens.to(device=dev, dtype=torch.int64).reshape(table.shape[0], kv_tokens.shape[-1])
+        tokens, _ = _last_unused(flat)
         tcounts, width = (tokens >= 0).sum(1), tokens.shape[1]
     inst = torch.arange(table.shape[0], device=dev)
     b_idx, h_idx, qb_idx = inst // (hq * nqb), (inst // nqb) % hq, inst % nqb
@@ -135,7 +143,7 @@ def _pad_rows(x, n_blocks, block):
 
 
 def _chunk_scores(plan: _Plan, qc, kf, r0, r1, s_count, t_count):
-    """Masked scores of instances r0:r1 (``qc`` already scaled) and their gathered key rows: (r, block, S·block + T)."""
+    """Masked scores of instances r0:r1 (``qc`` already scaled), (r, block, S·block + T), and the key rows gathered."""
     bs = plan.block
     tb = plan.table[r0:r1, :s_count]  # (r, S)
     ar = torch.arange(bs, device=tb.device)

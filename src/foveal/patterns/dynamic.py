@@ -29,7 +29,16 @@ import torch
 
 from foveal._checks import positive_int
 
-__all__ = ["BlockSelection", "DynamicPattern", "a_shape", "VerticalSlash", "VerticalSlashCover", "BlockTopK", "BlockCover", "DHSA"]
+__all__ = [
+    "BlockSelection",
+    "DynamicPattern",
+    "a_shape",
+    "VerticalSlash",
+    "VerticalSlashCover",
+    "BlockTopK",
+    "BlockCover",
+    "DHSA",
+]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
