@@ -9,7 +9,16 @@ column/diagonal structure of vertical-slash), and the exact elementwise rule.
 ``foveal.functional.attend`` accepts either the dynamic pattern (it selects, then
 attends) or a selection made beforehand (so the caller keeps the statistics:
 ``selection.density()``, ``blocks_kept()``...). Gradients flow to q, k and v through
-the kept entries; the selection itself is not differentiable.
+the kept entries; the selection itself is not differentiable::
+
+    sel = VerticalSlash(n, vertical=64, slash=256).select(q, k)   # no gradients
+    out = attend(q, k, v, sel)          # or attend(q, k, v, VerticalSlash(...)) in one go
+    sel.density(), sel.blocks_kept()    # (B, H) each: share of pairs, block pairs kept
+
+Vertical-slash keeps whole blocks only where its kept diagonals pass and lists its
+kept columns as single key tokens (``kv_tokens``), so a column costs one key, not a
+block. ``foveal.kernels.blocksparse.selection_block_mask`` turns a selection into a
+per-(batch, head) FlexAttention ``BlockMask``.
 
 These are self-attention patterns on one sequence of ``n`` tokens (``n_q == n_kv``).
 Selection builds block-level tables, O(B·H·(n/block)²) booleans, and, for
