@@ -35,8 +35,11 @@ import torch.nn.functional as F
 
 __all__ = ["blocksparse_attention", "selection_block_mask", "SCORE_ELEMENTS"]
 
-#: score elements one chunk holds (instances × block_q × slots × block_k)
-SCORE_ELEMENTS = 1 << 20
+#: score elements one chunk holds (instances × block_q × slots × block_k), as the cpu
+#: backend's chunks. BlockTopK(4096, topk=8), 4 heads, head_dim 64, forward, on a shared
+#: (loaded) 2-core CPU: 2^18..2^20 took 0.5-1.2 s, too noisy to rank; 2^16 took 3.1 s
+#: (per-op overhead dominates); dense causal SDPA took 0.2-0.35 s in the same runs.
+SCORE_ELEMENTS = 1 << 19
 
 
 def _compute_dtype(dtype):
