@@ -235,7 +235,9 @@ def _pool(x, block):
     """Mean of each block of tokens (the ragged last block over its own tokens) and block sizes."""
     b, h, n, d = x.shape
     nb = -(-n // block)
-    xp = torch.nn.functional.pad(x.float(), (0, 0, 0, nb * block - n)).view(b, h, nb, block, d)
+    xp = x.new_zeros(b, h, nb * block, d, dtype=torch.float32)
+    xp[:, :, :n] = x
+    xp = xp.view(b, h, nb, block, d)
     sizes = torch.clamp(n - torch.arange(nb, device=x.device) * block, max=block).float()
     return xp.sum(3) / sizes[:, None], sizes
 
