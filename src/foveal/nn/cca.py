@@ -147,9 +147,9 @@ class CoreContextAttention(nn.Module):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         core_k, core_v = cca_core_tokens(q, k, v, self.group_size, self.scale)
-        keys = torch.cat([core_k, k], dim=2).contiguous()
-        values = torch.cat([core_v, v], dim=2).contiguous()
-        out = attend(q.contiguous(), keys, values, self.pattern(n), scale=self.scale, backend=self.backend)
+        keys = torch.cat([core_k, k], dim=2)
+        values = torch.cat([core_v, v], dim=2)
+        out = attend(q, keys, values, self.pattern(n), scale=self.scale, backend=self.backend)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
 
     def extra_repr(self) -> str:

@@ -175,8 +175,7 @@ class _WindowAttention(nn.Module):
         if pad_b or pad_r:  # as DaViT: zero tokens (after the norm) fill the last windows, then are cropped
             x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
         hp, wp = x.shape[1:3]
-        qkv = self.qkv(x).reshape(b, hp * wp, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = (t.contiguous() for t in qkv.unbind(0))
+        q, k, v = self.qkv(x).reshape(b, hp * wp, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         out = attend(q, k, v, self.pattern((h, w)), scale=self.scale, backend=self.backend)
         out = self.proj(out.transpose(1, 2).reshape(b, hp, wp, c))
         return out[:, :h, :w] if pad_b or pad_r else out

@@ -114,9 +114,7 @@ class _Attention(nn.Module):
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         b, n, _ = t.shape
-        # contiguous: the cpu kernel's strided key views assume it (wrong results for one
-        # head and a sliced qkv otherwise; reported)
-        return t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2).contiguous()
+        return t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
     def _out(self, o: torch.Tensor) -> torch.Tensor:
         b, _, n, _ = o.shape

@@ -41,13 +41,9 @@ def multiscale_tokens(maps: Sequence[torch.Tensor], regions: tuple[int, int]) ->
 
 
 def _split_heads(qkv: torch.Tensor, heads: int):
-    """(B, N, 3·D) → q, k, v as contiguous (B, heads, N, D/heads).
-
-    Contiguous on purpose: with one head, the permuted views of a fused qkv have rows
-    3·D apart, which the cpu backend's strided key gather (as of this writing) misreads.
-    """
+    """(B, N, 3·D) → q, k, v as (B, heads, N, D/heads) views."""
     b, n, _ = qkv.shape
-    return [t.contiguous() for t in qkv.reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)]
+    return qkv.reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 class ScaleWiseAttention(nn.Module):

@@ -180,10 +180,10 @@ class GraphLocalGlobalAttention(nn.Module):
     def global_path(self, x) -> torch.Tensor:
         """The global path before ``proj``: (N, H, head_dim)."""
         n = x.shape[0]
-        q = self._heads(self.q_global(x)).transpose(0, 1)[None].contiguous()  # (1, H, N, d)
+        q = self._heads(self.q_global(x)).transpose(0, 1)[None]  # (1, H, N, d)
         # a copy: in training the codebook is updated in place after this forward
         kv = self.kv_global(self.codebook.to(x.dtype, copy=True))
-        k, v = (self._heads(t).transpose(0, 1)[None].contiguous() for t in kv.split(self.dim, dim=-1))
+        k, v = (self._heads(t).transpose(0, 1)[None] for t in kv.split(self.dim, dim=-1))
         bias = None
         if self.count_bias:
             log_count = self.cluster_size.float().log()

@@ -63,9 +63,7 @@ def attend_channels_last(
     """Multi-head self-attention of ``x`` (B, *grid, C) over ``pattern``: ``proj(attend(qkv(x)))``, same shape."""
     b, *grid, c = x.shape
     head_dim = qkv.out_features // (3 * num_heads)
-    # contiguous: the cpu kernel's strided key views misread non-contiguous k/v whose
-    # (batch·heads) reshape is a view (batch 1 or one head); the copy is cheap
-    q, k, v = qkv(x).reshape(b, -1, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).contiguous()
+    q, k, v = qkv(x).reshape(b, -1, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
     out = _attend(q, k, v, pattern, bias=bias, scale=scale, backend=backend)
     return proj(out.transpose(1, 2).reshape(b, *grid, num_heads * head_dim))
 
