@@ -359,6 +359,8 @@ def test_bad_arguments_are_refused_with_the_value():
         VerticalSlashCover(16, 0)
     with pytest.raises(TypeError, match="causal must be a bool"):
         DHSA(16, 8, causal="yes")
+    with pytest.raises(ValueError, match="causal must be True: vertical-slash is defined for causal attention, got False"):
+        VerticalSlashCover(16, causal=False)
     q, k, v = _inputs(0, 2, 1, 16)
     with pytest.raises(ValueError, match="q has 16 tokens but"):
         BlockTopK(20, 2).select(q, k)

@@ -374,12 +374,15 @@ class VerticalSlash(DynamicPattern):
     via Dynamic Sparse Attention", 2024; Nawrot et al., "The Sparse Frontier", 2025.
     Defaults: ``vertical=1000``, ``slash=6096`` (MInference's most common head
     configuration), ``last_q=64``, 30 forced columns/offsets; ``block`` (64, *chosen*)
-    only sets the kernel's tiling, not the mask. Selection ``info``: ``columns`` and
-    ``offsets``, (B, H, n) bool.
+    only sets the kernel's tiling, not the mask. Causal only (``causal=False`` is
+    refused). Selection ``info``: ``columns`` and ``offsets``, (B, H, n) bool.
     """
 
     def __init__(self, n: int, vertical: int = 1000, slash: int = 6096, *, last_q: int = 64, block: int = 64,
-                 always_vertical: int = 30, always_slash: int = 30):
+                 always_vertical: int = 30, always_slash: int = 30, causal: bool = True):
+        if causal is not True:
+            raise ValueError(f"causal must be True: vertical-slash is defined for causal attention, got {causal!r}")
+        self.causal = True
         self.n = positive_int("n", n)
         self.vertical = positive_int("vertical", vertical, minimum=0)
         self.slash = positive_int("slash", slash, minimum=0)
@@ -480,9 +483,9 @@ class VerticalSlashCover(VerticalSlash):
     """
 
     def __init__(self, n: int, alpha: float = 0.9, min_budget: int = 256, *, last_q: int = 512, block: int = 64,
-                 always_vertical: int = 30, always_slash: int = 30):
+                 always_vertical: int = 30, always_slash: int = 30, causal: bool = True):
         super().__init__(n, 0, 0, last_q=last_q, block=block, always_vertical=always_vertical,
-                         always_slash=always_slash)
+                         always_slash=always_slash, causal=causal)
         self.alpha = _fraction("alpha", alpha)
         self.min_budget = positive_int("min_budget", min_budget, minimum=0)
 
