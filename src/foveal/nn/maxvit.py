@@ -17,13 +17,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from foveal._checks import per_axis, positive_int
-from foveal.nn.window import (
-    attend_channels_last,
+from foveal.nn._common import (
     check_backend,
+    check_channels_last,
     check_heads,
     check_no_attn_drop,
-    swin_table_bias,
+    check_probability,
+    drop_path,
+    qk_scale_or_default,
 )
+from foveal.nn.window import attend_channels_last, swin_table_bias
 from foveal.patterns.local import Grid, Window
 
 __all__ = ["MultiAxisAttention", "MBConv", "MaxViTBlock"]
@@ -31,28 +34,13 @@ __all__ = ["MultiAxisAttention", "MBConv", "MaxViTBlock"]
 _KINDS = ("block", "grid")
 
 
-def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: zero whole samples of a residual branch with probability ``p``, rescale the rest."""
-    if p == 0.0 or not training:
-        return x
-    keep = 1.0 - p
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-    return x * mask / keep
-
-
-def _check_ratio(name: str, value, minimum: float = 0.0, inclusive: bool = False) -> float:
+def _check_ratio(name: str, value) -> float:
+    """A positive width ratio (expansion, MLP, squeeze-excitation)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
-    if value < minimum or (not inclusive and value == minimum):
-        raise ValueError(f"{name} must be {'>=' if inclusive else '>'} {minimum}, got {value!r}")
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0.0, got {value!r}")
     return float(value)
-
-
-def _check_probability(name: str, value) -> float:
-    value = _check_ratio(name, value, 0.0, inclusive=True)
-    if value >= 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-    return value
 
 
 class MultiAxisAttention(nn.Module):
@@ -108,7 +96,7 @@ class MultiAxisAttention(nn.Module):
         self.backend = check_backend(backend)
         self.kind = kind
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
-        self.scale = qk_scale or self.head_dim**-0.5
+        self.scale = qk_scale_or_default(qk_scale, self.head_dim)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -139,12 +127,8 @@ class MultiAxisAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: (batch, H, W, dim), channels last; returns the same shape."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"MultiAxisAttention expects (batch, H, W, dim), got shape {got}")
-        grid, c = tuple(x.shape[1:3]), x.shape[-1]
-        if c != self.dim:
-            raise ValueError(f"x has {c} channels but dim is {self.dim}")
+        check_channels_last(x, self.dim, type(self).__name__, 4, "(batch, H, W, dim)")
+        grid = tuple(x.shape[1:3])
         pattern = self.pattern(grid)
         bias = None
         if self.relative_position_bias_table is not None:
@@ -193,7 +177,7 @@ class MBConv(nn.Module):
         expand_ratio = _check_ratio("expand_ratio", expand_ratio)
         se_ratio = _check_ratio("se_ratio", se_ratio)
         mid = max(1, int(round(dim * expand_ratio)))
-        self.drop_path = _check_probability("drop_path", drop_path)
+        self.drop_path = check_probability("drop_path", drop_path)
         self.pre_norm = nn.BatchNorm2d(dim)
         self.conv1_1x1 = nn.Conv2d(dim, mid, 1, bias=False)
         self.norm1 = nn.BatchNorm2d(mid)
@@ -280,7 +264,7 @@ class MaxViTBlock(nn.Module):
         super().__init__()
         dim, num_heads = check_heads(dim, num_heads)
         mlp_ratio = _check_ratio("mlp_ratio", mlp_ratio)
-        drop_path = _check_probability("drop_path", drop_path)
+        drop_path = check_probability("drop_path", drop_path)
         self.dim = dim
         self.conv = MBConv(dim, expand_ratio, se_ratio, drop_path)
         args = (mlp_ratio, qkv_bias, proj_drop, rel_pos_bias, drop_path, backend)
@@ -293,11 +277,7 @@ class MaxViTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: (batch, H, W, dim), channels last; returns the same shape."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"MaxViTBlock expects (batch, H, W, dim), got shape {got}")
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x has {x.shape[-1]} channels but dim is {self.dim}")
+        check_channels_last(x, self.dim, type(self).__name__, 4, "(batch, H, W, dim)")
         self.attn_block.attn._check_grid(tuple(x.shape[1:3]))  # refuse before any work
         x = self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.attn_grid(self.attn_block(x))

@@ -17,9 +17,16 @@ import numbers
 import torch
 from torch import nn
 
-from foveal._checks import per_axis, positive_int
+from foveal._checks import per_axis
 from foveal.bias import RelativePositionBias
-from foveal.functional import attend
+from foveal.nn._common import (
+    attend_opaque,
+    check_backend,
+    check_channels_last,
+    check_heads,
+    check_no_attn_drop,
+    qk_scale_or_default,
+)
 from foveal.patterns.base import Pattern
 from foveal.patterns.local import Window
 
@@ -43,12 +50,6 @@ def swin_table_bias(
     return RelativePositionBias(grid, tuple(w - 1 for w in window), t, step=step)
 
 
-# Under torch.compile, attend is one opaque eager call: its backends plan in Python
-# (tracing them only adds graph breaks and seconds of compile time) and the flex
-# backend compiles its own kernel. The projections around it are compiled as usual.
-_attend = torch.compiler.disable(attend)
-
-
 def attend_channels_last(
     x: torch.Tensor,
     qkv: nn.Linear,
@@ -64,33 +65,8 @@ def attend_channels_last(
     b, *grid, c = x.shape
     head_dim = qkv.out_features // (3 * num_heads)
     q, k, v = qkv(x).reshape(b, -1, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
-    out = _attend(q, k, v, pattern, bias=bias, scale=scale, backend=backend)
+    out = attend_opaque(q, k, v, pattern, bias=bias, scale=scale, backend=backend)
     return proj(out.transpose(1, 2).reshape(b, *grid, num_heads * head_dim))
-
-
-def check_backend(backend) -> str:
-    from foveal.kernels.select import BACKENDS
-
-    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
-        raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
-    return backend
-
-
-def check_no_attn_drop(attn_drop) -> None:
-    if isinstance(attn_drop, bool) or not isinstance(attn_drop, numbers.Real):
-        raise TypeError(f"attn_drop must be a float, got {attn_drop!r} ({type(attn_drop).__name__})")
-    if attn_drop != 0:
-        raise ValueError(
-            f"attn_drop must be 0.0 (attend applies no dropout to attention weights; use proj_drop), got {attn_drop!r}"
-        )
-
-
-def check_heads(dim, num_heads, dim_name: str = "dim") -> tuple[int, int]:
-    dim = positive_int(dim_name, dim)
-    num_heads = positive_int("num_heads", num_heads)
-    if dim % num_heads:
-        raise ValueError(f"{dim_name} must be divisible by num_heads, got {dim} and {num_heads}")
-    return dim, num_heads
 
 
 class WindowAttention(nn.Module):
@@ -161,7 +137,7 @@ class WindowAttention(nn.Module):
         check_no_attn_drop(attn_drop)
         self.backend = check_backend(backend)
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
-        self.scale = qk_scale or self.head_dim**-0.5
+        self.scale = qk_scale_or_default(qk_scale, self.head_dim)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -185,12 +161,8 @@ class WindowAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: (batch, *grid, dim), channels last; returns the same shape."""
         nd = len(self.window_size)
-        if not isinstance(x, torch.Tensor) or x.dim() != nd + 2:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"WindowAttention expects (batch, {nd} grid axes, dim), got shape {got}")
-        grid, c = tuple(x.shape[1:-1]), x.shape[-1]
-        if c != self.dim:
-            raise ValueError(f"x has {c} channels but dim is {self.dim}")
+        check_channels_last(x, self.dim, type(self).__name__, nd + 2, f"(batch, {nd} grid axes, dim)")
+        grid = tuple(x.shape[1:-1])
         pattern = self.pattern(grid)
         bias = None
         if self.relative_position_bias_table is not None:

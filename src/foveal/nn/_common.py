@@ -1,0 +1,97 @@
+"""Helpers shared by the modules of ``foveal.nn``: argument checks, stochastic depth, an opaque ``attend``.
+
+Every check raises before any work, with a message that names the argument, the value
+given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from foveal._checks import positive_int
+from foveal.functional import attend
+
+__all__ = [
+    "attend_opaque",
+    "check_backend",
+    "check_channels_last",
+    "check_heads",
+    "check_no_attn_drop",
+    "check_probability",
+    "drop_path",
+    "qk_scale_or_default",
+]
+
+# Under torch.compile, attend is one opaque eager call: its backends plan in Python
+# (tracing them only adds graph breaks and seconds of compile time) and the flex
+# backend compiles its own kernel. The projections around it are compiled as usual.
+attend_opaque = torch.compiler.disable(attend)
+
+
+def check_heads(dim, num_heads, dim_name: str = "dim") -> tuple[int, int]:
+    """``(dim, num_heads)`` as ints, ``dim`` divisible by ``num_heads``."""
+    dim = positive_int(dim_name, dim)
+    num_heads = positive_int("num_heads", num_heads)
+    if dim % num_heads:
+        raise ValueError(f"{dim_name} must be divisible by num_heads, got {dim} and {num_heads}")
+    return dim, num_heads
+
+
+def check_backend(backend) -> str:
+    """``"auto"`` or the name of a registered ``attend`` backend."""
+    from foveal.kernels.select import BACKENDS
+
+    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
+        raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
+    return backend
+
+
+def check_no_attn_drop(attn_drop) -> None:
+    """Accept ``attn_drop`` only as 0 (timm's signature; ``attend`` has no attention dropout)."""
+    if isinstance(attn_drop, bool) or not isinstance(attn_drop, numbers.Real):
+        raise TypeError(f"attn_drop must be a float, got {attn_drop!r} ({type(attn_drop).__name__})")
+    if attn_drop != 0:
+        raise ValueError(
+            f"attn_drop must be 0.0 (attend applies no dropout to attention weights; use proj_drop), got {attn_drop!r}"
+        )
+
+
+def check_probability(name: str, value) -> float:
+    """A probability in ``[0, 1)`` (dropout, stochastic depth)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return float(value)
+
+
+def qk_scale_or_default(qk_scale, head_dim: int) -> float:
+    """The score scale: ``qk_scale`` if given (a positive number), else ``head_dim ** -0.5``."""
+    if qk_scale is None:
+        return head_dim**-0.5
+    if isinstance(qk_scale, bool) or not isinstance(qk_scale, numbers.Real):
+        raise TypeError(f"qk_scale must be a number or None, got {qk_scale!r} ({type(qk_scale).__name__})")
+    if not qk_scale > 0:
+        raise ValueError(f"qk_scale must be > 0 (or None for head_dim ** -0.5), got {qk_scale!r}")
+    return float(qk_scale)
+
+
+def check_channels_last(x, dim: int, who: str, ndim: int | None = 4, layout: str = "(batch, height, width, dim)"):
+    """Refuse anything but a tensor of ``ndim`` dimensions (at least 3 when None) whose last axis is ``dim``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if (x.dim() != ndim) if ndim is not None else (x.dim() < 3):
+        raise ValueError(f"{who} expects {layout}, got shape {tuple(x.shape)}")
+    if x.shape[-1] != dim:
+        raise ValueError(f"x has {x.shape[-1]} channels but dim is {dim}")
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero whole samples of a residual branch with probability ``p``, rescale the rest."""
+    if p == 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+    return x * mask / keep
