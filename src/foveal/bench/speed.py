@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from foveal.bench import modules as bench_modules
 from foveal.bench.contenders import CONTENDERS, Prepared
 from foveal.bench.measure import PeakMemory, matmul_rate, time_call
 from foveal.kernels.reference import reference_attention
@@ -272,9 +273,16 @@ def rerender(json_path):
 
 
 def run_speed(suite: str = "quick", out_dir: str = "bench-out", device: str | None = None, contenders=None) -> dict:
-    """Run a suite; print the table; write ``speed.json``, ``speed.md`` and ``speed.png`` into ``out_dir``."""
+    """Run a suite; print the table; write ``speed.json``, ``speed.md`` and ``speed.png`` into ``out_dir``.
+
+    The module suites (``modules``, ``modules-quick``: ``foveal.bench.modules``) time
+    whole ``foveal.nn`` modules against the same modules on dense masked SDPA and
+    write ``modules.json``, ``modules.md`` and ``modules.png`` instead.
+    """
+    if suite in bench_modules.MODULE_SUITES:
+        return bench_modules.run_modules(suite, out_dir, device, contenders)
     if suite not in SUITES:
-        raise ValueError(f"suite must be one of {sorted(SUITES)}, got {suite!r}")
+        raise ValueError(f"suite must be one of {sorted(SUITES) + sorted(bench_modules.MODULE_SUITES)}, got {suite!r}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     chosen = [c for c in CONTENDERS if contenders is None or c.name in contenders]
     if contenders is not None and len(chosen) != len(set(contenders)):
