@@ -150,10 +150,14 @@ def test_drop_path_bfloat16_pattern():
 def test_errors():
     with pytest.raises(ValueError, match="dim must be divisible by num_heads, got 10 and 4"):
         ChannelAttention(10, 4)
-    with pytest.raises(ValueError, match="drop_path must be a probability in \\[0, 1\\), got 1.5"):
+    with pytest.raises(ValueError, match="drop_path must be in \\[0, 1\\), got 1.5"):
         DaViTBlock(16, 2, drop_path=1.5)
     with pytest.raises(TypeError, match="window_size must be an int"):
         SpatialBlock(16, 2, window_size=2.5)
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of .* got 'fast'"):
+        DaViTBlock(16, 2, backend="fast")
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
+        ChannelAttention(16, 2)([1.0])
     with pytest.raises(ValueError, match="x has 8 channels but dim is 16"):
         ChannelAttention(16, 2)(torch.randn(1, 5, 8))
     with pytest.raises(ValueError, match=r"ChannelBlock expects \(batch, height, width, dim\), got shape \(1, 5, 16\)"):

@@ -7,14 +7,20 @@ parameter names of timm's ``davit.py``.
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from foveal._checks import positive_int
-from foveal.functional import attend
+from foveal.nn._common import (
+    attend_opaque,
+    check_backend,
+    check_channels_last,
+    check_heads,
+    check_probability,
+    drop_path,
+)
 from foveal.patterns import Window
 
 __all__ = [
@@ -36,38 +42,6 @@ def channel_group_attention(query, key, value, scale: float):
     """
     attn = torch.softmax((query * scale).transpose(-1, -2) @ key, dim=-1)  # (B, g, Cg, Cg)
     return value @ attn.transpose(-1, -2)
-
-
-def _check_tokens(x, dim: int, name: str, ndim: int | None = None) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if ndim is not None and x.dim() != ndim:
-        raise ValueError(f"{name} expects (batch, height, width, dim), got shape {tuple(x.shape)}")
-    if x.dim() < 3:
-        raise ValueError(f"{name} expects (batch, *tokens, dim), got shape {tuple(x.shape)}")
-    if x.shape[-1] != dim:
-        raise ValueError(f"x has {x.shape[-1]} channels but dim is {dim}")
-
-
-def _heads(dim, num_heads) -> tuple[int, int]:
-    dim, num_heads = positive_int("dim", dim), positive_int("num_heads", num_heads)
-    if dim % num_heads:
-        raise ValueError(f"dim must be divisible by num_heads, got {dim} and {num_heads}")
-    return dim, num_heads
-
-
-def _probability(name, p) -> float:
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
-        raise ValueError(f"{name} must be a probability in [0, 1), got {p!r}")
-    return float(p)
-
-
-def _drop_path(x, p: float, training: bool):
-    """Stochastic depth: zero whole samples with probability ``p``, rescale the rest."""
-    if p == 0.0 or not training:
-        return x
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - p)
-    return x * keep / (1.0 - p)
 
 
 class ChannelAttention(nn.Module):
@@ -92,7 +66,7 @@ class ChannelAttention(nn.Module):
         self, dim: int, num_heads: int = 8, qkv_bias: bool = False, v2: bool = False, dynamic_scale: bool = True
     ):
         super().__init__()
-        self.dim, self.num_heads = _heads(dim, num_heads)
+        self.dim, self.num_heads = check_heads(dim, num_heads)
         self.head_dim = self.dim // self.num_heads
         self.v2, self.dynamic_scale = bool(v2), bool(dynamic_scale)
         self.qkv = nn.Linear(self.dim, 3 * self.dim, bias=qkv_bias)
@@ -100,7 +74,7 @@ class ChannelAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: (B, *tokens, dim), channels last; returns the same shape."""
-        _check_tokens(x, self.dim, type(self).__name__)
+        check_channels_last(x, self.dim, type(self).__name__, None, "(batch, *tokens, dim)")
         b, c = x.shape[0], x.shape[-1]
         n = math.prod(x.shape[1:-1])
         q, k, v = self.qkv(x.reshape(b, n, c)).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -176,12 +150,35 @@ class _WindowAttention(nn.Module):
             x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
         hp, wp = x.shape[1:3]
         q, k, v = self.qkv(x).reshape(b, hp * wp, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = attend(q, k, v, self.pattern((h, w)), scale=self.scale, backend=self.backend)
+        out = attend_opaque(q, k, v, self.pattern((h, w)), scale=self.scale, backend=self.backend)
         out = self.proj(out.transpose(1, 2).reshape(b, hp, wp, c))
         return out[:, :h, :w] if pad_b or pad_r else out
 
 
-class SpatialBlock(nn.Module):
+class _DualHalf(nn.Module):
+    """One half of a DaViT block: ``cpe1`` → pre-norm ``attn`` + residual → ``cpe2`` → pre-norm ``mlp`` + residual."""
+
+    def _init_half(self, mlp_ratio, drop_path, ffn, cpe_act, attn: nn.Module) -> None:
+        self.drop_path = check_probability("drop_path", drop_path)
+        self.cpe1 = ConvPosEnc(self.dim, 3, cpe_act)
+        self.norm1 = nn.LayerNorm(self.dim)
+        self.attn = attn
+        self.cpe2 = ConvPosEnc(self.dim, 3, cpe_act)
+        self.norm2 = nn.LayerNorm(self.dim) if ffn else None
+        self.mlp = _Mlp(self.dim, int(self.dim * mlp_ratio)) if ffn else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: (B, H, W, dim), channels last; returns the same shape."""
+        check_channels_last(x, self.dim, type(self).__name__)
+        x = self.cpe1(x)
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        x = self.cpe2(x)
+        if self.mlp is not None:
+            x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+        return x
+
+
+class SpatialBlock(_DualHalf):
     """DaViT spatial block: ``cpe1`` → pre-norm window attention + residual → ``cpe2`` → pre-norm MLP + residual.
 
     Window attention over non-overlapping ``window_size``² windows (``foveal.patterns.Window``
@@ -197,32 +194,17 @@ class SpatialBlock(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        self.dim, self.num_heads = _heads(dim, num_heads)
+        self.dim, self.num_heads = check_heads(dim, num_heads)
         self.window_size = positive_int("window_size", window_size)
-        self.drop_path = _probability("drop_path", drop_path)
-        self.cpe1 = ConvPosEnc(self.dim, 3, cpe_act)
-        self.norm1 = nn.LayerNorm(self.dim)
-        self.attn = _WindowAttention(self.dim, self.num_heads, self.window_size, qkv_bias, backend)
-        self.cpe2 = ConvPosEnc(self.dim, 3, cpe_act)
-        self.norm2 = nn.LayerNorm(self.dim) if ffn else None
-        self.mlp = _Mlp(self.dim, int(self.dim * mlp_ratio)) if ffn else None
+        attn = _WindowAttention(self.dim, self.num_heads, self.window_size, qkv_bias, check_backend(backend))
+        self._init_half(mlp_ratio, drop_path, ffn, cpe_act, attn)
 
     def pattern(self, grid) -> Window:
         """The ``Window`` pattern used on ``grid`` (after padding to whole windows)."""
         return self.attn.pattern(grid)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: (B, H, W, dim), channels last; returns the same shape."""
-        _check_tokens(x, self.dim, type(self).__name__, ndim=4)
-        x = self.cpe1(x)
-        x = x + _drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
-        x = self.cpe2(x)
-        if self.mlp is not None:
-            x = x + _drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
-        return x
 
-
-class ChannelBlock(nn.Module):
+class ChannelBlock(_DualHalf):
     """DaViT channel block: ``cpe1`` → pre-norm channel attention + residual → ``cpe2`` → pre-norm MLP + residual.
 
     Channels-last (B, H, W, dim). Ding et al., "DaViT" (ECCV 2022). Parameters: ``dim``,
@@ -232,24 +214,9 @@ class ChannelBlock(nn.Module):
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, ffn=True, cpe_act=False, v2=False):
         super().__init__()
-        self.dim, self.num_heads = _heads(dim, num_heads)
-        self.drop_path = _probability("drop_path", drop_path)
-        self.cpe1 = ConvPosEnc(self.dim, 3, cpe_act)
-        self.norm1 = nn.LayerNorm(self.dim)
-        self.attn = ChannelAttention(self.dim, self.num_heads, qkv_bias, v2=v2)
-        self.cpe2 = ConvPosEnc(self.dim, 3, cpe_act)
-        self.norm2 = nn.LayerNorm(self.dim) if ffn else None
-        self.mlp = _Mlp(self.dim, int(self.dim * mlp_ratio)) if ffn else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: (B, H, W, dim), channels last; returns the same shape."""
-        _check_tokens(x, self.dim, type(self).__name__, ndim=4)
-        x = self.cpe1(x)
-        x = x + _drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
-        x = self.cpe2(x)
-        if self.mlp is not None:
-            x = x + _drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
-        return x
+        self.dim, self.num_heads = check_heads(dim, num_heads)
+        attn = ChannelAttention(self.dim, self.num_heads, qkv_bias, v2=v2)
+        self._init_half(mlp_ratio, drop_path, ffn, cpe_act, attn)
 
 
 class DaViTBlock(nn.Sequential):
