@@ -90,10 +90,10 @@ def test_errors():
         FocalModulation(16, focal_window=4)
     with pytest.raises(ValueError, match="focal_level must be >= 1, got 0"):
         FocalModulation(16, focal_level=0)
-    with pytest.raises(ValueError, match="proj_drop must be a probability in \\[0, 1\\], got 2"):
+    with pytest.raises(ValueError, match="proj_drop must be in \\[0, 1\\), got 2"):
         FocalModulation(16, proj_drop=2)
     m = FocalModulation(16)
-    with pytest.raises(ValueError, match=r"x must be \(batch, height, width, dim\), got shape \(6, 5, 16\)"):
+    with pytest.raises(ValueError, match=r"FocalModulation expects \(batch, height, width, dim\), got shape \(6, 5, 16\)"):
         m(torch.randn(6, 5, 16))
     with pytest.raises(ValueError, match="x has 8 channels but dim is 16"):
         m(torch.randn(1, 6, 5, 8))

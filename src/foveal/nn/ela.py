@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from foveal._checks import positive_int
+from foveal.nn._common import check_channels_last
 
 __all__ = ["EfficientLocalAttention", "ela_gate"]
 
@@ -56,12 +57,7 @@ class EfficientLocalAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: (B, H, W, dim), channels last; returns the same shape."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"x must be (batch, height, width, dim), got shape {tuple(x.shape)}")
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x has {x.shape[-1]} channels but dim is {self.dim}")
+        check_channels_last(x, self.dim, type(self).__name__)
         return ela_gate(x, self.conv, self.gn)
 
     def extra_repr(self) -> str:

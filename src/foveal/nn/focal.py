@@ -5,13 +5,12 @@ Yang et al., "Focal Modulation Networks" (NeurIPS 2022).
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from foveal._checks import positive_int
+from foveal.nn._common import check_channels_last, check_probability
 
 __all__ = ["FocalModulation"]
 
@@ -53,8 +52,7 @@ class FocalModulation(nn.Module):
         self.focal_window = positive_int("focal_window", focal_window)
         self.focal_level = positive_int("focal_level", focal_level)
         self.focal_factor = positive_int("focal_factor", focal_factor, minimum=0)
-        if not isinstance(proj_drop, numbers.Real) or not 0.0 <= proj_drop <= 1.0:
-            raise ValueError(f"proj_drop must be a probability in [0, 1], got {proj_drop!r}")
+        proj_drop = check_probability("proj_drop", proj_drop)
         self.kernel_sizes = [self.focal_factor * k + self.focal_window for k in range(self.focal_level)]
         even = [k for k in self.kernel_sizes if k % 2 == 0]
         if even:
@@ -78,13 +76,8 @@ class FocalModulation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: (B, H, W, dim), channels last; returns the same shape."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"x must be (batch, height, width, dim), got shape {tuple(x.shape)}")
-        c = x.shape[-1]
-        if c != self.dim:
-            raise ValueError(f"x has {c} channels but dim is {self.dim}")
+        check_channels_last(x, self.dim, type(self).__name__)
+        c = self.dim
         q, ctx, gates = torch.split(self.f(x), (c, c, self.focal_level + 1), dim=-1)
         ctx = ctx.permute(0, 3, 1, 2)  # the depth-wise convs run channels-first
         gates = gates.permute(0, 3, 1, 2)
