@@ -15,8 +15,13 @@ def _show(args) -> int:
             print(p)
         print(f"wrote {len(paths)} pictures to {args.gallery}")
         return 0
+    if args.module:
+        return _show_module(args)
     if not args.pattern:
-        print("foveal show: give a pattern expression or --gallery DIR", file=sys.stderr)
+        print("foveal show: give a pattern expression, --module EXPR --grid G, or --gallery DIR", file=sys.stderr)
+        return 2
+    if args.grid:
+        print("foveal show: --grid goes with --module (a pattern carries its own grid)", file=sys.stderr)
         return 2
     try:
         pattern = show.parse_pattern(args.pattern)
@@ -26,6 +31,31 @@ def _show(args) -> int:
         print(f"foveal show: {e}", file=sys.stderr)
         return 2
     print(f"{pattern!r}: density {pattern.density():.2%}\nwrote {path}")
+    return 0
+
+
+def _show_module(args) -> int:
+    from foveal import show
+
+    if args.pattern:
+        print("foveal show: give either a pattern expression or --module, not both", file=sys.stderr)
+        return 2
+    if not args.grid:
+        print("foveal show: --module needs --grid, e.g. --grid 16,16 (or --grid 64 for a sequence)", file=sys.stderr)
+        return 2
+    try:
+        module = show.parse_module(args.module)
+        grid = show.parse_grid(args.grid)
+        pattern, note = show.module_pattern(module, grid)
+        out = args.output or "pattern.png"
+        path = show.render_module(module, grid, out, query=args.query, block=args.block)
+    except (ValueError, TypeError) as e:
+        print(f"foveal show: {e}", file=sys.stderr)
+        return 2
+    print(f"{type(module).__name__} on grid {grid}: {pattern!r}: density {pattern.density():.2%}")
+    if note:
+        print(note)
+    print(f"wrote {path}")
     return 0
 
 
@@ -84,12 +114,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="foveal", description="Structured local-global attention.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("show", help="draw a pattern's mask and block layout as a PNG")
+    p = sub.add_parser("show", help="draw the mask and block layout of a pattern (or a module's pattern) as a PNG")
     p.add_argument("pattern", nargs="?", help='a pattern expression, e.g. "Neighborhood(grid=(16,16), kernel_size=5)"')
     p.add_argument("-o", "--output", help="PNG path (default: pattern.png)")
     p.add_argument("--query", type=int, default=None, help="token whose keys are drawn (N-D patterns; default: centre)")
     p.add_argument("--block", type=int, default=None, help="block size of the layout panel (default: automatic)")
-    p.add_argument("--gallery", metavar="DIR", help="write one picture per built-in pattern into DIR")
+    p.add_argument("--module", metavar="EXPR",
+                   help='draw the pattern a foveal.nn module uses, e.g. "WindowAttention(dim=32, num_heads=2, '
+                   'window_size=4)"')
+    p.add_argument("--grid", help="grid the module's pattern is drawn on, e.g. 16,16 (with --module)")
+    p.add_argument("--gallery", metavar="DIR",
+                   help="write one picture per built-in pattern into DIR, one per attention module into DIR/modules")
     p.set_defaults(func=_show)
 
     c = sub.add_parser("check", help="check every built-in pattern on every backend against dense attention")
