@@ -8,6 +8,16 @@ from foveal.bias import ALiBi, RelativePositionBias
 from foveal.decode import KVCache, Quest, SnapKV, attend_decode, snapkv_compress
 from foveal.functional import attend
 from foveal.layout import BlockLayout
+from foveal.patterns.dynamic import (
+    DHSA,
+    BlockCover,
+    BlockSelection,
+    BlockTopK,
+    DynamicPattern,
+    VerticalSlash,
+    VerticalSlashCover,
+    a_shape,
+)
 from foveal.patterns import (
     BigBird,
     Causal,
@@ -62,6 +72,14 @@ __all__ = [
     "Intersection",
     "MaskPattern",
     "Ordered",
+    "DynamicPattern",
+    "BlockSelection",
+    "VerticalSlash",
+    "VerticalSlashCover",
+    "BlockTopK",
+    "BlockCover",
+    "DHSA",
+    "a_shape",
     "KVCache",
     "attend_decode",
     "Quest",

@@ -7,12 +7,27 @@ Static patterns: ``Full``, ``Causal``, ``SlidingWindow``, ``Neighborhood``,
 them with ``|`` and ``&``; ``MaskPattern`` wraps any elementwise function.
 ``Ordered(inner, order, grid)`` runs a 1-D pattern along a token order
 (``raster``, ``tiles``, ``morton``, ``hilbert``).
+
+Content-selected (dynamic) patterns pick key blocks per batch and head from q and k
+at call time: ``VerticalSlash``, ``VerticalSlashCover``, ``BlockTopK``, ``BlockCover``,
+``DHSA`` (``pattern.select(q, k)`` gives a ``BlockSelection`` with its statistics);
+``a_shape`` is MInference's static A-shape.
 """
 
 from foveal.patterns.algebra import Intersection, Union
 from foveal.patterns.base import Pattern, ProgressionPattern
 from foveal.patterns.custom import MaskPattern
 from foveal.patterns.documents import CausalBlockwise, Document, PrefixLM, SharedQuestion
+from foveal.patterns.dynamic import (
+    DHSA,
+    BlockCover,
+    BlockSelection,
+    BlockTopK,
+    DynamicPattern,
+    VerticalSlash,
+    VerticalSlashCover,
+    a_shape,
+)
 from foveal.patterns.global_ import Causal, Full, GlobalTokens, Sinks, Strided
 from foveal.patterns.local import Grid, Halo, Neighborhood, SlidingWindow, Window
 from foveal.patterns.order import Ordered, hilbert, morton, raster, tiles
@@ -45,4 +60,6 @@ __all__ = [
 ]
 
 # token orders: functions, not patterns (kept out of __all__ so that pattern-name listings stay patterns)
+DYNAMIC = ["DynamicPattern", "BlockSelection", "VerticalSlash", "VerticalSlashCover", "BlockTopK", "BlockCover", "DHSA",
+           "a_shape"]
 ORDERS = {"raster": raster, "tiles": tiles, "morton": morton, "hilbert": hilbert}
