@@ -91,8 +91,12 @@ def test_pattern_compile_and_errors():
     with torch.no_grad():
         cam.gamma.fill_(1.0)
     x = torch.randn(2, 4, 5, 16)
-    # PositionAttention compiles too (attend graph-breaks in the cpu kernel), at several seconds: not tested here
     torch.testing.assert_close(torch.compile(cam, backend="eager")(x), cam(x))
+    with torch.no_grad():
+        m.gamma.fill_(1.0)
+    torch.testing.assert_close(torch.compile(m, backend="eager")(x), m(x))  # attend: one opaque call
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of .* got 'fast'"):
+        PositionAttention(16, backend="fast")
     with pytest.raises(ValueError, match="dim // reduction must be >= 1, got dim=4 and reduction=8"):
         PositionAttention(4)
     with pytest.raises(ValueError, match="x has 8 channels but dim is 16"):

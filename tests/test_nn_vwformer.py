@@ -130,6 +130,8 @@ def test_errors():
         VaryingWindowAttention(64, 3)
     with pytest.raises(TypeError, match=r"ratios\[1\] must be an int"):
         VaryingWindowAttention(64, 2, ratios=(2, 2.5))
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of .* got 'fast'"):
+        VaryingWindowAttention(64, 2, backend="fast")
     m = VaryingWindowAttention(64, 2)
     with pytest.raises(ValueError, match=r"divisible by num_windows=8 on both axes, got grid \(8, 12\)"):
         m(torch.randn(2, 8, 12, 64))

@@ -14,19 +14,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from foveal._checks import positive_int
-from foveal.functional import attend
+from foveal.nn._common import attend_opaque, check_backend, check_channels_last
 from foveal.patterns import Full
 
 __all__ = ["PositionAttention", "ChannelAffinityAttention", "channel_affinity_attention"]
 
-
-def _check_image(x, dim: int, name: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < 3:
-        raise ValueError(f"{name} expects (batch, *grid, dim) with at least one grid axis, got shape {tuple(x.shape)}")
-    if x.shape[-1] != dim:
-        raise ValueError(f"x has {x.shape[-1]} channels but dim is {dim}")
+_LAYOUT = "(batch, *grid, dim) with at least one grid axis"
 
 
 def _pointwise(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
@@ -58,7 +51,7 @@ class PositionAttention(nn.Module):
         reduction = positive_int("reduction", reduction)
         if dim // reduction < 1:
             raise ValueError(f"dim // reduction must be >= 1, got dim={dim} and reduction={reduction}")
-        self.dim, self.reduction, self.backend = dim, reduction, backend
+        self.dim, self.reduction, self.backend = dim, reduction, check_backend(backend)
         self.query_conv = nn.Conv2d(dim, dim // reduction, 1)
         self.key_conv = nn.Conv2d(dim, dim // reduction, 1)
         self.value_conv = nn.Conv2d(dim, dim, 1)
@@ -74,12 +67,12 @@ class PositionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: (B, *grid, dim), channels last; returns the same shape."""
-        _check_image(x, self.dim, type(self).__name__)
+        check_channels_last(x, self.dim, type(self).__name__, None, _LAYOUT)
         b, *grid, c = x.shape
         n = math.prod(grid)
         flat = x.reshape(b, 1, n, c)
         q, k, v = (_pointwise(flat, conv) for conv in (self.query_conv, self.key_conv, self.value_conv))
-        out = attend(q, k, v, self.pattern(grid), scale=1.0, backend=self.backend)
+        out = attend_opaque(q, k, v, self.pattern(grid), scale=1.0, backend=self.backend)
         return self.gamma * out.reshape(x.shape) + x
 
     def extra_repr(self) -> str:
@@ -121,7 +114,7 @@ class ChannelAffinityAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: (B, *grid, dim), channels last; returns the same shape."""
-        _check_image(x, self.dim, type(self).__name__)
+        check_channels_last(x, self.dim, type(self).__name__, None, _LAYOUT)
         return self.gamma * channel_affinity_attention(x) + x
 
     def extra_repr(self) -> str:

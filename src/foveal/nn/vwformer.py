@@ -13,13 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from foveal._checks import positive_int
-from foveal.functional import attend
+from foveal.nn._common import attend_opaque, check_backend, check_channels_last, check_heads, check_probability
 from foveal.patterns import Window
 
 __all__ = ["VaryingWindowAttention", "VWABranch", "copy_shift_index", "fold_context"]
-
-# Under torch.compile attend stays one opaque eager call: its backends plan in Python.
-_attend = torch.compiler.disable(attend)
 
 
 def copy_shift_index(length: int, window: int, ratio: int, device=None) -> torch.Tensor:
@@ -109,17 +106,23 @@ class VWABranch(nn.Module):
     values ``g`` are linear maps (mmcv NonLocal2d's 1×1 convolutions), softmax scale
     ``head_dim ** -0.5``; ``conv_out`` (linear + norm) maps back.
 
-    Shapes: (B, H, W, dim) → (B, H, W, dim), with ``window`` dividing (H, W).
+    Shapes: ``x`` (B, H, W, dim) and ``pattern`` ``Window((H, W), window)`` → (B, H, W, dim).
+
+    Yan, Wu and Zhang, "Multi-Scale Representations by Varying Window Attention for
+    Semantic Segmentation" (ICLR 2024). Parameters: ``dim`` (divisible by ``ratio²`` and
+    ``num_heads``), ``num_heads``, ``ratio`` ``R``, ``norm_layer`` (channels-first class or
+    None), ``act_layer``, ``backend`` for ``attend``.
     """
 
     def __init__(self, dim, num_heads, ratio, norm_layer=nn.BatchNorm2d, act_layer=nn.ReLU, backend="auto"):
         super().__init__()
+        dim, num_heads = check_heads(dim, num_heads)
         self.ratio = positive_int("ratio", ratio)
         if dim % (ratio * ratio):
             raise ValueError(
                 f"dim must be divisible by ratio² (DOPE reduces dim by ratio²), got dim={dim}, ratio={ratio}"
             )
-        self.num_heads, self.backend = num_heads, backend
+        self.num_heads, self.backend = num_heads, check_backend(backend)
         self.dope = nn.Conv2d(dim, dim // (ratio * ratio), ratio, bias=norm_layer is None)
         self.dope_norm = _norm(norm_layer, dim // (ratio * ratio))
         self.dope_act = _act(act_layer)
@@ -144,7 +147,7 @@ class VWABranch(nn.Module):
         q = self.theta(x).reshape(b, h * w, heads, -1).transpose(1, 2)
         k = self.phi(context).reshape(b, h * w, heads, -1).transpose(1, 2)
         v = self.g(context).reshape(b, h * w, heads, -1).transpose(1, 2)
-        out = _attend(q, k, v, pattern, backend=self.backend)
+        out = attend_opaque(q, k, v, pattern, backend=self.backend)
         return self.out_norm(self.conv_out(out.transpose(1, 2).reshape(b, h, w, c)))
 
 
@@ -188,10 +191,9 @@ class VaryingWindowAttention(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        self.dim = positive_int("dim", dim)
-        self.num_heads = positive_int("num_heads", num_heads)
-        if dim % num_heads:
-            raise ValueError(f"dim must be divisible by num_heads, got {dim} and {num_heads}")
+        self.dim, self.num_heads = check_heads(dim, num_heads)
+        backend = check_backend(backend)
+        proj_drop = check_probability("proj_drop", proj_drop)
         if isinstance(ratios, numbers.Integral) or not len(ratios):
             raise TypeError(f"ratios must be a non-empty sequence of ints, got {ratios!r}")
         self.ratios = tuple(positive_int(f"ratios[{i}]", r) for i, r in enumerate(ratios))
@@ -240,12 +242,7 @@ class VaryingWindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: (B, H, W, dim), channels last; returns the same shape."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"VaryingWindowAttention expects (batch, height, width, dim), got shape {tuple(x.shape)}")
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x has {x.shape[-1]} channels but dim is {self.dim}")
+        check_channels_last(x, self.dim, type(self).__name__)
         b, h, w, c = x.shape
         pattern = self.pattern((h, w))
         outs = [self.short_path(x), self.image_pool(x.mean((1, 2), keepdim=True)).expand(b, h, w, c)]
