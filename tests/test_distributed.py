@@ -270,3 +270,21 @@ def test_ulysses_refuses_heads_that_do_not_divide():
     with pytest.raises(ValueError, match="heads must be divisible by 2"):
         _check(q, q, q, Causal(16), 2, "ulysses", "contiguous", None, None)
     assert CPStats().total_sent == 0
+
+
+def test_bench_cp_simulation_counts_bytes_and_balance(tmp_path):
+    from foveal.bench.cp import MODEL, run, simulate
+    from foveal.distributed.orders import Order
+
+    n, p = 1 << 14, 8
+    rows = {r["method"]: r for r in simulate(n, p, SlidingWindow(n, 100), Order("contiguous"))}
+    kv_shard = (n // p) * MODEL["kv_heads"] * 2 * MODEL["head_dim"] * MODEL["bytes_per_element"]
+    # a window shorter than a shard: the ring sends each shard one hop, the dense ring P - 1 hops
+    assert rows["ring"]["bytes_max"] == kv_shard and rows["ring"]["dense_bytes_max"] == (p - 1) * kv_shard
+    assert rows["ring"]["time_s"] < rows["ring"]["dense_time_s"]
+    # the all-gather sends only the last block of a shard, which the window reaches
+    assert rows["allgather"]["bytes_max"] == kv_shard * rows["allgather"]["block"] // (n // p)
+    causal = {o: simulate(n, p, Causal(n), Order(o))[0]["load_max_over_mean"] for o in ("contiguous", "zigzag")}
+    assert causal["contiguous"] > 1.5 and causal["zigzag"] < 1.05
+    out = run(tmp_path, quick=True, progress=False, measured=False)
+    assert out and (tmp_path / "cp.md").read_text().startswith("# foveal bench cp")

@@ -19,6 +19,7 @@ of ``striped`` and the block size of ``balanced``.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import torch
@@ -107,15 +108,17 @@ def balanced_blocks(pattern, world: int, block: int) -> torch.Tensor:
         chunk = torch.arange(nb) // half
         candidates.append(torch.where(chunk < world, chunk, 2 * world - 1 - chunk))
     order = sorted(range(nb), key=lambda b: (-float(work[b]), b))
-    load = [0.0] * world
+    heap = [(0.0, r) for r in range(world)]  # ranks with room left, by (load, rank)
     room = [per] * world
-    owner = torch.empty(nb, dtype=torch.int64)
+    owner = [0] * nb
+    wl = work.tolist()
     for b in order:
-        r = min((r for r in range(world) if room[r]), key=lambda r: (load[r], r))
+        load, r = heapq.heappop(heap)
         owner[b] = r
-        load[r] += float(work[b])
         room[r] -= 1
-    candidates.append(owner)
+        if room[r]:
+            heapq.heappush(heap, (load + wl[b], r))
+    candidates.append(torch.tensor(owner, dtype=torch.int64))
     best, best_max = None, None
     for cand in candidates:
         m = float(torch.zeros(world, dtype=torch.float64).index_add_(0, cand, work).max())

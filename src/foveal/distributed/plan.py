@@ -6,7 +6,7 @@ any communication or N×N tensor:
 * ``tokens[r]``: the sorted global tokens of rank ``r``;
 * ``load[r, s]``: attended block pairs between rank ``r``'s query blocks and rank
   ``s``'s key blocks in ``pattern.layout(block, block)``; ``need = load > 0``;
-* ``kv_blocks[r][s]``: the key blocks of rank ``s`` that rank ``r``'s queries reach
+* ``kv_blocks(r, s)``: the key blocks of rank ``s`` that rank ``r``'s queries reach
   (what the sparse all-gather sends).
 
 ``block`` divides every run of the order, so each block has one owner and ``need``
@@ -24,7 +24,7 @@ import torch
 from foveal.distributed.orders import Order, as_order, order_unit, token_owner
 from foveal.distributed.subpattern import ShardPattern
 
-__all__ = ["CPLayout", "cp_layout", "ring_schedule", "plan_block"]
+__all__ = ["CPLayout", "cp_layout", "ring_schedule", "ring_hops", "plan_block"]
 
 _CACHE: dict = {}
 _CACHE_SIZE = 32
@@ -54,7 +54,8 @@ class CPLayout:
     tokens: list
     owner: torch.Tensor  # rank of each token
     load: torch.Tensor  # (world, world) attended block pairs, queries of r × keys of s
-    kv_blocks: list = field(repr=False)  # kv_blocks[r][s]: sorted key blocks of s that r needs
+    #: (r·world + s, key block) for every key block of rank s that rank r's queries reach, sorted
+    needed_pairs: tuple = field(repr=False)
     _shards: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -74,19 +75,35 @@ class CPLayout:
             )
         return self._shards[key]
 
+    def kv_blocks(self, r: int, s: int) -> torch.Tensor:
+        """Sorted key blocks (of ``block`` tokens) of rank ``s`` that rank ``r``'s queries reach."""
+        rs, kbs = self.needed_pairs
+        i = r * self.world + s
+        lo, hi = torch.searchsorted(rs, torch.tensor([i, i + 1])).tolist()
+        return kbs[lo:hi]
+
+    def needed_block_counts(self) -> torch.Tensor:
+        """(world, world): how many key blocks of rank s rank r needs."""
+        rs, _ = self.needed_pairs
+        return torch.bincount(rs, minlength=self.world * self.world).view(self.world, self.world)
+
     def needed_kv_tokens(self, r: int, s: int) -> torch.Tensor:
         """Positions in rank ``s``'s shard of the key tokens rank ``r`` needs (at block granularity)."""
-        blocks = self.kv_blocks[r][s]
+        blocks = self.kv_blocks(r, s)
         toks = self.tokens[s]
         if blocks.numel() == 0:
             return torch.zeros(0, dtype=torch.int64)
         return torch.nonzero(torch.isin(toks // self.block, blocks)).flatten()
 
 
-def cp_layout(pattern, world: int, order="contiguous") -> CPLayout:
-    """The communication plan of ``pattern`` over ``world`` ranks under ``order`` (cached)."""
+def cp_layout(pattern, world: int, order="contiguous", max_blocks: int = 4096) -> CPLayout:
+    """The communication plan of ``pattern`` over ``world`` ranks under ``order`` (cached).
+
+    ``max_blocks`` bounds the number of blocks of the plan's layout (coarser blocks:
+    a cheaper plan, a coarser all-gather), as far as the order's runs allow.
+    """
     order = as_order(order)
-    key = (pattern, world, order)
+    key = (pattern, world, order, max_blocks)
     if key in _CACHE:
         return _CACHE[key]
     n = pattern.n_q
@@ -94,22 +111,21 @@ def cp_layout(pattern, world: int, order="contiguous") -> CPLayout:
     owner = token_owner(pattern, world, order)
     perm = torch.argsort(owner, stable=True)
     tokens = list(perm.view(world, -1).unbind(0))
-    block = plan_block(n, unit)
+    block = plan_block(n, unit, max_blocks)
     lay = pattern.layout(block, block)
     qb, kb, _ = lay.states()
     nb = lay.num_q_blocks
     # owners of each block: one per block when the block divides the order's runs
-    blk = torch.arange(n) // block
-    pairs = torch.unique(blk * world + owner)
-    b_of, o_of = pairs // world, pairs % world
-    counts = torch.bincount(b_of, minlength=nb)
     load = torch.zeros(world * world, dtype=torch.int64)
-    if bool((counts == 1).all()):
-        bown = torch.empty(nb, dtype=torch.int64)
-        bown[b_of] = o_of
+    if n % block == 0 and unit % block == 0:  # one owner per block
+        bown = owner[::block]
         load.index_add_(0, bown[qb] * world + bown[kb], torch.ones_like(qb))
         qown, kown, kblk = bown[qb], bown[kb], kb
     else:  # shared blocks: every owner of the query block needs every owner of the key block
+        blk = torch.arange(n) // block
+        pairs = torch.unique(blk * world + owner)
+        b_of, o_of = pairs // world, pairs % world
+        counts = torch.bincount(b_of, minlength=nb)
         ptr = torch.zeros(nb + 1, dtype=torch.int64)
         ptr[1:] = torch.cumsum(counts, 0)
         qo, ko, kk = [], [], []
@@ -125,13 +141,7 @@ def cp_layout(pattern, world: int, order="contiguous") -> CPLayout:
     # key blocks of s that r needs
     pair = torch.unique((qown * world + kown) * nb + kblk)
     rs, kbs = pair // nb, pair % nb
-    kv_blocks = [[None] * world for _ in range(world)]
-    ptr = torch.searchsorted(rs, torch.arange(world * world + 1))
-    for r in range(world):
-        for s in range(world):
-            i = r * world + s
-            kv_blocks[r][s] = kbs[ptr[i] : ptr[i + 1]]
-    out = CPLayout(pattern, world, order, block, tokens, owner, load, kv_blocks)
+    out = CPLayout(pattern, world, order, block, tokens, owner, load, (rs, kbs))
     if len(_CACHE) >= _CACHE_SIZE:  # forget the oldest plan
         _CACHE.pop(next(iter(_CACHE)))
     _CACHE[key] = out
@@ -171,17 +181,19 @@ class RingSchedule:
         return t >= 1 and t <= self.hops[self.holds(r, t - 1)]
 
 
-def ring_schedule(need: torch.Tensor) -> RingSchedule:
+def ring_hops(need: torch.Tensor) -> torch.Tensor:
+    """For each shard ``s``: the farthest ring distance ``t`` at which position ``s + t`` needs it (0: none)."""
     p = need.shape[0]
+    s = torch.arange(p)[:, None]
+    t = torch.arange(p)[None, :]
+    m = need[(s + t) % p, s.expand(p, p)]  # m[s, t]: position s+t needs shard s
+    m[:, 0] = False
+    return torch.where(m, t.expand(p, p), 0).amax(1)
+
+
+def ring_schedule(need: torch.Tensor) -> RingSchedule:
     need_t = tuple(tuple(bool(x) for x in row) for row in need.tolist())
-    hops = []
-    for s in range(p):
-        h = 0
-        for t in range(1, p):
-            if need_t[(s + t) % p][s]:
-                h = t
-        hops.append(h)
-    return RingSchedule(p, need_t, tuple(hops))
+    return RingSchedule(need.shape[0], need_t, tuple(ring_hops(need).tolist()))
 
 
 def group_need(need: torch.Tensor, groups: int) -> torch.Tensor:
