@@ -1,7 +1,8 @@
 """``foveal bench quality --suite lm``: which sparse attention pattern keeps quality at equal density.
 
 Every pattern family has one integer knob; the harness picks the knob whose density is
-closest to the target (relative to the task's dense pattern: ``Causal`` for causal
+closest to the target (for content-selected patterns, the density of their selection on
+random q and k) (relative to the task's dense pattern: ``Causal`` for causal
 tasks, ``Full`` for the others) and reports the density it got. A tiny model (``foveal.models.lm``)
 is trained under each pattern with one fixed budget; the report is a table
 (task × pattern: accuracy or normalised MSE, density, train time), JSON and plots of
@@ -25,6 +26,7 @@ from foveal.bench import lm_tasks as T
 from foveal.bench.train import Budget, fit, progress
 from foveal.models.lm import AttentionOnly, EncoderDecoder, TinyLM
 from foveal.patterns import BigBird, Causal, Dilated, Full, Power, Sinks, SlidingWindow, Strided
+from foveal.patterns.dynamic import DHSA, BlockTopK, DynamicPattern, VerticalSlash
 
 __all__ = ["FAMILIES", "SUITES", "match_density", "run_lm_quality"]
 
@@ -38,6 +40,11 @@ CAUSAL = {
     "dilated": lambda n, k: Dilated(n, (k, 2 * k, 4 * k), (1, 2, 4)) & Causal(n),
     "power": lambda n, k: Power(n, block=k, window=1, sinks=1),
     "bigbird": lambda n, k: BigBird(n, block=k, window=3, globals=1, random=1) & Causal(n),
+    # content-selected: blocks of n/16 tokens chosen from q and k at every call
+    "block-topk": lambda n, k: BlockTopK(n, topk=k, block=max(8, n // 16)),
+    "dhsa": lambda n, k: DHSA(n, budget=k, chunk=max(8, n // 16)),
+    "vertical-slash": lambda n, k: VerticalSlash(n, vertical=k, slash=k, last_q=min(64, n), always_vertical=min(4, k),
+                                                 always_slash=min(4, k), block=max(8, n // 16)),
 }
 NONCAUSAL = {
     "full": lambda n, k: Full(n),
@@ -60,6 +67,11 @@ FAMILIES = {"causal": CAUSAL, "noncausal": NONCAUSAL, "cross": CROSS, "causal-cr
 
 
 def _allowed(p) -> float:
+    """Allowed (query, key) pairs; for a content-selected pattern, as selected on random q and k."""
+    if isinstance(p, DynamicPattern):
+        gen = torch.Generator().manual_seed(0)
+        q, k = (torch.randn(1, 4, p.n, 16, generator=gen) for _ in range(2))
+        return p.select(q, k).density().mean().item() * p.n * p.n
     return p.density() * p.n_q * p.n_kv
 
 

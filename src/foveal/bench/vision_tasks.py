@@ -25,7 +25,7 @@ def _stamp(img, y, x, r, value):
     img[max(0, y - r) : min(s, y + r + 1), max(0, x - r) : min(s, x + r + 1)] = value
 
 
-def _path(gen, size, length, dash=(3, 2)):
+def _path(gen, size, length, dash=(3, 1)):
     """A smooth random walk: (list of integer points, drawn-points mask of dashes), kept inside the image."""
     margin = 3
     y = torch.randint(margin, size - margin, (), generator=gen).item() + 0.5
@@ -69,7 +69,7 @@ def pathfinder(count: int, size: int = 32, seed: int = 0, paths: int = 2, length
     return images, labels
 
 
-def match(count: int, size: int = 32, seed: int = 0, patch: int = 4):
+def match(count: int, size: int = 32, seed: int = 0, patch: int = 3):
     """Long-range comparison: label 1 when the patch on the left equals the patch on the right."""
     gen = torch.Generator().manual_seed(seed)
     images = 0.1 * torch.rand(count, 1, size, size, generator=gen)
