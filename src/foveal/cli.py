@@ -48,7 +48,7 @@ def _show_module(args) -> int:
         grid = show.parse_grid(args.grid)
         pattern, note = show.module_pattern(module, grid)
         out = args.output or "pattern.png"
-        path = show.render_module(module, grid, out, query=args.query, block=args.block)
+        path = show.render_module(module, grid, out, query=args.query, block=args.block, label=args.module)
     except (ValueError, TypeError) as e:
         print(f"foveal show: {e}", file=sys.stderr)
         return 2

@@ -367,8 +367,8 @@ def _layout_panel(ax, pattern: Pattern, block_q: int, block_k: int):
     ax.imshow(states.numpy(), cmap=mcolors.ListedColormap([_EMPTY, _PARTIAL, _FULL]),
               norm=mcolors.BoundaryNorm([-0.5, 0.5, 1.5, 2.5], 3), interpolation="nearest",
               aspect="equal" if max(states.shape) <= 4 * min(states.shape) else "auto")
-    ax.set_xlabel(f"key block ({block_k} tokens)")
-    ax.set_ylabel(f"query block ({block_q} tokens)")
+    ax.set_xlabel(f"key block ({block_k} token{'s' if block_k > 1 else ''})")
+    ax.set_ylabel(f"query block ({block_q} token{'s' if block_q > 1 else ''})")
     ax.set_title(f"{label}: {lay.num_full} full, {lay.num_partial} partial", fontsize=10)
 
 
@@ -449,10 +449,15 @@ def _describe(module: torch.nn.Module) -> str:
     return f"{type(module).__name__}({extra})"
 
 
-def render_module(module: torch.nn.Module, grid, path, *, query: int | None = None, block: int | None = None) -> Path:
-    """Write a PNG of the pattern ``module`` attends over on ``grid`` (``module_pattern``), as ``render`` does."""
+def render_module(
+    module: torch.nn.Module, grid, path, *, query: int | None = None, block: int | None = None, label: str | None = None
+) -> Path:
+    """Write a PNG of the pattern ``module`` attends over on ``grid`` (``module_pattern``), as ``render`` does.
+
+    ``label`` heads the picture (default: the module's class and ``extra_repr``).
+    """
     pattern, note = module_pattern(module, grid)
-    heading = _wrap(_describe(module))
+    heading = _wrap(_describe(module) if label is None else str(label))
     line = f"pattern on grid {fmt_axes(parse_grid(grid))}: {pattern!r}" + (f"; {note}" if note else "")
     heading += "\n" + _wrap(line)
     return _draw(pattern, path, query, block, heading)
@@ -466,5 +471,5 @@ def gallery(directory, *, modules: bool = True) -> list[Path]:
     paths = [render(p, directory / f"{name}.png") for name, p in GALLERY.items()]
     if modules:
         for name, (expr, grid) in MODULE_GALLERY.items():
-            paths.append(render_module(parse_module(expr), grid, directory / "modules" / f"{name}.png"))
+            paths.append(render_module(parse_module(expr), grid, directory / "modules" / f"{name}.png", label=expr))
     return paths
