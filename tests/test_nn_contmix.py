@@ -166,9 +166,14 @@ def test_contmix_errors():
     with pytest.raises(ValueError, match="kernel_size must be odd .* got 4"):
         ContMix(16, kernel_size=4, num_heads=2)
     m = ContMix(16, kernel_size=3, num_heads=2, smk_size=3, region=2)
-    with pytest.raises(ValueError, match=r"expects x of shape \(batch, height, width, dim\), got shape \(5, 5, 16\)"):
+    with pytest.raises(ValueError, match=r"ContMix expects \(batch, height, width, dim\), got shape \(5, 5, 16\)"):
         m(torch.randn(5, 5, 16))
     with pytest.raises(ValueError, match="x has 8 channels but dim is 16"):
         m(torch.randn(1, 5, 5, 8))
     with pytest.raises(ValueError, match=r"context must have shape .* = \(1, 5, 5, 16\), got \(1, 4, 5, 16\)"):
         m(torch.randn(1, 5, 5, 16), torch.randn(1, 4, 5, 16))
+    msg = r"context must match x in dtype and device \(torch.float32, cpu\), got torch.float64"
+    with pytest.raises(TypeError, match=msg):
+        m(torch.randn(1, 5, 5, 16), torch.randn(1, 5, 5, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"qk_scale must be > 0 .*got -1"):
+        ContMix(16, 2, qk_scale=-1)

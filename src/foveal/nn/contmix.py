@@ -12,6 +12,7 @@ from torch import nn
 
 from foveal._checks import positive_int
 from foveal.functional_na import na_av
+from foveal.nn._common import check_channels_last, check_probability, qk_scale_or_default
 from foveal.patterns import Neighborhood
 
 __all__ = ["ContMix", "contmix_rpb_index"]
@@ -63,9 +64,9 @@ class ContMix(nn.Module):
     here: this module counts the affinity groups, which is what the parameters' shapes
     follow.
 
-    Parameters: ``dim`` channels; ``kernel_size`` the large dynamic kernel (7);
-    ``num_heads`` affinity groups = heads of each kernel branch (``dim`` must be
-    divisible by ``2·num_heads``); ``region`` side of the pooled context (7);
+    Parameters: ``dim`` channels; ``num_heads`` affinity groups = heads of each kernel
+    branch (``dim`` must be divisible by ``2·num_heads``); ``kernel_size`` the large
+    dynamic kernel (7); ``region`` side of the pooled context (7);
     ``smk_size`` the small kernel (5); ``ctx_dim`` channels of ``context`` (default
     ``dim``); ``qk_scale`` overrides the affinity scale; ``rel_pos_bias`` adds the
     ``(2k−1)²`` per-head tables ``rpb1`` (small) and ``rpb2`` (large), zero-initialised
@@ -75,8 +76,8 @@ class ContMix(nn.Module):
     def __init__(
         self,
         dim: int,
-        kernel_size: int = 7,
         num_heads: int = 4,
+        kernel_size: int = 7,
         region: int = 7,
         smk_size: int = 5,
         ctx_dim: int | None = None,
@@ -99,7 +100,8 @@ class ContMix(nn.Module):
                 raise ValueError(f"{name} must be odd (a centred dynamic kernel), got {k}")
         self.region = positive_int("region", region)
         self.ctx_dim = dim if ctx_dim is None else positive_int("ctx_dim", ctx_dim)
-        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.scale = qk_scale_or_default(qk_scale, dim // num_heads)  # the reference's, see above
+        proj_drop = check_probability("proj_drop", proj_drop)
         self.weight_query = nn.Linear(dim, dim // 2, bias=False)
         self.weight_key = nn.Linear(self.ctx_dim, dim // 2, bias=False)
         self.weight_proj = nn.Linear(region * region, smk_size**2 + kernel_size**2)
@@ -117,12 +119,7 @@ class ContMix(nn.Module):
         return Neighborhood(tuple(grid), self.kernel_size)
 
     def _check(self, x, context):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"ContMix expects x of shape (batch, height, width, dim), got shape {tuple(x.shape)}")
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x has {x.shape[-1]} channels but dim is {self.dim}")
+        check_channels_last(x, self.dim, type(self).__name__)
         if context is not None:
             if not isinstance(context, torch.Tensor):
                 raise TypeError(f"context must be a torch.Tensor or None, got {type(context).__name__}")
@@ -130,6 +127,11 @@ class ContMix(nn.Module):
             if tuple(context.shape) != want:
                 raise ValueError(
                     f"context must have shape (batch, height, width, ctx_dim) = {want}, got {tuple(context.shape)}"
+                )
+            if context.dtype != x.dtype or context.device != x.device:
+                raise TypeError(
+                    f"context must match x in dtype and device ({x.dtype}, {x.device}), "
+                    f"got {context.dtype}, {context.device}"
                 )
         elif self.ctx_dim != self.dim:
             raise ValueError(f"context is required when ctx_dim ({self.ctx_dim}) differs from dim ({self.dim})")
