@@ -80,7 +80,8 @@ def test_defaults_and_errors():
         EfficientLocalAttention(24)
     with pytest.raises(TypeError, match="dim must be an int"):
         EfficientLocalAttention(32.0)
-    with pytest.raises(ValueError, match=r"EfficientLocalAttention expects \(batch, height, width, dim\), got shape \(5, 6, 32\)"):
+    msg = r"EfficientLocalAttention expects \(batch, height, width, dim\), got shape \(5, 6, 32\)"
+    with pytest.raises(ValueError, match=msg):
         m(torch.randn(5, 6, 32))
     with pytest.raises(ValueError, match="x has 16 channels but dim is 32"):
         m(torch.randn(1, 5, 6, 16))

@@ -93,7 +93,8 @@ def test_errors():
     with pytest.raises(ValueError, match="proj_drop must be in \\[0, 1\\), got 2"):
         FocalModulation(16, proj_drop=2)
     m = FocalModulation(16)
-    with pytest.raises(ValueError, match=r"FocalModulation expects \(batch, height, width, dim\), got shape \(6, 5, 16\)"):
+    msg = r"FocalModulation expects \(batch, height, width, dim\), got shape \(6, 5, 16\)"
+    with pytest.raises(ValueError, match=msg):
         m(torch.randn(6, 5, 16))
     with pytest.raises(ValueError, match="x has 8 channels but dim is 16"):
         m(torch.randn(1, 6, 5, 8))

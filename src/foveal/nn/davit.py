@@ -156,7 +156,7 @@ class _WindowAttention(nn.Module):
 
 
 class _DualHalf(nn.Module):
-    """One half of a DaViT block: ``cpe1`` → pre-norm ``attn`` + residual → ``cpe2`` → pre-norm ``mlp`` + residual."""
+    """Half a DaViT block: ``cpe1`` → pre-norm ``attn`` + residual → ``cpe2`` → pre-norm ``mlp`` + residual."""
 
     def _init_half(self, mlp_ratio, drop_path, ffn, cpe_act, attn: nn.Module) -> None:
         self.drop_path = check_probability("drop_path", drop_path)
