@@ -117,6 +117,10 @@ def test_errors():
         CoreContextAttention(16, 2, causal=False)
     with pytest.raises(TypeError, match="group_size must be an int, got 2.0"):
         CoreContextAttention(16, 2, group_size=2.0)
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of .* got 'fast'"):
+        CoreContextAttention(16, 2, backend="fast")
+    with pytest.raises(TypeError, match="qk_scale must be a number or None, got '1'"):
+        CoreContextAttention(16, 2, qk_scale="1")
     m = CoreContextAttention(16, 2, group_size=4, window=8)
     with pytest.raises(ValueError, match=r"expects \(batch, tokens, dim\), got shape \(5, 16\)"):
         m(torch.randn(5, 16))

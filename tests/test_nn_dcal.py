@@ -150,6 +150,8 @@ def test_bad_input_is_refused():
         GlobalLocalCrossAttention(10, 4)
     with pytest.raises(ValueError, match=r"top_ratio must be a number in \(0, 1\], got 0"):
         GlobalLocalCrossAttention(8, 2, top_ratio=0)
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of .* got 'fast'"):
+        PairwiseCrossAttention(8, 2, backend="fast")
     m = GlobalLocalCrossAttention(8, 2)
     x = torch.randn(2, 5, 8)
     with pytest.raises(ValueError, match="give exactly one of attn_maps"):

@@ -117,6 +117,8 @@ def test_errors():
         ScaleWiseAttention((8, 8), 2, grid_ratios=(1,))
     with pytest.raises(ValueError, match="region_token must be < the 3 tokens per region, got 3"):
         ScaleWiseAttention((8, 8), 2, grid_ratios=(1, 1), region_token=3)
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of .* got 'fast'"):
+        ScaleWiseAttention((8, 8), 2, backend="fast")
     m = ScaleWiseAttention((4, 8), 2)
     with pytest.raises(ValueError, match="expected 2 feature maps"):
         m([torch.randn(2, 4, 4, 4)])

@@ -171,6 +171,8 @@ def test_bad_input_is_refused():
         GraphLocalGlobalAttention(10, 4)
     with pytest.raises(ValueError, match=r"decay must be a number in \[0, 1\), got 1.5"):
         GraphLocalGlobalAttention(8, 2, decay=1.5)
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of .* got 'fast'"):
+        GraphLocalGlobalAttention(8, 2, backend="fast")
     m = GraphLocalGlobalAttention(8, 2)
     x = torch.randn(4, 8)
     with pytest.raises(TypeError, match="neighbors must be a torch.long tensor of node indices, got torch.int32"):

@@ -140,6 +140,8 @@ def test_errors():
         HierarchicalLocalAttention(8, 2, order="peano")
     with pytest.raises(TypeError, match=r"window_size must be an int, got 2.5"):
         HierarchicalLocalAttention(8, 2, window_size=2.5)
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of .* got 'fast'"):
+        HierarchicalLocalAttention(8, 2, backend="fast")
     m = HierarchicalLocalAttention(8, 2, window_size=4, pool=3)
     with pytest.raises(ValueError, match=r"x must be \(batch, height, width, dim\), got \(8, 8, 8\)"):
         m(torch.randn(8, 8, 8))

@@ -100,6 +100,8 @@ def test_bad_input_is_refused():
         ScatteredLinearAttention(8, 2, feature_map="softmax")
     with pytest.raises(TypeError, match="chunk_size must be an int, got 2.5"):
         ScatteredLinearAttention(8, 2, chunk_size=2.5)
+    with pytest.raises(ValueError, match=r"proj_drop must be in \[0, 1\), got 1.5"):
+        ScatteredLinearAttention(8, 2, proj_drop=1.5)
     m = ScatteredLinearAttention(8, 2)
     with pytest.raises(ValueError, match=r"x must be a \(tokens, dim\) tensor, got \(1, 5, 8\)"):
         m(torch.randn(1, 5, 8), torch.zeros(5, dtype=torch.long))

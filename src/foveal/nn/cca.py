@@ -16,7 +16,14 @@ import torch
 from torch import nn
 
 from foveal._checks import positive_int
-from foveal.functional import attend
+from foveal.nn._common import (
+    attend_opaque,
+    check_backend,
+    check_channels_last,
+    check_heads,
+    check_probability,
+    qk_scale_or_default,
+)
 from foveal.patterns.algebra import Union
 from foveal.patterns.global_ import FlatPattern, _like
 
@@ -42,7 +49,7 @@ class _CoreKeys(FlatPattern):
 
 
 class _LocalKeys(FlatPattern):
-    """Query ``t`` sees raw keys ``t − ℓ(t) < j ≤ t``, ``ℓ(t) = ((t+1) mod g) + s`` (stored after the core keys)."""
+    """Query ``t`` sees raw keys ``t − ℓ(t) < j ≤ t``, ``ℓ(t) = ((t+1) mod g) + s`` (stored after the cores)."""
 
     def __init__(self, n, groups: int, group_size: int, window: int):
         self._init_shape(n, n + groups)
@@ -112,10 +119,7 @@ class CoreContextAttention(nn.Module):
                  qkv_bias: bool = False, qk_scale: float | None = None, proj_drop: float = 0.0,
                  backend: str = "auto"):
         super().__init__()
-        dim = positive_int("dim", dim)
-        num_heads = positive_int("num_heads", num_heads)
-        if dim % num_heads:
-            raise ValueError(f"dim must be divisible by num_heads, got {dim} and {num_heads}")
+        dim, num_heads = check_heads(dim, num_heads)
         self.group_size = positive_int("group_size", group_size)
         self.window = positive_int("window", window, minimum=0)
         if causal is not True:
@@ -123,8 +127,9 @@ class CoreContextAttention(nn.Module):
                 f"causal must be True: CCA-Attention is defined for causal language modelling, got {causal!r}"
             )
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
-        self.scale = qk_scale or self.head_dim**-0.5
-        self.backend = backend
+        self.scale = qk_scale_or_default(qk_scale, self.head_dim)
+        self.backend = check_backend(backend)
+        proj_drop = check_probability("proj_drop", proj_drop)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -139,17 +144,14 @@ class CoreContextAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: (batch, tokens, dim); returns the same shape."""
-        if x.dim() != 3:
-            raise ValueError(f"CoreContextAttention expects (batch, tokens, dim), got shape {tuple(x.shape)}")
+        check_channels_last(x, self.dim, type(self).__name__, 3, "(batch, tokens, dim)")
         b, n, c = x.shape
-        if c != self.dim:
-            raise ValueError(f"x has {c} channels but dim is {self.dim}")
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         core_k, core_v = cca_core_tokens(q, k, v, self.group_size, self.scale)
         keys = torch.cat([core_k, k], dim=2)
         values = torch.cat([core_v, v], dim=2)
-        out = attend(q, keys, values, self.pattern(n), scale=self.scale, backend=self.backend)
+        out = attend_opaque(q, keys, values, self.pattern(n), scale=self.scale, backend=self.backend)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
 
     def extra_repr(self) -> str:

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from foveal._checks import positive_int
-from foveal.functional import attend
+from foveal.nn._common import attend_opaque, check_backend, check_heads, check_probability, qk_scale_or_default
 from foveal.patterns import Full
 
 __all__ = ["GlobalLocalCrossAttention", "PairwiseCrossAttention", "attention_rollout", "select_top"]
@@ -101,13 +101,11 @@ class _Attention(nn.Module):
 
     def __init__(self, dim, num_heads, qkv_bias, qk_scale, proj_drop, backend):
         super().__init__()
-        dim = positive_int("dim", dim)
-        num_heads = positive_int("num_heads", num_heads)
-        if dim % num_heads:
-            raise ValueError(f"dim must be divisible by num_heads, got {dim} and {num_heads}")
+        dim, num_heads = check_heads(dim, num_heads)
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
-        self.scale = qk_scale or self.head_dim**-0.5
-        self.backend = backend
+        self.scale = qk_scale_or_default(qk_scale, self.head_dim)
+        self.backend = check_backend(backend)
+        proj_drop = check_probability("proj_drop", proj_drop)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -116,7 +114,10 @@ class _Attention(nn.Module):
         b, n, _ = t.shape
         return t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def _out(self, o: torch.Tensor) -> torch.Tensor:
+    def _attend(self, q, k, v, pattern) -> torch.Tensor:
+        """``proj(attend(q, k, v))`` for (B, N, dim) projections, split into heads and merged back."""
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        o = attend_opaque(q, k, v, pattern, scale=self.scale, backend=self.backend)
         b, _, n, _ = o.shape
         return self.proj_drop(self.proj(o.transpose(1, 2).reshape(b, n, self.dim)))
 
@@ -191,8 +192,7 @@ class GlobalLocalCrossAttention(_Attention):
         q = torch.gather(qkv[..., :c], 1, index[..., None].expand(-1, -1, c))
         k, v = qkv[..., c : 2 * c], qkv[..., 2 * c :]
         pattern = Full(index.shape[1], n_kv=n)
-        o = attend(self._heads(q), self._heads(k), self._heads(v), pattern, scale=self.scale, backend=self.backend)
-        out = x.scatter(1, index[..., None].expand(-1, -1, c), self._out(o).to(x.dtype))
+        out = torch.scatter(x, 1, index[..., None].expand(-1, -1, c), self._attend(q, k, v, pattern).to(x.dtype))
         return (out, index) if return_index else out
 
     def _scores(self, b: int, n: int, attn_maps, rollout) -> torch.Tensor:
@@ -278,8 +278,7 @@ class PairwiseCrossAttention(_Attention):
             k2, v2 = F.linear(x_pair, w, bias).split(c, dim=-1)
             k, v = torch.cat([k, k2], dim=1), torch.cat([v, v2], dim=1)
         pattern = self.pattern(n, x_pair.shape[1] if use_pair else None)
-        o = attend(self._heads(q), self._heads(k), self._heads(v), pattern, scale=self.scale, backend=self.backend)
-        return self._out(o)
+        return self._attend(q, k, v, pattern)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}"

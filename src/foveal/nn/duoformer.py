@@ -14,14 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from foveal._checks import positive_int
-from foveal.functional import attend
+from foveal.nn._common import attend_opaque, check_backend, check_heads, check_probability, qk_scale_or_default
 from foveal.patterns import Full, Neighborhood, Window
 from foveal.patterns.base import Pattern
 
 __all__ = ["ScaleWiseAttention", "multiscale_tokens"]
-
-# Under torch.compile attend stays one opaque eager call: its backends plan in Python.
-_attend = torch.compiler.disable(attend)
 
 
 def multiscale_tokens(maps: Sequence[torch.Tensor], regions: tuple[int, int]) -> torch.Tensor:
@@ -103,9 +100,7 @@ class ScaleWiseAttention(nn.Module):
             raise TypeError(f"dims must be a non-empty sequence of ints (channels of each map), got {dims!r}")
         self.dims = tuple(positive_int(f"dims[{i}]", d) for i, d in enumerate(dims))
         self.embed_dim = self.dims[-1] if embed_dim is None else positive_int("embed_dim", embed_dim)
-        self.num_heads = positive_int("num_heads", num_heads)
-        if self.embed_dim % num_heads:
-            raise ValueError(f"embed_dim must be divisible by num_heads, got {self.embed_dim} and {num_heads}")
+        self.embed_dim, self.num_heads = check_heads(self.embed_dim, num_heads, "embed_dim")
         if grid_ratios is None:  # backbone order, fine to coarse, stride 2 between stages
             grid_ratios = tuple(2 ** (len(self.dims) - 1 - s) for s in range(len(self.dims)))
         if isinstance(grid_ratios, (int, str)) or not isinstance(grid_ratios, Sequence):
@@ -122,8 +117,9 @@ class ScaleWiseAttention(nn.Module):
         if patch_kernel_size is not None:
             patch_kernel_size = positive_int("patch_kernel_size", patch_kernel_size)
         self.patch_kernel_size = patch_kernel_size
-        self.scale = qk_scale or (self.embed_dim // num_heads) ** -0.5
-        self.backend = backend
+        self.scale = qk_scale_or_default(qk_scale, self.embed_dim // num_heads)
+        self.backend = check_backend(backend)
+        proj_drop = check_probability("proj_drop", proj_drop)
         d = self.embed_dim
         self.proj_in = nn.ModuleList(nn.Linear(c, d) for c in self.dims)
         self.scale_token = nn.Linear(sum(self.dims), d) if scale_token else None
@@ -195,12 +191,12 @@ class ScaleWiseAttention(nn.Module):
         t = tokens.shape[2]
         # scale attention: the tokens of one region attend among themselves
         q, k, v = _split_heads(self.scale_qkv(tokens).reshape(b, nr * t, 3 * d), heads)
-        y = _attend(q, k, v, self.scale_pattern(nr, t), scale=self.scale, backend=self.backend)
+        y = attend_opaque(q, k, v, self.scale_pattern(nr, t), scale=self.scale, backend=self.backend)
         y = self.scale_proj(y.transpose(1, 2).reshape(b, nr, t, d))
         # patch attention: one token per region, across regions
         r = y[:, :, self.region_token]
         q, k, v = _split_heads(self.qkv(r), heads)
-        out = _attend(q, k, v, self.pattern(regions), scale=self.scale, backend=self.backend)
+        out = attend_opaque(q, k, v, self.pattern(regions), scale=self.scale, backend=self.backend)
         out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, nr, d)))
         return out.reshape(b, *regions, d)
 

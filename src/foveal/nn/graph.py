@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from foveal._checks import positive_int
-from foveal.functional import attend
+from foveal.nn._common import attend_opaque, check_backend, check_heads, check_probability, qk_scale_or_default
 from foveal.patterns import Full
 
 __all__ = ["GraphLocalGlobalAttention", "gathered_attention", "ema_kmeans_update"]
@@ -125,10 +125,7 @@ class GraphLocalGlobalAttention(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        dim = positive_int("dim", dim)
-        num_heads = positive_int("num_heads", num_heads)
-        if dim % num_heads:
-            raise ValueError(f"dim must be divisible by num_heads, got {dim} and {num_heads}")
+        dim, num_heads = check_heads(dim, num_heads)
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.num_centroids = positive_int("num_centroids", num_centroids)
         self.decay = _unit("decay", decay, open_low=False)
@@ -136,8 +133,9 @@ class GraphLocalGlobalAttention(nn.Module):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
         self.include_self, self.count_bias = include_self, count_bias
-        self.scale = qk_scale or self.head_dim**-0.5
-        self.backend = backend
+        self.scale = qk_scale_or_default(qk_scale, self.head_dim)
+        self.backend = check_backend(backend)
+        proj_drop = check_probability("proj_drop", proj_drop)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)  # local path
         self.q_global = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv_global = nn.Linear(dim, 2 * dim, bias=qkv_bias)
@@ -191,7 +189,7 @@ class GraphLocalGlobalAttention(nn.Module):
             def bias(h, q_idx, kv_idx):
                 return log_count[kv_idx]
 
-        o = attend(q, k, v, self.pattern(n), bias=bias, scale=self.scale, backend=self.backend)
+        o = attend_opaque(q, k, v, self.pattern(n), bias=bias, scale=self.scale, backend=self.backend)
         return o[0].transpose(0, 1)
 
     def forward(self, x: torch.Tensor, neighbors: torch.Tensor, context: torch.Tensor | None = None):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from foveal._checks import positive_int
-from foveal.functional import attend
+from foveal.nn._common import attend_opaque, check_backend, check_heads, check_probability, qk_scale_or_default
 from foveal.patterns import Full, Halo, Window
 from foveal.patterns.order import ORDERS, Ordered
 
@@ -78,17 +78,15 @@ class HierarchicalLocalAttention(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        dim = positive_int("dim", dim)
-        num_heads = positive_int("num_heads", num_heads)
-        if dim % num_heads:
-            raise ValueError(f"dim must be divisible by num_heads, got {dim} and {num_heads}")
+        dim, num_heads = check_heads(dim, num_heads)
         self.window_size = positive_int("window_size", window_size)
         self.pool = None if pool is None else positive_int("pool", pool)
         if order not in ORDERS:
             raise ValueError(f"order must be one of {sorted(ORDERS)}, got {order!r}")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
-        self.scale = qk_scale or self.head_dim**-0.5
-        self.order, self.backend = order, backend
+        self.scale = qk_scale_or_default(qk_scale, self.head_dim)
+        self.order, self.backend = order, check_backend(backend)
+        proj_drop = check_probability("proj_drop", proj_drop)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -149,18 +147,18 @@ class HierarchicalLocalAttention(nn.Module):
         if latent is None and self.pool is not None:
             latent = F.avg_pool2d(x.permute(0, 3, 1, 2), self.pool).permute(0, 2, 3, 1)
         if latent is None:
-            out = attend(q, k, v, pattern, scale=self.scale, backend=self.backend)
+            out = attend_opaque(q, k, v, pattern, scale=self.scale, backend=self.backend)
         else:
             m = latent.shape[1] * latent.shape[2]
             ql, kl, vl = self._heads(latent.reshape(b, m, c))
-            local = attend(q, k, v, pattern, scale=self.scale, backend=self.backend, return_lse=True)
+            local = attend_opaque(q, k, v, pattern, scale=self.scale, backend=self.backend, return_lse=True)
             everyone = self._latent_pattern(hh * ww, m)
-            guide = attend(q, kl, vl, everyone, scale=self.scale, backend=self.backend, return_lse=True)
+            guide = attend_opaque(q, kl, vl, everyone, scale=self.scale, backend=self.backend, return_lse=True)
             out, _ = merge_attention(*local, *guide)
         out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, hh, ww, c)))
         if low is None:
             return out
-        out_low = attend(ql, kl, vl, self._latent_pattern(m, m), scale=self.scale, backend=self.backend)
+        out_low = attend_opaque(ql, kl, vl, self._latent_pattern(m, m), scale=self.scale, backend=self.backend)
         out_low = self.proj_drop(self.proj(out_low.transpose(1, 2).reshape(low.shape)))
         return out, out_low
 

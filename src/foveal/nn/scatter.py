@@ -21,6 +21,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from foveal._checks import positive_int
+from foveal.nn._common import check_heads, check_probability
 from foveal.patterns import Document, Full
 
 __all__ = ["ScatteredLinearAttention", "scattered_linear_attention", "FEATURE_MAPS"]
@@ -158,10 +159,8 @@ class ScatteredLinearAttention(nn.Module):
         chunk_size: int = 512,
     ):
         super().__init__()
-        dim = positive_int("dim", dim)
-        num_heads = positive_int("num_heads", num_heads)
-        if dim % num_heads:
-            raise ValueError(f"dim must be divisible by num_heads, got {dim} and {num_heads}")
+        dim, num_heads = check_heads(dim, num_heads)
+        proj_drop = check_probability("proj_drop", proj_drop)
         if feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
