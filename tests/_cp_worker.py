@@ -19,14 +19,17 @@ import torch
 import torch.distributed as dist
 
 
-def dense_attention(q, k, v, pattern, scale):
-    """softmax(q·kᵀ·scale over allowed keys)·v in float64, GQA by repeating key heads; (out, lse)."""
+def dense_attention(q, k, v, pattern, scale, bias=None):
+    """softmax(q·kᵀ·scale + bias over allowed keys)·v in float64, GQA by repeating key heads; (out, lse)."""
     g = q.shape[1] // k.shape[1]
     qd, kd, vd = q.double(), k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
     n = q.shape[2]
     idx = torch.arange(n)
     allowed = pattern.mask(idx[:, None], idx[None, :]).expand(n, n)
     s = (qd @ kd.transpose(-1, -2)) * scale
+    if bias is not None:
+        h = torch.arange(q.shape[1])[:, None, None]
+        s = s + bias(h, idx[None, :, None], idx[None, None, :]).double()
     s = s.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(s, -1)
     p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
@@ -69,8 +72,20 @@ def run_case(case, rank, world, group):
     go = torch.randn(b, hq, n, dv, generator=gen)
     gl = torch.randn(b, hq, n, generator=gen)
     scale = 1 / math.sqrt(d)
+    bias = ref_bias = None
+    if case.get("bias") == "alibi":
+        from foveal.bias import ALiBi
+
+        bias = ref_bias = ALiBi(hq)
+    elif case.get("bias") == "rpb":
+        from foveal.bias import RelativePositionBias
+
+        grid = pattern.shape
+        table = torch.randn(hq, *(2 * min(3, g - 1) + 1 for g in grid), generator=gen)
+        bias = RelativePositionBias(grid, tuple(min(3, g - 1) for g in grid), table.clone().requires_grad_())
+        ref_bias = RelativePositionBias(grid, tuple(min(3, g - 1) for g in grid), table.double().requires_grad_())
     qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
-    ref_out, ref_lse = dense_attention(qr, kr, vr, pattern, scale)
+    ref_out, ref_lse = dense_attention(qr, kr, vr, pattern, scale, ref_bias)
     fin = torch.isfinite(ref_lse)
     ((ref_out * go.double()).sum() + (torch.where(fin, ref_lse, 0.0) * gl.double()).sum()).backward()
     order = case["order"]
@@ -78,7 +93,7 @@ def run_case(case, rank, world, group):
     stats = CPStats()
     out, lse = attend_cp(
         ql, kl, vl, pattern, group, method=case["method"], order=order, return_lse=True,
-        ulysses_degree=case.get("ulysses_degree"), stats=stats, backend=case.get("backend", "auto"),
+        ulysses_degree=case.get("ulysses_degree"), stats=stats, backend=case.get("backend", "auto"), bias=bias,
     )
     fwd_sent = {str(p): b for p, b in stats.bytes_sent.items()}
     gol, gll = shard(go, pattern, group, order=order), shard(gl[:, :, :, None], pattern, group, order=order)[..., 0]
@@ -100,6 +115,11 @@ def run_case(case, rank, world, group):
         diff = torch.where(both_inf, 0.0, (m - ref_l).abs())
         errs[name] = float(diff.max()) if diff.numel() else 0.0
         errs[name + "_scale"] = float(torch.where(torch.isfinite(ref_l), ref_l, 0.0).abs().max()) if ref_l.numel() else 0.0
+    if case.get("bias") == "rpb":  # each rank holds its share of the table's gradient
+        g = bias.table.grad.clone()
+        dist.all_reduce(g, group=group)
+        errs["dtable"] = float((g.double() - ref_bias.table.grad).abs().max())
+        errs["dtable_scale"] = float(ref_bias.table.grad.abs().max())
     return {
         "errs": errs,
         "stats": {

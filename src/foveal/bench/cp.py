@@ -320,12 +320,15 @@ def _report(measured, simulated) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(out_dir="bench-out", quick: bool = True, progress=True, measured: bool = True) -> list[dict]:
-    """Measure (2–4 CPU processes) and simulate (P up to 1024, N up to 4M); write cp.json and cp.md; return rows."""
+def run(out_dir="bench-out", quick: bool = True, progress=True, measured: bool = True, sizes=None, worlds=None) -> list[dict]:
+    """Measure (2–4 CPU processes) and simulate (P up to 1024, N up to 4M); write cp.json and cp.md; return rows.
+
+    ``sizes`` and ``worlds`` override the simulated sequence lengths and rank counts.
+    """
     start = time.perf_counter()
     rows = measure(quick, progress=progress) if measured else []
-    sizes = (1 << 16,) if quick else (1 << 16, 1 << 20, 1 << 22)
-    worlds = (2, 8, 64) if quick else (2, 4, 8, 16, 64, 256, 1024)
+    sizes = sizes or ((1 << 16,) if quick else (1 << 16, 1 << 20, 1 << 22))
+    worlds = worlds or ((2, 8, 64) if quick else (2, 8, 64, 256, 1024))
     orders = ("contiguous", "zigzag", "balanced")
     sim = []
     for n in sizes:

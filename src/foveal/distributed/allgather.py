@@ -14,6 +14,7 @@ import torch
 
 from foveal.distributed.comm import exchange
 from foveal.distributed.ring import split_kv
+from foveal.distributed.shardbias import shard_bias
 from foveal.functional import attend
 
 __all__ = ["allgather_attention"]
@@ -21,7 +22,7 @@ __all__ = ["allgather_attention"]
 _TAG = 4_000_000
 
 
-def allgather_attention(q, k, v, lay, me: int, group, scale, backend, stats, tag: int = 0):
+def allgather_attention(q, k, v, lay, me: int, group, scale, backend, stats, tag: int = 0, bias=None):
     """Attention of rank ``me``'s local queries over the key blocks they need; returns (out, lse)."""
     d = k.shape[-1]
     kv = torch.cat([k, v], -1)
@@ -54,5 +55,7 @@ def allgather_attention(q, k, v, lay, me: int, group, scale, backend, stats, tag
     order = torch.argsort(toks)
     kv_all = torch.cat(pieces, 2).index_select(2, order.to(kv.device))
     pattern = lay.shard_pattern(("rank", me), lay.tokens[me], ("allgather", me), toks[order])
-    out, lse = attend(q, *split_kv(kv_all, d), pattern, scale=scale, backend=backend, return_lse=True)
+    out, lse = attend(
+        q, *split_kv(kv_all, d), pattern, bias=shard_bias(bias, pattern), scale=scale, backend=backend, return_lse=True
+    )
     return (out if anchor is None else out + anchor.to(out.dtype)), lse

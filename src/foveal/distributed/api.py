@@ -24,6 +24,7 @@ from foveal.distributed.comm import CPStats, confirm, exchange, group_info, hand
 from foveal.distributed.orders import ORDERS, as_order
 from foveal.distributed.plan import cp_layout, group_need, ring_schedule
 from foveal.distributed.ring import RingConfig, ring_attention
+from foveal.distributed.shardbias import shard_bias
 from foveal.distributed.ulysses import ulysses_attention
 from foveal.functional import attend
 from foveal.patterns.base import Pattern
@@ -127,8 +128,8 @@ def _check(q, k, v, pattern, world, method, order, scale, ulysses_degree):
     return order, float(scale), u
 
 
-def _signature(q, k, v, pattern, world, method, order, u, scale) -> tuple:
-    text = f"{pattern!r}|{method}|{order}|{u}|{scale!r}|{q.dtype}|{torch.is_grad_enabled()}"
+def _signature(q, k, v, pattern, world, method, order, u, scale, bias=None) -> tuple:
+    text = f"{pattern!r}|{method}|{order}|{u}|{scale!r}|{q.dtype}|{torch.is_grad_enabled()}|{type(bias).__name__}"
     return (
         world,
         *q.shape,
@@ -152,6 +153,7 @@ def attend_cp(
     backend: str = "auto",
     return_lse: bool = False,
     ulysses_degree: int | None = None,
+    bias=None,
     stats: CPStats | None = None,
     check: bool = True,
 ):
@@ -164,7 +166,10 @@ def attend_cp(
     ``return_lse``, the float32 ``lse`` (B, Hq, N/P). Differentiable in q, k and v.
     ``method`` is ``ring``, ``allgather``, ``ulysses`` (Hq divisible by P) or ``hybrid``
     (``ulysses_degree`` ranks per Ulysses group, the ring across groups). ``backend``
-    is the local ``attend`` backend. ``stats`` (a ``CPStats``) counts bytes and skipped
+    is the local ``attend`` backend. ``bias`` is an additive score term on global
+    indices, as in ``attend``; the gradients of its parameters on each rank are that
+    rank's share (sum them over ranks, as data parallelism's all-reduce does).
+    ``stats`` (a ``CPStats``) counts bytes and skipped
     steps. ``check`` makes every rank confirm with the others that they agree on
     shapes and arguments first, and that every rank finished the forward pass after
     (two small all-gathers), so a mismatch or a failing rank raises on every rank
@@ -172,23 +177,25 @@ def attend_cp(
     """
     group, world, rank = group_info(group)
     order, scale, u = _check(q, k, v, pattern, world, method, order, scale, ulysses_degree)
+    if bias is not None and not callable(bias):
+        raise TypeError(f"bias must be None or a callable bias(h, q_idx, kv_idx) -> tensor, got {type(bias).__name__}")
     if check:
-        handshake(group, _signature(q, k, v, pattern, world, method, order, u, scale), f"attend_cp({method})")
+        handshake(group, _signature(q, k, v, pattern, world, method, order, u, scale, bias), f"attend_cp({method})")
     if not check:
-        return _run(q, k, v, pattern, group, world, rank, method, order, scale, backend, return_lse, u, stats)
+        return _run(q, k, v, pattern, group, world, rank, method, order, scale, backend, return_lse, u, stats, bias)
     error = result = None
     try:
-        result = _run(q, k, v, pattern, group, world, rank, method, order, scale, backend, return_lse, u, stats)
+        result = _run(q, k, v, pattern, group, world, rank, method, order, scale, backend, return_lse, u, stats, bias)
     except Exception as e:  # report to the others, then re-raise
         error = e
     confirm(group, error, f"attend_cp({method})")
     return result
 
 
-def _run(q, k, v, pattern, group, world, rank, method, order, scale, backend, return_lse, u, stats):
+def _run(q, k, v, pattern, group, world, rank, method, order, scale, backend, return_lse, u, stats, bias):
     lay = cp_layout(pattern, world, order)
     if method == "allgather":
-        out, lse = allgather_attention(q, k, v, lay, rank, group, scale, backend, stats)
+        out, lse = allgather_attention(q, k, v, lay, rank, group, scale, backend, stats, bias=bias)
     elif method == "ring":
         sched = ring_schedule(lay.need)
         mine = lay.tokens[rank]
@@ -196,7 +203,7 @@ def _run(q, k, v, pattern, group, world, rank, method, order, scale, backend, re
         def patterns(s):
             return lay.shard_pattern(("rank", rank), mine, ("rank", s), lay.tokens[s])
 
-        cfg = RingConfig(sched, rank, list(range(world)), patterns, group, scale, backend, stats)
+        cfg = RingConfig(sched, rank, list(range(world)), patterns, group, scale, backend, stats, bias=bias)
         out, lse = ring_attention(q, k, v, cfg)
     else:
         r_deg = world // u
@@ -206,7 +213,8 @@ def _run(q, k, v, pattern, group, world, rank, method, order, scale, backend, re
         if r_deg == 1:
 
             def inner(qf, kf, vf, toks):
-                return attend(qf, kf, vf, pattern, scale=scale, backend=backend, return_lse=True)
+                b = shard_bias(bias, None, uu * (q.shape[1] // u))
+                return attend(qf, kf, vf, pattern, bias=b, scale=scale, backend=backend, return_lse=True)
 
         else:
             ring_sets = [torch.sort(torch.cat([lay.tokens[jj * u + i] for i in range(u)])).values for jj in range(r_deg)]
@@ -217,7 +225,10 @@ def _run(q, k, v, pattern, group, world, rank, method, order, scale, backend, re
                 return lay.shard_pattern((name, j), ring_sets[j], (name, s), ring_sets[s])
 
             def inner(qf, kf, vf, toks):
-                cfg = RingConfig(sched, j, [jj * u + uu for jj in range(r_deg)], patterns, group, scale, backend, stats)
+                peers = [jj * u + uu for jj in range(r_deg)]
+                cfg = RingConfig(
+                    sched, j, peers, patterns, group, scale, backend, stats, bias=bias, head_offset=uu * (q.shape[1] // u)
+                )
                 return ring_attention(qf, kf, vf, cfg)
 
         out, lse = ulysses_attention(q, k, v, members, uu, sets, inner, group, stats, need_lse=return_lse)

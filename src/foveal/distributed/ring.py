@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from foveal.distributed.comm import post
+from foveal.distributed.shardbias import shard_bias
 from foveal.functional import attend
 
 __all__ = ["ring_attention", "merge", "split_kv"]
@@ -57,9 +58,16 @@ def merge(out, lse, o_t, l_t):
 class RingConfig:
     """Everything the ring needs besides tensors: schedule, peers, shard patterns, attend options."""
 
-    def __init__(self, sched, me, peers, patterns, group, scale, backend, stats, tag=0):
+    def __init__(self, sched, me, peers, patterns, group, scale, backend, stats, tag=0, bias=None, head_offset=0):
         self.sched, self.me, self.peers, self.patterns = sched, me, peers, patterns
         self.group, self.scale, self.backend, self.stats, self.tag = group, scale, backend, stats, tag
+        self.bias, self.head_offset = bias, head_offset
+
+    def attend(self, q, k, v, s):
+        """Local attention of the queries to shard ``s`` (its pattern and score term): (out, lse)."""
+        pattern = self.patterns(s)
+        bias = shard_bias(self.bias, pattern, self.head_offset)
+        return attend(q, k, v, pattern, bias=bias, scale=self.scale, backend=self.backend, return_lse=True)
 
     @property
     def next(self):
@@ -98,9 +106,7 @@ def _ring_forward(cfg, q, kv, d):
                 waiter = post(sends, recvs, cfg.group, cfg.tag + _TAG_KV + t, f"ring step {t + 1}: K/V", cfg.stats)
         if sched.computes(me, t):
             s = sched.holds(me, t)
-            o_t, l_t = attend(
-                q, *split_kv(buf, d), cfg.patterns(s), scale=cfg.scale, backend=cfg.backend, return_lse=True
-            )
+            o_t, l_t = cfg.attend(q, *split_kv(buf, d), s)
             out, lse = merge(out, lse, o_t, l_t)
         if waiter is not None:
             got = waiter()
@@ -113,25 +119,26 @@ def _ring_forward(cfg, q, kv, d):
     return out, lse
 
 
-def _step_grads(cfg, s, q, kbuf, vbuf, out, lse, dout, dlse):
+def _step_grads(cfg, s, q, kbuf, vbuf, out, lse, dout, dlse, params=()):
     with torch.enable_grad():
         qd = q.detach().requires_grad_()
         kd = kbuf.detach().requires_grad_()
         vd = vbuf.detach().requires_grad_()
-        o_t, l_t = attend(qd, kd, vd, cfg.patterns(s), scale=cfg.scale, backend=cfg.backend, return_lse=True)
+        o_t, l_t = cfg.attend(qd, kd, vd, s)
         safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
         w = torch.where(torch.isfinite(l_t), torch.exp(l_t.detach() - safe), torch.zeros_like(l_t))
         d_o = (w[..., None] * dout).to(o_t.dtype)
         d_l = w * ((dout * (o_t.detach().float() - out)).sum(-1) + dlse)
-        gq, gk, gv = torch.autograd.grad((o_t, l_t), (qd, kd, vd), (d_o, d_l))
-    return gq.float(), torch.cat([gk, gv], -1).float()
+        gq, gk, gv, *gp = torch.autograd.grad((o_t, l_t), (qd, kd, vd, *params), (d_o, d_l), allow_unused=True)
+    return gq.float(), torch.cat([gk, gv], -1).float(), gp
 
 
-def _ring_backward(cfg, q, kv, d, out, lse, dout, dlse):
+def _ring_backward(cfg, q, kv, d, out, lse, dout, dlse, params=()):
     sched, me, world = cfg.sched, cfg.me, cfg.sched.world
     dout = dout.float()
     dlse = torch.zeros_like(lse) if dlse is None else dlse.float()
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dparams = [torch.zeros_like(p) for p in params]
     spec = (kv.shape, kv.dtype, kv.device)
     aspec = (kv.shape, torch.float32, kv.device)
     what = "ring backward"
@@ -154,8 +161,11 @@ def _ring_backward(cfg, q, kv, d, out, lse, dout, dlse):
         if held:
             contrib = None
             if sched.computes(me, t):
-                gq, contrib = _step_grads(cfg, s, q, *split_kv(buf, d), out, lse, dout, dlse)
+                gq, contrib, gp = _step_grads(cfg, s, q, *split_kv(buf, d), out, lse, dout, dlse, params)
                 dq += gq
+                for acc_p, g in zip(dparams, gp):
+                    if g is not None:
+                        acc_p += g
             if t == 0:  # my own shard: keep my contribution; the travelling accumulator starts at the next position
                 mine = contrib
             else:
@@ -185,34 +195,37 @@ def _ring_backward(cfg, q, kv, d, out, lse, dout, dlse):
     if mine is None:
         mine = torch.zeros(aspec[0], dtype=torch.float32, device=kv.device)
     _count(cfg, backward=True)
-    return dq, mine
+    return dq, mine, dparams
 
 
 class _Ring(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, cfg, q, k, v):
+    def forward(ctx, cfg, q, k, v, *params):
         d = k.shape[-1]
         kv = torch.cat([k, v], -1)
         out, lse = _ring_forward(cfg, q, kv, d)
         ctx.cfg, ctx.d = cfg, d
-        ctx.save_for_backward(q, kv, out, lse)
+        ctx.save_for_backward(q, kv, out, lse, *params)
         ctx.k_dtype = k.dtype
         return out.to(q.dtype), lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, kv, out, lse = ctx.saved_tensors
+        q, kv, out, lse, *params = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros(out.shape, dtype=torch.float32, device=q.device)
-        dq, dkv = _ring_backward(ctx.cfg, q, kv, ctx.d, out, lse, dout, dlse)
+        dq, dkv, dparams = _ring_backward(ctx.cfg, q, kv, ctx.d, out, lse, dout, dlse, params)
         d = ctx.d
-        return None, dq.to(q.dtype), dkv[..., :d].to(ctx.k_dtype), dkv[..., d:].to(ctx.k_dtype)
+        return None, dq.to(q.dtype), dkv[..., :d].to(ctx.k_dtype), dkv[..., d:].to(ctx.k_dtype), *dparams
 
 
 def ring_attention(q, k, v, cfg: RingConfig):
     """Ring attention of the local ``q`` (B, Hq, n, D) over every position's K/V; returns (out, lse)."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return _Ring.apply(cfg, q, k, v)
+    from foveal.bias import bias_parameters
+
+    params = bias_parameters(cfg.bias) if cfg.bias is not None else []
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *params)):
+        return _Ring.apply(cfg, q, k, v, *params)
     d = k.shape[-1]
     out, lse = _ring_forward(cfg, q, torch.cat([k, v], -1), d)
     return out.to(q.dtype), lse
