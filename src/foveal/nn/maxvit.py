@@ -24,9 +24,8 @@ from foveal.nn._common import (
     check_no_attn_drop,
     check_probability,
     drop_path,
-    qk_scale_or_default,
 )
-from foveal.nn.window import attend_channels_last, swin_table_bias
+from foveal.nn.window import _TableAttention
 from foveal.patterns.local import Grid, Window
 
 __all__ = ["MultiAxisAttention", "MBConv", "MaxViTBlock"]
@@ -43,7 +42,7 @@ def _check_ratio(name: str, value) -> float:
     return float(value)
 
 
-class MultiAxisAttention(nn.Module):
+class MultiAxisAttention(_TableAttention):
     """MaxViT's block or grid attention with its relative-position bias, on (batch, H, W, dim).
 
     ``kind="block"``: each token attends to its ``P × P`` window; ``kind="grid"``: to the
@@ -95,17 +94,7 @@ class MultiAxisAttention(nn.Module):
         check_no_attn_drop(attn_drop)
         self.backend = check_backend(backend)
         self.kind = kind
-        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
-        self.scale = qk_scale_or_default(qk_scale, self.head_dim)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-        if rel_pos_bias:
-            p0, p1 = self.partition_size
-            self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * p0 - 1) * (2 * p1 - 1), num_heads))
-            nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
-        else:
-            self.register_parameter("relative_position_bias_table", None)
+        self._init_attention(dim, num_heads, self.partition_size, qkv_bias, qk_scale, proj_drop, rel_pos_bias)
         self._patterns: dict[tuple[int, ...], Window | Grid] = {}
 
     def _check_grid(self, grid: tuple[int, ...]) -> None:
@@ -130,15 +119,9 @@ class MultiAxisAttention(nn.Module):
         check_channels_last(x, self.dim, type(self).__name__, 4, "(batch, H, W, dim)")
         grid = tuple(x.shape[1:3])
         pattern = self.pattern(grid)
-        bias = None
-        if self.relative_position_bias_table is not None:
-            # grid attention: offsets in the partition's own coordinates (units of the stride)
-            step = 1 if self.kind == "block" else tuple(g // p for g, p in zip(grid, self.partition_size))
-            bias = swin_table_bias(self.relative_position_bias_table, self.partition_size, grid, step=step)
-        out = attend_channels_last(
-            x, self.qkv, self.proj, self.num_heads, pattern, bias=bias, scale=self.scale, backend=self.backend
-        )
-        return self.proj_drop(out)
+        # grid attention: offsets in the partition's own coordinates (units of the stride)
+        step = 1 if self.kind == "block" else tuple(g // p for g, p in zip(grid, self.partition_size))
+        return self._attend(x, pattern, self.partition_size, step)
 
     def extra_repr(self) -> str:
         return (

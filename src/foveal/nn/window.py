@@ -12,6 +12,7 @@ Liu et al., "Swin Transformer: Hierarchical Vision Transformer using Shifted Win
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -69,7 +70,39 @@ def attend_channels_last(
     return proj(out.transpose(1, 2).reshape(b, *grid, num_heads * head_dim))
 
 
-class WindowAttention(nn.Module):
+class _TableAttention(nn.Module):
+    """Shared parts of ``WindowAttention`` and MaxViT's ``MultiAxisAttention`` (not used alone).
+
+    timm's fused ``qkv`` and ``proj`` (+ ``proj_drop``) around ``attend``, and a learned
+    relative-position table in Swin's layout ``(prod(2·window − 1), num_heads)`` turned
+    into a bias on the grid (``swin_table_bias``).
+    """
+
+    def _init_attention(self, dim, num_heads, window, qkv_bias, qk_scale, proj_drop, rel_pos_bias) -> None:
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.scale = qk_scale_or_default(qk_scale, self.head_dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        if rel_pos_bias:
+            rows = math.prod(2 * w - 1 for w in window)
+            self.relative_position_bias_table = nn.Parameter(torch.zeros(rows, num_heads))
+            nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        else:
+            self.register_parameter("relative_position_bias_table", None)
+
+    def _attend(self, x: torch.Tensor, pattern: Pattern, window, step=1) -> torch.Tensor:
+        """``proj_drop(proj(attend(qkv(x))))`` over ``pattern``, with the table's bias when there is one."""
+        bias = None
+        if self.relative_position_bias_table is not None:
+            bias = swin_table_bias(self.relative_position_bias_table, window, tuple(x.shape[1:-1]), step=step)
+        out = attend_channels_last(
+            x, self.qkv, self.proj, self.num_heads, pattern, bias=bias, scale=self.scale, backend=self.backend
+        )
+        return self.proj_drop(out)
+
+
+class WindowAttention(_TableAttention):
     """Swin's (shifted) window attention with its relative-position bias, on channels-last grids.
 
     Each token attends to the tokens of its window (``shift_size = 0``, W-MSA) or of
@@ -136,19 +169,7 @@ class WindowAttention(nn.Module):
                 )
         check_no_attn_drop(attn_drop)
         self.backend = check_backend(backend)
-        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
-        self.scale = qk_scale_or_default(qk_scale, self.head_dim)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-        if rel_pos_bias:
-            rows = 1
-            for w in self.window_size:
-                rows *= 2 * w - 1
-            self.relative_position_bias_table = nn.Parameter(torch.zeros(rows, num_heads))
-            nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
-        else:
-            self.register_parameter("relative_position_bias_table", None)
+        self._init_attention(dim, num_heads, self.window_size, qkv_bias, qk_scale, proj_drop, rel_pos_bias)
         self._patterns: dict[tuple[int, ...], Window] = {}
 
     def pattern(self, grid) -> Window:
@@ -162,15 +183,7 @@ class WindowAttention(nn.Module):
         """``x``: (batch, *grid, dim), channels last; returns the same shape."""
         nd = len(self.window_size)
         check_channels_last(x, self.dim, type(self).__name__, nd + 2, f"(batch, {nd} grid axes, dim)")
-        grid = tuple(x.shape[1:-1])
-        pattern = self.pattern(grid)
-        bias = None
-        if self.relative_position_bias_table is not None:
-            bias = swin_table_bias(self.relative_position_bias_table, self.window_size, grid)
-        out = attend_channels_last(
-            x, self.qkv, self.proj, self.num_heads, pattern, bias=bias, scale=self.scale, backend=self.backend
-        )
-        return self.proj_drop(out)
+        return self._attend(x, self.pattern(x.shape[1:-1]), self.window_size)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # timm (and the original Swin) store the constant index as a buffer; it is not needed here
