@@ -280,7 +280,7 @@ def test_bench_cp_simulation_counts_bytes_and_balance(tmp_path):
     from foveal.bench.cp import MODEL, run, simulate
     from foveal.distributed.orders import Order
 
-    n, p = 1 << 14, 8
+    n, p = 1 << 12, 4
     rows = {r["method"]: r for r in simulate(n, p, SlidingWindow(n, 100), Order("contiguous"))}
     kv_shard = (n // p) * MODEL["kv_heads"] * 2 * MODEL["head_dim"] * MODEL["bytes_per_element"]
     # a window shorter than a shard: the ring sends each shard one hop, the dense ring P - 1 hops
@@ -291,5 +291,5 @@ def test_bench_cp_simulation_counts_bytes_and_balance(tmp_path):
     assert rows["allgather"]["bytes_max"] == kv_shard * (math.ceil(100 / block) * block) // (n // p)
     causal = {o: simulate(n, p, Causal(n), Order(o))[0]["load_max_over_mean"] for o in ("contiguous", "zigzag")}
     assert causal["contiguous"] > 1.5 and causal["zigzag"] < 1.05
-    out = run(tmp_path, quick=True, progress=False, measured=False, sizes=(4096,), worlds=(2, 8))
+    out = run(tmp_path, quick=True, progress=False, measured=False, sizes=(1024,), worlds=(2, 4))
     assert out and (tmp_path / "cp.md").read_text().startswith("# foveal bench cp")
