@@ -48,6 +48,25 @@ def test_na_av_matches_loop_forward_and_backward(nd, seed):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_na_av_bfloat16_accumulates_in_float32():
+    """bf16 in and out, but the window sum in float32: only the final rounding (~2^-9) is lost, forward and backward."""
+    w = torch.softmax(torch.randn(2, 2, 12, 12, 49), -1).bfloat16().requires_grad_()
+    v = torch.randn(2, 2, 12, 12, 8).bfloat16().requires_grad_()
+    w64, v64 = (t.detach().double().requires_grad_() for t in (w, v))
+    out, want = na_av(w, v, 7), na_av_loop(w64, v64, (7, 7), (1, 1))
+    assert out.dtype == torch.bfloat16
+
+    def rel(a, b):
+        return float((a.detach().double() - b.detach()).norm() / b.detach().norm())
+
+    assert rel(out, want) < 4e-3  # a bf16 running sum over 49 terms is ~5x worse
+    g = torch.randn(out.shape, dtype=torch.float64)
+    out.backward(g.bfloat16())
+    want.backward(g)
+    assert w.grad.dtype == v.grad.dtype == torch.bfloat16
+    assert rel(w.grad, w64.grad) < 8e-3 and rel(v.grad, v64.grad) < 8e-3
+
+
 def test_na_av_bfloat16_gradcheck_and_errors():
     w = torch.randn(2, 2, 5, 6, 9)
     v = torch.randn(2, 2, 5, 6, 3)

@@ -7,7 +7,8 @@ neighbourhood of ``i`` (the window shifts inside the grid at the borders, as in
 ``kernel_size^dim`` window. NATTEN removed this op in 0.20; OverLoCK's ContMix needs
 it. Memory is O(N·(d + k^dim)): the forward and the backward loop over the
 ``k^dim`` window offsets and gather one shifted copy of ``v`` at a time; no N×N
-tensor, no ``k^dim``-fold copy of ``v``.
+tensor, no ``k^dim``-fold copy of ``v``. Sums over the window accumulate in float32
+for bfloat16 and float16 inputs.
 """
 
 from __future__ import annotations
@@ -57,15 +58,21 @@ def _cached_index(grid, kernel_size, dilation, device) -> torch.Tensor:
     return _INDEX_CACHE[key]
 
 
+def _accumulator(v: torch.Tensor) -> torch.Tensor:
+    """Zeros like ``v``, in float32 when ``v`` is a 16-bit float: sums over the window accumulate there."""
+    dtype = torch.float32 if v.dtype in (torch.bfloat16, torch.float16) else v.dtype
+    return torch.zeros(v.shape, dtype=dtype, device=v.device)
+
+
 class _NAAV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weights, v, index):
         # weights (B, H, N, K), v (B, H, N, D), index (N, K)
-        out = torch.zeros_like(v)
+        out = _accumulator(v)
         for t in range(index.shape[1]):
             out.addcmul_(weights[..., t : t + 1], v.index_select(2, index[:, t]))
         ctx.save_for_backward(weights, v, index)
-        return out
+        return out.to(v.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -76,9 +83,10 @@ class _NAAV(torch.autograd.Function):
             for t in range(index.shape[1]):
                 grad_w[..., t] = (grad_out * v.index_select(2, index[:, t])).sum(-1)
         if ctx.needs_input_grad[1]:
-            grad_v = torch.zeros_like(v)
+            grad_v = _accumulator(v)
             for t in range(index.shape[1]):
-                grad_v.index_add_(2, index[:, t], weights[..., t : t + 1] * grad_out)
+                grad_v.index_add_(2, index[:, t], (weights[..., t : t + 1] * grad_out).to(grad_v.dtype))
+            grad_v = grad_v.to(v.dtype)
         return grad_w, grad_v, None
 
 
