@@ -27,24 +27,27 @@ def test_vision_tasks_are_deterministic_and_balanced(make):
     assert labels.float().mean().item() == 0.5
 
 
-def test_match_labels_say_whether_the_two_patches_are_equal():
-    x, y = match(30, size=24, seed=0, patch=4)
+def test_match_labels_say_whether_the_two_glyphs_are_equal():
+    from foveal.bench.vision_tasks import GLYPHS
+
+    x, y = match(30, size=24, seed=0)
     third = 24 // 3
     for img, label in zip(x[:, 0], y):
-        bright = img > 0.15  # patches are 0.2 or 1.0, background below 0.1
-        left = [(r, c) for r, c in bright.nonzero().tolist() if c < third]
-        right = [(r, c) for r, c in bright.nonzero().tolist() if c >= 24 - third]
-        ra, ca = min(r for r, _ in left), min(c for _, c in left)
-        rb, cb = min(r for r, _ in right), min(c for _, c in right)
-        a, b = img[ra : ra + 4, ca : ca + 4], img[rb : rb + 4, cb : cb + 4]
-        assert torch.equal(a, b) == bool(label)
+        found = []
+        for c0, c1 in ((0, third), (24 - third, 24)):
+            hits = [(r, c) for r in range(22) for c in range(c0, c1 - 2)
+                    if any(torch.equal(img[r : r + 3, c : c + 3], 0.2 + 0.8 * gl) for gl in GLYPHS)]
+            assert len(hits) == 1
+            r, c = hits[0]
+            found.append(img[r : r + 3, c : c + 3])
+        assert torch.equal(found[0], found[1]) == bool(label)
 
 
 def test_cue_segmentation_class_is_given_by_the_cue_in_a_corner():
     x, masks = cue_segmentation(30, size=32, seed=0)
     for img, mask in zip(x[:, 0], masks):
         cls = int(mask.max())
-        corners = [img[:3, :3], img[:3, -3:], img[-3:, :3], img[-3:, -3:]]
+        corners = [img[:4, :4], img[:4, -4:], img[-4:, :4], img[-4:, -4:]]
         cue = [c for c in corners if c.max() == 1.0]
         assert len(cue) == 1
         assert (cls == 2) == bool((cue[0] == 1).all())
@@ -180,3 +183,9 @@ def test_lm_harness_runs_every_task_family(tmp_path, monkeypatch):
     icl = next(r for r in rows if r["task"] == "icl-regression")
     assert {"nmse", "nmse_2L", "ridge_nmse", "gd_nmse"} <= set(icl)
     assert (tmp_path / "quality-lm.png").exists() and (tmp_path / "quality-lm.md").exists()
+
+
+def test_passkey_value_appears_only_once():
+    tokens, targets = T.passkey(20, 64, seed=1)
+    for t, y in zip(tokens, targets):
+        assert (t == y[-1]).sum() == 1

@@ -29,16 +29,17 @@ PAD, KEY, QUERY = 0, 1, 2
 DATA = 3  # first data token id
 
 
-def passkey(count: int, n: int, seed: int, vocab: int = 16, depths=None):
-    """``(tokens (count, n), targets (count, n))``: recall the token after KEY at the QUERY at the end.
+def passkey(count: int, n: int, seed: int, vocab: int = 32, keys: int = 8, depths=None):
+    """``(tokens (count, n), targets (count, n))``: recall the passkey after KEY at the QUERY at the end.
 
+    Filler tokens come from ``[DATA, vocab − keys)``, the passkey from the last ``keys`` ids,
+    which appear nowhere else: the QUERY must find it wherever it is, however far back.
     ``depths`` (fractions in [0, 1)) cycle over the examples; by default uniform at random.
     """
     gen = torch.Generator().manual_seed(seed)
-    filler = torch.randint(DATA, vocab, (count, n), generator=gen)
-    tokens = filler.clone()
+    tokens = torch.randint(DATA, vocab - keys, (count, n), generator=gen)
     targets = torch.full((count, n), IGNORE)
-    key = torch.randint(DATA, vocab, (count,), generator=gen)
+    key = torch.randint(vocab - keys, vocab, (count,), generator=gen)
     if depths is None:
         pos = torch.randint(0, n - 3, (count,), generator=gen)
     else:

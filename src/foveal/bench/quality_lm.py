@@ -237,10 +237,11 @@ def _tasks(n):
 
 
 SUITES = {
-    "lm-quick": LMSuite(_tasks(64), {f: tuple(p) for f, p in FAMILIES.items()}, (0.25,), 512, 128,
-                        Budget(steps=40, batch=32, lr=3e-3)),
-    "lm": LMSuite(_tasks(256), {f: tuple(p) for f, p in FAMILIES.items()}, (0.1, 0.25, 0.5), 8000, 512,
-                  Budget(steps=800, batch=32, lr=2e-3)),
+    # a check of the whole pipeline in a few minutes: too few steps for the models to learn much
+    "lm-quick": LMSuite(_tasks(48), {f: tuple(p) for f, p in FAMILIES.items()}, (0.25,), 256, 64,
+                        Budget(steps=20, batch=16, lr=3e-3)),
+    "lm": LMSuite(_tasks(128), {f: tuple(p) for f, p in FAMILIES.items()}, (0.15, 0.35), 6400, 256,
+                  Budget(steps=200, batch=32, lr=3e-3)),
 }
 
 
@@ -283,7 +284,7 @@ def plot(rows, path: Path):
     plt.close(fig)
 
 
-def run_lm_quality(suite: str = "lm-quick", out_dir: str = "bench-out", progress_bar: bool = True) -> dict:
+def _run_lm_quality(suite: str = "lm-quick", out_dir: str = "bench-out", progress_bar: bool = True) -> dict:
     """Train every pattern on every task of the suite; write ``quality-lm.{json,md,png}`` into ``out_dir``."""
     if suite not in SUITES:
         raise ValueError(f"suite must be one of {sorted(SUITES)}, got {suite!r}")
@@ -326,3 +327,14 @@ def run_lm_quality(suite: str = "lm-quick", out_dir: str = "bench-out", progress
     print(text)
     print(f"wrote {out / 'quality-lm.json'}, {out / 'quality-lm.md'}, {out / 'quality-lm.png'}")
     return result
+
+
+def run_lm_quality(suite: str = "lm-quick", out_dir: str = "bench-out", *args, threads: int = 1, **kwargs) -> dict:
+    """Run a suite with ``threads`` intra-op threads (default 1: these models are tiny, and on a shared machine
+    one thread per process avoids the stalls of waiting for a descheduled worker thread); see ``_run_lm_quality``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run_lm_quality(suite, out_dir, *args, **kwargs)
+    finally:
+        torch.set_num_threads(before)

@@ -2,7 +2,7 @@
 
 * ``pathfinder``: are the two marked dots joined by one dashed path? (distractor paths,
   crossings allowed) — after Linsley et al. 2018 and the Long Range Arena.
-* ``match``: do two small binary patches far apart on the image show the same pattern?
+* ``match``: do two small glyphs (one of four) far apart on the image match?
 * ``cue-seg``: segment a shape whose class (1 or 2) is given by a cue in the far corner;
   background is class 0. Scored by mIoU over the three classes.
 
@@ -69,22 +69,29 @@ def pathfinder(count: int, size: int = 32, seed: int = 0, paths: int = 2, length
     return images, labels
 
 
-def match(count: int, size: int = 32, seed: int = 0, patch: int = 3):
-    """Long-range comparison: label 1 when the patch on the left equals the patch on the right."""
+#: the four 3×3 glyphs of ``match``: a plus, a ring, a diagonal, four corners
+GLYPHS = torch.tensor([
+    [[0, 1, 0], [1, 1, 1], [0, 1, 0]],
+    [[1, 1, 1], [1, 0, 1], [1, 1, 1]],
+    [[1, 0, 0], [0, 1, 0], [0, 0, 1]],
+    [[1, 0, 1], [0, 0, 0], [1, 0, 1]],
+], dtype=torch.float32)
+
+
+def match(count: int, size: int = 32, seed: int = 0):
+    """Long-range comparison: label 1 when the glyph in the left third equals the glyph in the right third."""
     gen = torch.Generator().manual_seed(seed)
     images = 0.1 * torch.rand(count, 1, size, size, generator=gen)
     labels = (torch.arange(count) % 2)[torch.randperm(count, generator=gen)]
-    third = size // 3
+    third, g = size // 3, GLYPHS.shape[-1]
     for i in range(count):
-        a = (torch.rand(patch, patch, generator=gen) < 0.5).float()
-        b = a.clone() if labels[i] else (torch.rand(patch, patch, generator=gen) < 0.5).float()
-        while not labels[i] and torch.equal(a, b):
-            b = (torch.rand(patch, patch, generator=gen) < 0.5).float()
-        ya, yb = (torch.randint(0, size - patch + 1, (2,), generator=gen)).tolist()
-        xa = torch.randint(0, third - patch + 1, (), generator=gen).item()
-        xb = torch.randint(size - third, size - patch + 1, (), generator=gen).item()
-        images[i, 0, ya : ya + patch, xa : xa + patch] = 0.2 + 0.8 * a
-        images[i, 0, yb : yb + patch, xb : xb + patch] = 0.2 + 0.8 * b
+        a = torch.randint(0, len(GLYPHS), (), generator=gen).item()
+        b = a if labels[i] else (a + torch.randint(1, len(GLYPHS), (), generator=gen).item()) % len(GLYPHS)
+        ya, yb = (torch.randint(0, size - g + 1, (2,), generator=gen)).tolist()
+        xa = torch.randint(0, third - g + 1, (), generator=gen).item()
+        xb = torch.randint(size - third, size - g + 1, (), generator=gen).item()
+        images[i, 0, ya : ya + g, xa : xa + g] = 0.2 + 0.8 * GLYPHS[a]
+        images[i, 0, yb : yb + g, xb : xb + g] = 0.2 + 0.8 * GLYPHS[b]
     return images, labels
 
 
@@ -106,10 +113,10 @@ def cue_segmentation(count: int, size: int = 32, seed: int = 0):
             shape = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
         images[i, 0][shape] = 0.5
         masks[i][shape] = cls[i]
-        # the cue: a 3×3 checker (class 1) or a solid square (class 2) in the corner farthest from the shape
-        qy, qx = (0 if cy >= half else size - 3), (0 if cx >= half else size - 3)
-        cue = torch.ones(3, 3) if cls[i] == 2 else (torch.arange(9).reshape(3, 3) % 2).float()
-        images[i, 0, qy : qy + 3, qx : qx + 3] = cue
+        # the cue: a 4×4 checker (class 1) or a solid square (class 2) in the corner farthest from the shape
+        qy, qx = (0 if cy >= half else size - 4), (0 if cx >= half else size - 4)
+        cue = torch.ones(4, 4) if cls[i] == 2 else ((torch.arange(4)[:, None] + torch.arange(4)) % 2).float()
+        images[i, 0, qy : qy + 4, qx : qx + 4] = cue
     return images, masks
 
 
@@ -124,6 +131,6 @@ class Task:
 
 TASKS = {
     "pathfinder": Task("pathfinder", "classify", 2, pathfinder, "are the two dots joined by one dashed path?"),
-    "match": Task("match", "classify", 2, match, "do two patches a third of the image apart match?"),
+    "match": Task("match", "classify", 2, match, "do two glyphs a third of the image apart match?"),
     "cue-seg": Task("cue-seg", "segment", 3, cue_segmentation, "segment a shape; its class is a cue in the far corner"),
 }
