@@ -293,3 +293,11 @@ def test_bench_cp_simulation_counts_bytes_and_balance(tmp_path):
     assert causal["contiguous"] > 1.5 and causal["zigzag"] < 1.05
     out = run(tmp_path, quick=True, progress=False, measured=False, sizes=(1024,), worlds=(2, 4))
     assert out and (tmp_path / "cp.md").read_text().startswith("# foveal bench cp")
+
+
+def test_init_refuses_a_bad_timeout():
+    from foveal.distributed import init
+
+    for bad in (0, -1.0, "30", True):
+        with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
+            init(timeout=bad)
