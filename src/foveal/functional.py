@@ -76,7 +76,8 @@ def attend(q, k, v, pattern, *, bias=None, scale=None, backend: str = "auto", re
     its blocks are selected from q and k without gradients, then attended with
     gradients to q, k, v) or a ``BlockSelection`` made beforehand with
     ``pattern.select(q, k)``, whose statistics (``density()``, ``blocks_kept()``) the
-    caller keeps; these run on the ``blocksparse`` kernel and take no ``bias``.
+    caller keeps; these run on the ``blocksparse`` kernel (or ``reference``: the
+    selection's dense mask) and take no ``bias``.
     """
     scale = _check_inputs(q, k, v, pattern, scale)
     if bias is not None and not callable(bias):
@@ -103,13 +104,20 @@ def _attend_selected(q, k, v, pattern, bias, scale, backend, return_lse):
 
     if bias is not None:
         raise ValueError(f"bias is not supported with dynamic patterns or selections, got {type(bias).__name__}")
-    if backend not in ("auto", "blocksparse"):
-        raise ValueError(f"backend must be 'auto' or 'blocksparse' for {type(pattern).__name__}, got {backend!r}")
+    if backend not in ("auto", "blocksparse", "reference"):
+        raise ValueError(
+            f"backend must be 'auto', 'blocksparse' or 'reference' for {type(pattern).__name__}, got {backend!r}"
+        )
     sel = pattern.select(q, k, scale) if isinstance(pattern, DynamicPattern) else pattern
     if sel.kv_blocks.shape[:2] != q.shape[:2]:
         raise ValueError(
             f"the selection is for (batch, heads) {tuple(sel.kv_blocks.shape[:2])} but q has {tuple(q.shape[:2])}"
         )
+    if backend == "reference":  # the selection's exact (B, H, n, n) mask, dense: the oracle
+        from foveal.kernels.reference import reference_attention
+
+        out, lse = reference_attention(q, k, v, sel.dense_mask().to(q.device), scale)
+        return (out, lse) if return_lse else out
     out, lse = blocksparse_attention(
         q, k, v, sel.kv_blocks, sel.block, scale, partial=sel.partial, mask_fn=sel.mask_fn, kv_tokens=sel.kv_tokens
     )
