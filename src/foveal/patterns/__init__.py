@@ -29,7 +29,7 @@ from foveal.patterns.dynamic import (
     a_shape,
 )
 from foveal.patterns.global_ import Causal, Full, GlobalTokens, Sinks, Strided
-from foveal.patterns.local import Grid, Halo, Neighborhood, SlidingWindow, Window
+from foveal.patterns.local import Grid, Halo, Neighborhood, PaddedHalo, SlidingWindow, Window
 from foveal.patterns.order import Ordered, hilbert, morton, raster, tiles
 from foveal.patterns.sparse import BigBird, Dilated, Power
 
@@ -43,6 +43,7 @@ __all__ = [
     "Window",
     "Grid",
     "Halo",
+    "PaddedHalo",
     "GlobalTokens",
     "Sinks",
     "Strided",
