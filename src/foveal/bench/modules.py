@@ -287,6 +287,16 @@ def _cases(sides, dim=64, heads=2, batch=2, full_max=56):
     return cases
 
 
+#: what the built-in suites run (for the report)
+SETUP = (
+    "batch 2, dim 64, 2 heads (head_dim 32; DANet's PositionAttention: one head, queries and keys of dim // 8); "
+    "NeighborhoodAttention2D without relative-position bias (NATTEN's default); Swin and MaxViT with their "
+    "relative-position tables; HaloNet with relative logits and zero-padded borders (timm's); Scale-DiT with "
+    "8×8-token windows along a Hilbert curve plus a latent pooled 7×; DaViT's SpatialBlock without its MLP; "
+    "DANet's PositionAttention up to 56² (full attention is quadratic on every backend)"
+)
+
+
 def _full():
     return _cases((14, 28, 56, 112))
 
@@ -427,24 +437,36 @@ def format_table(rows) -> str:
         first = next(r for r in rows if r["module"] == module)
         pattern = f" — `{first['pattern']}` at {first['grid']}" if first.get("pattern") else ""
         lines += [f"\n**{module}**{pattern}\n",
-                  "| grid | tokens | direction | contender | median time | peak mem | × dense SDPA | max abs diff |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| grid | tokens | direction | contender | median time | first call | peak mem | × dense SDPA "
+                  "| max abs diff |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if r["module"] == module):
             head = f"| {r['grid']} | {r['tokens']} | {r['direction']} | {r['contender']} |"
             if r["status"] != "ok":
-                lines.append(f"{head} {r['status']} | | | |")
+                lines.append(f"{head} {r['status']} | | | | |")
                 continue
             ratio = "—" if r["vs_dense"] is None else f"{r['vs_dense']:.2f}"
             if r["max_abs_diff"] is not None:
                 diff = f"{r['max_abs_diff']:.1e} (vs {_short(r['oracle'])})"
+            elif r["contender"] in ("foveal reference", "torch sdpa + mask"):
+                diff = "oracle"
             else:
-                diff = "oracle" if r["contender"] != MIXER else "—"
-            lines.append(f"{head} {_fmt_time(r['median_s'])} | {r['peak_bytes'] / 2**20:.0f} MiB | {ratio} | {diff} |")
+                diff = "—" if r["contender"] == MIXER else "— (no dense row)"
+            lines.append(f"{head} {_fmt_time(r['median_s'])} | {_fmt_time(r['first_s'])} | "
+                         f"{r['peak_bytes'] / 2**20:.0f} MiB | {ratio} | {diff} |")
     return "\n".join(lines)
 
 
-def summary(rows) -> str:
-    """``foveal auto`` time as a multiple of dense masked SDPA: module × direction against grid."""
+def _ratio(row, rows, field):
+    dense = next((r for r in rows if r["status"] == "ok" and r["contender"] == "torch sdpa + mask" and
+                  (r["module"], r["direction"], r["tokens"]) == (row["module"], row["direction"], row["tokens"])), None)
+    if dense is None:
+        return None
+    return row[field] / max(dense[field], 2**20) if field == "peak_bytes" else row[field] / dense[field]
+
+
+def summary(rows, field: str = "median_s") -> str:
+    """``foveal auto``'s ``field`` (time or peak memory) over dense masked SDPA's: module × direction against grid."""
     grids = sorted({(r["tokens"], r["grid"]) for r in rows})
     lines = ["| module | direction | " + " | ".join(g for _, g in grids) + " |", "|---|---|" + "---|" * len(grids)]
     for module in dict.fromkeys(r["module"] for r in rows if r["contender"] == "foveal auto"):
@@ -454,11 +476,12 @@ def summary(rows) -> str:
                 row = next((r for r in rows if (r["module"], r["direction"], r["tokens"], r["contender"])
                             == (module, direction, tokens, "foveal auto")), None)
                 if row is None:
-                    cells.append("")
+                    cells.append("—")
                 elif row["status"] != "ok":
                     cells.append("failed")
                 else:
-                    cells.append("dense skipped" if row["vs_dense"] is None else f"{row['vs_dense']:.2f}")
+                    x = _ratio(row, rows, field)
+                    cells.append("dense skipped" if x is None else f"{x:.2f}")
             lines.append(f"| {module} | {direction} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -469,13 +492,19 @@ def _report(result: dict) -> str:
     header = (
         f"suite `{result['suite']}` on {result['device']} ({result['machine']}); load average (1, 5, 15 min) "
         f"{load} at the start, {after} at the end: the machine was shared, read the ratios, not the times. "
-        f"Inputs (batch, *grid, {result['rows'][0]['dim'] if result['rows'] else '?'}) channels-last float32; "
+        "Inputs (batch, *grid, dim) channels-last float32, the same weights and input for every contender; "
         f"dense rows skipped above a {result['cap_bytes'] / 2**30:.1f} GiB N×N working set. "
         "× dense SDPA: median time over that of the same module with `torch sdpa + mask` in place of `attend`. "
         "max abs diff: output (fwd) or output and every gradient (fwd+bwd) against the dense reference row."
     )
+    if result.get("setup"):
+        header += f" Modules: {result['setup']}."
+    if result.get("command"):
+        header += f"\n\nCommand: `{result['command']}` ({result['seconds'] / 60:.0f} minutes)."
     return (f"{header}\n\n**foveal auto, time × dense masked SDPA** (below 1: foveal is faster)\n\n"
-            f"{summary(result['rows'])}\n{format_table(result['rows'])}\n")
+            f"{summary(result['rows'])}\n\n**foveal auto, peak extra memory × dense masked SDPA** "
+            f"(resident-memory growth, each side at least 1 MiB)\n\n{summary(result['rows'], 'peak_bytes')}\n"
+            f"{format_table(result['rows'])}\n")
 
 
 def plot(rows, path: Path, title: str = "foveal bench speed --suite modules"):
@@ -504,6 +533,7 @@ def plot(rows, path: Path, title: str = "foveal bench speed --suite modules"):
                     ax.plot(*zip(*pts), style, marker="o", ms=3, color=colours[key], label=f"{key}, {direction}")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(panel, fontsize=10)
         ax.set_xlabel("tokens")
         ax.set_ylabel("median time (s)")
@@ -544,9 +574,9 @@ def run_modules(suite: str = "modules-quick", out_dir: str = "bench-out", device
     cases = MODULE_SUITES[suite]()
     load_before = os.getloadavg()
     rows, start = [], time.perf_counter()
-    with dense_backends(cap_bytes):
-        for i, case in enumerate(cases):
-            _progress(i, len(cases), f"{case.module} {case.grid} {case.direction}")
+    for i, case in enumerate(cases):
+        _progress(i, len(cases), f"{case.module} {case.grid} {case.direction}")
+        with dense_backends(cap_bytes):  # fresh per case: its cached masks go with the case
             rows += _measure_case(case, dev, names, min_seconds)
     _progress(len(cases), len(cases), f"done in {time.perf_counter() - start:.0f}s")
     sys.stderr.write("\n")
@@ -557,6 +587,8 @@ def run_modules(suite: str = "modules-quick", out_dir: str = "bench-out", device
         "load_before": load_before,
         "load_after": os.getloadavg(),
         "cap_bytes": cap_bytes,
+        "setup": SETUP if suite in ("modules", "modules-quick") else None,
+        "command": f"OMP_NUM_THREADS={torch.get_num_threads()} foveal bench speed --suite {suite} --out {out_dir}",
         "seconds": time.perf_counter() - start,
         "rows": rows,
     }
