@@ -240,8 +240,8 @@ SUITES = {
     # a check of the whole pipeline in a few minutes: too few steps for the models to learn much
     "lm-quick": LMSuite(_tasks(48), {f: tuple(p) for f, p in FAMILIES.items()}, (0.25,), 256, 64,
                         Budget(steps=20, batch=16, lr=3e-3)),
-    "lm": LMSuite(_tasks(128), {f: tuple(p) for f, p in FAMILIES.items()}, (0.15, 0.35), 6400, 256,
-                  Budget(steps=200, batch=32, lr=3e-3)),
+    "lm": LMSuite(_tasks(96), {f: tuple(p) for f, p in FAMILIES.items()}, (0.15, 0.35), 4800, 256,
+                  Budget(steps=150, batch=32, lr=3e-3)),
 }
 
 
@@ -296,6 +296,9 @@ def _run_lm_quality(suite: str = "lm-quick", out_dir: str = "bench-out", progres
                 jobs.append((task, name, target))
     rows, start = [], time.perf_counter()
     total = len(jobs) * spec.budget.steps
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "quality-lm.partial.json"
     for j, (task, name, target) in enumerate(jobs):
         def on_step(step, base=j * spec.budget.steps, label=f"{task.name} — {name} @ {target:.2f}"):
             if progress_bar:
@@ -306,6 +309,7 @@ def _run_lm_quality(suite: str = "lm-quick", out_dir: str = "bench-out", progres
         except (ValueError, FloatingPointError) as e:
             rows.append({"task": task.name, "pattern": name, "metric": task.metric, "target_density": target,
                          "status": f"failed: {e}"})
+        partial.write_text(json.dumps(rows, indent=1))  # rows so far, for long runs
     if progress_bar:
         progress(total, total, "done", start)
         sys.stderr.write("\n")
@@ -316,8 +320,7 @@ def _run_lm_quality(suite: str = "lm-quick", out_dir: str = "bench-out", progres
         "seconds": time.perf_counter() - start,
         "rows": rows,
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    partial.unlink(missing_ok=True)
     text = (f"suite `{suite}` ({result['machine']}), {spec.budget.steps} steps × batch {spec.budget.batch}, "
             f"{spec.train} training / {spec.test} test sequences per task, {result['seconds']:.0f} s in all\n\n"
             f"{format_table(rows)}\n")
