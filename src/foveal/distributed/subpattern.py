@@ -4,7 +4,9 @@
 ``i`` is global token ``q_tokens[i]`` and local key ``j`` global token
 ``kv_tokens[j]``; its mask is the parent's mask on the global indices, and its key
 sets are the parent's (analytic) key sets mapped to local indices. Token lists are
-sorted, so local order is global order restricted, and key sets stay sorted.
+sorted, so local order is global order restricted, and key sets stay sorted. When the
+queries are a band of whole rows of a grid (contiguous order), the shard keeps the
+grid's shape so that kernels tile its queries in 2-D or 3-D.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ class ShardPattern(Pattern):
     layout_method = "chunked mask evaluation (shard of a pattern)"
 
     def __init__(self, pattern: Pattern, q_tokens: torch.Tensor, kv_tokens: torch.Tensor, name: tuple = ()):
+        q_tokens = q_tokens.to(torch.int64).cpu()
         self._set(
             parent=pattern,
-            q_tokens=q_tokens.to(torch.int64).cpu(),
+            q_tokens=q_tokens,
             kv_tokens=kv_tokens.to(torch.int64).cpu(),
-            shape=(int(q_tokens.numel()),),
+            shape=_query_shape(pattern, q_tokens),
             _kv_shape=(int(kv_tokens.numel()),),
             name=tuple(name),
         )
@@ -53,3 +56,16 @@ class ShardPattern(Pattern):
             + (f", {self.name}" if self.name else "")
             + ")"
         )
+
+
+def _query_shape(pattern: Pattern, q_tokens: torch.Tensor) -> tuple[int, ...]:
+    """A band of whole rows of an N-D grid keeps the grid's shape (so kernels tile it in 2-D / 3-D); else 1-D."""
+    n = int(q_tokens.numel())
+    if len(pattern.shape) > 1 and n:
+        inner = 1
+        for s in pattern.shape[1:]:
+            inner *= s
+        start = int(q_tokens[0])
+        if start % inner == 0 and n % inner == 0 and int(q_tokens[-1]) - start == n - 1:
+            return (n // inner, *pattern.shape[1:])
+    return (n,)
