@@ -196,3 +196,28 @@ def test_contmix_errors():
         m(torch.randn(1, 5, 5, 16), torch.randn(1, 5, 5, 16, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"qk_scale must be > 0 .*got -1"):
         ContMix(16, 2, qk_scale=-1)
+
+
+def _rel(a, b):
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm())
+
+
+def test_contmix_bfloat16_forward_and_backward_against_dense():
+    """bf16 module against the float32 dense reference on the same (rounded) weights and input."""
+    torch.manual_seed(3)
+    mb = ContMix(16, 2, kernel_size=5, region=3, smk_size=3).to(torch.bfloat16)
+    with torch.no_grad():
+        mb.rpb1.normal_()
+        mb.rpb2.normal_()
+    m = ContMix(16, 2, kernel_size=5, region=3, smk_size=3)
+    m.load_state_dict({k: v.float() for k, v in mb.state_dict().items()})
+    xb = torch.randn(2, 6, 7, 16, dtype=torch.bfloat16, requires_grad=True)
+    x = xb.detach().float().requires_grad_()
+    out, want = mb(xb), dense_contmix(m, x, x)
+    assert out.dtype == torch.bfloat16 and _rel(out, want) < 0.02
+    g = torch.randn(want.shape)
+    ours = torch.autograd.grad(out, [xb] + list(mb.parameters()), g.bfloat16())
+    theirs = torch.autograd.grad(want, [x] + list(m.parameters()), g)
+    for a, b in zip(ours, theirs):
+        assert a.dtype == torch.bfloat16 and _rel(a, b) < 0.05

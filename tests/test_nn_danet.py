@@ -105,3 +105,30 @@ def test_pattern_compile_and_errors():
         ChannelAffinityAttention(16)(torch.randn(16))
     with pytest.raises(TypeError, match="dim must be an int"):
         ChannelAffinityAttention("16")
+
+
+def _rel(a, b):
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm())
+
+
+def test_pam_bfloat16_forward_and_backward_against_dense():
+    """bf16 module against the float32 dense reference on the same (rounded) weights and input."""
+    torch.manual_seed(3)
+    mb = PositionAttention(16, reduction=4).to(torch.bfloat16)
+    m = PositionAttention(16, reduction=4)
+    m.load_state_dict({k: v.float() for k, v in mb.state_dict().items()})
+    with torch.no_grad():
+        mb.gamma.fill_(1.0)
+        m.gamma.fill_(1.0)
+    xb = torch.randn(2, 4, 5, 16, dtype=torch.bfloat16, requires_grad=True)
+    x = xb.detach().float().requires_grad_()
+    out, want = mb(xb), dense_pam(m, x)
+    assert out.dtype == torch.bfloat16 and _rel(out, want) < 0.02
+    g = torch.randn(want.shape)
+    # key_conv.bias: exact gradient zero (it shifts all scores of a query alike), computed values are noise
+    pb, p = ([t for n, t in mod.named_parameters() if n != "key_conv.bias"] for mod in (mb, m))
+    ours = torch.autograd.grad(out, [xb] + pb, g.bfloat16())
+    theirs = torch.autograd.grad(want, [x] + p, g)
+    for a, b in zip(ours, theirs):
+        assert a.dtype == torch.bfloat16 and _rel(a, b) < 0.05

@@ -162,3 +162,26 @@ def test_errors():
         ChannelAttention(16, 2)(torch.randn(1, 5, 8))
     with pytest.raises(ValueError, match=r"ChannelBlock expects \(batch, height, width, dim\), got shape \(1, 5, 16\)"):
         ChannelBlock(16, 2)(torch.randn(1, 5, 16))
+
+
+def _rel(a, b):
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm())
+
+
+def test_davit_block_bfloat16_forward_and_backward_against_dense():
+    """bf16 module against the float32 dense reference on the same (rounded) weights and input."""
+    torch.manual_seed(3)
+    mb = DaViTBlock(16, 2, window_size=3, mlp_ratio=2).to(torch.bfloat16)
+    _randomize_norms(mb)
+    m = DaViTBlock(16, 2, window_size=3, mlp_ratio=2)
+    m.load_state_dict({k: v.float() for k, v in mb.state_dict().items()})
+    xb = torch.randn(2, 5, 7, 16, dtype=torch.bfloat16, requires_grad=True)  # 5×7: padded windows
+    x = xb.detach().float().requires_grad_()
+    out, want = mb(xb), dense_block(m[1], dense_block(m[0], x))
+    assert out.dtype == torch.bfloat16 and _rel(out, want) < 0.02
+    g = torch.randn(want.shape)
+    ours = torch.autograd.grad(out, [xb] + list(mb.parameters()), g.bfloat16())
+    theirs = torch.autograd.grad(want, [x] + list(m.parameters()), g)
+    for a, b in zip(ours, theirs):
+        assert a.dtype == torch.bfloat16 and _rel(a, b) < 0.05
