@@ -126,6 +126,8 @@ def test_errors():
         m([torch.randn(2, 4, 4, 4), torch.randn(2, 2, 2, 4)])
     with pytest.raises(ValueError, match=r"maps\[0\] must have grid_ratios\[0\]=2 times the region grid \(2, 2\)"):
         m([torch.randn(2, 5, 4, 4), torch.randn(2, 2, 2, 8)])
+    with pytest.raises(ValueError, match=r"kernel_size\[0\]=3 > grid\[0\]=2"):
+        ScaleWiseAttention((4, 8), 2, patch_kernel_size=3)([torch.randn(2, 4, 6, 4), torch.randn(2, 2, 3, 8)])
 
 
 def _rel(a, b):

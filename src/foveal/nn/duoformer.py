@@ -179,6 +179,7 @@ class ScaleWiseAttention(nn.Module):
     def forward(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
         """``maps``: list of (B, H_s, W_s, dims[s]); returns (B, Rh, Rw, embed_dim)."""
         grids, regions = self._check(maps)
+        patch_pattern = self.pattern(regions)  # refuses a patch kernel larger than the region grid, before any work
         b, d, heads = maps[0].shape[0], self.embed_dim, self.num_heads
         nr = math.prod(regions)
         order = sorted(range(len(maps)), key=lambda s: self.grid_ratios[s])  # coarse to fine
@@ -196,7 +197,7 @@ class ScaleWiseAttention(nn.Module):
         # patch attention: one token per region, across regions
         r = y[:, :, self.region_token]
         q, k, v = _split_heads(self.qkv(r), heads)
-        out = attend_opaque(q, k, v, self.pattern(regions), scale=self.scale, backend=self.backend)
+        out = attend_opaque(q, k, v, patch_pattern, scale=self.scale, backend=self.backend)
         out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, nr, d)))
         return out.reshape(b, *regions, d)
 
