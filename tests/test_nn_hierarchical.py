@@ -150,7 +150,8 @@ def test_errors():
     with pytest.raises(ValueError, match="backend must be 'auto' or one of .* got 'fast'"):
         HierarchicalLocalAttention(8, 2, backend="fast")
     m = HierarchicalLocalAttention(8, 2, window_size=4, pool=3)
-    with pytest.raises(ValueError, match=r"x must be \(batch, height, width, dim\), got \(8, 8, 8\)"):
+    msg = r"HierarchicalLocalAttention expects \(batch, height, width, dim\), got shape \(8, 8, 8\)"
+    with pytest.raises(ValueError, match=msg):
         m(torch.randn(8, 8, 8))
     with pytest.raises(ValueError, match="x has 6 channels but dim is 8"):
         m(torch.randn(1, 6, 6, 6))
@@ -160,3 +161,5 @@ def test_errors():
         m(torch.randn(1, 3, 3, 8))
     with pytest.raises(ValueError, match=r"low must be \(batch=1, h, w, dim=8\) or None, got \(2, 2, 2, 8\)"):
         m(torch.randn(1, 6, 6, 8), torch.randn(2, 2, 2, 8))
+    with pytest.raises(TypeError, match=r"low must match x in dtype and device \(torch.float32, cpu\)"):
+        m(torch.randn(1, 6, 6, 8), torch.randn(1, 2, 2, 8, dtype=torch.float64))

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from foveal.nn.maxvit import MaxViTBlock, MultiAxisAttention
+from foveal.nn.maxvit import MaxViTBlock, MBConv, MultiAxisAttention
 from foveal.patterns.local import Grid, Window
 
 
@@ -229,3 +229,5 @@ def test_bad_inputs():
         blk(torch.randn(4, 4, 8))
     with pytest.raises(ValueError, match=r"grid\[0\]=5 is not divisible by partition_size\[0\]=2"):
         blk(torch.randn(1, 5, 4, 8))
+    with pytest.raises(ValueError, match=r"MBConv expects \(batch, dim=8, H, W\), got \(1, 4, 4, 8\)"):
+        MBConv(8)(torch.randn(1, 4, 4, 8))

@@ -13,7 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from foveal._checks import positive_int
-from foveal.nn._common import attend_opaque, check_backend, check_heads, check_probability, qk_scale_or_default
+from foveal.nn._common import (
+    attend_opaque,
+    check_backend,
+    check_channels_last,
+    check_heads,
+    check_probability,
+    qk_scale_or_default,
+)
 from foveal.patterns import Full, Halo, Window
 from foveal.patterns.order import ORDERS, Ordered
 
@@ -122,16 +129,16 @@ class HierarchicalLocalAttention(nn.Module):
         return self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
 
     def _check(self, x, low):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must be (batch, height, width, dim), got {got}")
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x has {x.shape[-1]} channels but dim is {self.dim}")
+        check_channels_last(x, self.dim, type(self).__name__)
         if low is not None:
             ok = isinstance(low, torch.Tensor) and low.dim() == 4
             if not ok or low.shape[0] != x.shape[0] or low.shape[-1] != self.dim:
                 got = tuple(low.shape) if isinstance(low, torch.Tensor) else type(low).__name__
                 raise ValueError(f"low must be (batch={x.shape[0]}, h, w, dim={self.dim}) or None, got {got}")
+            if low.dtype != x.dtype or low.device != x.device:
+                raise TypeError(
+                    f"low must match x in dtype and device ({x.dtype}, {x.device}), got {low.dtype}, {low.device}"
+                )
         elif self.pool is not None:
             h, w = x.shape[1:3]
             if h % self.pool or w % self.pool:

@@ -170,6 +170,10 @@ class MBConv(nn.Module):
         self.conv3_1x1 = nn.Conv2d(mid, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: (batch, dim, H, W), channels first; returns the same shape."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.pre_norm.num_features:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"MBConv expects (batch, dim={self.pre_norm.num_features}, H, W), got {got}")
         y = self.conv1_1x1(self.pre_norm(x))
         y = F.gelu(self.norm1(y))
         y = F.gelu(self.norm2(self.conv2_kxk(y)))
