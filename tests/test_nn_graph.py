@@ -169,7 +169,7 @@ def test_pattern_and_torch_compile_eager_smoke():
 def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="dim must be divisible by num_heads, got 10 and 4"):
         GraphLocalGlobalAttention(10, 4)
-    with pytest.raises(ValueError, match=r"decay must be a number in \[0, 1\), got 1.5"):
+    with pytest.raises(ValueError, match=r"decay must be in \[0, 1\), got 1.5"):
         GraphLocalGlobalAttention(8, 2, decay=1.5)
     with pytest.raises(ValueError, match="backend must be 'auto' or one of .* got 'fast'"):
         GraphLocalGlobalAttention(8, 2, backend="fast")

@@ -12,8 +12,6 @@ follows Kong et al., "GOAT: A Global Transformer on Large-scale Graphs" (ICML 20
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -68,14 +66,6 @@ def ema_kmeans_update(codebook, cluster_size, ema_sum, z, decay: float, eps: flo
     return assign
 
 
-def _unit(name: str, value, *, open_low: bool) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, numbers.Real)
-    ok = ok and ((0.0 < value < 1.0) if open_low else (0.0 <= value < 1.0))
-    if not ok:
-        raise ValueError(f"{name} must be a number in {'(0, 1)' if open_low else '[0, 1)'}, got {value!r}")
-    return float(value)
-
-
 class GraphLocalGlobalAttention(nn.Module):
     """LargeGT's local + global attention for node features of a (large) graph.
 
@@ -128,7 +118,7 @@ class GraphLocalGlobalAttention(nn.Module):
         dim, num_heads = check_heads(dim, num_heads)
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.num_centroids = positive_int("num_centroids", num_centroids)
-        self.decay = _unit("decay", decay, open_low=False)
+        self.decay = check_probability("decay", decay)
         for name, flag in (("include_self", include_self), ("count_bias", count_bias)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
