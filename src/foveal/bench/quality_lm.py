@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from foveal.bench import lm_tasks as T
-from foveal.bench.train import Budget, fit, progress
+from foveal.bench.train import Budget, fit, progress, write_report
 from foveal.models.lm import AttentionOnly, EncoderDecoder, TinyLM
 from foveal.patterns import BigBird, Causal, Dilated, Full, Power, Sinks, SlidingWindow, Strided
 from foveal.patterns.dynamic import DHSA, BlockTopK, DynamicPattern, VerticalSlash
@@ -284,7 +284,7 @@ def plot(rows, path: Path):
     plt.close(fig)
 
 
-def _run_lm_quality(suite: str = "lm-quick", out_dir: str = "bench-out", progress_bar: bool = True) -> dict:
+def run_lm_quality(suite: str = "lm-quick", out_dir: str = "bench-out", progress_bar: bool = True) -> dict:
     """Train every pattern on every task of the suite; write ``quality-lm.{json,md,png}`` into ``out_dir``."""
     if suite not in SUITES:
         raise ValueError(f"suite must be one of {sorted(SUITES)}, got {suite!r}")
@@ -315,7 +315,7 @@ def _run_lm_quality(suite: str = "lm-quick", out_dir: str = "bench-out", progres
         sys.stderr.write("\n")
     result = {
         "suite": suite,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": f"{platform.machine()}, {spec.budget.threads} thread(s), torch {torch.__version__}",
         "budget": {**spec.budget.__dict__, "train_examples": spec.train, "test_examples": spec.test},
         "seconds": time.perf_counter() - start,
         "rows": rows,
@@ -324,20 +324,6 @@ def _run_lm_quality(suite: str = "lm-quick", out_dir: str = "bench-out", progres
     text = (f"suite `{suite}` ({result['machine']}), {spec.budget.steps} steps × batch {spec.budget.batch}, "
             f"{spec.train} training / {spec.test} test sequences per task, {result['seconds']:.0f} s in all\n\n"
             f"{format_table(rows)}\n")
-    (out / "quality-lm.json").write_text(json.dumps(result, indent=1))
-    (out / "quality-lm.md").write_text(text)
-    plot(rows, out / "quality-lm.png")
-    print(text)
-    print(f"wrote {out / 'quality-lm.json'}, {out / 'quality-lm.md'}, {out / 'quality-lm.png'}")
+    write_report(out, "quality-lm", result, text, plot)
     return result
 
-
-def run_lm_quality(suite: str = "lm-quick", out_dir: str = "bench-out", *args, threads: int = 1, **kwargs) -> dict:
-    """Run a suite with ``threads`` intra-op threads (default 1: these models are tiny, and on a shared machine
-    one thread per process avoids the stalls of waiting for a descheduled worker thread); see ``_run_lm_quality``."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return _run_lm_quality(suite, out_dir, *args, **kwargs)
-    finally:
-        torch.set_num_threads(before)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from foveal.bench.train import Budget, fit, progress
+from foveal.bench.train import Budget, fit, progress, write_report
 from foveal.bench.vision_tasks import TASKS
 from foveal.models import Classifier, Segmenter, mixer_names
 
@@ -137,7 +137,7 @@ def plot(rows, path: Path):
     plt.close(fig)
 
 
-def _run_vision_quality(suite: str = "vision-quick", out_dir: str = "bench-out", mixers=None, progress_bar=True) -> dict:
+def run_vision_quality(suite: str = "vision-quick", out_dir: str = "bench-out", mixers=None, progress_bar=True) -> dict:
     """Train every mixer on every task of the suite; write ``quality-vision.{json,md,png}`` into ``out_dir``."""
     if suite not in SUITES:
         raise ValueError(f"suite must be one of {sorted(SUITES)}, got {suite!r}")
@@ -165,7 +165,7 @@ def _run_vision_quality(suite: str = "vision-quick", out_dir: str = "bench-out",
         sys.stderr.write("\n")
     result = {
         "suite": suite,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": f"{platform.machine()}, {spec.budget.threads} thread(s), torch {torch.__version__}",
         "budget": {**spec.budget.__dict__, "train_examples": spec.train, "test_examples": spec.test},
         "model": spec.model,
         "seconds": time.perf_counter() - start,
@@ -176,20 +176,6 @@ def _run_vision_quality(suite: str = "vision-quick", out_dir: str = "bench-out",
     text = (f"suite `{suite}` ({result['machine']}), {spec.budget.steps} steps × batch {spec.budget.batch}, "
             f"{spec.train} training / {spec.test} test images, {result['seconds']:.0f} s in all\n\n"
             f"{format_table(rows)}\n")
-    (out / "quality-vision.json").write_text(json.dumps(result, indent=1))
-    (out / "quality-vision.md").write_text(text)
-    plot(rows, out / "quality-vision.png")
-    print(text)
-    print(f"wrote {out / 'quality-vision.json'}, {out / 'quality-vision.md'}, {out / 'quality-vision.png'}")
+    write_report(out, "quality-vision", result, text, plot)
     return result
 
-
-def run_vision_quality(suite: str = "vision-quick", out_dir: str = "bench-out", *args, threads: int = 1, **kwargs) -> dict:
-    """Run a suite with ``threads`` intra-op threads (default 1: these models are tiny, and on a shared machine
-    one thread per process avoids the stalls of waiting for a descheduled worker thread); see ``_run_vision_quality``."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return _run_vision_quality(suite, out_dir, *args, **kwargs)
-    finally:
-        torch.set_num_threads(before)

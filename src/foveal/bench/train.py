@@ -7,14 +7,17 @@ differs. Seeds are fixed, so a repeated run gives the same numbers on one machin
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-__all__ = ["Budget", "fit", "progress"]
+__all__ = ["Budget", "fit", "progress", "threads", "write_report"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,8 @@ class Budget:
     weight_decay: float = 0.05
     warmup: float = 0.1
     seed: int = 0
+    #: intra-op threads while training (see ``threads``)
+    threads: int = 1
 
 
 def progress(i: int, total: int, text: str, start: float | None = None):
@@ -50,6 +55,11 @@ def fit(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, los
     Minibatches are drawn with replacement from a generator seeded by ``budget.seed``.
     ``on_step(step)`` is called after every step (for progress bars).
     """
+    with threads(budget.threads):
+        return _fit(model, inputs, targets, loss_fn, budget, on_step)
+
+
+def _fit(model, inputs, targets, loss_fn, budget, on_step):
     torch.manual_seed(budget.seed)
     gen = torch.Generator().manual_seed(budget.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=budget.lr, weight_decay=budget.weight_decay)
@@ -70,3 +80,27 @@ def fit(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, los
             on_step(step)
     model.eval()
     return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def threads(count: int):
+    """Run the block with ``count`` intra-op threads, then restore the previous number.
+
+    The quality benchmarks default to 1: their models are tiny, and on a shared machine
+    one thread per process avoids stalls waiting for a descheduled worker thread.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def write_report(out: Path, name: str, result: dict, text: str, plot) -> None:
+    """Write ``name.json``, ``name.md`` and ``name.png`` (by ``plot(rows, path)``) into ``out``; print the table."""
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{name}.md").write_text(text)
+    plot(result["rows"], out / f"{name}.png")
+    print(text)
+    print(f"wrote {out / (name + '.json')}, {out / (name + '.md')}, {out / (name + '.png')}")
