@@ -136,7 +136,8 @@ def main(argv=None) -> int:
     b.add_argument(
         "--suite",
         default=None,
-        help="speed: quick (about 2 minutes on a 2-core CPU) or full; quality: quick (under 5 minutes), full, "
+        help="speed: quick (about 2 minutes on a 2-core CPU), full, modules-quick (about 1 minute) or modules "
+        "(foveal.nn modules against the same modules on dense masked SDPA); quality: quick (a few minutes), full, "
         "lm-quick, lm, vision-quick or vision (default: quick)",
     )
     b.add_argument("--out", default="bench-out", help="folder for the JSON, Markdown and PNG results")
