@@ -1,4 +1,4 @@
-"""MaxViT multi-axis attention and block against an independent dense MaxViT (partition reshapes, attention per part)."""
+"""MaxViT multi-axis attention and block against an independent dense MaxViT (partition reshapes, attention)."""
 
 import itertools
 import random

@@ -178,9 +178,10 @@ def test_torch_compile_eager_backend():
         (lambda: WindowAttention(10, 4), ValueError, "dim must be divisible by num_heads, got 10 and 4"),
         (lambda: WindowAttention(8, 2, 4, shift_size=4), ValueError, r"shift_size\[0\]=4 is not < window_size\[0\]=4"),
         (lambda: WindowAttention(8, 2, 4, attn_drop=0.1), ValueError, "attn_drop must be 0.0 .*got 0.1"),
-        (lambda: WindowAttention(8, 2, (2, 2, 2, 2)), ValueError, "window_size must be an int .* got \\(2, 2, 2, 2\\)"),
-        (lambda: WindowAttention(8, 2, 4, backend="fast"), ValueError, "backend must be 'auto' or one of .* got 'fast'"),
-        (lambda: WindowAttention(8, 2, 2.5), TypeError, "window_size must be an int or a tuple of 1 to 3 ints, got 2.5"),
+        (lambda: WindowAttention(8, 2, (2, 2, 2, 2)), ValueError, r"window_size must be an int .* got \(2, 2, 2, 2\)"),
+        (lambda: WindowAttention(8, 2, 4, backend="fast"), ValueError, "backend must be 'auto' or one of .*got 'fast'"),
+        (lambda: WindowAttention(8, 2, 2.5), TypeError,
+         "window_size must be an int or a tuple of 1 to 3 ints, got 2.5"),
     ],
 )
 def test_bad_arguments(make, err, match):
