@@ -309,13 +309,16 @@ def _report(measured, simulated) -> str:
         "`load` is the largest per-rank number of attended blocks over the mean (1.00: balanced).",
         "`bytes` is the most any rank sends for K/V (q and output too for Ulysses) in one forward pass;",
         "`dense` the same method without skipping (ring: every step; all-gather: every shard).",
+        "Everything is counted at the plan's block size (`block`, at most 1024 blocks per sequence",
+        "here): a block pair with one allowed pair counts in full, so thin patterns (4 sink tokens",
+        "in a 4096-token block) are charged the whole block's compute and, for the all-gather, bytes.",
         "",
-        "| pattern | N | P | order | load | method | bytes / rank | dense | steps skipped | predicted | dense predicted |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| pattern | N | P | order | block | load | method | bytes / rank | dense | steps skipped | predicted | dense predicted |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in simulated:
         lines.append(
-            f"| {r['pattern']} | {r['n']} | {r['P']} | {r['order']} | {r['load_max_over_mean']:.2f} | {r['method']} | "
+            f"| {r['pattern']} | {r['n']} | {r['P']} | {r['order']} | {r['block']} | {r['load_max_over_mean']:.2f} | {r['method']} | "
             f"{_fmt_bytes(r['bytes_max'])} | {_fmt_bytes(r['dense_bytes_max'])} | {r['steps_skipped_max']} | "
             f"{r['time_s'] * 1e3:.2f} ms | {r['dense_time_s'] * 1e3:.2f} ms |"
         )
