@@ -15,6 +15,7 @@ from foveal.functional import attend
 
 __all__ = [
     "attend_opaque",
+    "init_attention",
     "check_backend",
     "check_channels_last",
     "check_heads",
@@ -86,6 +87,23 @@ def check_channels_last(x, dim: int, who: str, ndim: int | None = 4, layout: str
         raise ValueError(f"{who} expects {layout}, got shape {tuple(x.shape)}")
     if x.shape[-1] != dim:
         raise ValueError(f"x has {x.shape[-1]} channels but dim is {dim}")
+
+
+def init_attention(module, dim, num_heads, qkv_bias, qk_scale=None, proj_drop=0.0, backend="auto") -> None:
+    """Give ``module`` timm's attention parts, after checking every argument.
+
+    Sets ``dim``, ``num_heads``, ``head_dim``, ``scale`` (``qk_scale`` or ``head_dim ** -0.5``),
+    ``backend``, and the layers ``qkv`` (dim → 3·dim), ``proj`` (dim → dim), ``proj_drop``,
+    registered in that order (timm's ``Attention`` state-dict keys).
+    """
+    dim, num_heads = check_heads(dim, num_heads)
+    scale = qk_scale_or_default(qk_scale, dim // num_heads)
+    proj_drop = check_probability("proj_drop", proj_drop)
+    module.backend = check_backend(backend)
+    module.dim, module.num_heads, module.head_dim, module.scale = dim, num_heads, dim // num_heads, scale
+    module.qkv = torch.nn.Linear(dim, 3 * dim, bias=qkv_bias)
+    module.proj = torch.nn.Linear(dim, dim)
+    module.proj_drop = torch.nn.Dropout(proj_drop)
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:

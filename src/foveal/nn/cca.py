@@ -16,14 +16,7 @@ import torch
 from torch import nn
 
 from foveal._checks import positive_int
-from foveal.nn._common import (
-    attend_opaque,
-    check_backend,
-    check_channels_last,
-    check_heads,
-    check_probability,
-    qk_scale_or_default,
-)
+from foveal.nn._common import attend_opaque, check_channels_last, init_attention
 from foveal.patterns.algebra import Union
 from foveal.patterns.global_ import FlatPattern, _like
 
@@ -119,20 +112,13 @@ class CoreContextAttention(nn.Module):
                  qkv_bias: bool = False, qk_scale: float | None = None, proj_drop: float = 0.0,
                  backend: str = "auto"):
         super().__init__()
-        dim, num_heads = check_heads(dim, num_heads)
         self.group_size = positive_int("group_size", group_size)
         self.window = positive_int("window", window, minimum=0)
         if causal is not True:
             raise ValueError(
                 f"causal must be True: CCA-Attention is defined for causal language modelling, got {causal!r}"
             )
-        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
-        self.scale = qk_scale_or_default(qk_scale, self.head_dim)
-        self.backend = check_backend(backend)
-        proj_drop = check_probability("proj_drop", proj_drop)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        init_attention(self, dim, num_heads, qkv_bias, qk_scale, proj_drop, backend)
         self._patterns: dict[int, Union] = {}
 
     def pattern(self, n) -> Union:

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from foveal._checks import positive_int
-from foveal.nn._common import attend_opaque, check_backend, check_heads, check_probability, qk_scale_or_default
+from foveal.nn._common import attend_opaque, init_attention
 from foveal.patterns import Full
 
 __all__ = ["GlobalLocalCrossAttention", "PairwiseCrossAttention", "attention_rollout", "select_top"]
@@ -101,14 +101,7 @@ class _Attention(nn.Module):
 
     def __init__(self, dim, num_heads, qkv_bias, qk_scale, proj_drop, backend):
         super().__init__()
-        dim, num_heads = check_heads(dim, num_heads)
-        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
-        self.scale = qk_scale_or_default(qk_scale, self.head_dim)
-        self.backend = check_backend(backend)
-        proj_drop = check_probability("proj_drop", proj_drop)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        init_attention(self, dim, num_heads, qkv_bias, qk_scale, proj_drop, backend)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         b, n, _ = t.shape

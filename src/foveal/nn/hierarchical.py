@@ -13,14 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from foveal._checks import positive_int
-from foveal.nn._common import (
-    attend_opaque,
-    check_backend,
-    check_channels_last,
-    check_heads,
-    check_probability,
-    qk_scale_or_default,
-)
+from foveal.nn._common import attend_opaque, check_channels_last, init_attention
 from foveal.patterns import Full, Halo, Window
 from foveal.patterns.order import ORDERS, Ordered
 
@@ -85,18 +78,12 @@ class HierarchicalLocalAttention(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        dim, num_heads = check_heads(dim, num_heads)
         self.window_size = positive_int("window_size", window_size)
         self.pool = None if pool is None else positive_int("pool", pool)
         if order not in ORDERS:
             raise ValueError(f"order must be one of {sorted(ORDERS)}, got {order!r}")
-        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
-        self.scale = qk_scale_or_default(qk_scale, self.head_dim)
-        self.order, self.backend = order, check_backend(backend)
-        proj_drop = check_probability("proj_drop", proj_drop)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        self.order = order
+        init_attention(self, dim, num_heads, qkv_bias, qk_scale, proj_drop, backend)
         self._patterns: dict[tuple[int, int], Ordered] = {}
         self._full: dict[tuple[int, int], Full] = {}
 

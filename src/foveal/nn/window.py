@@ -26,7 +26,7 @@ from foveal.nn._common import (
     check_channels_last,
     check_heads,
     check_no_attn_drop,
-    qk_scale_or_default,
+    init_attention,
 )
 from foveal.patterns.base import Pattern
 from foveal.patterns.local import Window
@@ -79,11 +79,7 @@ class _TableAttention(nn.Module):
     """
 
     def _init_attention(self, dim, num_heads, window, qkv_bias, qk_scale, proj_drop, rel_pos_bias) -> None:
-        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
-        self.scale = qk_scale_or_default(qk_scale, self.head_dim)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        init_attention(self, dim, num_heads, qkv_bias, qk_scale, proj_drop, self.backend)
         if rel_pos_bias:
             rows = math.prod(2 * w - 1 for w in window)
             self.relative_position_bias_table = nn.Parameter(torch.zeros(rows, num_heads))
