@@ -21,7 +21,7 @@ import torch
 
 from foveal.distributed.allgather import allgather_attention
 from foveal.distributed.comm import CPStats, confirm, exchange, group_info, handshake
-from foveal.distributed.orders import ORDERS, as_order
+from foveal.distributed.orders import as_order
 from foveal.distributed.plan import cp_layout, group_need, ring_schedule
 from foveal.distributed.ring import RingConfig, ring_attention
 from foveal.distributed.shardbias import shard_bias
@@ -76,7 +76,8 @@ def unshard(x_local: torch.Tensor, pattern, group=None, order="contiguous") -> t
         )
     peers = [s for s in range(world) if s != rank]
     spec = (x_local.shape, x_local.dtype, x_local.device)
-    got = exchange({s: x_local for s in peers}, {s: spec for s in peers}, group, 6_000_000, "unshard", None, source=x_local)
+    sends, recvs = {s: x_local for s in peers}, {s: spec for s in peers}
+    got = exchange(sends, recvs, group, 6_000_000, "unshard", None, source=x_local)
     pieces = [x_local if s == rank else got[s] for s in range(world)]
     inv = torch.argsort(torch.cat(lay.tokens)).to(x_local.device)
     return torch.cat(pieces, 2).index_select(2, inv)
@@ -99,7 +100,8 @@ def _check(q, k, v, pattern, world, method, order, scale, ulysses_degree):
     b, hq, n, d = q.shape
     if k.shape[0] != b or v.shape[0] != b or k.shape[:3] != v.shape[:3] or k.shape[-1] != d:
         raise ValueError(
-            f"k and v must be (batch={b}, kv_heads, tokens={n}, head_dim={d}), got {tuple(k.shape)} and {tuple(v.shape)}"
+            f"k and v must be (batch={b}, kv_heads, tokens={n}, head_dim={d}), "
+            f"got {tuple(k.shape)} and {tuple(v.shape)}"
         )
     if pattern.n_q % world or n != pattern.n_q // world or k.shape[2] != n:
         raise ValueError(
@@ -114,7 +116,8 @@ def _check(q, k, v, pattern, world, method, order, scale, ulysses_degree):
     elif method == "hybrid":
         if ulysses_degree is None:
             raise ValueError("method='hybrid' needs ulysses_degree (ranks per Ulysses group; ring degree = P / it)")
-        if isinstance(ulysses_degree, bool) or not isinstance(ulysses_degree, numbers.Integral) or ulysses_degree < 1 or world % ulysses_degree:
+        ok = isinstance(ulysses_degree, numbers.Integral) and not isinstance(ulysses_degree, bool)
+        if not ok or ulysses_degree < 1 or world % ulysses_degree:
             raise ValueError(f"ulysses_degree must be a positive divisor of the {world} ranks, got {ulysses_degree!r}")
         u = int(ulysses_degree)
     if u is not None and hq % u:
@@ -217,7 +220,7 @@ def _run(q, k, v, pattern, group, world, rank, method, order, scale, backend, re
                 return attend(qf, kf, vf, pattern, bias=b, scale=scale, backend=backend, return_lse=True)
 
         else:
-            ring_sets = [torch.sort(torch.cat([lay.tokens[jj * u + i] for i in range(u)])).values for jj in range(r_deg)]
+            ring_sets = [torch.cat(lay.tokens[jj * u : (jj + 1) * u]).sort().values for jj in range(r_deg)]
             sched = ring_schedule(group_need(lay.need, r_deg))
             name = ("ring-of-ulysses", u)
 

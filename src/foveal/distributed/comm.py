@@ -17,7 +17,16 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-__all__ = ["ContextParallelError", "CPStats", "init", "exchange", "group_info", "handshake", "confirm", "DEFAULT_TIMEOUT"]
+__all__ = [
+    "ContextParallelError",
+    "CPStats",
+    "init",
+    "exchange",
+    "group_info",
+    "handshake",
+    "confirm",
+    "DEFAULT_TIMEOUT",
+]
 
 #: seconds a rank waits for a peer before raising (``init(timeout=)`` sets the group's)
 DEFAULT_TIMEOUT = 60.0
@@ -105,16 +114,22 @@ def post(sends: dict, recvs: dict, group, tag: int, what: str, stats: CPStats | 
     """
     works = []
     out = {}
+    world = group is dist.group.WORLD
+    pg = None if world else group
+
+    def global_rank(peer):
+        return peer if world else dist.get_global_rank(group, peer)
+
     for peer, t in sends.items():
         t = t.contiguous()
-        dst = dist.get_global_rank(group, peer) if group is not dist.group.WORLD else peer
-        works.append((dist.isend(t, dst, group=group if group is not dist.group.WORLD else None, tag=tag), f"{what}: sending to rank {peer}", t))
+        work = dist.isend(t, global_rank(peer), group=pg, tag=tag)
+        works.append((work, f"{what}: sending to rank {peer}", t))
         if stats is not None:
             stats.add_bytes("bytes_sent", peer, t.numel() * t.element_size())
     for peer, (shape, dtype, device) in recvs.items():
         buf = torch.empty(shape, dtype=dtype, device=device)
-        src = dist.get_global_rank(group, peer) if group is not dist.group.WORLD else peer
-        works.append((dist.irecv(buf, src, group=group if group is not dist.group.WORLD else None, tag=tag), f"{what}: receiving from rank {peer}", buf))
+        work = dist.irecv(buf, global_rank(peer), group=pg, tag=tag)
+        works.append((work, f"{what}: receiving from rank {peer}", buf))
         out[peer] = buf
         if stats is not None:
             stats.add_bytes("bytes_received", peer, buf.numel() * buf.element_size())
@@ -135,7 +150,7 @@ class _Exchange(torch.autograd.Function):
         group, send_peers, recv_specs, tag, what, stats = meta
         ctx.meta = meta
         ctx.send_specs = [(t.shape, t.dtype, t.device) for t in tensors]
-        waiter = post(dict(zip(send_peers, tensors)), dict(zip([p for p, _ in recv_specs], [s for _, s in recv_specs])), group, tag, what, stats)
+        waiter = post(dict(zip(send_peers, tensors)), dict(recv_specs), group, tag, what, stats)
         got = waiter()
         anchor = torch.zeros((), dtype=torch.float32, device=source.device)
         return (anchor, *(got[p] for p, _ in recv_specs))
@@ -151,7 +166,7 @@ class _Exchange(torch.autograd.Function):
         return (None, None, *(got[p] for p in send_peers))
 
 
-def exchange(sends: dict, recv_specs: dict, group, tag: int, what: str, stats: CPStats | None = None, source=None) -> dict:
+def exchange(sends: dict, recv_specs: dict, group, tag: int, what: str, stats: CPStats | None = None, source=None):
     """Send ``{peer: tensor}``, receive ``{peer: (shape, dtype, device)}``; differentiable; returns ``{peer: tensor}``.
 
     Sends to oneself are not allowed (keep local tensors local). Empty dicts are fine.
@@ -167,7 +182,8 @@ def exchange(sends: dict, recv_specs: dict, group, tag: int, what: str, stats: C
         return {}
     if source is None:
         source = next(iter(sends.values())) if sends else torch.zeros(())
-    anchor, *got = _Exchange.apply((group, send_peers, specs, tag, what, stats), source, *[sends[p] for p in send_peers])
+    meta = (group, send_peers, specs, tag, what, stats)
+    anchor, *got = _Exchange.apply(meta, source, *[sends[p] for p in send_peers])
     out = {p: t for (p, _), t in zip(specs, got)}
     out["anchor"] = anchor
     return out

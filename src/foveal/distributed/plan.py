@@ -16,7 +16,6 @@ stripe) a block holds tokens of several ranks and ``need`` is a conservative sup
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -135,7 +134,7 @@ def cp_layout(pattern, world: int, order="contiguous", max_blocks: int = 4096) -
                     qo.append(a)
                     ko.append(b)
                     kk.append(k)
-        qown, kown, kblk = torch.tensor(qo, dtype=torch.int64), torch.tensor(ko, dtype=torch.int64), torch.tensor(kk, dtype=torch.int64)
+        qown, kown, kblk = (torch.tensor(x, dtype=torch.int64) for x in (qo, ko, kk))
         load.index_add_(0, qown * world + kown, torch.ones_like(qown))
     load = load.view(world, world)
     # key blocks of s that r needs
@@ -197,11 +196,7 @@ def ring_schedule(need: torch.Tensor) -> RingSchedule:
 
 
 def group_need(need: torch.Tensor, groups: int) -> torch.Tensor:
-    """Need between groups of ``need.shape[0] // groups`` consecutive ranks... (see hybrid)."""
+    """Need between ``groups`` groups of consecutive ranks (the ring positions of the hybrid method)."""
     p = need.shape[0]
     size = p // groups
     return need.view(groups, size, groups, size).any(3).any(1)
-
-
-def bytes_of(shape, dtype) -> int:
-    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()

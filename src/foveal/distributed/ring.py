@@ -182,7 +182,8 @@ def _ring_backward(cfg, q, kv, d, out, lse, dout, dlse, params=()):
                     pending.append(post({cfg.peers[s]: acc}, {}, cfg.group, tag, f"{what}: returning dK/dV", cfg.stats))
         acc_wait = None
         if t >= 1 and t + 1 < sched.steps and sched.receives(me, t + 1):
-            acc_wait = post({}, {cfg.prev: aspec}, cfg.group, cfg.tag + _TAG_ACC + t, f"{what} step {t + 1}: dK/dV", cfg.stats)
+            tag = cfg.tag + _TAG_ACC + t
+            acc_wait = post({}, {cfg.prev: aspec}, cfg.group, tag, f"{what} step {t + 1}: dK/dV", cfg.stats)
         if waiter is not None:
             got = waiter()
             if cfg.prev in got:
