@@ -56,3 +56,15 @@ def test_rerender_rebuilds_report_from_json(tiny_suite, tmp_path):
     (tmp_path / "speed.png").unlink()
     md, png = speed.rerender(tmp_path / "speed.json")
     assert "foveal cpu" in md.read_text() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_cp_refuses_an_unknown_suite(tmp_path):
+    from foveal.cli import main
+
+    assert main(["bench", "cp", "--suite", "nope", "--out", str(tmp_path)]) == 2
+
+
+def test_bench_quality_refuses_an_unknown_suite(tmp_path):
+    from foveal.cli import main
+
+    assert main(["bench", "quality", "--suite", "nope", "--out", str(tmp_path)]) == 2

@@ -77,6 +77,15 @@ def _bench(args) -> int:
         return 0
     if args.what == "quality":
         return _quality(args)
+    if args.what == "cp":
+        from foveal.bench.cp import run
+
+        suite = args.suite or "quick"
+        if suite not in ("quick", "full"):
+            print(f"foveal bench cp: --suite must be quick or full, got {suite!r}", file=sys.stderr)
+            return 2
+        run(args.out, quick=suite == "quick")
+        return 0
     print(f"foveal bench: unknown benchmark {args.what!r}", file=sys.stderr)
     return 2
 
@@ -131,14 +140,14 @@ def main(argv=None) -> int:
     c.add_argument("--tolerance", type=float, default=1e-5)
     c.set_defaults(func=_check)
 
-    b = sub.add_parser("bench", help="benchmarks: speed, quality")
-    b.add_argument("what", choices=["speed", "quality"])
+    b = sub.add_parser("bench", help="benchmarks: speed, quality, cp (context parallelism)")
+    b.add_argument("what", choices=["speed", "quality", "cp"])
     b.add_argument(
         "--suite",
         default=None,
         help="speed: quick (about 2 minutes on a 2-core CPU), full, modules-quick (about 1 minute) or modules "
         "(foveal.nn modules against the same modules on dense masked SDPA); quality: quick (a few minutes), full, "
-        "lm-quick, lm, vision-quick or vision (default: quick)",
+        "lm-quick, lm, vision-quick or vision; cp: quick or full (default: quick)",
     )
     b.add_argument("--out", default="bench-out", help="folder for the JSON, Markdown and PNG results")
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")

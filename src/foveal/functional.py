@@ -12,7 +12,7 @@ from foveal.patterns.base import Pattern
 from foveal.patterns.dynamic import BlockSelection, DynamicPattern
 from foveal.patterns.order import Ordered
 
-__all__ = ["attend"]
+__all__ = ["attend", "na_av"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -122,3 +122,6 @@ def _attend_selected(q, k, v, pattern, bias, scale, backend, return_lse):
         q, k, v, sel.kv_blocks, sel.block, scale, partial=sel.partial, mask_fn=sel.mask_fn, kv_tokens=sel.kv_tokens
     )
     return (out, lse) if return_lse else out
+
+
+from foveal.functional_na import na_av  # noqa: E402  (re-exported: NATTEN's weights × values op)
