@@ -189,3 +189,10 @@ def test_passkey_value_appears_only_once():
     tokens, targets = T.passkey(20, 64, seed=1)
     for t, y in zip(tokens, targets):
         assert (t == y[-1]).sum() == 1
+
+
+def test_flops_are_counted_in_eval_mode_and_the_mode_restored():
+    # VWFormer's pooled branch has a batch norm over one pooled value per channel: one image cannot train it
+    model = Classifier(2, mixer="vwa", in_chans=1, img_size=16, dims=(16, 32), depths=(1, 1), heads=(2, 2))
+    assert QV.flops_per_image(model, torch.randn(2, 1, 16, 16)) > 0
+    assert model.training

@@ -53,8 +53,13 @@ def flops_per_image(model: torch.nn.Module, image: torch.Tensor) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(image[:1])
+    training = model.training
+    model.eval()  # batch norms cannot run on one image in training mode
+    try:
+        with torch.no_grad(), counter:
+            model(image[:1])
+    finally:
+        model.train(training)
     return int(counter.get_total_flops())
 
 
@@ -147,6 +152,9 @@ def run_vision_quality(suite: str = "vision-quick", out_dir: str = "bench-out", 
     if unknown:
         raise ValueError(f"mixers must be among {mixer_names()}, got unknown {unknown}")
     rows, start = [], time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "quality-vision.partial.json"
     total = len(spec.tasks) * len(chosen) * spec.budget.steps
     done = 0
     for tname in spec.tasks:
@@ -159,6 +167,7 @@ def run_vision_quality(suite: str = "vision-quick", out_dir: str = "bench-out", 
                     progress(base + step + 1, total, label, start)
 
             rows.append(_run_one(task, mixer, spec, data, on_step))
+            partial.write_text(json.dumps(rows, indent=1))  # rows so far, for long runs
             done += spec.budget.steps
     if progress_bar:
         progress(total, total, "done", start)
@@ -171,8 +180,7 @@ def run_vision_quality(suite: str = "vision-quick", out_dir: str = "bench-out", 
         "seconds": time.perf_counter() - start,
         "rows": rows,
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    partial.unlink(missing_ok=True)
     text = (f"suite `{suite}` ({result['machine']}), {spec.budget.steps} steps × batch {spec.budget.batch}, "
             f"{spec.train} training / {spec.test} test images, {result['seconds']:.0f} s in all\n\n"
             f"{format_table(rows)}\n")
