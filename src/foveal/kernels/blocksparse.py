@@ -284,6 +284,10 @@ def selection_block_mask(selection, device=None):
     memory, B·H·num_blocks² int32. For ``torch.nn.attention.flex_attention(q, k, v,
     block_mask=...)`` with ``enable_gqa=True`` when key heads are fewer; on CUDA that is
     FlexAttention's fused kernel (not measured here: no GPU was available).
+
+    Not verified end to end: only the tables are tested. Compiled FlexAttention on CPU
+    under this mask disagreed with the reference backend in a check (max error ~2 on
+    BlockTopK), so ``attend`` does not offer ``backend="flex"`` for selections yet.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
