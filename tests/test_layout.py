@@ -63,12 +63,19 @@ def test_union_of_disjoint_parts_keeps_full_blocks():
     assert torch.equal(states, BlockLayout.from_dense_mask(p.dense_mask(), 32, 32).block_states())
 
 
-def test_sliding_window_layout_for_a_million_tokens_is_fast():
+def test_sliding_window_layout_for_a_million_tokens_is_analytic(monkeypatch):
+    # the layout never evaluates the mask (N² = 1e12 pairs): it is derived from the progressions.
+    # CPU time, not wall time, so a loaded machine does not fail it; the speed itself is a benchmark.
     p = SlidingWindow(1_000_000, 1024)
-    start = time.perf_counter()
+
+    def refuse(*args):
+        raise AssertionError("the analytic layout must not evaluate the mask")
+
+    monkeypatch.setattr(SlidingWindow, "mask", refuse)
+    start = time.process_time()
     lay = p.layout(128, 128)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 1.0, f"layout took {elapsed:.2f}s"
+    elapsed = time.process_time() - start
+    assert elapsed < 10.0, f"layout took {elapsed:.2f}s of CPU"
     # query block 100 (rows 12800..12927) reaches keys 11776..12927: blocks 92..100,
     # 7 full and 2 partial (the window's far edge and the diagonal)
     counts = lay.kv_blocks_per_q_block()
@@ -80,9 +87,9 @@ def test_sliding_window_layout_for_a_million_tokens_is_fast():
 def test_layout_cost_grows_with_nonempty_blocks():
     # 2-D neighbourhood on a 256x256 grid (65k tokens): the analytic layout touches
     # O(non-empty blocks), so this is quick even though N^2 = 4.3e9.
-    start = time.perf_counter()
+    start = time.process_time()
     lay = Neighborhood((256, 256), 7).layout(256, 256)
-    assert time.perf_counter() - start < 5.0
+    assert time.process_time() - start < 20.0
     assert lay.num_full + lay.num_partial <= 256 * 8
 
 
