@@ -39,5 +39,32 @@ def test_blocksparse_equals_reference_on_the_same_selection(make, n):
 
 def test_other_backends_are_refused_with_the_reason():
     q = k = v = torch.randn(1, 1, 32, 8)
-    with pytest.raises(ValueError, match="backend must be 'auto', 'blocksparse' or 'reference'"):
+    with pytest.raises(ValueError, match="backend must be 'auto', 'blocksparse', 'reference' or 'flex'"):
         attend(q, k, v, BlockTopK(32, topk=1, block=16), backend="cpu")
+
+
+@pytest.mark.parametrize("make", SELECTORS)
+def test_flex_runs_a_selection_forward_on_cpu(make):
+    """Compiled FlexAttention (inference only on CPU) under the selection's per-(batch, head) BlockMask."""
+    n = 80  # a ragged last block of 16
+    torch.manual_seed(3)
+    pattern = make(n)
+    q, k, v = torch.randn(2, 2, n, 16), torch.randn(2, 1, n, 16), torch.randn(2, 1, n, 16)
+    sel = pattern.select(q, k)
+    with torch.no_grad():
+        out = attend(q, k, v, sel, backend="flex")
+    torch.testing.assert_close(out, attend(q, k, v, sel, backend="reference"), atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="inference only"):
+        attend(q.requires_grad_(), k, v, sel, backend="flex")
+
+
+def test_flex_refuses_single_tokens_its_mask_fn_does_not_imply():
+    from foveal.patterns.dynamic import BlockSelection
+
+    n, block = 32, 16
+    table = torch.tensor([[[[0, -1], [1, -1]]]])
+    tokens = torch.tensor([[[[-1], [3]]]])
+    sel = BlockSelection(n, block, table, None, lambda b, h, i, j: j <= i, "test", kv_tokens=tokens)
+    q = k = v = torch.randn(1, 1, n, 8)
+    with torch.no_grad(), pytest.raises(ValueError, match="single key tokens"):
+        attend(q, k, v, sel, backend="flex")

@@ -76,8 +76,9 @@ def attend(q, k, v, pattern, *, bias=None, scale=None, backend: str = "auto", re
     its blocks are selected from q and k without gradients, then attended with
     gradients to q, k, v) or a ``BlockSelection`` made beforehand with
     ``pattern.select(q, k)``, whose statistics (``density()``, ``blocks_kept()``) the
-    caller keeps; these run on the ``blocksparse`` kernel (or ``reference``: the
-    selection's dense mask) and take no ``bias``.
+    caller keeps; these run on the ``blocksparse`` kernel (``reference``: the
+    selection's dense mask; ``flex``: FlexAttention with per-(batch, head) block tables)
+    and take no ``bias``.
     """
     scale = _check_inputs(q, k, v, pattern, scale)
     if bias is not None and not callable(bias):
@@ -104,15 +105,31 @@ def _attend_selected(q, k, v, pattern, bias, scale, backend, return_lse):
 
     if bias is not None:
         raise ValueError(f"bias is not supported with dynamic patterns or selections, got {type(bias).__name__}")
-    if backend not in ("auto", "blocksparse", "reference"):
+    if backend not in ("auto", "blocksparse", "reference", "flex"):
         raise ValueError(
-            f"backend must be 'auto', 'blocksparse' or 'reference' for {type(pattern).__name__}, got {backend!r}"
+            f"backend must be 'auto', 'blocksparse', 'reference' or 'flex' for {type(pattern).__name__}, got {backend!r}"
         )
+    if backend == "flex" and q.device.type == "cpu":
+        from foveal.kernels.flex import cpu_limits
+
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        reasons = cpu_limits(q.dtype, needs_grad, return_lse)
+        if reasons:
+            raise ValueError(f"backend 'flex' cannot run this call: {'; '.join(reasons)}")
     sel = pattern.select(q, k, scale) if isinstance(pattern, DynamicPattern) else pattern
     if sel.kv_blocks.shape[:2] != q.shape[:2]:
         raise ValueError(
             f"the selection is for (batch, heads) {tuple(sel.kv_blocks.shape[:2])} but q has {tuple(q.shape[:2])}"
         )
+    if backend == "flex":  # per-(batch, head) block tables and a pointwise mask_mod
+        from foveal.kernels.blocksparse import selection_block_mask
+
+        if sel.kv_tokens is not None and sel.kv_tokens.shape[-1] and not sel.tokens_in_mask_fn:
+            raise ValueError("backend 'flex' cannot run a selection whose single key tokens its mask_fn does not imply")
+        from foveal.kernels.flex import flex_block_mask_run
+
+        out, lse = flex_block_mask_run(q, k, v, selection_block_mask(sel, q.device), scale, return_lse)
+        return (out, lse) if return_lse else out
     if backend == "reference":  # the selection's exact (B, H, n, n) mask, dense: the oracle
         from foveal.kernels.reference import reference_attention
 

@@ -285,9 +285,12 @@ def selection_block_mask(selection, device=None):
     block_mask=...)`` with ``enable_gqa=True`` when key heads are fewer; on CUDA that is
     FlexAttention's fused kernel (not measured here: no GPU was available).
 
-    Not verified end to end: only the tables are tested. Compiled FlexAttention on CPU
-    under this mask disagreed with the reference backend in a check (max error ~2 on
-    BlockTopK), so ``attend`` does not offer ``backend="flex"`` for selections yet.
+    The ``mask_mod`` is pointwise (a per-block rule table, then the selection's
+    elementwise ``mask_fn``): compiled FlexAttention cannot reduce over a gathered row,
+    as ``BlockSelection.mask`` does. ``attend(..., backend="flex")`` uses this. A
+    selection with single key tokens that ``mask_fn`` does not imply
+    (``tokens_in_mask_fn=False``) gets the general rule, right under eager
+    FlexAttention only; ``attend`` refuses flex for it.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -305,7 +308,12 @@ def selection_block_mask(selection, device=None):
         single = torch.zeros(b, h, nb, nb + 1, dtype=torch.int8, device=kv.device)
         single.scatter_(-1, torch.where(tok >= 0, tok // bs, nb), torch.ones_like(tok, dtype=torch.int8))
         state = torch.maximum(state, single[..., :nb])
+    pointwise = not (selection.kv_tokens is not None and selection.kv_tokens.shape[-1]) or (
+        selection.mask_fn is not None and selection.tokens_in_mask_fn
+    )
+    rule = state.to(device)  # per block: 1 = apply mask_fn, 2 = every in-range pair
     if n % bs:  # FlexAttention masks a ragged tile through mask_mod: such blocks must be partial
+        state = state.clone()
         state[:, :, -1] = torch.where(state[:, :, -1] == 2, 1, state[:, :, -1])
         state[..., -1] = torch.where(state[..., -1] == 2, 1, state[..., -1])
 
@@ -315,10 +323,25 @@ def selection_block_mask(selection, device=None):
 
     kv_num, kv_idx = table(state == 1)
     full_num, full_idx = table(state == 2)
-    mask = selection.mask
+    fn, last = selection.mask_fn, nb - 1
+    if not pointwise:  # single tokens not implied by mask_fn: the general rule (eager FlexAttention only)
+        mask = selection.mask
+
+        def general_mask_mod(b, h, q_idx, kv_idx):
+            return mask(b, h, q_idx, kv_idx)
+
+        return BlockMask.from_kv_blocks(
+            kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(bs, bs), mask_mod=general_mask_mod, seq_lengths=(n, n)
+        )
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return mask(b, h, q_idx, kv_idx)
+        # pointwise (no reductions), as compiled FlexAttention needs: the block's rule, then the elementwise one
+        qc, kc = q_idx.clamp(max=n - 1), kv_idx.clamp(max=n - 1)
+        r = rule[b, h, (qc // bs).clamp(max=last), (kc // bs).clamp(max=last)]
+        inside = (q_idx < n) & (kv_idx < n)
+        if fn is None:
+            return inside & (r > 0)
+        return inside & ((r == 2) | ((r == 1) & fn(b, h, qc, kc)))
 
     return BlockMask.from_kv_blocks(
         kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(bs, bs), mask_mod=mask_mod, seq_lengths=(n, n)

@@ -68,9 +68,13 @@ def cpu_limits(dtype, needs_grad: bool, need_lse: bool) -> list[str]:
 
 def flex_attention_run(q, k, v, pattern, scale: float, need_lse: bool, bias=None):
     """Run compiled FlexAttention over ``pattern`` (and ``bias`` as a ``score_mod``); returns ``(out, lse or None)``."""
+    return flex_block_mask_run(q, k, v, block_mask_for(pattern, q.device), scale, need_lse, bias)
+
+
+def flex_block_mask_run(q, k, v, bm, scale: float, need_lse: bool, bias=None):
+    """Run compiled FlexAttention under the ``BlockMask`` ``bm``; returns ``(out, lse or None)``."""
     from torch.nn.attention.flex_attention import AuxRequest
 
-    bm = block_mask_for(pattern, q.device)
     gqa = q.shape[1] != k.shape[1]
     fn = _compiled()
     kwargs = dict(block_mask=bm, scale=scale, enable_gqa=gqa)

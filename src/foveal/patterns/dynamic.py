@@ -98,10 +98,13 @@ class BlockSelection:
     """
 
     def __init__(self, n, block, kv_blocks, partial, mask_fn, method: str, info: dict | None = None,
-                 kv_tokens=None):
+                 kv_tokens=None, tokens_in_mask_fn: bool = False):
         self.n, self.block = n, block
         self.kv_blocks, self.partial, self.mask_fn = kv_blocks, partial, mask_fn
         self.kv_tokens = kv_tokens
+        #: ``mask_fn`` alone says which single key tokens are kept (vertical-slash's columns), so the
+        #: elementwise rule is pointwise (what compiled FlexAttention needs)
+        self.tokens_in_mask_fn = tokens_in_mask_fn
         self.method, self.info = method, dict(info or {})
 
     @property
@@ -353,7 +356,8 @@ class DynamicPattern:
                 tokens[rows + (slice(None), slice(0, p.kv_tokens.shape[-1]))] = p.kv_tokens
             for name, t in p.info.items():
                 info[name][rows] = t
-        return BlockSelection(self.n, self.block, kv, partial, self._mask_fn(info), first.method, info, tokens)
+        return BlockSelection(self.n, self.block, kv, partial, self._mask_fn(info), first.method, info, tokens,
+                              first.tokens_in_mask_fn)
 
     def _params(self) -> str:
         raise NotImplementedError
@@ -422,7 +426,7 @@ class VerticalSlash(DynamicPattern):
         band = self._slash_blocks(offs)
         info = {"columns": cols, "offsets": offs}
         return BlockSelection(n, bs, _table(band), None, self._mask_fn(info), type(self).__name__, info,
-                              kv_tokens=self._column_tokens(cols, band))
+                              kv_tokens=self._column_tokens(cols, band), tokens_in_mask_fn=True)
 
     def _work(self):
         return super()._work() + 4 * min(self.last_q, self.n) * self.n
