@@ -100,7 +100,8 @@ def attend(q, k, v, pattern, *, bias=None, scale=None, backend: str = "auto", re
 
 
 def _attend_selected(q, k, v, pattern, bias, scale, backend, return_lse):
-    """``attend`` over a dynamic pattern or a selection: select under no_grad, then the blocksparse kernel."""
+    """``attend`` over a dynamic pattern or a selection: select under no_grad, then the chosen kernel
+    (``blocksparse`` for ``auto``; ``reference``; ``flex``)."""
     from foveal.kernels.blocksparse import blocksparse_attention
 
     if bias is not None:
@@ -123,10 +124,10 @@ def _attend_selected(q, k, v, pattern, bias, scale, backend, return_lse):
         )
     if backend == "flex":  # per-(batch, head) block tables and a pointwise mask_mod
         from foveal.kernels.blocksparse import selection_block_mask
+        from foveal.kernels.flex import flex_block_mask_run
 
         if sel.kv_tokens is not None and sel.kv_tokens.shape[-1] and not sel.tokens_in_mask_fn:
             raise ValueError("backend 'flex' cannot run a selection whose single key tokens its mask_fn does not imply")
-        from foveal.kernels.flex import flex_block_mask_run
 
         out, lse = flex_block_mask_run(q, k, v, selection_block_mask(sel, q.device), scale, return_lse)
         return (out, lse) if return_lse else out
