@@ -278,3 +278,29 @@ def test_attend_never_evaluates_the_ordered_mask(monkeypatch):
     tok = (rows * 64 + cols).flatten()
     s = q[0, 0, tok] @ k[0, 0, tok].T / math.sqrt(8)
     torch.testing.assert_close(out[0, 0, tok], torch.softmax(s, -1) @ v[0, 0, tok], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_grid_runs_as_contiguous_groups_with_the_same_mask(seed):
+    """attend runs Grid through Grid.as_ordered(): same mask, same output and gradients (with a strided table bias)."""
+    import random
+
+    from foveal import Grid, attend
+    from foveal.bias import RelativePositionBias
+
+    rng = random.Random(seed)
+    nd = rng.choice([1, 2, 3])
+    size = tuple(rng.randint(1, 3) for _ in range(nd))
+    grid = tuple(s * rng.randint(1, 3) for s in size)
+    g = Grid(grid, size)
+    qi, ki = torch.arange(g.n)[:, None], torch.arange(g.n)[None, :]
+    assert torch.equal(g.as_ordered().mask(qi, ki), g.mask(qi, ki))
+    step = tuple(n // s for n, s in zip(grid, size))
+    table = torch.randn(2, *(2 * s - 1 for s in size), requires_grad=True)
+    bias = RelativePositionBias(grid, tuple(s - 1 for s in size), table, step=step)
+    q, k, v = (torch.randn(2, 2, g.n, 8, requires_grad=True) for _ in range(3))
+    outs = [attend(q, k, v, g, bias=bias, backend=b) for b in ("cpu", "reference")]
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    grads = [torch.autograd.grad(o.square().sum(), (q, k, v, table)) for o in outs]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

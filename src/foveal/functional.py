@@ -10,6 +10,7 @@ import torch
 from foveal.kernels.select import Call, select
 from foveal.patterns.base import Pattern
 from foveal.patterns.dynamic import BlockSelection, DynamicPattern
+from foveal.patterns.local import Grid
 from foveal.patterns.order import Ordered
 
 __all__ = ["attend", "na_av"]
@@ -85,6 +86,8 @@ def attend(q, k, v, pattern, *, bias=None, scale=None, backend: str = "auto", re
         raise TypeError(f"bias must be None or a callable bias(h, q_idx, kv_idx) -> tensor, got {type(bias).__name__}")
     if isinstance(pattern, (DynamicPattern, BlockSelection)):
         return _attend_selected(q, k, v, pattern, bias, scale, backend, return_lse)
+    if isinstance(pattern, Grid) and backend != "reference":
+        pattern = pattern.as_ordered()  # contiguous groups: the same mask, far denser blocks
     if isinstance(pattern, Ordered) and backend != "reference":
         # tokens into the pattern's order, the inner pattern there, and back (the reference keeps the dense mask)
         res = attend(

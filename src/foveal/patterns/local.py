@@ -6,6 +6,8 @@ an int (all axes) or a tuple (one per axis).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from foveal._checks import as_shape, fmt_axes, per_axis, per_axis_bool, positive_int
@@ -191,6 +193,24 @@ class Grid(GridPattern):
     def progression(self, axis, x):
         spacing = self.shape[axis] // self.size[axis]
         return x % spacing, _like(x, spacing), _like(x, self.size[axis])
+
+    def as_ordered(self):
+        """The same mask as an ``Ordered`` pattern: tokens group by group (MaxViT's ``grid_partition``
+        order), then non-overlapping windows of ``prod(size)`` consecutive tokens.
+
+        ``attend`` runs ``Grid`` this way, so kernels see contiguous groups instead of
+        keys ``grid // size`` apart (cached on the pattern).
+        """
+        if "_as_ordered" not in self.__dict__:
+            from foveal.patterns.order import Ordered
+
+            nd = len(self.shape)
+            spacing = [length // s for length, s in zip(self.shape, self.size)]
+            split = [d for s, sp in zip(self.size, spacing) for d in (s, sp)]  # x_a = i_a · spacing_a + r_a
+            perm = torch.arange(self.n).reshape(split).permute(*range(1, 2 * nd, 2), *range(0, 2 * nd, 2))
+            group = math.prod(self.size)
+            self.__dict__["_as_ordered"] = Ordered(Window((self.n,), group), perm.reshape(-1), self.shape)
+        return self.__dict__["_as_ordered"]
 
     def _key(self):
         return (self.shape, self.size)
