@@ -506,6 +506,21 @@ class VerticalSlashCover(VerticalSlash):
 class _PooledBlocks(DynamicPattern):
     """Shared by the block-level selectors: pooled block scores, causal at block level."""
 
+    def _set_blocks(self, n, block, causal, block_name: str = "block"):
+        self.n = positive_int("n", n)
+        self.block = positive_int(block_name, block)
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {causal!r}")
+        self.causal = causal
+
+    def _pooled(self, q, k, scale: float = 1.0):
+        """(pooled block scores ``scale · mean(q_qb) · mean(k_kb)``, allowed block pairs, forced blocks, qb, kb)."""
+        nb = -(-self.n // self.block)
+        s = _scores(_pool(q, self.block)[0], _pool(k, self.block)[0]) * scale
+        allowed, qb, kb = self._allowed(nb, q.device)
+        forced = ((kb == qb) | (kb < self.sinks)) & allowed
+        return s, allowed, forced, qb, kb
+
     def _allowed(self, nb, dev):
         qb = torch.arange(nb, device=dev)[:, None]
         kb = torch.arange(nb, device=dev)[None, :]
@@ -537,22 +552,15 @@ class BlockTopK(_PooledBlocks):
     """
 
     def __init__(self, n: int, topk: int = 16, *, block: int = 64, sinks: int = 1, causal: bool = True):
-        self.n = positive_int("n", n)
+        self._set_blocks(n, block, causal)
         self.topk = positive_int("topk", topk)
-        self.block = positive_int("block", block)
         self.sinks = positive_int("sinks", sinks, minimum=0)
-        if not isinstance(causal, bool):
-            raise TypeError(f"causal must be a bool, got {causal!r}")
-        self.causal = causal
 
     def _params(self):
         return f"topk={self.topk}, block={self.block}, sinks={self.sinks}, causal={self.causal}"
 
     def _select(self, q, k, scale):
-        nb = -(-self.n // self.block)
-        s = _scores(_pool(q, self.block)[0], _pool(k, self.block)[0])
-        allowed, qb, kb = self._allowed(nb, q.device)
-        forced = ((kb == qb) | (kb < self.sinks)) & allowed
+        s, allowed, forced, qb, kb = self._pooled(q, k)
         key = torch.where(forced, float("inf"), s).masked_fill(~allowed, float("-inf"))
         count = torch.maximum(allowed.sum(-1).clamp(max=self.topk), forced.sum(-1))
         keep = _keep_ranked(key, count) & allowed
@@ -573,23 +581,16 @@ class BlockCover(_PooledBlocks):
     """
 
     def __init__(self, n: int, gamma: float = 0.9, *, block: int = 64, sinks: int = 1, causal: bool = True):
-        self.n = positive_int("n", n)
+        self._set_blocks(n, block, causal)
         self.gamma = _fraction("gamma", gamma)
-        self.block = positive_int("block", block)
         self.sinks = positive_int("sinks", sinks, minimum=0)
-        if not isinstance(causal, bool):
-            raise TypeError(f"causal must be a bool, got {causal!r}")
-        self.causal = causal
 
     def _params(self):
         return f"gamma={self.gamma}, block={self.block}, sinks={self.sinks}, causal={self.causal}"
 
     def _select(self, q, k, scale):
-        nb = -(-self.n // self.block)
-        s = _scores(_pool(q, self.block)[0], _pool(k, self.block)[0]) * scale
-        allowed, qb, kb = self._allowed(nb, q.device)
+        s, allowed, forced, qb, kb = self._pooled(q, k, scale)
         mass = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1)
-        forced = ((kb == qb) | (kb < self.sinks)) & allowed
         keep = (_keep_ranked(mass, _cover_count(mass, self.gamma)) | forced) & allowed
         return self._selection(keep, qb, kb, {"mass": mass})
 
@@ -609,12 +610,8 @@ class DHSA(_PooledBlocks):
     """
 
     def __init__(self, n: int, budget: int = 2048, *, chunk: int = 64, causal: bool = True):
-        self.n = positive_int("n", n)
+        self._set_blocks(n, chunk, causal, block_name="chunk")
         self.budget = positive_int("budget", budget)
-        self.block = positive_int("chunk", chunk)
-        if not isinstance(causal, bool):
-            raise TypeError(f"causal must be a bool, got {causal!r}")
-        self.causal = causal
 
     @property
     def chunk(self) -> int:
