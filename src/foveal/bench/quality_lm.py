@@ -11,10 +11,7 @@ quality against density per task.
 
 from __future__ import annotations
 
-import json
 import math
-import platform
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +20,7 @@ from typing import Callable
 import torch
 
 from foveal.bench import lm_tasks as T
-from foveal.bench.train import Budget, fit, progress, write_report
+from foveal.bench.train import Budget, finish_report, fit, progress, save_partial
 from foveal.models.lm import AttentionOnly, EncoderDecoder, TinyLM
 from foveal.patterns import BigBird, Causal, Dilated, Full, Power, Sinks, SlidingWindow, Strided
 from foveal.patterns.dynamic import DHSA, BlockTopK, DynamicPattern, VerticalSlash
@@ -298,7 +295,6 @@ def run_lm_quality(suite: str = "lm-quick", out_dir: str = "bench-out", progress
     total = len(jobs) * spec.budget.steps
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    partial = out / "quality-lm.partial.json"
     for j, (task, name, target) in enumerate(jobs):
         def on_step(step, base=j * spec.budget.steps, label=f"{task.name} — {name} @ {target:.2f}"):
             if progress_bar:
@@ -309,21 +305,11 @@ def run_lm_quality(suite: str = "lm-quick", out_dir: str = "bench-out", progress
         except (ValueError, FloatingPointError) as e:
             rows.append({"task": task.name, "pattern": name, "metric": task.metric, "target_density": target,
                          "status": f"failed: {e}"})
-        partial.write_text(json.dumps(rows, indent=1))  # rows so far, for long runs
-    if progress_bar:
-        progress(total, total, "done", start)
-        sys.stderr.write("\n")
-    result = {
-        "suite": suite,
-        "machine": f"{platform.machine()}, {spec.budget.threads} thread(s), torch {torch.__version__}",
-        "budget": {**spec.budget.__dict__, "train_examples": spec.train, "test_examples": spec.test},
-        "seconds": time.perf_counter() - start,
-        "rows": rows,
-    }
-    partial.unlink(missing_ok=True)
-    text = (f"suite `{suite}` ({result['machine']}), {spec.budget.steps} steps × batch {spec.budget.batch}, "
-            f"{spec.train} training / {spec.test} test sequences per task, {result['seconds']:.0f} s in all\n\n"
-            f"{format_table(rows)}\n")
-    write_report(out, "quality-lm", result, text, plot)
-    return result
+        save_partial(out, "quality-lm", rows)
+    return finish_report(
+        out, "quality-lm", suite, spec.budget,
+        f"{spec.train} training / {spec.test} test sequences per task", rows, start,
+        table=format_table, plot=plot, progress_total=total if progress_bar else None,
+        budget_extra={"train_examples": spec.train, "test_examples": spec.test},
+    )
 

@@ -8,16 +8,13 @@ table, JSON and a plot of quality against FLOPs.
 
 from __future__ import annotations
 
-import json
-import platform
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from foveal.bench.train import Budget, fit, progress, write_report
+from foveal.bench.train import Budget, finish_report, fit, progress, save_partial
 from foveal.bench.vision_tasks import TASKS
 from foveal.models import Classifier, Segmenter, mixer_names
 
@@ -154,7 +151,6 @@ def run_vision_quality(suite: str = "vision-quick", out_dir: str = "bench-out", 
     rows, start = [], time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    partial = out / "quality-vision.partial.json"
     total = len(spec.tasks) * len(chosen) * spec.budget.steps
     done = 0
     for tname in spec.tasks:
@@ -167,23 +163,13 @@ def run_vision_quality(suite: str = "vision-quick", out_dir: str = "bench-out", 
                     progress(base + step + 1, total, label, start)
 
             rows.append(_run_one(task, mixer, spec, data, on_step))
-            partial.write_text(json.dumps(rows, indent=1))  # rows so far, for long runs
+            save_partial(out, "quality-vision", rows)
             done += spec.budget.steps
-    if progress_bar:
-        progress(total, total, "done", start)
-        sys.stderr.write("\n")
-    result = {
-        "suite": suite,
-        "machine": f"{platform.machine()}, {spec.budget.threads} thread(s), torch {torch.__version__}",
-        "budget": {**spec.budget.__dict__, "train_examples": spec.train, "test_examples": spec.test},
-        "model": spec.model,
-        "seconds": time.perf_counter() - start,
-        "rows": rows,
-    }
-    partial.unlink(missing_ok=True)
-    text = (f"suite `{suite}` ({result['machine']}), {spec.budget.steps} steps × batch {spec.budget.batch}, "
-            f"{spec.train} training / {spec.test} test images, {result['seconds']:.0f} s in all\n\n"
-            f"{format_table(rows)}\n")
-    write_report(out, "quality-vision", result, text, plot)
-    return result
+    return finish_report(
+        out, "quality-vision", suite, spec.budget,
+        f"{spec.train} training / {spec.test} test images", rows, start,
+        table=format_table, plot=plot, progress_total=total if progress_bar else None,
+        budget_extra={"train_examples": spec.train, "test_examples": spec.test},
+        model=spec.model,
+    )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Budget", "fit", "progress", "threads", "write_report"]
+__all__ = ["Budget", "fit", "progress", "threads", "save_partial", "finish_report"]
 
 
 @dataclass(frozen=True)
@@ -97,10 +98,36 @@ def threads(count: int):
         torch.set_num_threads(before)
 
 
-def write_report(out: Path, name: str, result: dict, text: str, plot) -> None:
-    """Write ``name.json``, ``name.md`` and ``name.png`` (by ``plot(rows, path)``) into ``out``; print the table."""
+def save_partial(out: Path, name: str, rows: list) -> None:
+    """The rows so far, as ``name.partial.json`` in ``out`` (for long runs); ``finish_report`` removes it."""
+    (out / f"{name}.partial.json").write_text(json.dumps(rows, indent=1))
+
+
+def finish_report(out: Path, name: str, suite: str, budget: Budget, data: str, rows: list, start: float, *,
+                  table, plot, progress_total: int | None = None, **extra) -> dict:
+    """Close a quality run: write ``name.json``, ``name.md`` (``table(rows)``) and ``name.png``
+    (``plot(rows, path)``) into ``out``, print the table, and return the result.
+
+    ``data`` says what was trained on (for the header); ``extra`` goes into the JSON, with
+    ``budget_extra`` merged into its ``budget``; ``progress_total`` completes the progress bar.
+    """
+    if progress_total is not None:
+        progress(progress_total, progress_total, "done", start)
+        sys.stderr.write("\n")
+    result = {
+        "suite": suite,
+        "machine": f"{platform.machine()}, {budget.threads} thread(s), torch {torch.__version__}",
+        "budget": {**budget.__dict__, **extra.pop("budget_extra", {})},
+        **extra,
+        "seconds": time.perf_counter() - start,
+        "rows": rows,
+    }
+    (out / f"{name}.partial.json").unlink(missing_ok=True)
+    text = (f"suite `{suite}` ({result['machine']}), {budget.steps} steps × batch {budget.batch}, "
+            f"{data}, {result['seconds']:.0f} s in all\n\n{table(rows)}\n")
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     (out / f"{name}.md").write_text(text)
-    plot(result["rows"], out / f"{name}.png")
+    plot(rows, out / f"{name}.png")
     print(text)
     print(f"wrote {out / (name + '.json')}, {out / (name + '.md')}, {out / (name + '.png')}")
+    return result
