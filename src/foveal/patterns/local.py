@@ -63,6 +63,17 @@ class GridPattern(ProgressionPattern):
     def _grid_repr(self) -> str:
         return f"grid={fmt_axes(self.shape)}"
 
+    def _per_axis_divisor(self, name: str, value, context: str = "") -> tuple[int, ...]:
+        """``value`` per axis (positive ints), each dividing the grid's length on its axis."""
+        values = per_axis(name, value, len(self.shape))
+        for a, (length, v) in enumerate(zip(self.shape, values)):
+            if length % v:
+                raise ValueError(
+                    f"{name} must divide the grid on every axis{context}; "
+                    f"grid[{a}]={length} is not divisible by {name}[{a}]={v}"
+                )
+        return values
+
 
 class Neighborhood(GridPattern):
     """Neighbourhood attention with exactly NATTEN's definition (``na1d``/``na2d``/``na3d``).
@@ -141,13 +152,9 @@ class Window(GridPattern):
     def __init__(self, grid, window, shift=0):
         self._init_grid(grid)
         nd = len(self.shape)
-        w = per_axis("window", window, nd)
+        w = self._per_axis_divisor("window", window)
         s = per_axis("shift", shift, nd, minimum=0)
-        for a, length in enumerate(self.shape):
-            if length % w[a]:
-                raise ValueError(
-                    f"window must divide the grid on every axis; grid[{a}]={length} is not divisible by window[{a}]={w[a]}"
-                )
+        for a in range(nd):
             if s[a] >= w[a]:
                 raise ValueError(
                     f"shift must be in [0, window) on every axis; shift[{a}]={s[a]} is not < window[{a}]={w[a]}"
@@ -182,12 +189,7 @@ class Grid(GridPattern):
 
     def __init__(self, grid, size):
         self._init_grid(grid)
-        g = per_axis("size", size, len(self.shape))
-        for a, length in enumerate(self.shape):
-            if length % g[a]:
-                raise ValueError(
-                    f"size must divide the grid on every axis; grid[{a}]={length} is not divisible by size[{a}]={g[a]}"
-                )
+        g = self._per_axis_divisor("size", size)
         self._set(size=g)
 
     def progression(self, axis, x):
@@ -268,14 +270,8 @@ class PaddedHalo(GridPattern):
     def __init__(self, grid, block, halo):
         self._init_grid(grid)
         nd = len(self.shape)
-        b = per_axis("block", block, nd)
+        b = self._per_axis_divisor("block", block, " with zero-padded borders")
         h = per_axis("halo", halo, nd, minimum=0)
-        for a, length in enumerate(self.shape):
-            if length % b[a]:
-                raise ValueError(
-                    f"block must divide the grid on every axis with zero-padded borders; "
-                    f"grid[{a}]={length} is not divisible by block[{a}]={b[a]}"
-                )
         kv = tuple(length + 2 * hh for length, hh in zip(self.shape, h))
         self._set(block=b, halo=h, _kv_shape=kv, _kv_axes_shape=kv)
 
