@@ -119,3 +119,25 @@ def test_cpu_reads_strided_views_of_a_fused_qkv(seed):
     qr, kr, vr = (t.detach().contiguous().requires_grad_() for t in (q, k, v))
     gr = torch.autograd.grad(attend(qr, kr, vr, p, backend="reference").square().sum(), (qr, kr, vr))
     torch.testing.assert_close(grad.permute(2, 0, 3, 1, 4), torch.stack(gr), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cpu_reads_keys_sliced_from_a_longer_buffer(seed):
+    """k, v as the first tokens of longer buffers (a KV cache's view): the reference's result, forward and backward."""
+    rng = random.Random(2000 + seed)
+    nq, nk = rng.randint(1, 8), rng.randint(8, 40)
+    p = rng.choice([Causal(nq, n_kv=nk), SlidingWindow(nq, rng.randint(1, 6), n_kv=nk)])
+    b, hkv = rng.randint(1, 2), rng.choice([1, 2])
+    kbuf = torch.randn(b, hkv, nk + 9, 8, requires_grad=True)
+    vbuf = torch.randn(b, hkv, nk + 9, 8, requires_grad=True)
+    q = torch.randn(b, hkv * 2, nq, 8)
+    k, v = kbuf[:, :, :nk], vbuf[:, :, :nk]
+    out = attend(q, k, v, p, backend="cpu")
+    ref = attend(q, k.detach().contiguous(), v.detach().contiguous(), p, backend="reference")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5, msg=lambda m: f"{p!r}: {m}")
+    gk, gv = torch.autograd.grad(out.square().sum(), (kbuf, vbuf))
+    kr, vr = (t.detach().contiguous().requires_grad_() for t in (k, v))
+    rk, rv = torch.autograd.grad(attend(q, kr, vr, p, backend="reference").square().sum(), (kr, vr))
+    torch.testing.assert_close(gk[:, :, :nk], rk, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gv[:, :, :nk], rv, atol=1e-4, rtol=1e-4)
+    assert not gk[:, :, nk:].any() and not gv[:, :, nk:].any()

@@ -407,8 +407,7 @@ def snapkv_scores(q: torch.Tensor, k: torch.Tensor, config: SnapKV, scale=None) 
     w = min(config.window, nq)
     qw = q[:, :, nq - w :]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    # contiguous: the cpu backend's strided key views assume packed rows (slices of a longer k are not)
-    _, lse = attend(qw.contiguous(), k.contiguous(), k.new_zeros(b, hkv, length, 1), Causal(w, n_kv=length),
+    _, lse = attend(qw, k, k.new_zeros(b, hkv, length, 1), Causal(w, n_kv=length),
                     scale=scale, return_lse=True)
     qpos = torch.arange(length - w, length, device=q.device)
     groups = hq // hkv
@@ -563,8 +562,7 @@ def attend_decode(q, cache: KVCache, pattern=None, *, select=None, scale=None, b
     else:
         qpos = torch.arange(first, cache.length, device=q.device)
         decode = _decode_pattern(pattern, qpos, cache._pos[: cache.size], m, cache.size)
-        # contiguous copies: the cpu backend's strided key views assume packed (B·H, S, D) rows
-        k, v = cache.k.contiguous(), cache.v.contiguous()
+        k, v = cache.k, cache.v
         out, lse = attend(q, k, v, decode, scale=scale, backend=backend, return_lse=True) \
             if return_lse else (attend(q, k, v, decode, scale=scale, backend=backend), None)
         kept = cache.size

@@ -34,13 +34,8 @@ _TAG_KV, _TAG_ACC, _TAG_RET = 1_000_000, 2_000_000, 3_000_000
 
 
 def split_kv(kv, d):
-    """(k, v) from K/V packed along the last dimension, as contiguous tensors.
-
-    Contiguous on purpose: the ``cpu`` kernel reads keys through strided views that
-    assume a contiguous last dimension, so a sliced (non-contiguous) k gives wrong
-    results there.
-    """
-    return kv[..., :d].contiguous(), kv[..., d:].contiguous()
+    """(k, v) from K/V packed along the last dimension (views, no copies)."""
+    return kv[..., :d], kv[..., d:]
 
 
 def merge(out, lse, o_t, l_t):

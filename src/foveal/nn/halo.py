@@ -183,8 +183,7 @@ class HaloAttention(nn.Module):
         if self.border == "zeros":
             k, v = (F.pad(t, (0, 0, 0, 0, halo, halo, halo, halo)) for t in (k, v))
         kv_grid = k.shape[1:3]
-        # contiguous: the cpu kernel's strided key view assumes dense rows of head_dim
-        k, v = (t.reshape(b, -1, nh, d).transpose(1, 2).contiguous() for t in (k, v))
+        k, v = (t.reshape(b, -1, nh, d).transpose(1, 2) for t in (k, v))
         if self.pos_embed is None:
             out = attend(q, k, v, pattern, scale=self.scale, backend=self.backend)
         else:
