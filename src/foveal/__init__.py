@@ -8,22 +8,17 @@ from foveal.bias import ALiBi, RelativePositionBias
 from foveal.decode import KVCache, Quest, SnapKV, attend_decode, snapkv_compress
 from foveal.functional import attend
 from foveal.layout import BlockLayout
-from foveal.patterns.dynamic import (
+from foveal.patterns import (
     DHSA,
+    BigBird,
     BlockCover,
     BlockSelection,
     BlockTopK,
-    DynamicPattern,
-    VerticalSlash,
-    VerticalSlashCover,
-    a_shape,
-)
-from foveal.patterns import (
-    BigBird,
     Causal,
     CausalBlockwise,
     Dilated,
     Document,
+    DynamicPattern,
     Full,
     GlobalTokens,
     Grid,
@@ -40,7 +35,10 @@ from foveal.patterns import (
     SlidingWindow,
     Strided,
     Union,
+    VerticalSlash,
+    VerticalSlashCover,
     Window,
+    a_shape,
 )
 
 __version__ = "0.1.0"
