@@ -8,6 +8,7 @@ from foveal.bias import ALiBi, RelativePositionBias
 from foveal.decode import KVCache, Quest, SnapKV, attend_decode, snapkv_compress
 from foveal.functional import attend
 from foveal.layout import BlockLayout
+from foveal.merge import merge_attentions
 from foveal.patterns import (
     DHSA,
     BigBird,
@@ -45,6 +46,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "attend",
+    "merge_attentions",
     "ALiBi",
     "RelativePositionBias",
     "BlockLayout",
