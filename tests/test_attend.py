@@ -119,7 +119,7 @@ def _qkv(n=16, hq=2, hkv=1, d=4):
         ((_qkv()[0], _qkv()[1], torch.randn(1, 1, 15, 4)), {}, ValueError, r"k and v must agree"),
         ((_qkv()[0], torch.randn(2, 1, 16, 4), torch.randn(2, 1, 16, 4)), {}, ValueError, r"batch sizes differ"),
         ((_qkv()[0].double(), *_qkv()[1:]), {}, TypeError, r"share one dtype"),
-        ((_qkv()[0].int(), *_qkv()[1:]), {}, TypeError, r"q must be one of"),
+        ((_qkv()[0].int(), *_qkv()[1:]), {}, TypeError, r"q must have one of the dtypes"),
         ((*_qkv(),), {"scale": -1.0}, ValueError, r"scale must be a positive finite number or None, got -1.0"),
         ((*_qkv(),), {"backend": "cuda-magic"}, ValueError, r"backend must be 'auto' or one of .*'cuda-magic'"),
     ],

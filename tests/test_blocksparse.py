@@ -179,8 +179,11 @@ def test_attend_accepts_a_block_selection_and_checks_it():
     torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="backend"):
         attend(q, k, v, sel, backend="cpu")
-    with pytest.raises(ValueError, match="bias"):
-        attend(q, k, v, sel, bias=lambda h, i, j: 0.0 * i)
+    def term(h, i, j):  # a score term now runs with selections too
+        return 0.01 * (i - j) * (h + 1)
+
+    torch.testing.assert_close(attend(q, k, v, sel, bias=term), attend(q, k, v, sel, bias=term, backend="reference"),
+                               atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=r"\(batch, heads\)"):
         attend(q[:1], k[:1], v[:1], sel)
     with pytest.raises(ValueError, match="tokens"):

@@ -19,8 +19,10 @@ chunk's largest slot count, padding masked), takes a numerically safe softmax an
 writes the output and log-sum-exp. Working set: one chunk's scores plus its
 gathered keys and values, ``SCORE_ELEMENTS · (1 + (D + Dv) / block)`` floats at
 most (more only when a single instance is larger), plus O(N · D) buffers; never
-O(N²). The backward pass is FlashAttention's: it recomputes each chunk's scores
-from the saved log-sum-exp and scatters key/value gradients with ``index_add_``.
+O(N²). The softmax and its backward are the shared FlashAttention-style core
+(``foveal.kernels.core``): the backward recomputes each chunk's scores from the saved
+log-sum-exp; key/value gradients are scattered with ``index_add_``. Static patterns
+run here too, through their block layout (``layout_tables``).
 GQA: query head ``h`` reads key head ``h // (Hq // Hkv)``; keys are never repeated.
 A query with no allowed key gets a zero output, ``lse = -inf`` and zero gradients.
 Computes in float32 (float64 for float64 inputs); any device PyTorch runs on.
@@ -33,17 +35,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["blocksparse_attention", "selection_block_mask", "SCORE_ELEMENTS"]
+from foveal.cache import LRU
+from foveal.inputs import check_qkv
+from foveal.kernels.core import backward_tile, cap, compute_dtype, delta_rows, softmax_tile
+
+__all__ = ["blocksparse_attention", "layout_tables", "selection_block_mask", "SCORE_ELEMENTS"]
 
 #: score elements one chunk holds (instances × block_q × slots × block_k), as the cpu
 #: backend's chunks. BlockTopK(4096, topk=8), 4 heads, head_dim 64, forward, on a shared
 #: (loaded) 2-core CPU: 2^18..2^20 took 0.5-1.2 s, too noisy to rank; 2^16 took 3.1 s
 #: (per-op overhead dominates); dense causal SDPA took 0.2-0.35 s in the same runs.
 SCORE_ELEMENTS = 1 << 19
-
-
-def _compute_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass
@@ -62,20 +64,14 @@ class _Plan:
     qb_idx: torch.Tensor  # (R,)
     kv_base: torch.Tensor  # (R,) first row of the instance's key head in the flattened keys
     chunks: list  # (r0, r1, block slots, token slots)
+    bias: object = None  # score term bias(h, q_idx, kv_idx)
+    padding: torch.Tensor | None = None  # (B, n_kv) bool, True = ignore
+    softcap: float | None = None
 
 
 def _check(q, k, v, kv_blocks, block, partial, mask_fn, kv_tokens=None):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            got = getattr(t, "shape", t)
-            raise ValueError(f"{name} must be a 4-D tensor (batch, heads, tokens, head_dim), got {got!r}")
+    check_qkv(q, k, v)
     b, hq, n_q, d = q.shape
-    if k.shape[0] != b or v.shape[0] != b or k.shape[:3] != v.shape[:3] or k.shape[-1] != d:
-        raise ValueError(
-            f"k, v must be (B, Hkv, Nk, D) matching q {tuple(q.shape)}, got {tuple(k.shape)} and {tuple(v.shape)}"
-        )
-    if hq % k.shape[1]:
-        raise ValueError(f"query heads must be a multiple of key/value heads, got {hq} and {k.shape[1]}")
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ValueError(f"block must be a positive int, got {block!r}")
     nqb, nkb = -(-n_q // block), -(-k.shape[2] // block)
@@ -110,7 +106,7 @@ def _last_unused(table):
     return table.gather(1, order), order
 
 
-def _plan(q, k, kv_blocks, block, partial, mask_fn, kv_tokens=None) -> _Plan:
+def _plan(q, k, kv_blocks, block, partial, mask_fn, kv_tokens=None, bias=None, padding=None, softcap=None) -> _Plan:
     b, hq, n_q, _ = q.shape
     hkv, n_kv = k.shape[1], k.shape[2]
     nqb = -(-n_q // block)
@@ -134,7 +130,8 @@ def _plan(q, k, kv_blocks, block, partial, mask_fn, kv_tokens=None) -> _Plan:
     for r0 in range(0, table.shape[0], step):
         r1 = min(r0 + step, table.shape[0])
         chunks.append((r0, r1, int(counts[r0:r1].max()), int(tcounts[r0:r1].max())))
-    return _Plan(n_q, n_kv, block, table, tokens, partial, mask_fn, b_idx, h_idx, qb_idx, kv_base, chunks)
+    return _Plan(n_q, n_kv, block, table, tokens, partial, mask_fn, b_idx, h_idx, qb_idx, kv_base, chunks,
+                 bias, padding, softcap)
 
 
 def _pad_rows(x, n_blocks, block):
@@ -145,8 +142,8 @@ def _pad_rows(x, n_blocks, block):
     return x.reshape(b * h * n_blocks, block, e)
 
 
-def _chunk_scores(plan: _Plan, qc, kf, r0, r1, s_count, t_count):
-    """Masked scores of instances r0:r1 (``qc`` already scaled), (r, block, S·block + T), and the key rows gathered."""
+def _chunk_keys(plan: _Plan, r0, r1, s_count, t_count):
+    """Key tokens of instances r0:r1, (r, S·block + T): clamped tokens, in-range slots, partial slots or None."""
     bs = plan.block
     tb = plan.table[r0:r1, :s_count]  # (r, S)
     ar = torch.arange(bs, device=tb.device)
@@ -160,23 +157,44 @@ def _chunk_scores(plan: _Plan, qc, kf, r0, r1, s_count, t_count):
         tok, valid = torch.cat([tok, extra], 1), torch.cat([valid, extra >= 0], 1)
         if part is not None:
             part = torch.cat([part, torch.ones_like(extra, dtype=torch.bool)], 1)
-    tok_safe = tok.clamp(0, plan.n_kv - 1)
+    return tok.clamp(0, plan.n_kv - 1), valid, part
+
+
+def _term(plan: _Plan, r0, r1, tok, cdt):
+    """The score term of instances r0:r1 at their gathered keys: (r, block, keys)."""
+    qi = (plan.qb_idx[r0:r1, None, None] * plan.block + torch.arange(plan.block, device=tok.device)[None, :, None])
+    vals = plan.bias(plan.h_idx[r0:r1, None, None], qi.clamp(max=plan.n_q - 1), tok[:, None, :])
+    return torch.broadcast_to(vals, (r1 - r0, plan.block, tok.shape[1])).to(cdt)
+
+
+def _chunk_scores(plan: _Plan, qc, kf, r0, r1, s_count, t_count, need_grad=False):
+    """Final scores of instances r0:r1 (``qc`` already scaled), (r, block, S·block + T): capped, score term
+    added, masked; and the key rows gathered, the keys, the tokens and the cap's derivative."""
+    bs = plan.block
+    tok_safe, valid, part = _chunk_keys(plan, r0, r1, s_count, t_count)
     rows = plan.kv_base[r0:r1, None] + tok_safe
     kg = F.embedding(rows, kf)  # (r, S·block, D)
     s = torch.bmm(qc, kg.transpose(1, 2))
-    allowed = valid[:, None, :]
+    deriv = cap(s, plan.softcap, need_grad)
+    if plan.bias is not None:
+        s.add_(_term(plan, r0, r1, tok_safe, s.dtype))
+    allowed = valid
+    if plan.padding is not None:
+        allowed = allowed & ~plan.padding.reshape(-1)[plan.b_idx[r0:r1, None] * plan.n_kv + tok_safe]
+    allowed = allowed[:, None, :]
     if plan.mask_fn is not None:
+        ar = torch.arange(bs, device=tok_safe.device)
         qi = (plan.qb_idx[r0:r1, None, None] * bs + ar[None, :, None]).clamp(max=plan.n_q - 1)
         m = plan.mask_fn(plan.b_idx[r0:r1, None, None], plan.h_idx[r0:r1, None, None], qi, tok_safe[:, None, :])
         if part is not None:
             m = m | ~part[:, None, :]
         allowed = allowed & m
     s.masked_fill_(~allowed, float("-inf"))
-    return s, rows, kg
+    return s, rows, kg, tok_safe, deriv
 
 
 def _forward(q, k, v, plan: _Plan, scale):
-    cdt = _compute_dtype(q.dtype)
+    cdt = compute_dtype(q.dtype)
     bs, nqb = plan.block, -(-plan.n_q // plan.block)
     qp = _pad_rows(q.to(cdt) * scale, nqb, bs)
     kf = k.to(cdt).reshape(-1, k.shape[-1])
@@ -186,72 +204,69 @@ def _forward(q, k, v, plan: _Plan, scale):
     for r0, r1, s_count, t_count in plan.chunks:
         if s_count + t_count == 0:
             continue
-        s, rows, _ = _chunk_scores(plan, qp[r0:r1], kf, r0, r1, s_count, t_count)
-        m = s.amax(-1, keepdim=True)
-        m.masked_fill_(m == float("-inf"), 0.0)
-        p = s.sub_(m).exp_()
-        denom = p.sum(-1, keepdim=True)
-        alive = denom > 0
-        o = torch.bmm(p, F.embedding(rows, vf))
-        out[r0:r1] = o.div_(denom.masked_fill(~alive, 1.0))
-        lse[r0:r1] = torch.where(alive, denom.log() + m, float("-inf")).squeeze(-1)
+        s, rows, _, _, _ = _chunk_scores(plan, qp[r0:r1], kf, r0, r1, s_count, t_count)
+        out[r0:r1], lse[r0:r1] = softmax_tile(s, F.embedding(rows, vf))
     return out, lse
 
 
 def _unpad(x, b, h, n):
     """(B·H·nb, block, E) -> (B, H, N, E)."""
-    r, bs = x.shape[:2]
     return x.reshape(b, h, -1, *x.shape[2:])[:, :, :n]
 
 
-def _backward(q, k, v, out_p, lse_p, dout, dlse, plan: _Plan, scale):
-    cdt = _compute_dtype(q.dtype)
+def _backward(q, k, v, out_p, lse_p, dout, dlse, plan: _Plan, scale, params=()):
+    cdt = compute_dtype(q.dtype)
     bs, nqb = plan.block, -(-plan.n_q // plan.block)
     qp = _pad_rows(q.to(cdt) * scale, nqb, bs)
     dop = _pad_rows(dout.to(cdt), nqb, bs)
     kf = k.to(cdt).reshape(-1, k.shape[-1])
     vf = v.to(cdt).reshape(-1, v.shape[-1])
-    delta = (dop * out_p).sum(-1)  # rowsum(dO ∘ O), less the gradient into lse
-    if dlse is not None:
-        delta = delta - _pad_rows(dlse.to(cdt)[..., None], nqb, bs)[..., 0]
+    dl = None if dlse is None else _pad_rows(dlse.to(cdt)[..., None], nqb, bs)[..., 0]
+    delta = delta_rows(dop, out_p, dl)
     lse_safe = lse_p.masked_fill(lse_p == float("-inf"), 0.0)
     dq = torch.zeros_like(qp)
     dk, dv = torch.zeros_like(kf), torch.zeros_like(vf)
+    param_grads = [torch.zeros_like(p) for p in params]
     for r0, r1, s_count, t_count in plan.chunks:
         if s_count + t_count == 0:
             continue
-        s, rows, kg = _chunk_scores(plan, qp[r0:r1], kf, r0, r1, s_count, t_count)
-        p = s.sub_(lse_safe[r0:r1, :, None]).exp_()  # masked entries: exp(-inf) = 0
+        s, rows, kg, tok, deriv = _chunk_scores(plan, qp[r0:r1], kf, r0, r1, s_count, t_count, True)
         doc = dop[r0:r1]
+        p, ds_final, ds = backward_tile(s, lse_safe[r0:r1], doc, F.embedding(rows, vf), delta[r0:r1], deriv)
         flat = rows.flatten()
         dv.index_add_(0, flat, torch.bmm(p.transpose(1, 2), doc).reshape(-1, dv.shape[1]))
-        ds = torch.bmm(doc, F.embedding(rows, vf).transpose(1, 2))
-        ds.sub_(delta[r0:r1, :, None]).mul_(p)  # dL/d(scaled score)
         dq[r0:r1] = torch.bmm(ds, kg).mul_(scale)
         dk.index_add_(0, flat, torch.bmm(ds.transpose(1, 2), qp[r0:r1]).reshape(-1, dk.shape[1]))
+        if params:  # dL/d(term) = dL/d(final score)
+            with torch.enable_grad():
+                grads = torch.autograd.grad(_term(plan, r0, r1, tok, cdt), params, ds_final, allow_unused=True)
+            for acc, g in zip(param_grads, grads):
+                if g is not None:
+                    acc.add_(g)
     b, hq, n, _ = q.shape
-    return _unpad(dq, b, hq, n).to(q.dtype), dk.view_as(k).to(k.dtype), dv.view_as(v).to(v.dtype)
+    return _unpad(dq, b, hq, n).to(q.dtype), dk.view_as(k).to(k.dtype), dv.view_as(v).to(v.dtype), param_grads
 
 
 class _BlockSparse(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan, scale):
+    def forward(ctx, q, k, v, plan, scale, *params):
         out_p, lse_p = _forward(q, k, v, plan, scale)
-        ctx.save_for_backward(q, k, v, out_p, lse_p)
+        ctx.save_for_backward(q, k, v, out_p, lse_p, *params)
         ctx.plan, ctx.scale = plan, scale
         b, hq, n, _ = q.shape
         return _unpad(out_p, b, hq, n).to(q.dtype), _unpad(lse_p[..., None], b, hq, n)[..., 0]
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out_p, lse_p = ctx.saved_tensors
+        q, k, v, out_p, lse_p, *params = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
-        dq, dk, dv = _backward(q, k, v, out_p, lse_p, dout, dlse, ctx.plan, ctx.scale)
-        return dq, dk, dv, None, None
+        dq, dk, dv, dparams = _backward(q, k, v, out_p, lse_p, dout, dlse, ctx.plan, ctx.scale, tuple(params))
+        return (dq, dk, dv, None, None, *dparams)
 
 
-def blocksparse_attention(q, k, v, kv_blocks, block: int, scale: float, *, partial=None, mask_fn=None, kv_tokens=None):
+def blocksparse_attention(q, k, v, kv_blocks, block: int, scale: float, *, partial=None, mask_fn=None, kv_tokens=None,
+                          bias=None, key_padding_mask=None, softcap=None):
     """Exact attention of each (b, h, query block) over its listed key blocks; returns ``(out, lse)``.
 
     ``q`` (B, Hq, Nq, D), ``k`` (B, Hkv, Nk, D), ``v`` (B, Hkv, Nk, Dv); ``kv_blocks``
@@ -262,16 +277,53 @@ def blocksparse_attention(q, k, v, kv_blocks, block: int, scale: float, *, parti
     listed twice is attended twice: list each once. ``kv_tokens`` (B, Hq, ceil(Nq /
     block), T) int, optional: single key tokens (or -1) gathered besides the blocks,
     always masked by ``mask_fn``; they must not lie in a listed block of the same
-    query block (they would count twice). ``out`` has q's dtype, ``lse``
-    (B, Hq, Nq) float32 (float64 for float64 inputs). Differentiable in q, k and v.
+    query block (they would count twice). ``bias(h, q_idx, kv_idx)`` is an additive
+    score term, ``key_padding_mask`` (B, Nk) bool marks keys to ignore, ``softcap``
+    caps the scaled scores before the term (``foveal.kernels.core``). ``out`` has q's
+    dtype, ``lse`` (B, Hq, Nq) float32 (float64 for float64 inputs). Differentiable in
+    q, k, v and the tensors ``bias.parameters()`` returns.
     """
+    from foveal.bias import bias_parameters
+
     _check(q, k, v, kv_blocks, block, partial, mask_fn, kv_tokens)
-    plan = _plan(q, k, kv_blocks, block, partial, mask_fn, kv_tokens)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return _BlockSparse.apply(q, k, v, plan, float(scale))
+    plan = _plan(q, k, kv_blocks, block, partial, mask_fn, kv_tokens, bias, key_padding_mask, softcap)
+    params = bias_parameters(bias) if bias is not None else []
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *params)):
+        return _BlockSparse.apply(q, k, v, plan, float(scale), *params)
     out_p, lse_p = _forward(q, k, v, plan, float(scale))
     b, hq, n, _ = q.shape
     return _unpad(out_p, b, hq, n).to(q.dtype), _unpad(lse_p[..., None], b, hq, n)[..., 0]
+
+
+#: block tables of static patterns, by pattern value and block size
+TABLES = LRU("blocksparse tables", maxsize=64)
+
+
+def layout_tables(pattern, block: int = 64):
+    """A static pattern's block layout as blocksparse tables: ``(kv_blocks, partial)``, each (nqb, S).
+
+    Full blocks are attended whole, partial ones masked by ``pattern.mask`` (cached by
+    the pattern's value and ``block``).
+    """
+
+    def build():
+        lay = pattern.layout(block, block)
+        nqb = lay.num_q_blocks
+        full_n = lay.full_indptr[1:] - lay.full_indptr[:-1]
+        part_n = lay.partial_indptr[1:] - lay.partial_indptr[:-1]
+        width = int((full_n + part_n).max()) if nqb else 0
+        kv = torch.full((nqb, width), -1, dtype=torch.int64)
+        partial = torch.zeros(nqb, width, dtype=torch.bool)
+        rows_f = torch.repeat_interleave(torch.arange(nqb), full_n)
+        rows_p = torch.repeat_interleave(torch.arange(nqb), part_n)
+        col_f = torch.arange(rows_f.numel()) - torch.repeat_interleave(lay.full_indptr[:-1], full_n)
+        col_p = torch.arange(rows_p.numel()) - torch.repeat_interleave(lay.partial_indptr[:-1], part_n)
+        kv[rows_f, col_f] = lay.full_indices.long()
+        kv[rows_p, full_n[rows_p] + col_p] = lay.partial_indices.long()
+        partial[rows_p, full_n[rows_p] + col_p] = True
+        return kv, partial
+
+    return TABLES.get((pattern, block), build)
 
 
 def selection_block_mask(selection, device=None):

@@ -2,10 +2,11 @@
 
 For each chunk of query groups (see ``foveal.kernels.plan``) it gathers the groups'
 key/value sets, computes scores with batched matmuls, adds the mask only where the
-chunk is not fully allowed, takes a numerically safe softmax and writes the output
-and the log-sum-exp. The backward pass recomputes the scores from the saved
-log-sum-exp (as FlashAttention does) and scatters key/value gradients back with
-``index_add_``. GQA: the query heads sharing a key head are stacked as extra rows of
+chunk is not fully allowed (plus score terms and key padding), and hands the tile
+to the shared FlashAttention-style core (``foveal.kernels.core``): a numerically
+safe softmax writing the output and the log-sum-exp, and a backward pass that
+recomputes the scores from the saved log-sum-exp. Key/value gradients are scattered
+back with ``index_add_``. GQA: the query heads sharing a key head are stacked as extra rows of
 the same matmul, so keys and values are never repeated.
 
 Working set: one chunk's scores (``plan.CHUNK_ELEMENTS`` per batch·head row), plus
@@ -17,26 +18,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from foveal.cache import LRU
+from foveal.kernels.core import backward_tile, cap, compute_dtype, delta_rows, softmax_tile
 from foveal.kernels.plan import GatherPlan, build_plan
 
-__all__ = ["gather_attention", "plan_for"]
+__all__ = ["gather_attention", "plan_for", "PLANS"]
 
 #: score elements one sub-batch holds across batch·head rows, for chunks whose groups
 #: share a mask (a plan chunk itself holds up to ``plan.CHUNK_ELEMENTS`` per row)
 SCORE_ELEMENTS = 1 << 18
 
 
+#: gather plans by pattern value and tile: a pattern built anew with equal parameters reuses its plan
+PLANS = LRU("gather plans", maxsize=64)
+
+
 def plan_for(pattern, tile=None) -> GatherPlan:
-    """The gather plan of ``pattern`` (cached on the pattern per tile)."""
-    cache = pattern.__dict__.setdefault("_plan_cache", {})
-    key = None if tile is None else tuple(tile)
-    if key not in cache:
-        cache[key] = build_plan(pattern, tile)
-    return cache[key]
-
-
-def _compute_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    """The gather plan of ``pattern`` for ``tile`` (cached by the pattern's value, bounded)."""
+    tile = None if tile is None else tuple(tile)
+    return PLANS.get((pattern, tile), lambda: build_plan(pattern, tile))
 
 
 def _take_rows(x, index):
@@ -86,24 +86,26 @@ def _gather(xf, chunk, b0, b1):
     return _take_rows(xf[b0:b1], chunk.keys_on(xf.device)).view(nb * c, nk, e)
 
 
-def _scores(qs, kf, chunk, b0, b1, groups, size, cdt, alpha):
-    """``alpha``·q·kᵀ plus the mask for one chunk and batch·head rows b0:b1: (nb·c, size·G, nk)."""
+def _scores(qs, kf, chunk, b0, b1, groups, size, cdt, alpha, softcap=None, need_grad=False):
+    """Final scores of one chunk for batch·head rows b0:b1: (nb·c, size·G, nk), plus q, k and the cap's derivative.
+
+    ``alpha``·q·kᵀ, capped (``core.cap``), plus the mask term; score terms and key
+    padding are added by the caller.
+    """
     c, nk = chunk.keys.shape
     nb = b1 - b0
     qc = qs[b0:b1, chunk.slots].reshape(nb * c, size * groups, -1)
     kc = _gather(kf, chunk, b0, b1)
-    bias = chunk.bias(cdt, qs.device, groups)
-    if bias is None:
-        s = torch.bmm(qc, kc.transpose(1, 2))
-        return (s.mul_(alpha) if alpha != 1.0 else s), qc, kc
-    return torch.baddbmm(bias, qc, kc.transpose(1, 2), alpha=alpha), qc, kc
-
-
-def _bmm_into(target, a, b):
-    """``a @ b``, written straight into ``target`` when it is one contiguous block."""
-    if target.is_contiguous():
-        return torch.bmm(a, b, out=target.view(a.shape[0], a.shape[1], b.shape[2]))
-    return torch.bmm(a, b)
+    mask = chunk.bias(cdt, qs.device, groups)
+    if mask is not None and softcap is None:
+        return torch.baddbmm(mask, qc, kc.transpose(1, 2), alpha=alpha), qc, kc, None
+    s = torch.bmm(qc, kc.transpose(1, 2))
+    if alpha != 1.0:
+        s.mul_(alpha)
+    deriv = cap(s, softcap, need_grad)
+    if mask is not None:
+        s.add_(mask)
+    return s, qc, kc, deriv
 
 
 def _query_slots(q, plan, groups, cdt, scale):
@@ -130,18 +132,26 @@ def _chunk_bias(bias, plan: GatherPlan, chunk, hq: int, hkv: int, cdt, device):
     return vals.view(hkv, groups, c, size, nk).permute(0, 2, 3, 1, 4).reshape(hkv, c, size * groups, nk)
 
 
-def _add_bias(s, vals, b0, b1, hkv):
-    """Add the chunk's term to the scores of batch·head rows b0:b1 (row ``bh`` uses key head ``bh % Hkv``)."""
+def _add_terms(s, vals, padding, chunk, b0, b1, hkv):
+    """Add the chunk's score term and mask padded keys, for batch·head rows b0:b1 (row ``bh``: key head
+    ``bh % Hkv``, batch element ``bh // Hkv``)."""
     nb = b1 - b0
-    rows = torch.arange(b0, b1, device=vals.device) % hkv
-    s.view(nb, *vals.shape[1:]).add_(vals[rows] if nb > 1 else vals[b0 % hkv][None])
+    if vals is not None:
+        rows = torch.arange(b0, b1, device=vals.device) % hkv
+        s.view(nb, *vals.shape[1:]).add_(vals[rows] if nb > 1 else vals[b0 % hkv][None])
+    if padding is not None:
+        c, nk = chunk.keys.shape
+        batch = torch.arange(b0, b1, device=padding.device) // hkv
+        pad = padding[batch][:, chunk.keys_on(padding.device)].view(nb, c, 1, nk)
+        s.view(nb, c, -1, nk).masked_fill_(pad, float("-inf"))
 
 
-def _forward(q, k, v, plan: GatherPlan, scale: float, need_lse: bool = True, bias=None):
+def _forward(q, k, v, plan: GatherPlan, scale: float, need_lse: bool = True, bias=None, padding=None, softcap=None):
     batch, hq, _, _ = q.shape
     hkv, dv = k.shape[1], v.shape[-1]
     groups = hq // hkv
-    cdt = _compute_dtype(q.dtype)
+    cdt = compute_dtype(q.dtype)
+    need_lse = need_lse or padding is not None  # rows emptied by padding are only known through lse
     qs, alpha = _query_slots(q, plan, groups, cdt, scale)  # (BH, S, G, D)
     kf = k.to(cdt).reshape(batch * hkv, -1, k.shape[-1])
     vf = v.to(cdt).reshape(batch * hkv, -1, dv)
@@ -155,44 +165,32 @@ def _forward(q, k, v, plan: GatherPlan, scale: float, need_lse: bool = True, bia
         vals = None if bias is None else _chunk_bias(bias, plan, chunk, hq, hkv, cdt, q.device)
         for b0, b1 in _sub_batches(bh, c * size * groups, nk, chunk.shared and chunk.key_stride is None):
             nb = b1 - b0
-            s, _, _ = _scores(qs, kf, chunk, b0, b1, groups, size, cdt, alpha)
-            if vals is not None:
-                _add_bias(s, vals, b0, b1, hkv)
-            vc = _gather(vf, chunk, b0, b1)
+            s, _, _, _ = _scores(qs, kf, chunk, b0, b1, groups, size, cdt, alpha, softcap)
+            _add_terms(s, vals, padding, chunk, b0, b1, hkv)
             target = out[b0:b1, chunk.slots]
+            o, lse_c = softmax_tile(s, _gather(vf, chunk, b0, b1), target, need_lse)
             if need_lse:
-                m = s.amax(-1, keepdim=True)
-                m.masked_fill_(m == float("-inf"), 0.0)
-                s.sub_(m).exp_()
-                denom = s.sum(-1, keepdim=True)
-                o = _bmm_into(target, s, vc)
-                alive = denom > 0
-                o.div_(denom.masked_fill(~alive, 1.0))
-                lse_c = torch.where(alive, denom.log() + m, float("-inf"))
                 lse[b0:b1, chunk.slots] = lse_c.view(nb, c * size, groups)
-            else:
-                o = _bmm_into(target, torch.softmax(s, -1), vc)  # rows with no allowed key: NaN, zeroed below
-                if empty is not None:
-                    o.view(nb, c, size, groups * dv).masked_fill_(empty[None, :, :, None], 0.0)
+            elif empty is not None:  # the fused softmax leaves NaN on rows with no allowed key
+                o.view(nb, c, size, groups * dv).masked_fill_(empty[None, :, :, None], 0.0)
             if o.data_ptr() != target.data_ptr():
                 target.copy_(o.view(target.shape))
     return out, lse
 
 
-def _backward(q, k, v, out_slots, lse_slots, dout, dlse, plan: GatherPlan, scale: float, bias=None, params=()):
+def _backward(q, k, v, out_slots, lse_slots, dout, dlse, plan: GatherPlan, scale: float, bias=None, params=(),
+              padding=None, softcap=None):
     batch, hq, _, d = q.shape
     hkv, dv = k.shape[1], v.shape[-1]
     groups = hq // hkv
-    cdt = _compute_dtype(q.dtype)
+    cdt = compute_dtype(q.dtype)
     slot_token, token_slot = plan.on(q.device)
     qs, alpha = _query_slots(q, plan, groups, cdt, scale)
     dos = _to_slots(dout.to(cdt), slot_token, groups)  # (BH, S, G, Dv)
     kf = k.to(cdt).reshape(batch * hkv, -1, d)
     vf = v.to(cdt).reshape(batch * hkv, -1, dv)
-    # D_i = rowsum(dO ∘ O), less the gradient flowing into lse directly
-    delta = (dos * out_slots).sum(-1)
-    if dlse is not None:
-        delta = delta - _to_slots(dlse.to(cdt)[..., None], slot_token, groups)[..., 0]
+    dl = None if dlse is None else _to_slots(dlse.to(cdt)[..., None], slot_token, groups)[..., 0]
+    delta = delta_rows(dos, out_slots, dl)
     lse_safe = lse_slots.masked_fill(lse_slots == float("-inf"), 0.0)
     bh, slots = qs.shape[0], qs.shape[1]
     dqs = torch.zeros(bh, slots, groups, d, dtype=cdt, device=q.device)
@@ -208,18 +206,15 @@ def _backward(q, k, v, out_slots, lse_slots, dout, dlse, plan: GatherPlan, scale
         dvals = None if not params else torch.zeros_like(vals)
         for b0, b1 in _sub_batches(bh, c * rows, nk, chunk.shared and chunk.key_stride is None):
             nb = b1 - b0
-            p, qc, kc = _scores(qs, kf, chunk, b0, b1, groups, size, cdt, alpha)
-            if vals is not None:
-                _add_bias(p, vals, b0, b1, hkv)
+            s, qc, kc, deriv = _scores(qs, kf, chunk, b0, b1, groups, size, cdt, alpha, softcap, True)
+            _add_terms(s, vals, padding, chunk, b0, b1, hkv)
             vc = _gather(vf, chunk, b0, b1)
             doc = dos[b0:b1, chunk.slots].reshape(nb * c, rows, dv)
-            p.sub_(lse_safe[b0:b1, chunk.slots].reshape(nb * c, rows, 1)).exp_()
-            dvc = torch.bmm(p.transpose(1, 2), doc)  # (nb·c, nk, Dv)
-            dvf[b0:b1].index_add_(1, keys, dvc.view(nb, c * nk, dv))
-            ds = torch.bmm(doc, vc.transpose(1, 2))
-            ds.sub_(delta[b0:b1, chunk.slots].reshape(nb * c, rows, 1)).mul_(p)
-            if dvals is not None:  # dL/d(term) = dL/d(score), summed over the batch
-                dvals.index_add_(0, torch.arange(b0, b1, device=q.device) % hkv, ds.view(nb, c, rows, nk))
+            p, ds_final, ds = backward_tile(s, lse_safe[b0:b1, chunk.slots].reshape(nb * c, rows), doc, vc,
+                                            delta[b0:b1, chunk.slots].reshape(nb * c, rows), deriv)
+            dvf[b0:b1].index_add_(1, keys, torch.bmm(p.transpose(1, 2), doc).view(nb, c * nk, dv))
+            if dvals is not None:  # dL/d(term) = dL/d(final score), summed over the batch
+                dvals.index_add_(0, torch.arange(b0, b1, device=q.device) % hkv, ds_final.view(nb, c, rows, nk))
             dqs[b0:b1, chunk.slots] = torch.bmm(ds, kc).view(nb, c * size, groups, d)
             dkc = torch.bmm(ds.transpose(1, 2), qc)
             if alpha != 1.0:
@@ -236,9 +231,9 @@ def _backward(q, k, v, out_slots, lse_slots, dout, dlse, plan: GatherPlan, scale
     return dq.to(q.dtype), dk.view_as(k).to(k.dtype), dvf.view_as(v).to(v.dtype), param_grads
 
 
-def _run(q, k, v, plan, scale, need_lse=True, bias=None):
+def _run(q, k, v, plan, scale, need_lse=True, bias=None, padding=None, softcap=None):
     """Forward in caller order: (out, lse or None) plus the slot-order tensors the backward needs."""
-    out_slots, lse_slots = _forward(q, k, v, plan, scale, need_lse, bias)
+    out_slots, lse_slots = _forward(q, k, v, plan, scale, need_lse, bias, padding, softcap)
     _, token_slot = plan.on(q.device)
     groups = q.shape[1] // k.shape[1]
     out = _from_slots(out_slots, token_slot, q.shape[0], groups, plan.identity).to(q.dtype)
@@ -250,10 +245,10 @@ class _GatherAttention(torch.autograd.Function):
     """Autograd over the gather kernel; the score term's parameters are explicit inputs."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan, scale, bias, *params):
-        out, lse, out_slots, lse_slots = _run(q, k, v, plan, scale, True, bias)
+    def forward(ctx, q, k, v, plan, scale, bias, padding, softcap, *params):
+        out, lse, out_slots, lse_slots = _run(q, k, v, plan, scale, True, bias, padding, softcap)
         ctx.save_for_backward(q, k, v, out_slots, lse_slots, *params)
-        ctx.plan, ctx.scale, ctx.bias = plan, scale, bias
+        ctx.plan, ctx.scale, ctx.bias, ctx.padding, ctx.softcap = plan, scale, bias, padding, softcap
         return out, lse
 
     @staticmethod
@@ -262,14 +257,18 @@ class _GatherAttention(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
         dq, dk, dv, dparams = _backward(
-            q, k, v, out_slots, lse_slots, dout, dlse, ctx.plan, ctx.scale, ctx.bias, tuple(params)
+            q, k, v, out_slots, lse_slots, dout, dlse, ctx.plan, ctx.scale, ctx.bias, tuple(params),
+            ctx.padding, ctx.softcap,
         )
-        return (dq, dk, dv, None, None, None, *dparams)
+        return (dq, dk, dv, None, None, None, None, None, *dparams)
 
 
-def gather_attention(q, k, v, pattern, scale: float, tile=None, need_lse: bool = True, bias=None):
-    """Exact attention over ``pattern`` (plus the score term ``bias``) by the gather kernel; ``(out, lse)``.
+def gather_attention(q, k, v, pattern, scale: float, tile=None, need_lse: bool = True, bias=None,
+                     key_padding_mask=None, softcap=None):
+    """Exact attention over ``pattern`` by the gather kernel; returns ``(out, lse)``.
 
+    ``bias`` is an additive score term, ``key_padding_mask`` (B, n_kv) bool marks keys
+    to ignore, ``softcap`` caps the scaled scores (``core.cap``, before the terms).
     Differentiable in q, k, v and the tensors ``bias.parameters()`` returns. Without
     gradients and with ``need_lse=False`` it takes a faster path (a fused softmax) and
     returns ``lse=None``.
@@ -279,6 +278,6 @@ def gather_attention(q, k, v, pattern, scale: float, tile=None, need_lse: bool =
     plan = plan_for(pattern, tile)
     params = bias_parameters(bias) if bias is not None else []
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *params)):
-        return _GatherAttention.apply(q, k, v, plan, scale, bias, *params)
-    out, lse, _, _ = _run(q, k, v, plan, scale, need_lse, bias)
+        return _GatherAttention.apply(q, k, v, plan, scale, bias, key_padding_mask, softcap, *params)
+    out, lse, _, _ = _run(q, k, v, plan, scale, need_lse, bias, key_padding_mask, softcap)
     return out, lse

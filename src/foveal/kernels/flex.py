@@ -1,8 +1,8 @@
 """The ``flex`` backend: compiled FlexAttention driven by the pattern's analytic layout.
 
 The ``BlockMask`` comes from ``pattern.layout(block, block).to_flex(pattern.mask_mod)``
-(never ``create_block_mask``'s N² sweep) and is cached per pattern, block size and
-device; the compiled ``flex_attention`` is one object for the process, and
+(never ``create_block_mask``'s N² sweep) and is cached by the pattern's value, block size and
+device (bounded); the compiled ``flex_attention`` is one object for the process, and
 ``torch.compile`` caches a kernel per shape, so only the first call of a shape pays
 the compile. On CPU, compiled FlexAttention (torch 2.13) runs inference only, without
 log-sum-exp and without float64; the backend says so rather than failing inside
@@ -14,6 +14,8 @@ from __future__ import annotations
 import warnings
 
 import torch
+
+from foveal.cache import LRU
 
 __all__ = ["flex_attention_run", "block_mask_for", "cpu_limits"]
 
@@ -45,13 +47,16 @@ def _compiled():
     return _COMPILED
 
 
+#: BlockMasks by pattern value, block size and device
+BLOCK_MASKS = LRU("flex block masks", maxsize=64)
+
+
 def block_mask_for(pattern, device, block: int = BLOCK):
-    """The pattern's ``BlockMask`` on ``device`` (cached on the pattern)."""
-    cache = pattern.__dict__.setdefault("_flex_cache", {})
-    key = (block, str(device))
-    if key not in cache:
-        cache[key] = pattern.layout(block, block).to_flex(pattern.mask_mod, device=device)
-    return cache[key]
+    """The pattern's ``BlockMask`` on ``device`` (cached by the pattern's value, bounded)."""
+    device = torch.device(device)
+    return BLOCK_MASKS.get(
+        (pattern, block, str(device)), lambda: pattern.layout(block, block).to_flex(pattern.mask_mod, device=device)
+    )
 
 
 def cpu_limits(dtype, needs_grad: bool, need_lse: bool) -> list[str]:
@@ -66,23 +71,43 @@ def cpu_limits(dtype, needs_grad: bool, need_lse: bool) -> list[str]:
     return reasons
 
 
-def flex_attention_run(q, k, v, pattern, scale: float, need_lse: bool, bias=None):
-    """Run compiled FlexAttention over ``pattern`` (and ``bias`` as a ``score_mod``); returns ``(out, lse or None)``."""
-    return flex_block_mask_run(q, k, v, block_mask_for(pattern, q.device), scale, need_lse, bias)
+def flex_attention_run(q, k, v, pattern, scale: float, need_lse: bool, bias=None, key_padding_mask=None,
+                       softcap=None):
+    """Run compiled FlexAttention over a static ``pattern``; returns ``(out, lse or None)``."""
+    return flex_block_mask_run(q, k, v, block_mask_for(pattern, q.device), scale, need_lse, bias, key_padding_mask,
+                               softcap)
 
 
-def flex_block_mask_run(q, k, v, bm, scale: float, need_lse: bool, bias=None):
-    """Run compiled FlexAttention under the ``BlockMask`` ``bm``; returns ``(out, lse or None)``."""
+def _score_mod(bias, padding, softcap):
+    """One ``score_mod`` for the cap, the additive term and the key padding (in that order), or None."""
+    if bias is None and padding is None and softcap is None:
+        return None
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        if softcap is not None:
+            score = softcap * torch.tanh(score / softcap)
+        if bias is not None:
+            score = score + bias(h, q_idx, kv_idx)
+        if padding is not None:
+            score = torch.where(padding[b, kv_idx], float("-inf"), score)
+        return score
+
+    return score_mod
+
+
+def flex_block_mask_run(q, k, v, bm, scale: float, need_lse: bool, bias=None, key_padding_mask=None, softcap=None):
+    """Run compiled FlexAttention under the ``BlockMask`` ``bm``; returns ``(out, lse or None)``.
+
+    The cap, the score term and the key padding go into one ``score_mod`` (padding as
+    ``-inf`` scores, so that full blocks see it too).
+    """
     from torch.nn.attention.flex_attention import AuxRequest
 
     gqa = q.shape[1] != k.shape[1]
     fn = _compiled()
     kwargs = dict(block_mask=bm, scale=scale, enable_gqa=gqa)
-    if bias is not None:
-
-        def score_mod(score, b, h, q_idx, kv_idx):
-            return score + bias(h, q_idx, kv_idx)
-
+    score_mod = _score_mod(bias, key_padding_mask, softcap)
+    if score_mod is not None:
         kwargs["score_mod"] = score_mod
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -12,22 +12,27 @@ import torch
 __all__ = ["reference_attention"]
 
 
-def reference_attention(q, k, v, mask: torch.Tensor, scale: float, bias: torch.Tensor | None = None):
+def reference_attention(q, k, v, mask: torch.Tensor, scale: float, bias: torch.Tensor | None = None,
+                        softcap: float | None = None):
     """Softmax attention of ``q`` over ``k``/``v`` restricted to ``mask``; returns ``(out, lse)``.
 
     Shapes: ``q`` (B, Hq, Nq, D), ``k`` (B, Hkv, Nk, D), ``v`` (B, Hkv, Nk, Dv) with
     ``Hq % Hkv == 0`` (query head ``h`` uses key head ``h // (Hq // Hkv)``), ``mask``
-    (Nq, Nk) bool. ``out`` is (B, Hq, Nq, Dv) in ``q``'s dtype; ``lse`` (B, Hq, Nq)
+    (Nq, Nk) bool, or broadcastable to (B, Hq, Nq, Nk) (per-head, per-selection or
+    key-padding masks). ``out`` is (B, Hq, Nq, Dv) in ``q``'s dtype; ``lse`` (B, Hq, Nq)
     float32 (float64 for float64 inputs) is the log-sum-exp of the allowed scaled
     scores. A query with no allowed key gets a zero output and ``lse = -inf``, and
-    zero gradients. ``bias``, if given, is added to the scaled scores (broadcastable
-    to (B, Hq, Nq, Nk)) before the mask.
+    zero gradients. ``softcap`` caps the scaled scores, ``softcap·tanh(s / softcap)``
+    (FlashAttention, Gemma 2); ``bias``, if given, is added after the cap
+    (broadcastable to (B, Hq, Nq, Nk)), then the mask.
     """
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     groups = q.shape[1] // k.shape[1]
     kf = k.to(compute).repeat_interleave(groups, dim=1)
     vf = v.to(compute).repeat_interleave(groups, dim=1)
     scores = torch.matmul(q.to(compute), kf.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     if bias is not None:
         scores = scores + bias.to(compute)
     scores = scores.masked_fill(~mask, float("-inf"))

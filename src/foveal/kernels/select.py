@@ -3,7 +3,11 @@
 A backend is an object with a ``name``, ``why_not(call) -> list[str]`` (empty when
 it can run the call) and ``run(call) -> (out, lse)``. ``select(call, "auto")`` takes
 the first backend in ``AUTO_ORDER`` that supports the call; a named backend that
-cannot run the call raises with its reasons.
+cannot run the call raises with its reasons. A ``Call`` reaching a backend is
+lowered (``foveal.lowering``): its pattern is a static ``Pattern`` or a
+``BlockSelection`` — except on ``reference``, which takes patterns as they are
+(``PerHead``, ``Ordered``, ``Grid``) and evaluates their exact dense mask, so that it
+stays an oracle independent of the lowering.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from foveal.kernels.reference import reference_attention
+from foveal.patterns.dynamic import BlockSelection
+from foveal.patterns.perhead import PerHead
 
-__all__ = ["Call", "BACKENDS", "AUTO_ORDER", "select", "why_not"]
+__all__ = ["Call", "BACKENDS", "AUTO_ORDER", "select", "why_not", "backend_names"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,10 @@ class Call:
     need_lse: bool = True
     #: an additive score term ``bias(h, q_idx, kv_idx)`` (see ``foveal.bias``), or None
     bias: object = None
+    #: (B, n_kv) bool, True = the key is padding and is ignored; or None
+    key_padding_mask: torch.Tensor | None = None
+    #: logit soft-cap: scores become ``softcap·tanh(score / softcap)`` before the bias; or None
+    softcap: float | None = None
 
     @property
     def needs_grad(self) -> bool:
@@ -38,9 +48,14 @@ class Call:
         tensors = [self.q, self.k, self.v] + (bias_parameters(self.bias) if self.bias is not None else [])
         return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
+    @property
+    def selected(self) -> bool:
+        """True when the pattern is a content selection (per batch element and head)."""
+        return isinstance(self.pattern, BlockSelection)
+
 
 class ReferenceBackend:
-    """Dense masked attention over the pattern's full mask: exact, O(N²) memory."""
+    """Dense masked attention over the pattern's full mask: exact, O(N²) memory; the oracle."""
 
     name = "reference"
     #: refuse above this many score elements per (batch, head): a dense N×N is the point
@@ -54,15 +69,23 @@ class ReferenceBackend:
         return []
 
     def run(self, call: Call):
-        mask = call.pattern.dense_mask(device=call.q.device)
+        dev = call.q.device
+        p = call.pattern
+        if isinstance(p, BlockSelection):
+            mask = p.dense_mask().to(dev)  # (B, H, n, n)
+        elif isinstance(p, PerHead):
+            mask = p.dense_mask(device=dev)[None]  # (1, H, n_q, n_kv)
+        else:
+            mask = p.dense_mask(device=dev)
+        if call.key_padding_mask is not None:
+            mask = mask & ~call.key_padding_mask[:, None, None, :]
         bias = None
         if call.bias is not None:
-            dev = call.q.device
             h = torch.arange(call.q.shape[1], device=dev)[:, None, None]
-            qi = torch.arange(call.pattern.n_q, device=dev)[None, :, None]
-            ki = torch.arange(call.pattern.n_kv, device=dev)[None, None, :]
+            qi = torch.arange(p.n_q, device=dev)[None, :, None]
+            ki = torch.arange(p.n_kv, device=dev)[None, None, :]
             bias = call.bias(h, qi, ki)
-        return reference_attention(call.q, call.k, call.v, mask, call.scale, bias)
+        return reference_attention(call.q, call.k, call.v, mask, call.scale, bias, call.softcap)
 
 
 class CpuBackend:
@@ -71,35 +94,81 @@ class CpuBackend:
     name = "cpu"
 
     def why_not(self, call: Call) -> list[str]:
+        if call.selected:
+            return ["cpu runs static patterns; content selections run on 'blocksparse', 'flex' or 'reference'"]
         return []
 
     def run(self, call: Call):
         from foveal.kernels.cpu import gather_attention
 
         return gather_attention(
-            call.q, call.k, call.v, call.pattern, call.scale, need_lse=call.need_lse, bias=call.bias
+            call.q, call.k, call.v, call.pattern, call.scale, need_lse=call.need_lse, bias=call.bias,
+            key_padding_mask=call.key_padding_mask, softcap=call.softcap,
         )
 
 
+class BlockSparseBackend:
+    """Block-sparse attention over per-(batch, head) key-block tables: content selections, and static
+    patterns through their block layout; exact, eager, forward and backward."""
+
+    name = "blocksparse"
+    #: the block of static patterns' tables (content selections bring their own)
+    block = 64
+
+    def why_not(self, call: Call) -> list[str]:
+        return []
+
+    def run(self, call: Call):
+        from foveal.kernels.blocksparse import blocksparse_attention, layout_tables
+
+        q, p = call.q, call.pattern
+        terms = dict(bias=call.bias, key_padding_mask=call.key_padding_mask, softcap=call.softcap)
+        if isinstance(p, BlockSelection):
+            return blocksparse_attention(q, call.k, call.v, p.kv_blocks, p.block, call.scale, partial=p.partial,
+                                         mask_fn=p.mask_fn, kv_tokens=p.kv_tokens, **terms)
+        kv, partial = layout_tables(p, self.block)
+        shape = (q.shape[0], q.shape[1], *kv.shape)
+        kv, partial = kv.to(q.device).expand(shape), partial.to(q.device).expand(shape)
+        return blocksparse_attention(q, call.k, call.v, kv, self.block, call.scale, partial=partial,
+                                     mask_fn=_pattern_mask_fn(p), **terms)
+
+
+def _pattern_mask_fn(pattern):
+    """``pattern.mask`` with the blocksparse ``mask_fn(b, h, q_idx, kv_idx)`` signature."""
+    return lambda b, h, q_idx, kv_idx: pattern.mask(q_idx, kv_idx)
+
+
 class FlexBackend:
-    """Compiled FlexAttention with the pattern's analytic BlockMask (compiles once per shape)."""
+    """Compiled FlexAttention: static patterns by their analytic BlockMask, content selections by
+    per-(batch, head) block tables (compiles once per shape)."""
 
     name = "flex"
 
     def why_not(self, call: Call) -> list[str]:
+        reasons = []
+        if call.selected and call.pattern.kv_tokens is not None and call.pattern.kv_tokens.shape[-1] \
+                and not call.pattern.tokens_in_mask_fn:
+            reasons.append("flex cannot run a selection whose single key tokens its mask_fn does not imply")
         if call.q.device.type == "cpu":
             from foveal.kernels.flex import cpu_limits
 
-            return cpu_limits(call.q.dtype, call.needs_grad, call.need_lse)
-        return []
+            reasons += cpu_limits(call.q.dtype, call.needs_grad, call.need_lse)
+        return reasons
 
     def run(self, call: Call):
-        from foveal.kernels.flex import flex_attention_run
+        from foveal.kernels.flex import block_mask_for, flex_block_mask_run
 
-        return flex_attention_run(call.q, call.k, call.v, call.pattern, call.scale, call.need_lse, call.bias)
+        if call.selected:
+            from foveal.kernels.blocksparse import selection_block_mask
+
+            bm = selection_block_mask(call.pattern, call.q.device)
+        else:
+            bm = block_mask_for(call.pattern, call.q.device)
+        return flex_block_mask_run(call.q, call.k, call.v, bm, call.scale, call.need_lse, call.bias,
+                                   call.key_padding_mask, call.softcap)
 
 
-BACKENDS = {b.name: b for b in (ReferenceBackend(), CpuBackend(), FlexBackend())}
+BACKENDS = {b.name: b for b in (ReferenceBackend(), CpuBackend(), BlockSparseBackend(), FlexBackend())}
 
 #: ``auto`` tries these in order, per device type. Measured with ``foveal bench speed
 #: --suite full`` on a 2-core CPU (BENCHMARKS.md), float32, head_dim 64, forward:
@@ -107,22 +176,36 @@ BACKENDS = {b.name: b for b in (ReferenceBackend(), CpuBackend(), FlexBackend())
 #: step: 7x7 neighbourhood on 64x64 15 ms vs 62 ms, on 128x128 67 ms vs 349 ms; 3x3x3
 #: on 32^3 166 ms vs 997 ms; causal window 512 on 16k tokens 233 ms vs 303 ms, on 64k
 #: 0.88 s vs 1.22 s. Compiled flex also pays 4-10 s of compile per shape and, on CPU,
-#: has no backward pass and no log-sum-exp. So on CPU: ``cpu``.
+#: has no backward pass and no log-sum-exp. So on CPU: ``cpu`` for static patterns;
+#: content selections, which ``cpu`` refuses, go to ``blocksparse`` (the only eager
+#: kernel with per-(batch, head) tables).
 #: GPU: ``flex``, whose fused Triton kernel is FlexAttention's fast path there, then
 #: ``cpu`` (runs on CUDA too). No GPU was available to measure this rule; it follows
 #: FlexAttention's own GPU results and should be re-measured.
-AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("flex", "cpu", "reference")}
-_AUTO_DEFAULT = ("cpu", "reference")
+AUTO_ORDER = {"cpu": ("cpu", "blocksparse", "reference"), "cuda": ("flex", "cpu", "blocksparse", "reference")}
+_AUTO_DEFAULT = ("cpu", "blocksparse", "reference")
+
+
+def backend_names() -> list[str]:
+    """``"auto"`` and every registered backend, as ``attend(..., backend=)`` accepts them."""
+    return ["auto", *sorted(BACKENDS)]
+
+
+def check_backend_name(backend) -> str:
+    """``backend`` if it is ``"auto"`` or a registered name, else a ``ValueError`` listing them."""
+    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
+        raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
+    return backend
 
 
 def why_not(call: Call, backend: str) -> list[str]:
     """Reasons ``backend`` cannot run ``call`` (empty if it can)."""
-    return BACKENDS[backend].why_not(call)
+    return BACKENDS[check_backend_name(backend)].why_not(call)
 
 
 def select(call: Call, backend: str):
     """The backend object that will run ``call``."""
-    if backend == "auto":
+    if check_backend_name(backend) == "auto":
         reasons = {}
         for name in AUTO_ORDER.get(call.q.device.type, _AUTO_DEFAULT):
             r = BACKENDS[name].why_not(call)
@@ -131,8 +214,6 @@ def select(call: Call, backend: str):
             reasons[name] = r
         detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in reasons.items())
         raise ValueError(f"no backend can run this call ({detail})")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
     reasons = BACKENDS[backend].why_not(call)
     if reasons:
         raise ValueError(f"backend {backend!r} cannot run this call: {'; '.join(reasons)}")

@@ -30,6 +30,7 @@ from foveal.patterns.dynamic import (
 )
 from foveal.patterns.global_ import Causal, Full, GlobalTokens, Sinks, Strided
 from foveal.patterns.local import Grid, Halo, Neighborhood, PaddedHalo, SlidingWindow, Window
+from foveal.patterns.perhead import PerHead
 from foveal.patterns.order import Ordered, hilbert, morton, raster, tiles
 from foveal.patterns.sparse import BigBird, Dilated, Power
 
@@ -58,6 +59,7 @@ __all__ = [
     "Intersection",
     "MaskPattern",
     "Ordered",
+    "PerHead",
 ]
 
 # token orders: functions, not patterns (kept out of __all__ so that pattern-name listings stay patterns)
