@@ -233,12 +233,13 @@ def test_flex_forward_on_cpu_with_padding_and_softcap():
 
 # -- dispatch -----------------------------------------------------------------------------------
 def test_auto_chooses_among_every_backend_and_names_why_not():
-    assert set(BACKENDS) >= {"reference", "cpu", "blocksparse", "flex"}
+    assert set(BACKENDS) >= {"reference", "sdpa", "cpu", "blocksparse", "flex"}
     assert "blocksparse" in AUTO_ORDER["cpu"]
     q, k, v = _qkv(1, 2, 1, 64, 64, grad=False)
     sel = BlockTopK(64, topk=2, block=16).select(q, k)
     assert select(Call(q, k, v, sel, 0.1), "auto").name == "blocksparse"
-    assert select(Call(q, k, v, Causal(64), 0.1), "auto").name == "cpu"
+    assert select(Call(q, k, v, Causal(64), 0.1), "auto").name == "sdpa"
+    assert select(Call(q, k, v, SlidingWindow(64, left=8), 0.1), "auto").name == "cpu"
     with pytest.raises(ValueError, match="backend 'cpu' cannot run this call: cpu runs static patterns"):
         attend(q, k, v, sel, backend="cpu")
     with pytest.raises(ValueError, match="backend 'flex' cannot run this call: .*inference only"):
@@ -327,3 +328,36 @@ def test_merge_attentions_equals_one_softmax_over_the_union(dtype):
     assert (o == 0).all() and (l == -math.inf).all() and not o.isnan().any()
     with pytest.raises(ValueError, match="as many outputs as lses"):
         merge_attentions(outs, lses[:1])
+
+
+# -- the sdpa backend: Full and Causal on the fused kernel ---------------------------------------
+@pytest.mark.parametrize("pattern", [Full(33), Full(9, n_kv=40), Causal(37), Causal(11, n_kv=40), Causal(1, n_kv=25)])
+def test_sdpa_runs_full_and_bottom_right_causal_exactly_with_lse(pattern):
+    torch.manual_seed(9)
+    q, k, v = _qkv(2, 6, 3, pattern.n_q, pattern.n_kv, d=8, dtype=torch.float64)
+    out, lse = attend(q, k, v, pattern, backend="sdpa", return_lse=True)
+    want, want_lse = dense(q, k, v, pattern.dense_mask())
+    assert lse.dtype == torch.float64
+    torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(lse, want_lse, atol=1e-12, rtol=1e-12)
+    g = torch.randn(lse.shape, dtype=torch.float64)
+    for a, w in zip(torch.autograd.grad((out * 0.5).sum() + (lse * g).sum(), (q, k, v)),
+                    torch.autograd.grad((want * 0.5).sum() + (want_lse * g).sum(), (q, k, v))):
+        torch.testing.assert_close(a, w, atol=1e-11, rtol=1e-11)
+    b = [t.detach().bfloat16() for t in (q, k, v)]
+    out, lse = attend(*b, pattern, backend="sdpa", return_lse=True)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    assert (out.double() - want).abs().max() < 3e-2
+
+
+def test_sdpa_says_why_not():
+    q, k, v = _qkv(1, 2, 1, 16, 16, grad=False)
+    for kwargs, reason in (({"softcap": 5.0}, "soft-cap"), ({"bias": foveal.ALiBi(2)}, "score term"),
+                           ({"key_padding_mask": torch.zeros(1, 16, dtype=torch.bool)}, "key padding")):
+        with pytest.raises(ValueError, match=f"backend 'sdpa' cannot run this call: .*{reason}"):
+            attend(q, k, v, Causal(16), backend="sdpa", **kwargs)
+        attend(q, k, v, Causal(16), **kwargs)  # auto goes elsewhere
+    with pytest.raises(ValueError, match="sdpa runs only patterns that need no mask"):
+        attend(q, k, v, SlidingWindow(16, left=3), backend="sdpa")
+    with pytest.raises(ValueError, match="needs v to have q's head_dim"):
+        attend(q, k, v[..., :4], Causal(16), backend="sdpa")

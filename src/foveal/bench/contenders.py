@@ -68,6 +68,11 @@ class FoveaBackend:
             from foveal.kernels.cpu import plan_for
 
             _, setup = _timed(lambda: plan_for(pattern))
+        elif chosen == "blocksparse":
+            from foveal.kernels.blocksparse import layout_tables
+            from foveal.kernels.select import BACKENDS
+
+            _, setup = _timed(lambda: layout_tables(pattern, BACKENDS["blocksparse"].block))
         elif chosen == "flex":
             from foveal.kernels.flex import block_mask_for
 
@@ -165,6 +170,7 @@ class LocalAttention:
 
 CONTENDERS = [
     FoveaBackend("cpu"),
+    FoveaBackend("blocksparse"),
     FoveaBackend("flex"),
     FoveaBackend("auto"),
     FoveaBackend("reference"),

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from foveal.cache import LRU
+from foveal.inputs import check_qkv
 from foveal.kernels.core import backward_tile, cap, compute_dtype, delta_rows, softmax_tile
 from foveal.kernels.plan import GatherPlan, build_plan
 
@@ -275,6 +276,7 @@ def gather_attention(q, k, v, pattern, scale: float, tile=None, need_lse: bool =
     """
     from foveal.bias import bias_parameters
 
+    check_qkv(q, k, v)
     plan = plan_for(pattern, tile)
     params = bias_parameters(bias) if bias is not None else []
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *params)):

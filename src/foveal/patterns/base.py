@@ -22,10 +22,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from foveal.cache import LRU
+
 if TYPE_CHECKING:  # pragma: no cover
     from foveal.layout import BlockLayout
 
 __all__ = ["Pattern", "ProgressionPattern", "row_major_boxes"]
+
+#: block layouts by pattern value and block sizes: equal patterns share them
+LAYOUTS = LRU("block layouts", maxsize=128)
 
 # Largest number of elements a temporary of the layout machinery may hold.
 _WORK_ELEMENTS = 1 << 22
@@ -97,17 +102,13 @@ class Pattern:
 
     # -- derived --------------------------------------------------------------
     def layout(self, block_q: int = 128, block_k: int | None = None) -> "BlockLayout":
-        """The block layout for ``block_q`` × ``block_k`` tiles (cached per block size)."""
+        """The block layout for ``block_q`` × ``block_k`` tiles (cached by the pattern's value, bounded)."""
         from foveal._checks import positive_int
         from foveal.layout import BlockLayout
 
         block_q = positive_int("block_q", block_q)
         block_k = block_q if block_k is None else positive_int("block_k", block_k)
-        cache = self.__dict__.setdefault("_layout_cache", {})
-        key = (block_q, block_k)
-        if key not in cache:
-            cache[key] = self._build_layout(block_q, block_k)
-        return cache[key]
+        return LAYOUTS.get((self, block_q, block_k), lambda: self._build_layout(block_q, block_k))
 
     def _build_layout(self, block_q: int, block_k: int) -> "BlockLayout":
         from foveal.layout import BlockLayout
