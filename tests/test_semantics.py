@@ -90,7 +90,7 @@ def _random_any(rng):
                        (4, 4))
     return rng.choice([PrefixLM(n, rng.randint(0, n)), Power(n, rng.randint(1, 5)), Dilated(n, 8, 2),
                        Document([n // 2, n - n // 2], Causal), CausalBlockwise([n // 2, n - n // 2]),
-                       BigBird(n, 4)])
+                       BigBird(n, 4), SlidingWindow(n, 3, 1) & Strided(n, 2), SlidingWindow(n, 3) & Strided(n, 2)])
 
 
 @pytest.mark.parametrize("seed", range(80))
