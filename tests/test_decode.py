@@ -19,7 +19,20 @@ from foveal.decode import (
     snapkv_select,
 )
 from foveal.functional import attend
-from foveal.patterns import Causal, Dilated, Power, Sinks, SlidingWindow, Strided
+from foveal.patterns import (
+    Causal,
+    Dilated,
+    Document,
+    Full,
+    GlobalTokens,
+    MaskPattern,
+    Pattern,
+    Power,
+    PrefixLM,
+    Sinks,
+    SlidingWindow,
+    Strided,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -40,19 +53,27 @@ def dense_attention(q, k, v, mask, scale=None):
     return torch.softmax(s, -1) @ v, torch.logsumexp(s, -1)
 
 
-# name -> (pattern factory, brute-force mask factory)
+def causal_sinks(n, count):
+    """StreamingLLM's sinks, written out: key j < count, never a later one."""
+    return torch.tensor([[j < count and j <= i for j in range(n)] for i in range(n)])
+
+
+# name -> (pattern factory, brute-force mask factory); every decoding pattern is causal
 PATTERNS = {
     "causal": (lambda n: Causal(n), lambda n: bf.causal(n)),
     "window": (lambda n: SlidingWindow(n, 5), lambda n: bf.sliding_window(n, 5, 0, 1)),
     "window_dilated": (lambda n: SlidingWindow(n, 9, dilation=3), lambda n: bf.sliding_window(n, 9, 0, 3)),
     "sinks_window": (
         lambda n: Sinks(n, 3) | SlidingWindow(n, 6),
-        lambda n: bf.sinks(n, 3) | bf.sliding_window(n, 6, 0, 1),
+        lambda n: causal_sinks(n, 3) | bf.sliding_window(n, 6, 0, 1),
     ),
-    "strided": (lambda n: Strided(n, 3), lambda n: bf.strided(n, 3)),
-    "dilated": (lambda n: Dilated(n, (8, 16), (2, 4)), lambda n: bf.dilated(n, [(8, 2), (16, 4)])),
-    # no eviction rule: every key is kept (safe), decoding is still exact
+    "strided": (lambda n: Strided(n, 3) & Causal(n), lambda n: bf.strided(n, 3) & bf.causal(n)),
+    "dilated": (lambda n: Dilated(n, (8, 16), (2, 4)) & Causal(n),
+                lambda n: bf.dilated(n, [(8, 2), (16, 4)]) & bf.causal(n)),
     "power": (lambda n: Power(n, 4), lambda n: bf.power(n, 4, 1, 1)),
+    # a pattern without a closed-form rule: the exact default of visible_later evicts
+    "document": (lambda n: Document([n // 3, n - n // 3], Causal),
+                 lambda n: bf.document([n // 3, n - n // 3], lambda i, j, L: j <= i)),
 }
 
 
@@ -87,12 +108,30 @@ def test_decoding_equals_full_attention(name, chunked):
     b, hq, hkv, d = 2, 4, 2, 8
     q, k, v = (torch.randn(b, h, n, d) for h in (hq, hkv, hkv))
     out, lse, _ = _decode(q, k, v, pattern, _schedule(rng, n, chunked))
-    mask = brute(n) & bf.causal(n)
+    mask = brute(n)
+    assert not mask.triu(1).any()  # the definitions themselves are causal
     want, want_lse = dense_attention(q, k, v, mask)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
     # and the library's own full computation with the same pattern
-    torch.testing.assert_close(out, attend(q, k, v, pattern & Causal(n)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, attend(q, k, v, pattern), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
+def test_streaming_llm_token_by_token_equals_attend(dtype, tol):
+    # the README's StreamingLLM pattern: decoding it one token at a time is attend over the whole sequence,
+    # including the first queries, which must not see sinks later than themselves
+    n, w = 41, 6
+    pattern = SlidingWindow(n, w) | Sinks(n, 4)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, h, n, 16, generator=g, dtype=dtype) for h in (6, 2, 2))
+    out, lse, sizes = _decode(q, k, v, pattern, [(t, t + 1) for t in range(n)])
+    assert max(sizes) == 4 + w + 1
+    full, full_lse = attend(q, k, v, pattern, return_lse=True)
+    torch.testing.assert_close(out, full, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse, full_lse.to(lse.dtype), atol=tol, rtol=tol)
+    want, _ = dense_attention(q, k, v, causal_sinks(n, 4) | bf.sliding_window(n, w, 0, 1))  # float32 loop
+    torch.testing.assert_close(out.float(), want, atol=1e-5, rtol=1e-5)
 
 
 def test_sinks_and_window_cache_stays_bounded():
@@ -105,7 +144,7 @@ def test_sinks_and_window_cache_stays_bounded():
         # exactly the sinks, the window of the first new query, and the new tokens
         assert size == len(set(range(min(sinks, a))) | set(range(max(0, a - left), a))) + (b - a)
     assert max(sizes) <= sinks + left + 4
-    want, _ = dense_attention(q, k, v, (bf.sinks(n, sinks) | bf.sliding_window(n, left, 0, 1)) & bf.causal(n))
+    want, _ = dense_attention(q, k, v, causal_sinks(n, sinks) | bf.sliding_window(n, left, 0, 1))
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     cache = KVCache(2, 1, 8, pattern=pattern, capacity=sinks + left)
     with pytest.raises(ValueError, match="cache capacity 12 is too small"):
@@ -114,23 +153,96 @@ def test_sinks_and_window_cache_stays_bounded():
 
 
 @pytest.mark.parametrize("name", sorted(PATTERNS))
-def test_future_visibility_is_exact(name):
+def test_visible_later_is_exact(name):
     n = 37
-    pattern, mask = PATTERNS[name][0](n), PATTERNS[name][1](n) & bf.causal(n)
-    for t in range(1, n + 1):
-        keys = torch.arange(t)
-        want = torch.tensor([bool(mask[t:, j].any()) for j in range(t)])
-        got = future_visible(pattern, keys, t)
-        if name == "power":
-            assert got.all() == (t < n)  # no rule for this pattern: keep everything while queries remain
-        else:
-            assert torch.equal(got, want), t
+    pattern, mask = PATTERNS[name][0](n), PATTERNS[name][1](n)
+    for t in range(0, n + 1):
+        keys = torch.arange(n)
+        want = torch.tensor([bool(mask[t:, j].any()) for j in range(n)])
+        assert torch.equal(pattern.visible_later(keys, t), want), t
+    with pytest.warns(DeprecationWarning, match="visible_later"):
+        assert torch.equal(future_visible(pattern, torch.arange(5), 5), pattern.visible_later(torch.arange(5), 5))
+
+
+def test_eviction_asks_the_pattern():
+    # a pattern class decode.py knows nothing of: the cache still evicts exactly what no later query sees
+    class Band(Pattern):
+        def __init__(self, n, width):
+            self._set(shape=(n,), width=width)
+
+        def mask(self, q_idx, kv_idx):
+            return (kv_idx <= q_idx) & (q_idx - kv_idx < self.width)
+
+        def _key(self):
+            return (self.shape, self.width)
+
+    n = 30
+    cache = KVCache(1, 1, 4, pattern=Band(n, 3))
+    k = torch.randn(1, 1, n, 4)
+    for t in range(n):
+        cache.append(k[:, :, t : t + 1], k[:, :, t : t + 1])
+        assert cache.positions[0, 0].tolist() == list(range(max(0, t - 2), t + 1))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda n: Full(n),
+        lambda n: Strided(n, 3),
+        lambda n: SlidingWindow(n, 4, right=1),
+        lambda n: GlobalTokens(n, 2),
+        lambda n: PrefixLM(n, 3),
+        lambda n: Dilated(n, 8, 2),
+        lambda n: MaskPattern(n, lambda i, j: j < 4, name="old_sinks"),  # sinks as they were: j < 4 for every i
+        lambda n: SlidingWindow(n, 4) | MaskPattern(n, lambda i, j: (j == i + 1) & (i == n - 2), name="one"),
+    ],
+)
+def test_non_causal_patterns_are_refused(make):
+    n = 24
+    pattern = make(n)
+    assert bool(pattern.dense_mask().triu(1).any())  # some query sees a later key
+    with pytest.raises(ValueError, match="pattern must be causal for decoding"):
+        KVCache(1, 1, 4, pattern=pattern)
+    cache = KVCache(1, 1, 4)
+    cache.append(torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4))
+    with pytest.raises(ValueError, match="pattern must be causal for decoding"):
+        attend_decode(torch.randn(1, 1, 1, 4), cache, pattern)
+    # the same pattern made causal decodes
+    attend_decode(torch.randn(1, 1, 1, 4), cache, pattern & Causal(n))
+
+
+def test_causal_patterns_of_other_classes_are_accepted():
+    n = 24
+    for pattern in (PrefixLM(n, 1), PrefixLM(n, 0), Sinks(n, 5), Power(n, 3), MaskPattern(n, lambda i, j: j == i)):
+        assert not bool(pattern.dense_mask().triu(1).any())
+        KVCache(1, 1, 4, pattern=pattern)
+
+
+def test_dtype_and_device_mismatches_follow_one_policy():
+    cache = KVCache(2, 1, 8)
+    cache.append(torch.randn(2, 1, 3, 8), torch.randn(2, 1, 3, 8))
+    with pytest.raises(TypeError, match="q must have the cache's dtype torch.float32, got torch.float64"):
+        attend_decode(torch.randn(2, 2, 1, 8, dtype=torch.float64), cache)
+    with pytest.raises(ValueError, match="q must be on the cache's device cpu, got meta"):
+        attend_decode(torch.randn(2, 2, 1, 8, device="meta"), cache)
+    with pytest.raises(ValueError, match="k must be on the cache's device cpu, got meta"):
+        cache.append(torch.randn(2, 1, 1, 8, device="meta"), torch.randn(2, 1, 1, 8, device="meta"))
+    with pytest.raises(TypeError, match="q must have one of the dtypes"):
+        attend_decode(torch.zeros(2, 2, 1, 8, dtype=torch.int64), cache)
+    with pytest.raises(TypeError, match="q must be a torch.Tensor, got list"):
+        attend_decode([1.0], cache)
+    with pytest.raises(TypeError, match="k must have one of the dtypes"):
+        cache.append(torch.zeros(2, 1, 1, 8, dtype=torch.int32), torch.zeros(2, 1, 1, 8, dtype=torch.int32))
+    with pytest.raises(TypeError, match="q and k must share one dtype"):
+        snapkv_select(torch.randn(2, 2, 4, 8), torch.randn(2, 1, 8, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="scale must be a positive finite number"):
+        snapkv_scores(torch.randn(2, 2, 4, 8), torch.randn(2, 1, 8, 8), SnapKV(), scale=-1.0)
 
 
 def test_bfloat16_decoding_and_gradient_to_q():
     n, pattern = 30, Sinks(30, 2) | SlidingWindow(30, 7)
     q, k, v = (torch.randn(2, h, n, 16) for h in (4, 2, 2))
-    mask = (bf.sinks(n, 2) | bf.sliding_window(n, 7, 0, 1)) & bf.causal(n)
+    mask = causal_sinks(n, 2) | bf.sliding_window(n, 7, 0, 1)
     want, _ = dense_attention(q, k, v, mask)
     out, _, _ = _decode(q.bfloat16(), k.bfloat16(), v.bfloat16(), pattern, _schedule(random.Random(2), n, True))
     assert out.dtype == torch.bfloat16

@@ -35,6 +35,13 @@ def _keep_forced_then_best(scores, candidates, forced, count):
     return set(forced) | set(rest[: max(0, count - len(forced))])
 
 
+def _keep_forced_first(scores, n, forced, count):
+    """MInference's top-k after setting the first ``forced`` entries to +inf: those rank first
+    (lower index first), then the others by decreasing score; ``count`` are kept."""
+    head = list(range(min(forced, n)))
+    return set((head + [j for j in _ranked(scores, range(n)) if j not in head])[:count])
+
+
 def _cover(scores, alpha):
     """Smallest count whose largest scores sum to at least ``alpha`` of all."""
     srt = sorted(scores, reverse=True)
@@ -67,7 +74,7 @@ def vertical_slash_reference(q, k, scale, last_q, fv, fs, counts):
                     diag[i - j] += float(p[j])
             nv, ns = counts(col, diag)
             for target, score, forced, count in ((cols, col, fv, nv), (offs, diag, fs, ns)):
-                for j in _keep_forced_then_best(score, range(n), set(range(min(forced, n))), count):
+                for j in _keep_forced_first(score, n, forced, count):
                     target[b, h, j] = True
     return cols, offs
 
@@ -151,12 +158,15 @@ def test_vertical_slash_matches_its_definition(seed, heads):
     rng = random.Random(seed)
     n, block = rng.randint(17, 50), rng.choice([4, 8])
     vertical, slash = rng.randint(0, n), rng.randint(0, n // 2)
-    last_q, fv, fs = rng.choice([4, 8, 16]), rng.choice([0, 2, 5]), rng.choice([0, 1, 3])
+    last_q, fv, fs = rng.choice([4, 8, 16]), rng.choice([0, 2, 5]), rng.choice([0, 1, 3, 8])
+    min_v, min_s = rng.choice([0, 3, 60]), rng.choice([0, 2, 60])  # 60: more than n
     q, k, v = _inputs(seed, *heads, n)
-    pat = VerticalSlash(n, vertical, slash, last_q=last_q, block=block, always_vertical=fv, always_slash=fs)
+    pat = VerticalSlash(n, vertical, slash, last_q=last_q, block=block, always_vertical=fv, always_slash=fs,
+                        min_vertical=min_v, min_slash=min_s)
     sel = pat.select(q, k)
     cols, offs = vertical_slash_reference(
-        q, k, 1 / math.sqrt(q.shape[-1]), last_q, fv, fs, lambda c, d: (min(vertical, n), min(slash, n))
+        q, k, 1 / math.sqrt(q.shape[-1]), last_q, fv, fs,
+        lambda c, d: (min(max(vertical, min_v), n), min(max(slash, min_s), n)),
     )
     assert torch.equal(sel.info["columns"], cols)
     assert torch.equal(sel.info["offsets"], offs)
@@ -319,7 +329,8 @@ def test_dhsa_matches_its_definition(seed, heads, causal):
 def test_bfloat16_inputs_select_and_attend_loosely():
     n = 40
     q, k, v = _inputs(3, 4, 2, n, dtype=torch.bfloat16)
-    for pat in (VerticalSlash(n, 6, 5, last_q=8, block=8, always_vertical=2, always_slash=2), BlockTopK(n, 2, block=8)):
+    for pat in (VerticalSlash(n, 6, 5, last_q=8, block=8, always_vertical=2, always_slash=2, min_vertical=0,
+                              min_slash=0), BlockTopK(n, 2, block=8)):
         sel = pat.select(q, k)
         mask = sel.dense_mask()
         if isinstance(pat, VerticalSlash):  # the selection agrees with the definition on the same values
@@ -328,13 +339,39 @@ def test_bfloat16_inputs_select_and_attend_loosely():
         check_attend(pat, q, k, v, mask, tol=3e-2)
 
 
-@pytest.mark.parametrize("n,sinks,local", [(30, 3, 5), (30, 0, 7), (12, 100, 800), (25, 4, 0)])
+@pytest.mark.parametrize("n,sinks,local", [(30, 3, 5), (30, 0, 7), (12, 100, 800), (25, 4, 0), (20, 2, 1), (9, 0, 9)])
 def test_a_shape_matches_its_definition(n, sinks, local):
+    # MInference's streaming kernel: local keys 0 <= i - j < n_local, and the first n_init keys (j <= i)
     m = torch.zeros(n, n, dtype=torch.bool)
     for i in range(n):
         for j in range(n):
-            m[i, j] = j <= i and (i - j <= local or j < sinks)
-    assert torch.equal(a_shape(n, sinks, local).dense_mask(), m)
+            m[i, j] = j <= i and (i - j < local or j < sinks)
+    p = a_shape(n, sinks, local)
+    assert torch.equal(p.dense_mask(), m)
+    if n > local > 0 and sinks == 0:
+        assert int(p.dense_mask()[-1].sum()) == local  # `local` window keys, the query's own included
+
+
+def test_a_shape_without_any_key_is_refused():
+    with pytest.raises(ValueError, match="sinks >= 1 or local >= 1"):
+        a_shape(10, 0, 0)
+
+
+def test_vertical_slash_defaults_are_minferences():
+    # vertical_and_slash_kernel: sizes raised to >= 30 columns / >= 50 offsets, the first 30 columns and the
+    # 100 nearest offsets ranked first (+inf), the last 64 queries estimate
+    n = 300
+    q, k, _ = _inputs(4, 2, 1, n, b=1)
+    sel = VerticalSlash(n, vertical=0, slash=0).select(q, k)
+    cols, offs = sel.info["columns"][0, 0], sel.info["offsets"][0, 0]
+    assert torch.nonzero(cols).flatten().tolist() == list(range(30))
+    assert torch.nonzero(offs).flatten().tolist() == list(range(50))  # 50 of the 100 forced: the nearest
+    sel = VerticalSlash(n, vertical=40, slash=150).select(q, k)
+    cols, offs = sel.info["columns"][0, 0], sel.info["offsets"][0, 0]
+    assert int(cols.sum()) == 40 and bool(cols[:30].all())
+    assert int(offs.sum()) == 150 and bool(offs[:100].all())
+    want, _ = vertical_slash_reference(q, k, 1 / math.sqrt(8), 64, 30, 100, lambda c, d: (40, 150))
+    assert torch.equal(sel.info["columns"], want)
 
 
 def test_selection_runs_without_gradients_and_attend_gives_them():
@@ -398,7 +435,7 @@ def test_selection_in_slices_equals_selection_at_once(make, monkeypatch):
 def test_nothing_kept_gives_zero_output_and_minus_inf_lse():
     n = 20
     q, k, v = (t.requires_grad_() for t in _inputs(1, 2, 1, n))
-    pat = VerticalSlash(n, 0, 0, block=8, always_vertical=0, always_slash=0)
+    pat = VerticalSlash(n, 0, 0, block=8, always_vertical=0, always_slash=0, min_vertical=0, min_slash=0)
     sel = pat.select(q, k)
     assert not sel.dense_mask().any() and (sel.keys_kept() == 0).all() and (sel.blocks_kept() == 0).all()
     out, lse = attend(q, k, v, pat, return_lse=True)

@@ -54,7 +54,7 @@ def random_lm_pattern(rng):
                 bf.document(lengths, lambda i, j, L: i - w <= j <= i), True)
     if kind == "prefix":
         n = sum(lengths)
-        prefix = rng.randint(1, n)
+        prefix = rng.randint(0, n)
         return PrefixLM(n, prefix), bf.prefix_lm(n, prefix), True
     if kind == "shared":
         return SharedQuestion(lengths), bf.shared_question(lengths), False
@@ -121,6 +121,17 @@ def test_power_reaches_every_earlier_block_in_log_steps():
         reach = reach | ((reach.float() @ blocks.float()) > 0)
     assert torch.equal(reach, torch.ones(128, 128, dtype=torch.bool).tril())
     assert blocks.sum(1).max() <= 1 + 1 + 7  # diagonal, window, powers of two
+
+
+def test_prefix_lm_spans_causal_to_full():
+    # attention-gym's prefix-LM mask: j <= i or j < prefix, for every prefix in 0..n
+    n = 13
+    assert torch.equal(PrefixLM(n, 0).dense_mask(), Causal(n).dense_mask())
+    assert torch.equal(PrefixLM(n, n).dense_mask(), Full(n).dense_mask())
+    for prefix in (0, 1, 5, n):
+        assert torch.equal(PrefixLM(n, prefix).dense_mask(), bf.prefix_lm(n, prefix))
+    with pytest.raises(ValueError, match="prefix must be >= 0, got -1"):
+        PrefixLM(n, -1)
 
 
 @pytest.mark.parametrize(

@@ -259,8 +259,10 @@ def test_ordered_refuses_bad_input():
         Ordered(Causal(16), torch.zeros(16, dtype=torch.int64), (4, 4))
     with pytest.raises(ValueError, match=r"got torch.int64 tensor of shape \(15,\)"):
         Ordered(Causal(16), torch.arange(15), (4, 4))
-    with pytest.raises(TypeError, match="or a LongTensor permutation, got list"):
-        Ordered(Causal(16), list(range(16)), (4, 4))
+    # a list of ints is a permutation (what the repr of a custom order prints); anything else is refused
+    assert Ordered(Causal(16), list(range(16)), (4, 4)) == Ordered(Causal(16), torch.arange(16), (4, 4))
+    with pytest.raises(TypeError, match="a LongTensor permutation or a list of ints, got list"):
+        Ordered(Causal(16), [float(i) for i in range(16)], (4, 4))
 
 
 def test_attend_never_evaluates_the_ordered_mask(monkeypatch):

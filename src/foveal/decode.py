@@ -2,11 +2,13 @@
 
 ``KVCache`` holds the keys and values appended so far with their absolute positions.
 ``attend_decode(q, cache)`` attends the newest queries (the positions appended last)
-to the cached keys under a static pattern, through ``foveal.functional.attend`` with a
-cross pattern that maps cache slots to positions; decoding a sequence token by token
-equals ``attend`` over the whole sequence with ``pattern & Causal(n)``. A cache built
-with a pattern evicts the keys no later query can see, so ``Sinks | SlidingWindow``
-keeps ``sinks + left + chunk`` keys at most (StreamingLLM).
+to the cached keys under a static *causal* pattern (no query sees a later key;
+others are refused, see ``foveal.patterns.global_.is_causal``), through
+``foveal.functional.attend`` with a cross pattern that maps cache slots to
+positions; decoding a sequence token by token equals ``attend`` over the whole
+sequence with the same pattern. A cache built with a pattern evicts the keys no
+later query can see (``pattern.visible_later``), so ``SlidingWindow | Sinks`` keeps
+``sinks + left + chunk`` keys at most (StreamingLLM).
 
 Content-selected decoding: ``Quest`` picks, per query and head, the key pages whose
 upper bound on the score is largest (Tang et al., "Quest: Query-Aware Sparsity for
@@ -17,7 +19,7 @@ at the end of prefill from the attention of the last prompt queries (Li et al.,
 
 from __future__ import annotations
 
-import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -25,10 +27,9 @@ import torch.nn.functional as F
 
 from foveal._checks import positive_int
 from foveal.functional import attend
-from foveal.patterns import Causal, Full, MaskPattern, Pattern, Sinks, SlidingWindow, Strided
-from foveal.patterns.algebra import Intersection, Union
-from foveal.patterns.global_ import GlobalTokens
-from foveal.patterns.sparse import _DilatedSegment
+from foveal.inputs import DTYPES, check_scale, check_tensor
+from foveal.patterns import Causal, Full, MaskPattern, Pattern
+from foveal.patterns.global_ import is_causal
 
 __all__ = [
     "KVCache",
@@ -43,55 +44,35 @@ __all__ = [
     "snapkv_compress",
 ]
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: score elements per key head that one chunk of SnapKV's scoring holds
 SNAPKV_CHUNK_ELEMENTS = 1 << 20
 
 
 # -- which cached keys a later query may still see ------------------------------------
 def future_visible(pattern: Pattern, key_pos: torch.Tensor, t: int) -> torch.Tensor:
-    """Bool per key position: may a query at ``t <= i < pattern.n`` see it under ``pattern & Causal``.
-
-    Exact for ``SlidingWindow``, ``Sinks``, ``GlobalTokens``, ``Strided``, ``Causal``,
-    ``Full`` and LongNet segments, and for unions of them; an intersection keeps a key
-    only if every part may see it (safe: never drops a visible key). Any other pattern
-    keeps every key (safe, unbounded). Keys are assumed earlier than ``t``.
-    """
-    n = pattern.n
-    if t >= n:
-        return torch.zeros_like(key_pos, dtype=torch.bool)
-    if isinstance(pattern, Union):
-        return _reduce(torch.logical_or, [future_visible(p, key_pos, t) for p in pattern.parts])
-    if isinstance(pattern, Intersection):
-        return _reduce(torch.logical_and, [future_visible(p, key_pos, t) for p in pattern.parts])
-    if isinstance(pattern, SlidingWindow):
-        return _first_hit(key_pos, t, pattern.dilation) <= torch.clamp(key_pos + pattern.left, max=n - 1)
-    if isinstance(pattern, Sinks):
-        return key_pos < pattern.count
-    if isinstance(pattern, GlobalTokens):
-        return (key_pos < pattern.count) | (t < pattern.count)
-    if isinstance(pattern, Strided):
-        return _first_hit(key_pos, t, pattern.stride) < n
-    if isinstance(pattern, _DilatedSegment):
-        end = torch.clamp((key_pos // pattern.segment + 1) * pattern.segment, max=n) - 1
-        return _first_hit(key_pos, t, pattern.rate) <= end
-    return torch.ones_like(key_pos, dtype=torch.bool)
-
-
-def _first_hit(j, t, step):
-    """The first ``i >= t`` with ``i ≡ j (mod step)``, for ``j < t``."""
-    return j + step * ((t - j + step - 1) // step)
-
-
-def _reduce(op, values):
-    out = values[0]
-    for v in values[1:]:
-        out = op(out, v)
-    return out
+    """Deprecated: ``pattern.visible_later(key_pos, t)`` (exact for every pattern)."""
+    warnings.warn("future_visible is deprecated; use pattern.visible_later(key_pos, t)", DeprecationWarning,
+                  stacklevel=2)
+    return pattern.visible_later(key_pos, t)
 
 
 def _never_evicts(pattern) -> bool:
-    return pattern is None or isinstance(pattern, (Causal, Full))
+    return pattern is None or isinstance(pattern, Causal)
+
+
+def _check_pattern(pattern) -> None:
+    """A decoding pattern: a self-attention Pattern under which no query sees a later key."""
+    if not isinstance(pattern, Pattern):
+        raise TypeError(f"pattern must be a foveal Pattern or None, got {type(pattern).__name__}")
+    if pattern.n_q != pattern.n_kv:
+        raise ValueError(
+            f"pattern must be a self-attention pattern over the whole sequence (n_q == n_kv), got {pattern!r}"
+        )
+    if not is_causal(pattern):
+        raise ValueError(
+            f"pattern must be causal for decoding (no query may see a later key), got {pattern!r}; "
+            f"intersect it with Causal(n) if that is what is meant"
+        )
 
 
 # -- the cache ----------------------------------------------------------------------
@@ -99,9 +80,10 @@ class KVCache:
     """Keys and values of the tokens appended so far, with their absolute positions.
 
     Holds ``k`` (B, Hkv, S, D) and ``v`` (B, Hkv, S, Dv) for the S slots in use.
-    With a static ``pattern`` (its ``n`` is the longest sequence to decode), each
-    ``append`` first evicts the keys that no query at the new positions or later can
-    see (see ``future_visible``), so ``Sinks(n, s) | SlidingWindow(n, w)`` holds at
+    With a static causal ``pattern`` (its ``n`` is the longest sequence to decode;
+    a pattern under which some query sees a later key is refused), each ``append``
+    first evicts the keys that no query at the new positions or later can see
+    (``pattern.visible_later``), so ``SlidingWindow(n, w) | Sinks(n, s)`` holds at
     most ``s + w + chunk`` keys. ``capacity`` preallocates that many slots and refuses
     to grow beyond them; without it the buffers grow by doubling. ``keep(index)``
     compresses the cache per batch element and head (SnapKV). The cache is for
@@ -114,15 +96,10 @@ class KVCache:
         self.kv_heads = positive_int("kv_heads", kv_heads)
         self.head_dim = positive_int("head_dim", head_dim)
         self.value_dim = self.head_dim if value_dim is None else positive_int("value_dim", value_dim)
-        if dtype not in _DTYPES:
-            raise TypeError(f"dtype must be one of {[str(d) for d in _DTYPES]}, got {dtype!r}")
+        if dtype not in DTYPES:
+            raise TypeError(f"dtype must be one of {[str(d) for d in DTYPES]}, got {dtype!r}")
         if pattern is not None:
-            if not isinstance(pattern, Pattern):
-                raise TypeError(f"pattern must be a foveal Pattern or None, got {type(pattern).__name__}")
-            if pattern.n_q != pattern.n_kv:
-                raise ValueError(
-                    f"pattern must be a self-attention pattern over the whole sequence (n_q == n_kv), got {pattern!r}"
-                )
+            _check_pattern(pattern)
         self.capacity = None if capacity is None else positive_int("capacity", capacity)
         self.dtype, self.device, self.pattern = dtype, torch.device(device or "cpu"), pattern
         alloc = self.capacity or 16
@@ -188,7 +165,7 @@ class KVCache:
             )
         keep = None
         if not _never_evicts(self.pattern) and self.size:
-            keep = future_visible(self.pattern, self._pos[: self.size], t)
+            keep = self.pattern.visible_later(self._pos[: self.size], t)
         kept = self.size if keep is None else int(keep.sum())
         if self.capacity is not None and kept + m > self.capacity:
             raise ValueError(
@@ -269,8 +246,7 @@ class KVCache:
 
     def _check_kv(self, k, v) -> int:
         for name, t, e in (("k", k, self.head_dim), ("v", v, self.value_dim)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            check_tensor(name, t, "(batch, kv_heads, tokens, head_dim)")
             if t.dim() != 4 or t.shape[0] != self.batch or t.shape[1] != self.kv_heads or t.shape[3] != e:
                 raise ValueError(
                     f"{name} must be (batch, kv_heads, tokens, {e}) = ({self.batch}, {self.kv_heads}, m, {e}), "
@@ -406,7 +382,7 @@ def snapkv_scores(q: torch.Tensor, k: torch.Tensor, config: SnapKV, scale=None) 
     hkv, length = k.shape[1], k.shape[2]
     w = min(config.window, nq)
     qw = q[:, :, nq - w :]
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    scale = check_scale(scale, d)
     _, lse = attend(qw, k, k.new_zeros(b, hkv, length, 1), Causal(w, n_kv=length),
                     scale=scale, return_lse=True)
     qpos = torch.arange(length - w, length, device=q.device)
@@ -472,10 +448,11 @@ def snapkv_compress(cache: KVCache, q: torch.Tensor, config: SnapKV = SnapKV(), 
 
 def _check_q_k(q, k):
     for name, t in (("q", q), ("k", k)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (batch, heads, tokens, head_dim), got shape {tuple(t.shape)}")
+        check_tensor(name, t)
+    if q.dtype != k.dtype:
+        raise TypeError(f"q and k must share one dtype, got {q.dtype} and {k.dtype}")
+    if q.device != k.device:
+        raise ValueError(f"q and k must be on one device, got {q.device} and {k.device}")
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[1] % k.shape[1]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must share batch and head_dim, "
                          f"with query heads a multiple of key heads")
@@ -496,8 +473,7 @@ def _decode_pattern(pattern, qpos, kpos, n_q, n_kv):
     def decode_mask(q_idx, kv_idx):
         qp, kp = on(q_idx.device)
         i, j = qp[q_idx], kp[kv_idx.to(q_idx.device)]
-        ok = j <= i
-        return ok if pattern is None else ok & pattern.mask(i, j)
+        return j <= i if pattern is None else pattern.mask(i, j)  # a decoding pattern is causal
 
     return MaskPattern(n_q, decode_mask, name="decode", n_kv=n_kv)
 
@@ -507,9 +483,12 @@ def attend_decode(q, cache: KVCache, pattern=None, *, select=None, scale=None, b
     """Attention of the newest queries to the cached keys.
 
     ``q`` (B, Hq, m, D) are the queries at the last ``m`` positions appended to ``cache``
-    (``Hq`` a multiple of the cache's key heads). Query ``i`` sees cached key ``j`` if
-    ``j <= i`` and ``pattern.mask(i, j)`` (absolute positions); ``pattern`` defaults to
-    the cache's (plain causal if none) and must match it when the cache evicts. With
+    (``Hq`` a multiple of the cache's key heads). Query ``i`` sees cached key ``j`` iff
+    ``pattern.mask(i, j)`` (absolute positions); ``pattern`` must be causal (a
+    pattern under which some query sees a later key is refused, not silently
+    intersected with ``Causal``), defaults to the cache's (plain causal if none) and
+    must match it when the cache evicts. ``q`` of another dtype than the cache is a
+    ``TypeError``, on another device a ``ValueError`` (``foveal.inputs``' policy). With
     ``select=Quest(...)`` each query attends exactly over its Quest pages (causal cache
     only). Returns ``out`` (B, Hq, m, Dv); with ``return_lse`` the float32 log-sum-exp
     (B, Hq, m); with ``return_kept`` what Quest kept per query (a list of dicts with
@@ -518,27 +497,22 @@ def attend_decode(q, cache: KVCache, pattern=None, *, select=None, scale=None, b
     """
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
-    if not isinstance(q, torch.Tensor):
-        raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
-    if q.dim() != 4:
-        raise ValueError(f"q must be 4-D (batch, heads, tokens, head_dim), got shape {tuple(q.shape)}")
+    check_tensor("q", q)
     b, hq, m, d = q.shape
     if b != cache.batch or d != cache.head_dim or hq % cache.kv_heads:
         raise ValueError(
             f"q {tuple(q.shape)} must have the cache's batch {cache.batch} and head_dim {cache.head_dim}, and a "
             f"multiple of its {cache.kv_heads} key heads"
         )
-    if q.dtype != cache.dtype or q.device != cache.device:
-        raise TypeError(f"q must have the cache's dtype {cache.dtype} and device {cache.device}, "
-                        f"got {q.dtype} on {q.device}")
+    if q.dtype != cache.dtype:
+        raise TypeError(f"q must have the cache's dtype {cache.dtype}, got {q.dtype}")
+    if q.device != cache.device:
+        raise ValueError(f"q must be on the cache's device {cache.device}, got {q.device}")
     if pattern is None:
         pattern = cache.pattern
-    elif not isinstance(pattern, Pattern):
-        raise TypeError(f"pattern must be a foveal Pattern or None, got {type(pattern).__name__}")
-    elif pattern.n_q != pattern.n_kv:
-        raise ValueError(f"pattern must be a self-attention pattern over the whole sequence (n_q == n_kv), "
-                         f"got {pattern!r}")
-    elif not _never_evicts(cache.pattern) and pattern != cache.pattern:
+    else:
+        _check_pattern(pattern)
+    if pattern is not cache.pattern and not _never_evicts(cache.pattern) and pattern != cache.pattern:
         raise ValueError(f"pattern {pattern!r} differs from the pattern {cache.pattern!r} the cache evicts by")
     if select is not None:
         if not isinstance(select, Quest):

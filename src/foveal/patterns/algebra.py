@@ -83,6 +83,10 @@ class Union(_Combination):
     def key_set(self, q_tokens):
         return torch.unique(torch.cat([p.key_set(q_tokens) for p in self.parts]))
 
+    def visible_later(self, key_pos, t):
+        """Some later query sees the key under some part: the OR of the parts' answers (exact)."""
+        return functools.reduce(operator.or_, (p.visible_later(key_pos, t) for p in self.parts))
+
 
 class Intersection(_Combination):
     """Pairs allowed by every part: ``a & b``."""
@@ -98,4 +102,19 @@ class Intersection(_Combination):
         for p in self.parts[1:]:
             keys = keys[torch.isin(keys, p.key_set(q_tokens))]
         return keys
+
+    def visible_later(self, key_pos, t):
+        """Exact: parts that allow every (later query, key) pair are dropped (``Full``; ``Causal`` when every
+        key precedes the first later query, as in decoding); one part left answers alone, otherwise the
+        mask is evaluated in bounded chunks (an existential does not distribute over AND)."""
+        from foveal.patterns.global_ import Causal, Full, visible_later_args
+
+        key_pos, t = visible_later_args(self, key_pos, t)
+        first = key_pos.numel() == 0 or int(key_pos.max()) <= t + self.n_kv - self.n_q
+        rest = [p for p in self.parts if not (isinstance(p, Full) or (isinstance(p, Causal) and first))]
+        if len(rest) == 1:
+            return rest[0].visible_later(key_pos, t)
+        if not rest:
+            return torch.full_like(key_pos, t < self.n_q, dtype=torch.bool)
+        return super().visible_later(key_pos, t)
 

@@ -177,6 +177,31 @@ class Pattern:
         for name, value in fields.items():
             object.__setattr__(self, name, value)
 
+    # -- decoding --
+    def visible_later(self, key_pos: torch.Tensor, t: int) -> torch.Tensor:
+        """Bool per key: may some query ``i`` with ``t <= i < n_q`` attend to key ``key_pos`` under ``mask``.
+
+        ``key_pos`` is an integer tensor of key positions in ``[0, n_kv)`` (any shape;
+        the result has its shape and device). A KV cache decoding with this pattern
+        evicts the keys for which it is False: no query from position ``t`` on needs
+        them. This default is exact: it evaluates ``mask`` for the queries
+        ``t .. n_q − 1`` against the keys in bounded chunks (O((n_q − t)·K) work);
+        the built-in patterns override it in closed form.
+        """
+        from foveal.patterns.global_ import visible_later_args
+
+        key_pos, t = visible_later_args(self, key_pos, t)
+        flat = key_pos.reshape(-1)
+        seen = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
+        if t >= self.n_q or flat.numel() == 0:
+            return seen.view(key_pos.shape)
+        rows = max(1, _WORK_ELEMENTS // flat.numel())
+        for s in range(t, self.n_q, rows):
+            q = torch.arange(s, min(s + rows, self.n_q), device=flat.device)
+            m = self.mask(q[:, None], flat[None, :])
+            seen |= torch.broadcast_to(m, (q.numel(), flat.numel())).any(0)
+        return seen.view(key_pos.shape)
+
 
 class ProgressionPattern(Pattern):
     """A pattern that is a product over ``axes_shape`` of per-axis key progressions.

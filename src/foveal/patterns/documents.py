@@ -81,11 +81,18 @@ class Document(_Packed):
 
 
 class PrefixLM(FlatPattern):
-    """Prefix-LM: ``j <= i`` or ``j < prefix`` (the prefix is seen bidirectionally)."""
+    """Prefix-LM: ``j <= i`` or ``j < prefix`` (the prefix is seen bidirectionally).
+
+    ``0 <= prefix <= n``: ``prefix = 0`` is ``Causal``, ``prefix = n`` is ``Full`` (as
+    attention-gym's ``generate_prefix_lm_mask``).
+    """
 
     def __init__(self, n, prefix: int):
         self._init_shape(n)
-        self._set(prefix=self._token_count("prefix", prefix))
+        prefix = positive_int("prefix", prefix, minimum=0)
+        if prefix > self.n:
+            raise ValueError(f"prefix must be <= the number of tokens {self.n}, got {prefix}")
+        self._set(prefix=prefix)
 
     def progression(self, axis, x):
         return _like(x, 0), _like(x, 1), torch.clamp(x, min=self.prefix - 1) + 1

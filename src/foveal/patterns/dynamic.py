@@ -57,21 +57,31 @@ SELECT_ELEMENTS = 1 << 24
 
 
 def a_shape(n: int, sinks: int = 100, local: int = 800):
-    """MInference's A-shape: ``j <= i`` and (``i - j <= local`` or ``j < sinks``), as a static Pattern.
+    """MInference's A-shape as a static Pattern: key ``j`` is visible to query ``i`` iff
+    ``j <= i`` and (``i - j < local`` or ``j < sinks``).
 
-    Jiang et al., "MInference 1.0: Accelerating Pre-filling for Long-Context LLMs via
-    Dynamic Sparse Attention", 2024 (defaults 100 sinks, 800 local keys). It is
-    ``SlidingWindow(n, local) | (Sinks(n, sinks) & Causal(n))``; ``sinks`` larger than
-    ``n`` means every key (the same mask), so it is capped at ``n``.
+    Each query sees its ``local`` nearest keys, itself included (MInference's
+    streaming kernel with ``n_local = local``: ``0 <= i − j < n_local``), and the first
+    ``sinks`` keys (``n_init``). Jiang et al., "MInference 1.0: Accelerating
+    Pre-filling for Long-Context LLMs via Dynamic Sparse Attention", 2024 (defaults
+    100 sinks, 800 local keys). It is ``SlidingWindow(n, local - 1) | Sinks(n, sinks)``;
+    ``sinks`` (``local``) larger than ``n`` means every key (the same mask), so it is
+    capped at ``n``. ``sinks = local = 0`` (no key at all) is refused.
     """
-    from foveal.patterns.global_ import Causal, Sinks
+    from foveal.patterns.global_ import Sinks
     from foveal.patterns.local import SlidingWindow
 
     n = positive_int("n", n)
     sinks = positive_int("sinks", sinks, minimum=0)
     local = positive_int("local", local, minimum=0)
-    window = SlidingWindow(n, left=local)
-    return window if sinks == 0 else window | (Sinks(n, min(sinks, n)) & Causal(n))
+    if sinks == 0 and local == 0:
+        raise ValueError("a_shape needs sinks >= 1 or local >= 1: with sinks=0 and local=0 no query sees any key")
+    parts = []
+    if local:
+        parts.append(SlidingWindow(n, left=min(local, n) - 1))
+    if sinks:
+        parts.append(Sinks(n, min(sinks, n)))
+    return parts[0] if len(parts) == 1 else parts[0] | parts[1]
 
 
 def _fraction(name, value):
@@ -371,19 +381,27 @@ class VerticalSlash(DynamicPattern):
 
     The last ``last_q`` queries' causal softmax against all keys is the estimate: a
     column's score is its sum over those queries, an offset ``i - j``'s score the sum
-    along that diagonal. Kept: the first ``always_vertical`` columns and the nearest
-    ``always_slash`` offsets (always), and the best-scoring others up to ``vertical``
-    columns and ``slash`` offsets in all. Mask: ``j <= i`` and (``j`` kept or ``i - j``
-    kept). Jiang et al., "MInference 1.0: Accelerating Pre-filling for Long-Context LLMs
-    via Dynamic Sparse Attention", 2024; Nawrot et al., "The Sparse Frontier", 2025.
-    Defaults: ``vertical=1000``, ``slash=6096`` (MInference's most common head
-    configuration), ``last_q=64``, 30 forced columns/offsets; ``block`` (64, *chosen*)
-    only sets the kernel's tiling, not the mask. Causal only (``causal=False`` is
-    refused). Selection ``info``: ``columns`` and ``offsets``, (B, H, n) bool.
+    along that diagonal. Kept: ``min(n, max(vertical, min_vertical))`` columns and
+    ``min(n, max(slash, min_slash))`` offsets, the highest-ranked, where the first
+    ``always_vertical`` columns and the nearest ``always_slash`` offsets rank above all
+    others (MInference's ``vertical[..., :30] = inf`` and ``slash[..., -100:] = inf``
+    before its top-k), then the best-scoring. Mask: ``j <= i`` and (``j`` kept or
+    ``i - j`` kept). Defaults as MInference's ``vertical_and_slash_kernel``:
+    ``vertical=1000``, ``slash=6096`` (its most common head configuration),
+    ``last_q=64``, 30 forced columns, the 100 nearest offsets forced, at least 30
+    columns and 50 offsets. One difference: when fewer offsets are kept than are
+    forced (``slash`` below 100), MInference's top-k picks among equal (infinite)
+    scores in an unspecified order; here the nearest forced offsets win (the first
+    forced columns likewise). ``block`` (64, *chosen*) only sets the kernel's tiling,
+    not the mask. Causal only (``causal=False`` is refused). Selection ``info``:
+    ``columns`` and ``offsets``, (B, H, n) bool. Jiang et al., "MInference 1.0:
+    Accelerating Pre-filling for Long-Context LLMs via Dynamic Sparse Attention",
+    2024; Nawrot et al., "The Sparse Frontier", 2025.
     """
 
     def __init__(self, n: int, vertical: int = 1000, slash: int = 6096, *, last_q: int = 64, block: int = 64,
-                 always_vertical: int = 30, always_slash: int = 30, causal: bool = True):
+                 always_vertical: int = 30, always_slash: int = 100, min_vertical: int = 30, min_slash: int = 50,
+                 causal: bool = True):
         if causal is not True:
             raise ValueError(f"causal must be True: vertical-slash is defined for causal attention, got {causal!r}")
         self.causal = True
@@ -394,9 +412,13 @@ class VerticalSlash(DynamicPattern):
         self.block = positive_int("block", block)
         self.always_vertical = positive_int("always_vertical", always_vertical, minimum=0)
         self.always_slash = positive_int("always_slash", always_slash, minimum=0)
+        self.min_vertical = positive_int("min_vertical", min_vertical, minimum=0)
+        self.min_slash = positive_int("min_slash", min_slash, minimum=0)
 
     def _params(self):
-        return f"vertical={self.vertical}, slash={self.slash}, last_q={self.last_q}, block={self.block}"
+        return (f"vertical={self.vertical}, slash={self.slash}, last_q={self.last_q}, block={self.block}, "
+                f"always_vertical={self.always_vertical}, always_slash={self.always_slash}, "
+                f"min_vertical={self.min_vertical}, min_slash={self.min_slash}")
 
     def estimate(self, q, k, scale):
         """Column and diagonal scores from the last ``last_q`` queries: two (B, H, n) float32 tensors."""
@@ -413,7 +435,8 @@ class VerticalSlash(DynamicPattern):
         return col, diag
 
     def _counts(self, col, diag):
-        return min(self.vertical, self.n), min(self.slash, self.n)
+        """How many columns and offsets are kept."""
+        return min(max(self.vertical, self.min_vertical), self.n), min(max(self.slash, self.min_slash), self.n)
 
     def _select(self, q, k, scale):
         n, bs = self.n, self.block
@@ -421,8 +444,9 @@ class VerticalSlash(DynamicPattern):
         nv, ns = self._counts(col, diag)
         fv, fs = min(self.always_vertical, n), min(self.always_slash, n)
         first = torch.arange(n, device=q.device)
-        cols = _keep_ranked(torch.where(first < fv, float("inf"), col), torch.clamp(torch.as_tensor(nv), min=fv))
-        offs = _keep_ranked(torch.where(first < fs, float("inf"), diag), torch.clamp(torch.as_tensor(ns), min=fs))
+        # forced entries rank first (lower index, i.e. nearer offset, first among them), then by score
+        cols = _keep_ranked(torch.where(first < fv, float("inf"), col), nv)
+        offs = _keep_ranked(torch.where(first < fs, float("inf"), diag), ns)
         band = self._slash_blocks(offs)
         info = {"columns": cols, "offsets": offs}
         return BlockSelection(n, bs, _table(band), None, self._mask_fn(info), type(self).__name__, info,
@@ -482,19 +506,22 @@ class VerticalSlashCover(VerticalSlash):
     all scores, at least ``min_budget`` (capped at ``n``); the estimate uses the last
     ``last_q`` (512) queries. Lai et al., "FlexPrefill: A Context-Aware Sparse Attention
     Mechanism for Efficient Long-Sequence Inference", 2025, as simplified in Nawrot et
-    al., "The Sparse Frontier", 2025. Defaults ``alpha=0.9``, ``min_budget=256``; the 30
-    forced columns/offsets of ``VerticalSlash`` are kept (*chosen*; set them to 0 to drop).
+    al., "The Sparse Frontier", 2025. Defaults ``alpha=0.9``, ``min_budget=256``. As in
+    ``VerticalSlash``, the first 30 columns and the 100 nearest offsets rank above all
+    others (*chosen*, after MInference; set ``always_*`` to 0 to drop): they are kept
+    whenever the count reaches them, which ``min_budget=256`` ensures.
     """
 
     def __init__(self, n: int, alpha: float = 0.9, min_budget: int = 256, *, last_q: int = 512, block: int = 64,
-                 always_vertical: int = 30, always_slash: int = 30, causal: bool = True):
+                 always_vertical: int = 30, always_slash: int = 100, causal: bool = True):
         super().__init__(n, 0, 0, last_q=last_q, block=block, always_vertical=always_vertical,
-                         always_slash=always_slash, causal=causal)
+                         always_slash=always_slash, min_vertical=0, min_slash=0, causal=causal)
         self.alpha = _fraction("alpha", alpha)
         self.min_budget = positive_int("min_budget", min_budget, minimum=0)
 
     def _params(self):
-        return f"alpha={self.alpha}, min_budget={self.min_budget}, last_q={self.last_q}, block={self.block}"
+        return (f"alpha={self.alpha}, min_budget={self.min_budget}, last_q={self.last_q}, block={self.block}, "
+                f"always_vertical={self.always_vertical}, always_slash={self.always_slash}")
 
     def _counts(self, col, diag):
         def count(score):

@@ -12,7 +12,7 @@ import torch
 
 from foveal._checks import as_shape, fmt_axes, per_axis, per_axis_bool, positive_int
 from foveal.patterns.base import ProgressionPattern
-from foveal.patterns.global_ import FlatPattern, _like
+from foveal.patterns.global_ import FlatPattern, _like, visible_later_args
 
 __all__ = ["SlidingWindow", "Neighborhood", "Window", "Grid", "Halo", "PaddedHalo"]
 
@@ -44,6 +44,14 @@ class SlidingWindow(FlatPattern):
             back = torch.clamp(c // d, max=self.left // d)
             fwd = torch.clamp((self.n_kv - 1 - c) // d, max=self.right // d)
         return c - d * back, _like(x, d), (back + fwd + 1).clamp(min=0)
+
+    def visible_later(self, key_pos, t):
+        # a query i >= t sees j iff c = i + n_kv − n_q lies in [j − right, j + left], c ≡ j (mod dilation);
+        # c runs over [t + n_kv − n_q, n_kv − 1]: take the smallest admissible c and check the upper bounds
+        j, t = visible_later_args(self, key_pos, t)
+        lo = torch.clamp(j - self.right, min=t + self.offset)
+        c = lo + (j - lo) % self.dilation
+        return c <= torch.clamp(j + self.left, max=self.n_kv - 1)
 
     def _key(self):
         return (self.shape, self.kv_shape, self.left, self.right, self.dilation)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 
 import torch
 
@@ -147,8 +148,12 @@ ORDERS = {"raster": raster, "morton": morton, "hilbert": hilbert}
 
 
 def _check_perm(perm, n: int, grid) -> torch.Tensor:
+    if isinstance(perm, (list, tuple)) and all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                                               for v in perm):
+        perm = torch.tensor(perm, dtype=torch.int64)
     if not isinstance(perm, torch.Tensor):
-        raise TypeError(f"order must be one of {sorted(ORDERS)} or a LongTensor permutation, got {type(perm).__name__}")
+        raise TypeError(f"order must be one of {sorted(ORDERS)}, a LongTensor permutation or a list of ints, "
+                        f"got {type(perm).__name__}")
     if perm.dtype not in (torch.int64, torch.int32) or perm.dim() != 1 or perm.numel() != n:
         raise ValueError(
             f"order must be a 1-D integer permutation of the {n} tokens of grid {fmt_axes(grid)}, "
@@ -168,8 +173,9 @@ class Ordered(Pattern):
     order). ``inner`` has one query and one key per grid token (typically a 1-D
     pattern of length ``prod(grid)``: ``Window``, ``SlidingWindow``, ``Causal``...).
     ``order`` is ``"raster"``, ``"morton"``, ``"hilbert"`` or a permutation tensor (for
-    instance ``tiles(grid, tile)``). Kernels never evaluate this mask: ``attend``
-    permutes q, k and v into the order and runs ``inner``.
+    instance ``tiles(grid, tile)``) or a list of ints. Kernels never evaluate this
+    mask: ``attend`` permutes q, k and v into the order and runs ``inner``. The repr
+    rebuilds the pattern: a custom order is printed as its list of token indices.
     """
 
     def __init__(self, inner: Pattern, order, grid):
@@ -243,7 +249,8 @@ class Ordered(Pattern):
         return (self.shape, self.inner, self._digest)
 
     def __repr__(self):
-        return f"Ordered({self.inner!r}, order={self.order}, grid={fmt_axes(self.shape)})"
+        order = repr(self.order) if self.order != "custom" else str(self._perm.tolist())
+        return f"Ordered({self.inner!r}, order={order}, grid={fmt_axes(self.shape)})"
 
 
 class _OrderedBias:

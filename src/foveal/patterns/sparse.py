@@ -10,9 +10,9 @@ import numbers
 
 import torch
 
-from foveal._checks import positive_int
+from foveal._checks import fmt_axes, positive_int
 from foveal.patterns.algebra import Intersection, Union
-from foveal.patterns.global_ import Causal, FlatPattern, GlobalTokens, _like
+from foveal.patterns.global_ import Causal, FlatPattern, GlobalTokens, _like, visible_later_args
 
 __all__ = ["Dilated", "Power", "BigBird"]
 
@@ -37,6 +37,14 @@ class _DilatedSegment(FlatPattern):
         first = base + (x - base) % self.rate
         end = torch.clamp(base + self.segment, max=self.n)
         return first, _like(x, self.rate), (end - 1 - first) // self.rate + 1
+
+    def visible_later(self, key_pos, t):
+        # the first query >= t of j's segment with i ≡ j (mod rate) must lie in that segment
+        j, t = visible_later_args(self, key_pos, t)
+        base = (j // self.segment) * self.segment
+        lo = torch.clamp(base, min=t)
+        last = torch.clamp(base + self.segment, max=self.n) - 1
+        return lo + (j - lo) % self.rate <= last
 
     def _key(self):
         return (self.shape, self.segment, self.rate)
@@ -70,7 +78,7 @@ class Dilated(Union):
 
     def __repr__(self):
         fmt = (lambda t: str(t[0]) if len(t) == 1 else str(t))
-        return f"Dilated(n={self.n}, segment={fmt(self.segments)}, rate={fmt(self.rates)})"
+        return f"Dilated(n={fmt_axes(self.shape)}, segment={fmt(self.segments)}, rate={fmt(self.rates)})"
 
 
 class _BlockBand(FlatPattern):
@@ -154,11 +162,26 @@ class Power(Intersection):
         super().__init__(probe, Union(*parts) if len(parts) > 1 else parts[0])
         self._set(block=block, window=window, sinks=sinks)
 
+    def visible_later(self, key_pos, t):
+        # queries i >= max(t, j) (causal) in blocks qb = qlo..qhi; key block kb is seen at distances
+        # d = qb − kb in [0, window], at powers of two, and always when kb < sinks
+        j, t = visible_later_args(self, key_pos, t)
+        start = torch.clamp(j, min=t)
+        kb = j // self.block
+        qhi = (self.n - 1) // self.block
+        a, b = start // self.block - kb, qhi - kb
+        seen = (kb < self.sinks) | (a <= self.window)
+        d = 1
+        while d <= qhi:
+            seen |= (a <= d) & (d <= b)
+            d *= 2
+        return seen & (start < self.n)
+
     def _key(self):
         return (self.shape, self.block, self.window, self.sinks)
 
     def __repr__(self):
-        return f"Power(n={self.n}, block={self.block}, window={self.window}, sinks={self.sinks})"
+        return f"Power(n={fmt_axes(self.shape)}, block={self.block}, window={self.window}, sinks={self.sinks})"
 
 
 class BigBird(Union):
@@ -207,5 +230,5 @@ class BigBird(Union):
         return (self.shape, self.block, self.window, self.globals, self.random, self.seed)
 
     def __repr__(self):
-        return (f"BigBird(n={self.n}, block={self.block}, window={self.window}, globals={self.globals}, "
+        return (f"BigBird(n={fmt_axes(self.shape)}, block={self.block}, window={self.window}, globals={self.globals}, "
                 f"random={self.random}, seed={self.seed})")
