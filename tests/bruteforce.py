@@ -36,7 +36,7 @@ def global_tokens(n, count):
 
 
 def sinks(n, count):
-    return _dense(n, lambda i: range(count))
+    return _dense(n, lambda i: range(min(count, i + 1)))
 
 
 def strided(n, stride):

@@ -31,10 +31,10 @@ def random_cross(rng):
         if kind == "window":
             return p, m
         c = rng.randint(1, nkv)
-        return p | Sinks(nq, c, n_kv=nkv), m | brute(nq, nkv, lambda i, j: j < c)
+        return p | Sinks(nq, c, n_kv=nkv), m | brute(nq, nkv, lambda i, j: j < c and j <= i + off)
     c = rng.randint(1, nkv)
     if kind == "sinks":
-        return Sinks(nq, c, n_kv=nkv), brute(nq, nkv, lambda i, j: j < c)
+        return Sinks(nq, c, n_kv=nkv), brute(nq, nkv, lambda i, j: j < c and j <= i + off)
     return GlobalTokens(nq, c, n_kv=nkv), brute(nq, nkv, lambda i, j: i < c or j < c)
 
 

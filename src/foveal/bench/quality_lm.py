@@ -32,7 +32,7 @@ __all__ = ["FAMILIES", "SUITES", "match_density", "run_lm_quality"]
 CAUSAL = {
     "full": lambda n, k: Causal(n),
     "window": lambda n, k: SlidingWindow(n, k),
-    "sinks+window": lambda n, k: Sinks(n, 4) & Causal(n) | SlidingWindow(n, k),
+    "sinks+window": lambda n, k: Sinks(n, 4) | SlidingWindow(n, k),  # sinks are causal
     "strided+window": lambda n, k: (Strided(n, k) & Causal(n)) | SlidingWindow(n, k),
     "dilated": lambda n, k: Dilated(n, (k, 2 * k, 4 * k), (1, 2, 4)) & Causal(n),
     "power": lambda n, k: Power(n, block=k, window=1, sinks=1),
@@ -41,7 +41,8 @@ CAUSAL = {
     "block-topk": lambda n, k: BlockTopK(n, topk=k, block=max(8, n // 16)),
     "dhsa": lambda n, k: DHSA(n, budget=k, chunk=max(8, n // 16)),
     "vertical-slash": lambda n, k: VerticalSlash(n, vertical=k, slash=k, last_q=min(64, n), always_vertical=min(4, k),
-                                                 always_slash=min(4, k), block=max(8, n // 16)),
+                                                 always_slash=min(4, k), min_vertical=0, min_slash=0,
+                                                 block=max(8, n // 16)),
 }
 NONCAUSAL = {
     "full": lambda n, k: Full(n),
@@ -58,7 +59,7 @@ CROSS = {  # (n_q, n_kv, knob); windows aligned bottom-right
 CAUSAL_CROSS = {
     "full": lambda nq, nk, k: Causal(nq, n_kv=nk),
     "window": lambda nq, nk, k: SlidingWindow(nq, k, n_kv=nk),
-    "sinks+window": lambda nq, nk, k: Sinks(nq, 4, n_kv=nk) & Causal(nq, n_kv=nk) | SlidingWindow(nq, k, n_kv=nk),
+    "sinks+window": lambda nq, nk, k: Sinks(nq, 4, n_kv=nk) | SlidingWindow(nq, k, n_kv=nk),
 }
 FAMILIES = {"causal": CAUSAL, "noncausal": NONCAUSAL, "cross": CROSS, "causal-cross": CAUSAL_CROSS}
 
