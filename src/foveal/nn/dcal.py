@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from foveal._checks import positive_int
-from foveal.nn._common import attend_opaque, init_attention
+from foveal.nn._common import attend_opaque, cached_pattern, check_input, init_attention
 from foveal.patterns import Full
 
 __all__ = ["GlobalLocalCrossAttention", "PairwiseCrossAttention", "attention_rollout", "select_top"]
@@ -89,9 +89,9 @@ def _check_maps(attn_maps) -> list[torch.Tensor]:
 
 
 def _check_tokens(module: nn.Module, name: str, x) -> None:
-    if not isinstance(x, torch.Tensor) or x.dim() != 3:
-        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{type(module).__name__} expects {name} of shape (batch, tokens, dim), got {got}")
+    check_input(name, x, type(module).__name__)
+    if x.dim() != 3:
+        raise ValueError(f"{type(module).__name__} expects {name} of shape (batch, tokens, dim), got {tuple(x.shape)}")
     if x.shape[-1] != module.dim:
         raise ValueError(f"{name} has {x.shape[-1]} channels but dim is {module.dim}")
 
@@ -139,10 +139,9 @@ class GlobalLocalCrossAttention(_Attention):
     (the paper's GLCA branch classifies from its CLS token); ``residual`` 0.5 is the
     paper's ``0.5·A + 0.5·I``.
 
-    Parameters: ``dim``, ``num_heads``, ``top_ratio``, ``qkv_bias``, ``qk_scale``
-    (default ``head_dim**-0.5``), ``proj_drop``, ``include_cls``, ``residual``,
-    ``backend`` for ``attend``. There is no ``attn_drop``: ``attend`` has no attention
-    dropout.
+    Parameters: ``dim``, ``num_heads``, ``top_ratio``, ``include_cls``, ``residual``,
+    ``qkv_bias``, ``qk_scale`` (default ``head_dim**-0.5``), ``proj_drop``, ``backend``
+    for ``attend``. There is no ``attn_drop``: ``attend`` has no attention dropout.
     """
 
     def __init__(
@@ -150,11 +149,11 @@ class GlobalLocalCrossAttention(_Attention):
         dim: int,
         num_heads: int,
         top_ratio: float = 0.1,
+        include_cls: bool = True,
+        residual: float = 0.5,
         qkv_bias: bool = True,
         qk_scale: float | None = None,
         proj_drop: float = 0.0,
-        include_cls: bool = True,
-        residual: float = 0.5,
         backend: str = "auto",
     ):
         super().__init__(dim, num_heads, qkv_bias, qk_scale, proj_drop, backend)
@@ -171,7 +170,7 @@ class GlobalLocalCrossAttention(_Attention):
     def pattern(self, n: int) -> Full:
         """The pattern on ``n`` tokens: the ``R'`` selected queries against all ``n`` keys."""
         n = positive_int("n", n, minimum=2)
-        return Full(self.num_selected(n) + int(self.include_cls), n_kv=n)
+        return cached_pattern(Full, self.num_selected(n) + int(self.include_cls), n_kv=n)
 
     def forward(self, x, attn_maps=None, *, rollout=None, return_index: bool = False):
         """``x`` (B, N, dim); ``attn_maps`` or ``rollout`` rank the tokens; returns (B, N, dim) (, index)."""
@@ -184,7 +183,7 @@ class GlobalLocalCrossAttention(_Attention):
         qkv = self.qkv(x)
         q = torch.gather(qkv[..., :c], 1, index[..., None].expand(-1, -1, c))
         k, v = qkv[..., c : 2 * c], qkv[..., 2 * c :]
-        pattern = Full(index.shape[1], n_kv=n)
+        pattern = cached_pattern(Full, index.shape[1], n_kv=n)
         out = torch.scatter(x, 1, index[..., None].expand(-1, -1, c), self._attend(q, k, v, pattern).to(x.dtype))
         return (out, index) if return_index else out
 
@@ -248,8 +247,8 @@ class PairwiseCrossAttention(_Attention):
         """The pattern: ``n`` queries against ``n + n_pair`` keys (``Full(n)`` without a pair)."""
         n = positive_int("n", n)
         if n_pair is None:
-            return Full(n)
-        return Full(n, n_kv=n + positive_int("n_pair", n_pair))
+            return cached_pattern(Full, n)
+        return cached_pattern(Full, n, n_kv=n + positive_int("n_pair", n_pair))
 
     def forward(self, x: torch.Tensor, x_pair: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` (B, N, dim); ``x_pair`` (B, N2, dim), used only in training; returns (B, N, dim)."""
