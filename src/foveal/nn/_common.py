@@ -67,7 +67,9 @@ def check_backend(backend) -> str:
     """``"auto"`` or the name of a registered ``attend`` backend."""
     from foveal.kernels.select import BACKENDS
 
-    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str ('auto' or one of {sorted(BACKENDS)}), got {backend!r}")
+    if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
     return backend
 

@@ -167,6 +167,7 @@ class _DualHalf(nn.Module):
         self.drop_path = check_probability("drop_path", drop_path)
         mlp_ratio = check_ratio("mlp_ratio", mlp_ratio)
         ffn = check_bool("ffn", ffn)
+        cpe_act = check_bool("cpe_act", cpe_act)
         self.cpe1 = ConvPosEnc(self.dim, 3, cpe_act)
         self.norm1 = nn.LayerNorm(self.dim)
         self.attn = attn

@@ -60,9 +60,9 @@ def select_top(scores: torch.Tensor, count: int, include_cls: bool = True) -> to
 
 
 def _unit_float(name: str, value, closed: bool = False) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, numbers.Real)
-    ok = ok and (0.0 <= value <= 1.0 if closed else 0.0 < value <= 1.0)
-    if not ok:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not (0.0 <= value <= 1.0 if closed else 0.0 < value <= 1.0):
         interval = "[0, 1]" if closed else "(0, 1]"
         raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
     return float(value)
@@ -77,9 +77,10 @@ def _check_maps(attn_maps) -> list[torch.Tensor]:
     maps = list(attn_maps)
     first = maps[0]
     for i, a in enumerate(maps):
-        if not isinstance(a, torch.Tensor) or a.dim() not in (3, 4) or a.shape[-1] != a.shape[-2]:
-            got = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
-            raise ValueError(f"attn_maps[{i}] must be (B, H, N, N) or (B, N, N), got {got}")
+        if not isinstance(a, torch.Tensor):
+            raise TypeError(f"attn_maps[{i}] must be a torch.Tensor (B, H, N, N) or (B, N, N), got {type(a).__name__}")
+        if a.dim() not in (3, 4) or a.shape[-1] != a.shape[-2]:
+            raise ValueError(f"attn_maps[{i}] must be (B, H, N, N) or (B, N, N), got {tuple(a.shape)}")
         if a.shape[0] != first.shape[0] or a.shape[-1] != first.shape[-1]:
             raise ValueError(
                 f"attn_maps[{i}] has shape {tuple(a.shape)} but attn_maps[0] has {tuple(first.shape)}: "
