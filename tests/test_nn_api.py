@@ -54,12 +54,14 @@ def _maps(b, n):
 
 #: name -> (constructor kwargs of a small instance, builder of a valid forward call (args, kwargs))
 EXAMPLES = {
-    "NeighborhoodAttention1D": (dict(embed_dim=8, num_heads=2, kernel_size=3), lambda: ((torch.randn(2, 6, 8),), {})),
+    "NeighborhoodAttention1D": (dict(embed_dim=8, num_heads=2, kernel_size=3),
+                                lambda: ((torch.randn(2, 6, 8),), {})),
     "NeighborhoodAttention2D": (dict(embed_dim=8, num_heads=2, kernel_size=3),
                                 lambda: ((torch.randn(2, 5, 5, 8),), {})),
     "NeighborhoodAttention3D": (dict(embed_dim=8, num_heads=2, kernel_size=3),
                                 lambda: ((torch.randn(1, 4, 4, 4, 8),), {})),
-    "WindowAttention": (dict(dim=8, num_heads=2, window_size=2, shift_size=1), lambda: ((torch.randn(2, 4, 4, 8),), {})),
+    "WindowAttention": (dict(dim=8, num_heads=2, window_size=2, shift_size=1),
+                        lambda: ((torch.randn(2, 4, 4, 8),), {})),
     "MultiAxisAttention": (dict(dim=8, num_heads=2, partition_size=2), lambda: ((torch.randn(2, 4, 4, 8),), {})),
     "MaxViTBlock": (dict(dim=8, num_heads=2, partition_size=2), lambda: ((torch.randn(2, 4, 4, 8),), {})),
     "MBConv": (dict(dim=8), lambda: ((torch.randn(2, 8, 4, 4),), {})),
@@ -92,7 +94,8 @@ EXAMPLES = {
         lambda: ((torch.randn(5, 8), torch.tensor([[1, -1], [0, 2], [4, 3], [2, 2], [-1, -1]])),
                  dict(context=torch.randn(5, 8))),
     ),
-    "CoreContextAttention": (dict(dim=8, num_heads=2, group_size=2, window_size=2), lambda: ((torch.randn(2, 6, 8),), {})),
+    "CoreContextAttention": (dict(dim=8, num_heads=2, group_size=2, window_size=2),
+                             lambda: ((torch.randn(2, 6, 8),), {})),
 }
 
 NAMES = sorted(MODULES)
