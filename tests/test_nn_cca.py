@@ -28,7 +28,7 @@ def visible(t, n, g, s):
 def cca_reference(m, x):
     """Dense CCA: qkv, core tokens by per-group softmax pooling, per-query joint softmax, proj (float32)."""
     b, n, c = x.shape
-    h, g, s = m.num_heads, m.group_size, m.window
+    h, g, s = m.num_heads, m.group_size, m.window_size
     x = x.float()
     qkv = torch.nn.functional.linear(x, m.qkv.weight.float(), None if m.qkv.bias is None else m.qkv.bias.float())
     q, k, v = qkv.reshape(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4)
@@ -55,7 +55,7 @@ def test_forward_and_backward_match_the_dense_definition(seed):
     g = rng.randint(2, 6)
     s = rng.choice([0, g, rng.randint(1, 9)])
     n = rng.randint(3 * g, 50)
-    m = CoreContextAttention(24, 3, group_size=g, window=s, qkv_bias=seed % 2 == 0)
+    m = CoreContextAttention(24, 3, group_size=g, window_size=s, qkv_bias=seed % 2 == 0)
     x = torch.randn(2, n, 24, requires_grad=True)
     out, want = m(x), cca_reference(m, x)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
@@ -68,8 +68,8 @@ def test_forward_and_backward_match_the_dense_definition(seed):
 def test_core_tokens_change_the_output():
     # a query far from the start sees core tokens: dropping them (huge window) must change its output
     torch.manual_seed(1)
-    m = CoreContextAttention(16, 2, group_size=4, window=4)
-    wide = CoreContextAttention(16, 2, group_size=4, window=64)
+    m = CoreContextAttention(16, 2, group_size=4, window_size=4)
+    wide = CoreContextAttention(16, 2, group_size=4, window_size=64)
     wide.load_state_dict(m.state_dict())
     x = torch.randn(1, 40, 16)
     assert not torch.allclose(m(x)[:, -1], wide(x)[:, -1], atol=1e-3)
@@ -77,7 +77,7 @@ def test_core_tokens_change_the_output():
 
 
 def test_pattern_is_the_visibility_rule():
-    m = CoreContextAttention(8, 1, group_size=3, window=4)
+    m = CoreContextAttention(8, 1, group_size=3, window_size=4)
     n, g = 23, 3
     p = m.pattern(n)
     assert (p.n_q, p.n_kv) == (n, n + n // g)
@@ -91,8 +91,8 @@ def test_pattern_is_the_visibility_rule():
 
 def test_bfloat16_forward_and_backward():
     torch.manual_seed(2)
-    mb = CoreContextAttention(32, 4, group_size=4, window=6).to(torch.bfloat16)
-    m = CoreContextAttention(32, 4, group_size=4, window=6)
+    mb = CoreContextAttention(32, 4, group_size=4, window_size=6).to(torch.bfloat16)
+    m = CoreContextAttention(32, 4, group_size=4, window_size=6)
     m.load_state_dict({k: v.float() for k, v in mb.state_dict().items()})  # the same (rounded) weights
     xb = torch.randn(2, 37, 32, dtype=torch.bfloat16, requires_grad=True)
     x = xb.detach().float().requires_grad_()
@@ -113,7 +113,7 @@ def test_bfloat16_forward_and_backward():
 
 def test_torch_compile_eager():
     torch.manual_seed(3)
-    m = CoreContextAttention(16, 2, group_size=4, window=4)
+    m = CoreContextAttention(16, 2, group_size=4, window_size=4)
     x = torch.randn(1, 20, 16)
     want = m(x)  # eager first: the pattern and its plan are cached, dynamo traces only the tensor work
     torch.testing.assert_close(torch.compile(m, backend="eager")(x), want)
@@ -130,7 +130,7 @@ def test_errors():
         CoreContextAttention(16, 2, backend="fast")
     with pytest.raises(TypeError, match="qk_scale must be a number or None, got '1'"):
         CoreContextAttention(16, 2, qk_scale="1")
-    m = CoreContextAttention(16, 2, group_size=4, window=8)
+    m = CoreContextAttention(16, 2, group_size=4, window_size=8)
     with pytest.raises(ValueError, match=r"expects \(batch, tokens, dim\), got shape \(5, 16\)"):
         m(torch.randn(5, 16))
     with pytest.raises(ValueError, match="x has 8 channels but dim is 16"):

@@ -62,7 +62,6 @@ def _case(seed):
     heads = rng.choice([1, 2])
     kwargs = dict(
         grid_ratios=tuple(ratios),
-        embed_dim=8 * heads,
         scale_token=rng.random() < 0.7,
         region_token=rng.randint(0, 1),
         patch_kernel_size=rng.choice([None, 2] + ([3] if min(regions) >= 3 else [])),
@@ -74,13 +73,13 @@ def _case(seed):
 def test_matches_dense_forward_and_backward(seed):
     dims, heads, regions, kwargs = _case(seed)
     torch.manual_seed(seed)
-    m = ScaleWiseAttention(dims, heads, **kwargs)
+    m = ScaleWiseAttention(8 * heads, heads, dims, **kwargs)
     maps = [
         torch.randn(2, regions[0] * r, regions[1] * r, c, requires_grad=True)
         for c, r in zip(dims, kwargs["grid_ratios"])
     ]
     out, want = m(maps), dense_duoformer(m, maps)
-    assert out.shape == (2, *regions, m.embed_dim)
+    assert out.shape == (2, *regions, m.dim)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     g = torch.randn_like(out)
     params = maps + list(m.parameters())
@@ -93,41 +92,41 @@ def test_matches_dense_forward_and_backward(seed):
 
 
 def test_default_backbone_layout_bfloat16_compile_and_patterns():
-    m = ScaleWiseAttention((4, 8, 16), 2)  # stages fine to coarse: grids 4×, 2×, 1× the regions
+    m = ScaleWiseAttention(16, 2, (4, 8, 16))  # stages fine to coarse: grids 4×, 2×, 1× the regions
     assert m.grid_ratios == (4, 2, 1) and m.tokens == 1 + 16 + 4 + 1
     maps = [torch.randn(2, 8, 12, 4), torch.randn(2, 4, 6, 8), torch.randn(2, 2, 3, 16)]
     want = dense_duoformer(m, maps)
     torch.testing.assert_close(torch.compile(m, backend="eager")(maps), want, atol=1e-5, rtol=1e-5)
-    mb = ScaleWiseAttention((4, 8, 16), 2).to(torch.bfloat16)
+    mb = ScaleWiseAttention(16, 2, (4, 8, 16)).to(torch.bfloat16)
     mb.load_state_dict(m.state_dict())
     out = mb([x.bfloat16() for x in maps])
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), want, atol=0.05, rtol=0.05)
     assert m.pattern((2, 3)) == Full(6)
     assert m.scale_pattern(6, 22) == Window((132,), 22)
-    assert ScaleWiseAttention((4, 8), 2, patch_kernel_size=3).pattern((4, 5)) == Neighborhood((4, 5), 3)
+    assert ScaleWiseAttention(8, 2, (4, 8), patch_kernel_size=3).pattern((4, 5)) == Neighborhood((4, 5), 3)
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="embed_dim must be divisible by num_heads, got 10 and 4"):
-        ScaleWiseAttention((8, 10), 4)
-    with pytest.raises(TypeError, match="dims must be a non-empty sequence of ints"):
-        ScaleWiseAttention(8, 2)
+    with pytest.raises(ValueError, match="dim must be divisible by num_heads, got 10 and 4"):
+        ScaleWiseAttention(10, 4, (8, 10))
+    with pytest.raises(TypeError, match="in_dims must be a non-empty sequence of ints"):
+        ScaleWiseAttention(8, 2, 8)
     with pytest.raises(ValueError, match=r"grid_ratios must have one entry per map \(2\), got \(1,\)"):
-        ScaleWiseAttention((8, 8), 2, grid_ratios=(1,))
+        ScaleWiseAttention(8, 2, (8, 8), grid_ratios=(1,))
     with pytest.raises(ValueError, match="region_token must be < the 3 tokens per region, got 3"):
-        ScaleWiseAttention((8, 8), 2, grid_ratios=(1, 1), region_token=3)
+        ScaleWiseAttention(8, 2, (8, 8), grid_ratios=(1, 1), region_token=3)
     with pytest.raises(ValueError, match="backend must be 'auto' or one of .* got 'fast'"):
-        ScaleWiseAttention((8, 8), 2, backend="fast")
-    m = ScaleWiseAttention((4, 8), 2)
+        ScaleWiseAttention(8, 2, (8, 8), backend="fast")
+    m = ScaleWiseAttention(8, 2, (4, 8))
     with pytest.raises(ValueError, match="expected 2 feature maps"):
         m([torch.randn(2, 4, 4, 4)])
-    with pytest.raises(ValueError, match=r"maps\[1\] has 4 channels but dims\[1\] is 8"):
+    with pytest.raises(ValueError, match=r"maps\[1\] has 4 channels but in_dims\[1\] is 8"):
         m([torch.randn(2, 4, 4, 4), torch.randn(2, 2, 2, 4)])
     with pytest.raises(ValueError, match=r"maps\[0\] must have grid_ratios\[0\]=2 times the region grid \(2, 2\)"):
         m([torch.randn(2, 5, 4, 4), torch.randn(2, 2, 2, 8)])
     with pytest.raises(ValueError, match=r"kernel_size\[0\]=3 > grid\[0\]=2"):
-        ScaleWiseAttention((4, 8), 2, patch_kernel_size=3)([torch.randn(2, 4, 6, 4), torch.randn(2, 2, 3, 8)])
+        ScaleWiseAttention(8, 2, (4, 8), patch_kernel_size=3)([torch.randn(2, 4, 6, 4), torch.randn(2, 2, 3, 8)])
 
 
 def _rel(a, b):
@@ -138,8 +137,8 @@ def _rel(a, b):
 def test_bfloat16_forward_and_backward_against_dense():
     """bf16 module against the float32 dense reference on the same (rounded) weights and maps."""
     torch.manual_seed(6)
-    mb = ScaleWiseAttention((4, 8), 2, embed_dim=16, patch_kernel_size=3).to(torch.bfloat16)
-    m = ScaleWiseAttention((4, 8), 2, embed_dim=16, patch_kernel_size=3)
+    mb = ScaleWiseAttention(16, 2, (4, 8), patch_kernel_size=3).to(torch.bfloat16)
+    m = ScaleWiseAttention(16, 2, (4, 8), patch_kernel_size=3)
     m.load_state_dict({k: v.float() for k, v in mb.state_dict().items()})
     maps_b = [torch.randn(2, 6, 8, 4, dtype=torch.bfloat16), torch.randn(2, 3, 4, 8, dtype=torch.bfloat16)]
     maps_b = [t.requires_grad_() for t in maps_b]

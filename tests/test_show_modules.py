@@ -118,7 +118,7 @@ def test_module_pattern_errors():
         module_pattern(parse_module("FocalModulation(dim=16)"), (8, 8))
     with pytest.raises(TypeError, match="has no pattern"):
         module_pattern(torch.nn.Linear(4, 4), (8, 8))
-    cca = parse_module("CoreContextAttention(dim=16, num_heads=2, group_size=4, window=8)")
+    cca = parse_module("CoreContextAttention(dim=16, num_heads=2, group_size=4, window_size=8)")
     with pytest.raises(ValueError, match=r"CoreContextAttention.pattern takes a number of tokens n .* grid \(8, 8\)"):
         module_pattern(cca, (8, 8))
     maxvit = parse_module("MultiAxisAttention(dim=16, num_heads=2, partition_size=4)")

@@ -1,7 +1,8 @@
 """A tiny transformer whose attention runs under a foveal pattern, for the language-model quality benchmark.
 
 Token embedding → ``depth`` pre-norm blocks (pattern attention with rotary positions, MLP)
-→ linear head, all through ``foveal.functional.attend`` so the pattern is the only thing
+→ linear head, all through ``foveal.functional.attend`` (as ``foveal.nn`` calls it: opaque to
+``torch.compile``) so the pattern is the only thing
 that differs between contenders. ``EncoderDecoder`` adds a cross-attention block whose
 pattern is a cross pattern (``n_q != n_kv`` allowed). ``AttentionOnly`` is the one-layer
 multi-head softmax attention used for in-context linear regression.
@@ -14,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from foveal.functional import attend
+from foveal.nn._common import attend_opaque
 from foveal.patterns import Pattern
 
 __all__ = ["rotary", "TinyLM", "EncoderDecoder", "AttentionOnly"]
@@ -52,7 +53,7 @@ class Attention(nn.Module):
             # bottom-right alignment, as the cross patterns: query i sits at key position i + m − n
             q = rotary(q, torch.arange(n, device=x.device) + (m - n))
             k = rotary(k, torch.arange(m, device=x.device))
-        out = attend(q, k, v, pattern)
+        out = attend_opaque(q, k, v, pattern)
         return self.out(out.transpose(1, 2).reshape(b, n, c))
 
 
@@ -140,5 +141,5 @@ class AttentionOnly(nn.Module):
         b, n, _ = tokens.shape
         h = self.inp(tokens)
         q, k, v = self.qkv(h).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        a = attend(q, k, v, self.pattern_fn(n)).transpose(1, 2).reshape(b, n, -1)
+        a = attend_opaque(q, k, v, self.pattern_fn(n)).transpose(1, 2).reshape(b, n, -1)
         return self.out(h + a)[:, -1, 0]

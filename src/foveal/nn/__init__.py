@@ -2,7 +2,10 @@
 
 One file per family; images and volumes are channels-last ``(B, *grid, C)``. Attention
 modules expose ``pattern(grid)``, the foveal pattern they attend under
-(``foveal show --module`` draws it).
+(``foveal show --module`` draws it). Constructors follow one order,
+``(dim, num_heads, <the paper's arguments>, qkv_bias, qk_scale, attn_drop, proj_drop,
+drop_path, backend)`` (NATTEN's drop-ins keep NATTEN's), and check every argument
+(``tests/test_nn_api.py``; the README's modules section).
 """
 
 from foveal.nn.cca import CoreContextAttention

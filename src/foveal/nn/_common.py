@@ -1,26 +1,35 @@
-"""Helpers shared by the modules of ``foveal.nn``: argument checks, stochastic depth, an opaque ``attend``.
+"""Helpers shared by the modules of ``foveal.nn``: argument checks, stochastic depth, an opaque ``attend``,
+one bounded cache of the patterns modules attend under.
 
 Every check raises before any work, with a message that names the argument, the value
-given and what is allowed.
+given and what is allowed (``TypeError`` for the wrong kind, ``ValueError`` for the wrong
+value). Every module of ``foveal.nn`` calls ``attend`` through ``attend_opaque`` and
+gets its patterns from ``cached_pattern``.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
 
 from foveal._checks import positive_int
+from foveal.cache import LRU
 from foveal.functional import attend
 
 __all__ = [
     "attend_opaque",
+    "cached_pattern",
     "init_attention",
     "check_backend",
+    "check_bool",
+    "check_input",
     "check_channels_last",
     "check_heads",
     "check_no_attn_drop",
     "check_probability",
+    "check_ratio",
     "drop_path",
     "qk_scale_or_default",
 ]
@@ -29,6 +38,20 @@ __all__ = [
 # (tracing them only adds graph breaks and seconds of compile time) and the flex
 # backend compiles its own kernel. The projections around it are compiled as usual.
 attend_opaque = torch.compiler.disable(attend)
+
+#: the patterns of every module, keyed by how they are built (patterns are values: equal
+#: arguments give equal patterns, so modules with the same geometry share one entry)
+PATTERNS = LRU("foveal.nn patterns", maxsize=256)
+
+
+def cached_pattern(build, *args, **kwargs):
+    """``build(*args, **kwargs)`` (a pattern), built once per distinct arguments and kept in one bounded LRU.
+
+    The arguments must be hashable (ints, tuples, strings, patterns); a build that raises
+    stores nothing.
+    """
+    key = (build, args, tuple(sorted(kwargs.items())))
+    return PATTERNS.get(key, lambda: build(*args, **kwargs))
 
 
 def check_heads(dim, num_heads, dim_name: str = "dim") -> tuple[int, int]:
@@ -44,9 +67,27 @@ def check_backend(backend) -> str:
     """``"auto"`` or the name of a registered ``attend`` backend."""
     from foveal.kernels.select import BACKENDS
 
-    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str ('auto' or one of {sorted(BACKENDS)}), got {backend!r}")
+    if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
     return backend
+
+
+def check_bool(name: str, value) -> bool:
+    """A flag: ``True`` or ``False`` only (not 0/1, not None)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def check_input(name: str, x, who: str) -> torch.Tensor:
+    """Refuse a ``forward`` input that is not a floating tensor (``TypeError``), before any work."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{who}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{who}: {name} must be a floating-point tensor, got dtype {x.dtype}")
+    return x
 
 
 def check_no_attn_drop(attn_drop) -> None:
@@ -68,21 +109,33 @@ def check_probability(name: str, value) -> float:
     return float(value)
 
 
+def check_ratio(name: str, value) -> float:
+    """A positive width ratio (expansion, MLP, squeeze-excitation)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0.0, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
 def qk_scale_or_default(qk_scale, head_dim: int) -> float:
     """The score scale: ``qk_scale`` if given (a positive number), else ``head_dim ** -0.5``."""
     if qk_scale is None:
         return head_dim**-0.5
     if isinstance(qk_scale, bool) or not isinstance(qk_scale, numbers.Real):
         raise TypeError(f"qk_scale must be a number or None, got {qk_scale!r} ({type(qk_scale).__name__})")
-    if not qk_scale > 0:
+    if not qk_scale > 0:  # 0 is refused, never read as "use the default"
         raise ValueError(f"qk_scale must be > 0 (or None for head_dim ** -0.5), got {qk_scale!r}")
+    if not math.isfinite(qk_scale):
+        raise ValueError(f"qk_scale must be finite (or None for head_dim ** -0.5), got {qk_scale!r}")
     return float(qk_scale)
 
 
 def check_channels_last(x, dim: int, who: str, ndim: int | None = 4, layout: str = "(batch, height, width, dim)"):
     """Refuse anything but a tensor of ``ndim`` dimensions (at least 3 when None) whose last axis is ``dim``."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    check_input("x", x, who)
     if (x.dim() != ndim) if ndim is not None else (x.dim() < 3):
         raise ValueError(f"{who} expects {layout}, got shape {tuple(x.shape)}")
     if x.shape[-1] != dim:
@@ -97,6 +150,7 @@ def init_attention(module, dim, num_heads, qkv_bias, qk_scale=None, proj_drop=0.
     registered in that order (timm's ``Attention`` state-dict keys).
     """
     dim, num_heads = check_heads(dim, num_heads)
+    qkv_bias = check_bool("qkv_bias", qkv_bias)
     scale = qk_scale_or_default(qk_scale, dim // num_heads)
     proj_drop = check_probability("proj_drop", proj_drop)
     module.backend = check_backend(backend)

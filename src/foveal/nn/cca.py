@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from foveal._checks import positive_int
-from foveal.nn._common import attend_opaque, check_channels_last, init_attention
+from foveal.nn._common import attend_opaque, cached_pattern, check_bool, check_channels_last, init_attention
 from foveal.patterns.algebra import Union
 from foveal.patterns.global_ import FlatPattern, _like
 
@@ -60,14 +60,17 @@ class _LocalKeys(FlatPattern):
         return f"LocalKeys(n={self.n}, groups={self.groups}, group_size={self.group_size}, window={self.window})"
 
 
-def cca_pattern(n: int, group_size: int, window: int) -> Union:
-    """The cross pattern of CCA on ``n`` tokens: ``n`` queries, ``n // group_size`` core keys then ``n`` raw keys."""
+def cca_pattern(n: int, group_size: int, window_size: int) -> Union:
+    """The cross pattern of CCA on ``n`` tokens: ``n`` queries, ``n // group_size`` core keys then ``n`` raw keys.
+
+    ``window_size`` is the paper's local reach ``s``.
+    """
     n = positive_int("n", n)
     group_size = positive_int("group_size", group_size)
-    window = positive_int("window", window, minimum=0)
+    window_size = positive_int("window_size", window_size, minimum=0)
     groups = n // group_size
-    local = _LocalKeys(n, groups, group_size, window)
-    return Union(_CoreKeys(n, groups, group_size, window), local) if groups else local
+    local = _LocalKeys(n, groups, group_size, window_size)
+    return Union(_CoreKeys(n, groups, group_size, window_size), local) if groups else local
 
 
 def cca_core_tokens(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: int, scale: float):
@@ -95,38 +98,37 @@ class CoreContextAttention(nn.Module):
 
     Each complete group of ``group_size`` tokens becomes one core key/value (globality-aware
     pooling weighted by its last token's query); token ``t`` attends to the raw keys of its
-    locality window (``((t+1) mod group_size) + window`` tokens back, itself included) and to
+    locality window (``((t+1) mod group_size) + window_size`` tokens back, itself included) and to
     the core tokens of all earlier groups outside that window, in a single ``attend`` call
     whose keys are ``[core; raw]``. Input and output are (batch, tokens, dim).
 
     Chen et al., "Core Context Aware Transformers for Long Context Language Modeling" (2025).
 
     Parameters: ``dim`` channels; ``num_heads`` heads (``dim`` divisible by it);
-    ``group_size`` tokens per core token (16, the paper's g); ``window`` the local reach s
-    (1024, the paper's); ``causal`` must be True (CCA is defined for causal language
+    ``group_size`` tokens per core token (16, the paper's g); ``window_size`` the local reach
+    s (1024, the paper's); ``causal`` must be True (CCA is defined for causal language
     modelling); ``qkv_bias``; ``qk_scale`` (default ``head_dim ** -0.5``); ``proj_drop``;
     ``backend`` as in ``attend``.
     """
 
-    def __init__(self, dim: int, num_heads: int, group_size: int = 16, window: int = 1024, causal: bool = True,
+    def __init__(self, dim: int, num_heads: int, group_size: int = 16, window_size: int = 1024, causal: bool = True,
                  qkv_bias: bool = False, qk_scale: float | None = None, proj_drop: float = 0.0,
                  backend: str = "auto"):
         super().__init__()
         self.group_size = positive_int("group_size", group_size)
-        self.window = positive_int("window", window, minimum=0)
+        self.window_size = positive_int("window_size", window_size, minimum=0)
+        check_bool("causal", causal)
         if causal is not True:
             raise ValueError(
                 f"causal must be True: CCA-Attention is defined for causal language modelling, got {causal!r}"
             )
         init_attention(self, dim, num_heads, qkv_bias, qk_scale, proj_drop, backend)
-        self._patterns: dict[int, Union] = {}
 
     def pattern(self, n) -> Union:
         """The cross pattern this module uses on ``n`` tokens (``n`` queries; ``n // group_size + n`` keys)."""
         n = n[0] if isinstance(n, (tuple, list)) and len(n) == 1 else n
-        if n not in self._patterns:
-            self._patterns[n] = cca_pattern(n, self.group_size, self.window)
-        return self._patterns[n]
+        n = positive_int("n", n)
+        return cached_pattern(cca_pattern, n, self.group_size, self.window_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: (batch, tokens, dim); returns the same shape."""
@@ -141,5 +143,6 @@ class CoreContextAttention(nn.Module):
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, num_heads={self.num_heads}, group_size={self.group_size}, window={self.window}, "
+        return (f"dim={self.dim}, num_heads={self.num_heads}, group_size={self.group_size}, "
+                f"window_size={self.window_size}, "
                 f"causal=True")

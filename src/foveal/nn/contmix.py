@@ -12,7 +12,7 @@ from torch import nn
 
 from foveal._checks import positive_int
 from foveal.functional_na import na_av
-from foveal.nn._common import check_channels_last, check_probability, qk_scale_or_default
+from foveal.nn._common import cached_pattern, check_bool, check_channels_last, check_probability, qk_scale_or_default
 from foveal.patterns import Neighborhood
 
 __all__ = ["ContMix", "contmix_rpb_index"]
@@ -68,9 +68,10 @@ class ContMix(nn.Module):
     branch (``dim`` must be divisible by ``2·num_heads``); ``kernel_size`` the large
     dynamic kernel (7); ``region`` side of the pooled context (7);
     ``smk_size`` the small kernel (5); ``ctx_dim`` channels of ``context`` (default
-    ``dim``); ``qk_scale`` overrides the affinity scale; ``rel_pos_bias`` adds the
-    ``(2k−1)²`` per-head tables ``rpb1`` (small) and ``rpb2`` (large), zero-initialised
-    as in the reference; ``proj_drop`` dropout after the projection.
+    ``dim``); ``rel_pos_bias`` adds the ``(2k−1)²`` per-head tables ``rpb1`` (small) and
+    ``rpb2`` (large), zero-initialised as in the reference; ``qk_scale`` overrides the
+    affinity scale; ``proj_drop`` dropout after the projection. No ``backend``: the
+    aggregation is ``na_av``, not ``attend``.
     """
 
     def __init__(
@@ -81,8 +82,8 @@ class ContMix(nn.Module):
         region: int = 7,
         smk_size: int = 5,
         ctx_dim: int | None = None,
-        qk_scale: float | None = None,
         rel_pos_bias: bool = True,
+        qk_scale: float | None = None,
         proj_drop: float = 0.0,
     ):
         super().__init__()
@@ -107,7 +108,7 @@ class ContMix(nn.Module):
         self.weight_proj = nn.Linear(region * region, smk_size**2 + kernel_size**2)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        if rel_pos_bias:
+        if check_bool("rel_pos_bias", rel_pos_bias):
             self.rpb1 = nn.Parameter(torch.zeros(num_heads, 2 * smk_size - 1, 2 * smk_size - 1))
             self.rpb2 = nn.Parameter(torch.zeros(num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1))
         else:
@@ -116,7 +117,7 @@ class ContMix(nn.Module):
 
     def pattern(self, grid) -> Neighborhood:
         """The neighbourhood of the large dynamic kernel on ``grid`` (the small one is nested in it)."""
-        return Neighborhood(tuple(grid), self.kernel_size)
+        return cached_pattern(Neighborhood, tuple(int(g) for g in grid), self.kernel_size)
 
     def _check(self, x, context):
         check_channels_last(x, self.dim, type(self).__name__)

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from foveal._checks import positive_int
-from foveal.nn._common import attend_opaque, check_backend, check_channels_last
+from foveal.nn._common import attend_opaque, cached_pattern, check_backend, check_channels_last
 from foveal.patterns import Full
 
 __all__ = ["PositionAttention", "ChannelAffinityAttention", "channel_affinity_attention"]
@@ -56,14 +56,10 @@ class PositionAttention(nn.Module):
         self.key_conv = nn.Conv2d(dim, dim // reduction, 1)
         self.value_conv = nn.Conv2d(dim, dim, 1)
         self.gamma = nn.Parameter(torch.zeros(1))
-        self._patterns: dict[tuple[int, ...], Full] = {}
 
     def pattern(self, grid) -> Full:
-        """The pattern this module attends over on ``grid``: ``Full`` (cached per grid, with its kernel plan)."""
-        grid = tuple(grid)
-        if grid not in self._patterns:
-            self._patterns[grid] = Full(grid)
-        return self._patterns[grid]
+        """The pattern this module attends over on ``grid``: ``Full`` (from the shared bounded cache)."""
+        return cached_pattern(Full, tuple(int(g) for g in grid))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: (B, *grid, dim), channels last; returns the same shape."""

@@ -15,10 +15,13 @@ from torch.nn import functional as F
 from foveal._checks import positive_int
 from foveal.nn._common import (
     attend_opaque,
+    cached_pattern,
     check_backend,
+    check_bool,
     check_channels_last,
     check_heads,
     check_probability,
+    check_ratio,
     drop_path,
 )
 from foveal.patterns import Window
@@ -58,17 +61,18 @@ class ChannelAttention(nn.Module):
     result does not depend on where the tokens sit. Cost O(N·C²/heads), linear in N.
     Ding et al., "DaViT: Dual Attention Vision Transformers" (ECCV 2022).
 
-    Parameters: ``dim``; ``num_heads`` (channel groups, must divide ``dim``); ``qkv_bias``;
-    ``v2``; ``dynamic_scale`` (v2 only). State-dict keys: ``qkv``, ``proj``.
+    Parameters: ``dim``; ``num_heads`` (channel groups, must divide ``dim``); ``v2``;
+    ``dynamic_scale`` (v2 only); ``qkv_bias``. State-dict keys: ``qkv``, ``proj``.
     """
 
     def __init__(
-        self, dim: int, num_heads: int = 8, qkv_bias: bool = False, v2: bool = False, dynamic_scale: bool = True
+        self, dim: int, num_heads: int = 8, v2: bool = False, dynamic_scale: bool = True, qkv_bias: bool = False
     ):
         super().__init__()
         self.dim, self.num_heads = check_heads(dim, num_heads)
         self.head_dim = self.dim // self.num_heads
-        self.v2, self.dynamic_scale = bool(v2), bool(dynamic_scale)
+        self.v2, self.dynamic_scale = check_bool("v2", v2), check_bool("dynamic_scale", dynamic_scale)
+        qkv_bias = check_bool("qkv_bias", qkv_bias)
         self.qkv = nn.Linear(self.dim, 3 * self.dim, bias=qkv_bias)
         self.proj = nn.Linear(self.dim, self.dim)
 
@@ -93,7 +97,8 @@ class ConvPosEnc(nn.Module):
     """DaViT's convolutional position encoding: ``x + act(DWConv_k(x))`` on (B, H, W, dim), channels last.
 
     A depth-wise ``k×k`` conv with bias (``proj``), zero padding ``k // 2``; ``act`` adds a
-    GELU. Ding et al., "DaViT" (2022); Chu et al., "Conditional Positional Encodings" (2021).
+    GELU. Not an attention module: it keeps timm's argument names (``k``, ``act``).
+    Ding et al., "DaViT" (2022); Chu et al., "Conditional Positional Encodings" (2021).
     """
 
     def __init__(self, dim: int, k: int = 3, act: bool = False):
@@ -101,10 +106,14 @@ class ConvPosEnc(nn.Module):
         dim, k = positive_int("dim", dim), positive_int("k", k)
         if k % 2 == 0:
             raise ValueError(f"k must be odd (the map keeps its size), got {k}")
+        act = check_bool("act", act)
+        self.dim = dim
         self.proj = nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim)
         self.activation = nn.GELU() if act else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: (B, H, W, dim), channels last; returns the same shape."""
+        check_channels_last(x, self.dim, type(self).__name__)
         feat = self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return x + self.activation(feat)
 
@@ -132,15 +141,11 @@ class _WindowAttention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self._patterns: dict[tuple[int, int], Window] = {}
 
     def pattern(self, grid) -> Window:
-        """The ``Window`` pattern on ``grid`` padded up to whole windows (cached with its kernel plan)."""
+        """The ``Window`` pattern on ``grid`` padded up to whole windows (shared bounded cache)."""
         w = self.window_size
-        padded = tuple(-(-g // w) * w for g in grid)
-        if padded not in self._patterns:
-            self._patterns[padded] = Window(padded, w)
-        return self._patterns[padded]
+        return cached_pattern(Window, tuple(-(-int(g) // w) * w for g in grid), w)
 
     def forward(self, x):
         b, h, w, c = x.shape
@@ -158,8 +163,11 @@ class _WindowAttention(nn.Module):
 class _DualHalf(nn.Module):
     """Half a DaViT block: ``cpe1`` → pre-norm ``attn`` + residual → ``cpe2`` → pre-norm ``mlp`` + residual."""
 
-    def _init_half(self, mlp_ratio, drop_path, ffn, cpe_act, attn: nn.Module) -> None:
+    def _init_half(self, mlp_ratio, ffn, cpe_act, drop_path, attn: nn.Module) -> None:
         self.drop_path = check_probability("drop_path", drop_path)
+        mlp_ratio = check_ratio("mlp_ratio", mlp_ratio)
+        ffn = check_bool("ffn", ffn)
+        cpe_act = check_bool("cpe_act", cpe_act)
         self.cpe1 = ConvPosEnc(self.dim, 3, cpe_act)
         self.norm1 = nn.LayerNorm(self.dim)
         self.attn = attn
@@ -186,18 +194,19 @@ class SpatialBlock(_DualHalf):
     of the window is padded with zero tokens after ``norm1`` (they take part as keys) and
     cropped, as in DaViT. Channels-last (B, H, W, dim). Ding et al., "DaViT" (ECCV 2022).
     Parameters: ``dim``, ``num_heads``, ``window_size`` (7), ``mlp_ratio`` (4),
-    ``qkv_bias`` (True), ``drop_path``, ``ffn`` (with MLP), ``cpe_act``, ``backend``.
+    ``ffn`` (with MLP), ``cpe_act``, ``qkv_bias`` (True), ``drop_path``, ``backend``.
     """
 
     def __init__(
-        self, dim, num_heads, window_size=7, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, ffn=True, cpe_act=False,
+        self, dim, num_heads, window_size=7, mlp_ratio=4.0, ffn=True, cpe_act=False, qkv_bias=True, drop_path=0.0,
         backend: str = "auto",
     ):
         super().__init__()
         self.dim, self.num_heads = check_heads(dim, num_heads)
         self.window_size = positive_int("window_size", window_size)
+        qkv_bias = check_bool("qkv_bias", qkv_bias)
         attn = _WindowAttention(self.dim, self.num_heads, self.window_size, qkv_bias, check_backend(backend))
-        self._init_half(mlp_ratio, drop_path, ffn, cpe_act, attn)
+        self._init_half(mlp_ratio, ffn, cpe_act, drop_path, attn)
 
     def pattern(self, grid) -> Window:
         """The ``Window`` pattern used on ``grid`` (after padding to whole windows)."""
@@ -208,15 +217,15 @@ class ChannelBlock(_DualHalf):
     """DaViT channel block: ``cpe1`` → pre-norm channel attention + residual → ``cpe2`` → pre-norm MLP + residual.
 
     Channels-last (B, H, W, dim). Ding et al., "DaViT" (ECCV 2022). Parameters: ``dim``,
-    ``num_heads``, ``mlp_ratio`` (4), ``qkv_bias`` (True), ``drop_path``, ``ffn``,
-    ``cpe_act``, ``v2`` (``ChannelAttention``'s variant).
+    ``num_heads``, ``mlp_ratio`` (4), ``ffn``, ``cpe_act``, ``v2`` (``ChannelAttention``'s
+    variant), ``qkv_bias`` (True), ``drop_path``.
     """
 
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, ffn=True, cpe_act=False, v2=False):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, ffn=True, cpe_act=False, v2=False, qkv_bias=True, drop_path=0.0):
         super().__init__()
         self.dim, self.num_heads = check_heads(dim, num_heads)
-        attn = ChannelAttention(self.dim, self.num_heads, qkv_bias, v2=v2)
-        self._init_half(mlp_ratio, drop_path, ffn, cpe_act, attn)
+        attn = ChannelAttention(self.dim, self.num_heads, v2=v2, qkv_bias=qkv_bias)
+        self._init_half(mlp_ratio, ffn, cpe_act, drop_path, attn)
 
 
 class DaViTBlock(nn.Sequential):
@@ -230,17 +239,17 @@ class DaViTBlock(nn.Sequential):
     (ECCV 2022).
 
     Parameters: ``dim``; ``num_heads`` (used by both halves; must divide ``dim``);
-    ``window_size`` (7); ``mlp_ratio`` (4); ``qkv_bias`` (True); ``drop_path``; ``ffn``;
-    ``cpe_act``; ``v2`` (channel attention variant); ``backend`` for the window attention.
+    ``window_size`` (7); ``mlp_ratio`` (4); ``ffn``; ``cpe_act``; ``v2`` (channel attention
+    variant); ``qkv_bias`` (True); ``drop_path``; ``backend`` for the window attention.
     """
 
     def __init__(
-        self, dim, num_heads, window_size=7, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, ffn=True, cpe_act=False,
-        v2=False, backend: str = "auto",
+        self, dim, num_heads, window_size=7, mlp_ratio=4.0, ffn=True, cpe_act=False, v2=False, qkv_bias=True,
+        drop_path=0.0, backend: str = "auto",
     ):
         super().__init__(
-            SpatialBlock(dim, num_heads, window_size, mlp_ratio, qkv_bias, drop_path, ffn, cpe_act, backend),
-            ChannelBlock(dim, num_heads, mlp_ratio, qkv_bias, drop_path, ffn, cpe_act, v2),
+            SpatialBlock(dim, num_heads, window_size, mlp_ratio, ffn, cpe_act, qkv_bias, drop_path, backend),
+            ChannelBlock(dim, num_heads, mlp_ratio, ffn, cpe_act, v2, qkv_bias, drop_path),
         )
 
     def pattern(self, grid) -> Window:

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from foveal._checks import positive_int
-from foveal.nn._common import attend_opaque, init_attention
+from foveal.nn._common import attend_opaque, cached_pattern, check_input, init_attention
 from foveal.patterns import Full
 
 __all__ = ["GlobalLocalCrossAttention", "PairwiseCrossAttention", "attention_rollout", "select_top"]
@@ -60,9 +60,9 @@ def select_top(scores: torch.Tensor, count: int, include_cls: bool = True) -> to
 
 
 def _unit_float(name: str, value, closed: bool = False) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, numbers.Real)
-    ok = ok and (0.0 <= value <= 1.0 if closed else 0.0 < value <= 1.0)
-    if not ok:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not (0.0 <= value <= 1.0 if closed else 0.0 < value <= 1.0):
         interval = "[0, 1]" if closed else "(0, 1]"
         raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
     return float(value)
@@ -77,9 +77,10 @@ def _check_maps(attn_maps) -> list[torch.Tensor]:
     maps = list(attn_maps)
     first = maps[0]
     for i, a in enumerate(maps):
-        if not isinstance(a, torch.Tensor) or a.dim() not in (3, 4) or a.shape[-1] != a.shape[-2]:
-            got = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
-            raise ValueError(f"attn_maps[{i}] must be (B, H, N, N) or (B, N, N), got {got}")
+        if not isinstance(a, torch.Tensor):
+            raise TypeError(f"attn_maps[{i}] must be a torch.Tensor (B, H, N, N) or (B, N, N), got {type(a).__name__}")
+        if a.dim() not in (3, 4) or a.shape[-1] != a.shape[-2]:
+            raise ValueError(f"attn_maps[{i}] must be (B, H, N, N) or (B, N, N), got {tuple(a.shape)}")
         if a.shape[0] != first.shape[0] or a.shape[-1] != first.shape[-1]:
             raise ValueError(
                 f"attn_maps[{i}] has shape {tuple(a.shape)} but attn_maps[0] has {tuple(first.shape)}: "
@@ -89,9 +90,9 @@ def _check_maps(attn_maps) -> list[torch.Tensor]:
 
 
 def _check_tokens(module: nn.Module, name: str, x) -> None:
-    if not isinstance(x, torch.Tensor) or x.dim() != 3:
-        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{type(module).__name__} expects {name} of shape (batch, tokens, dim), got {got}")
+    check_input(name, x, type(module).__name__)
+    if x.dim() != 3:
+        raise ValueError(f"{type(module).__name__} expects {name} of shape (batch, tokens, dim), got {tuple(x.shape)}")
     if x.shape[-1] != module.dim:
         raise ValueError(f"{name} has {x.shape[-1]} channels but dim is {module.dim}")
 
@@ -139,10 +140,9 @@ class GlobalLocalCrossAttention(_Attention):
     (the paper's GLCA branch classifies from its CLS token); ``residual`` 0.5 is the
     paper's ``0.5·A + 0.5·I``.
 
-    Parameters: ``dim``, ``num_heads``, ``top_ratio``, ``qkv_bias``, ``qk_scale``
-    (default ``head_dim**-0.5``), ``proj_drop``, ``include_cls``, ``residual``,
-    ``backend`` for ``attend``. There is no ``attn_drop``: ``attend`` has no attention
-    dropout.
+    Parameters: ``dim``, ``num_heads``, ``top_ratio``, ``include_cls``, ``residual``,
+    ``qkv_bias``, ``qk_scale`` (default ``head_dim**-0.5``), ``proj_drop``, ``backend``
+    for ``attend``. There is no ``attn_drop``: ``attend`` has no attention dropout.
     """
 
     def __init__(
@@ -150,11 +150,11 @@ class GlobalLocalCrossAttention(_Attention):
         dim: int,
         num_heads: int,
         top_ratio: float = 0.1,
+        include_cls: bool = True,
+        residual: float = 0.5,
         qkv_bias: bool = True,
         qk_scale: float | None = None,
         proj_drop: float = 0.0,
-        include_cls: bool = True,
-        residual: float = 0.5,
         backend: str = "auto",
     ):
         super().__init__(dim, num_heads, qkv_bias, qk_scale, proj_drop, backend)
@@ -171,7 +171,7 @@ class GlobalLocalCrossAttention(_Attention):
     def pattern(self, n: int) -> Full:
         """The pattern on ``n`` tokens: the ``R'`` selected queries against all ``n`` keys."""
         n = positive_int("n", n, minimum=2)
-        return Full(self.num_selected(n) + int(self.include_cls), n_kv=n)
+        return cached_pattern(Full, self.num_selected(n) + int(self.include_cls), n_kv=n)
 
     def forward(self, x, attn_maps=None, *, rollout=None, return_index: bool = False):
         """``x`` (B, N, dim); ``attn_maps`` or ``rollout`` rank the tokens; returns (B, N, dim) (, index)."""
@@ -184,7 +184,7 @@ class GlobalLocalCrossAttention(_Attention):
         qkv = self.qkv(x)
         q = torch.gather(qkv[..., :c], 1, index[..., None].expand(-1, -1, c))
         k, v = qkv[..., c : 2 * c], qkv[..., 2 * c :]
-        pattern = Full(index.shape[1], n_kv=n)
+        pattern = cached_pattern(Full, index.shape[1], n_kv=n)
         out = torch.scatter(x, 1, index[..., None].expand(-1, -1, c), self._attend(q, k, v, pattern).to(x.dtype))
         return (out, index) if return_index else out
 
@@ -248,8 +248,8 @@ class PairwiseCrossAttention(_Attention):
         """The pattern: ``n`` queries against ``n + n_pair`` keys (``Full(n)`` without a pair)."""
         n = positive_int("n", n)
         if n_pair is None:
-            return Full(n)
-        return Full(n, n_kv=n + positive_int("n_pair", n_pair))
+            return cached_pattern(Full, n)
+        return cached_pattern(Full, n, n_kv=n + positive_int("n_pair", n_pair))
 
     def forward(self, x: torch.Tensor, x_pair: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` (B, N, dim); ``x_pair`` (B, N2, dim), used only in training; returns (B, N, dim)."""

@@ -14,7 +14,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from foveal._checks import positive_int
-from foveal.nn._common import attend_opaque, check_backend, check_heads, check_probability, qk_scale_or_default
+from foveal.nn._common import (
+    attend_opaque,
+    cached_pattern,
+    check_backend,
+    check_bool,
+    check_heads,
+    check_input,
+    check_probability,
+    qk_scale_or_default,
+)
 from foveal.patterns import Full, Neighborhood, Window
 from foveal.patterns.base import Pattern
 
@@ -48,7 +57,7 @@ class ScaleWiseAttention(nn.Module):
 
     The feature maps of several backbone stages (channels last; map ``s`` on a grid
     ``grid_ratios[s]`` times the region grid, the grid of the coarsest map) are projected
-    to ``embed_dim``;
+    to ``dim``;
     each region's tokens are its blocks of every map, coarse to fine (1 + 4 + 16 + …
     tokens for stride-2 stages), preceded by a *scale token* (the region's average of
     every map, concatenated and projected: the paper's downsampled hierarchical
@@ -59,8 +68,8 @@ class ScaleWiseAttention(nn.Module):
     returns) then represents the region in *patch attention* (global) across regions —
     ``Full``, or ``Neighborhood(regions, patch_kernel_size)`` for local patch attention.
 
-    Shapes: ``maps`` a list of (B, Rh·g_s, Rw·g_s, dims[s]) with ``g_s = grid_ratios[s]``
-    → (B, Rh, Rw, embed_dim).
+    Shapes: ``maps`` a list of (B, Rh·g_s, Rw·g_s, in_dims[s]) with ``g_s = grid_ratios[s]``
+    → (B, Rh, Rw, dim).
 
     Tang, Zhang, Ho, Knudsen and Tasdizen, "DuoFormer: Leveraging Hierarchical Visual
     Representations by Local and Global Attention" (2024). As in the reference, patch
@@ -69,23 +78,23 @@ class ScaleWiseAttention(nn.Module):
     surrounding block. Token order inside a 2×2 block is row-major here (the reference
     lists one stage column-major; it only permutes the positional embedding).
 
-    Parameters: ``dims`` channels of each map (in the order the maps are passed);
-    ``num_heads`` heads of both attentions; ``embed_dim`` token width (default
-    ``dims[-1]``); ``grid_ratios`` each map's grid over the region grid (default
+    Parameters: ``dim`` token width (the output's channels); ``num_heads`` heads of both
+    attentions; ``in_dims`` channels of each map (in the order the maps are passed);
+    ``grid_ratios`` each map's grid over the region grid (default
     ``(2^(S−1), …, 2, 1)``: backbone stages fine to coarse, stride 2); ``scale_token``
     prepend the pooled scale token; ``region_token``
     which per-region token feeds patch attention (default 1); ``patch_kernel_size``
     None for global patch attention, else a neighbourhood on the region grid;
     ``qkv_bias``; ``qk_scale`` (default ``head_dim ** -0.5``; the reference's
-    ``MultiscaleAttention`` uses ``2 · embed_dim ** -0.5``); ``proj_drop``; ``backend``
-    for ``attend``.
+    ``MultiscaleAttention`` uses ``2 · dim ** -0.5``); ``proj_drop``; ``backend`` for
+    ``attend``.
     """
 
     def __init__(
         self,
-        dims: Sequence[int],
+        dim: int,
         num_heads: int,
-        embed_dim: int | None = None,
+        in_dims: Sequence[int],
         grid_ratios: Sequence[int] | None = None,
         scale_token: bool = True,
         region_token: int = 1,
@@ -96,20 +105,22 @@ class ScaleWiseAttention(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        if isinstance(dims, (int, str)) or not isinstance(dims, Sequence) or len(dims) == 0:
-            raise TypeError(f"dims must be a non-empty sequence of ints (channels of each map), got {dims!r}")
-        self.dims = tuple(positive_int(f"dims[{i}]", d) for i, d in enumerate(dims))
-        self.embed_dim = self.dims[-1] if embed_dim is None else positive_int("embed_dim", embed_dim)
-        self.embed_dim, self.num_heads = check_heads(self.embed_dim, num_heads, "embed_dim")
+        self.dim, self.num_heads = check_heads(dim, num_heads)
+        if isinstance(in_dims, (int, str)) or not isinstance(in_dims, Sequence) or len(in_dims) == 0:
+            raise TypeError(f"in_dims must be a non-empty sequence of ints (channels of each map), got {in_dims!r}")
+        self.in_dims = tuple(positive_int(f"in_dims[{i}]", d) for i, d in enumerate(in_dims))
         if grid_ratios is None:  # backbone order, fine to coarse, stride 2 between stages
-            grid_ratios = tuple(2 ** (len(self.dims) - 1 - s) for s in range(len(self.dims)))
+            grid_ratios = tuple(2 ** (len(self.in_dims) - 1 - s) for s in range(len(self.in_dims)))
         if isinstance(grid_ratios, (int, str)) or not isinstance(grid_ratios, Sequence):
             raise TypeError(f"grid_ratios must be a sequence of ints or None, got {grid_ratios!r}")
-        if len(grid_ratios) != len(self.dims):
-            raise ValueError(f"grid_ratios must have one entry per map ({len(self.dims)}), got {tuple(grid_ratios)!r}")
+        if len(grid_ratios) != len(self.in_dims):
+            raise ValueError(
+                f"grid_ratios must have one entry per map ({len(self.in_dims)}), got {tuple(grid_ratios)!r}"
+            )
         self.grid_ratios = tuple(positive_int(f"grid_ratios[{i}]", r) for i, r in enumerate(grid_ratios))
         if min(self.grid_ratios) != 1:
             raise ValueError(f"one map must be on the region grid (grid ratio 1), got grid_ratios={self.grid_ratios}")
+        scale_token = check_bool("scale_token", scale_token)
         self.tokens = int(scale_token) + sum(r * r for r in self.grid_ratios)
         self.region_token = positive_int("region_token", region_token, minimum=0)
         if self.region_token >= self.tokens:
@@ -117,12 +128,13 @@ class ScaleWiseAttention(nn.Module):
         if patch_kernel_size is not None:
             patch_kernel_size = positive_int("patch_kernel_size", patch_kernel_size)
         self.patch_kernel_size = patch_kernel_size
-        self.scale = qk_scale_or_default(qk_scale, self.embed_dim // num_heads)
-        self.backend = check_backend(backend)
+        self.scale = qk_scale_or_default(qk_scale, self.dim // self.num_heads)
+        qkv_bias = check_bool("qkv_bias", qkv_bias)
         proj_drop = check_probability("proj_drop", proj_drop)
-        d = self.embed_dim
-        self.proj_in = nn.ModuleList(nn.Linear(c, d) for c in self.dims)
-        self.scale_token = nn.Linear(sum(self.dims), d) if scale_token else None
+        self.backend = check_backend(backend)
+        d = self.dim
+        self.proj_in = nn.ModuleList(nn.Linear(c, d) for c in self.in_dims)
+        self.scale_token = nn.Linear(sum(self.in_dims), d) if scale_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, 1, self.tokens, d))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.scale_qkv = nn.Linear(d, 3 * d, bias=qkv_bias)
@@ -130,36 +142,30 @@ class ScaleWiseAttention(nn.Module):
         self.qkv = nn.Linear(d, 3 * d, bias=qkv_bias)
         self.proj = nn.Linear(d, d)
         self.proj_drop = nn.Dropout(proj_drop)
-        self._patterns: dict = {}
 
     # -- geometry ---------------------------------------------------------------------
     def pattern(self, grid) -> Pattern:
         """The patch-attention pattern on the region grid ``grid``: ``Full`` or a ``Neighborhood``."""
-        grid = tuple(grid)
-        if ("patch", grid) not in self._patterns:
-            k = self.patch_kernel_size
-            self._patterns[("patch", grid)] = Full(math.prod(grid)) if k is None else Neighborhood(grid, k)
-        return self._patterns[("patch", grid)]
+        grid = tuple(int(g) for g in grid)
+        k = self.patch_kernel_size
+        return cached_pattern(Full, math.prod(grid)) if k is None else cached_pattern(Neighborhood, grid, k)
 
     def scale_pattern(self, num_regions: int, tokens: int) -> Window:
         """The scale-attention pattern: ``tokens`` consecutive tokens per region attend among themselves."""
-        key = ("scale", num_regions, tokens)
-        if key not in self._patterns:
-            self._patterns[key] = Window((num_regions * tokens,), tokens)
-        return self._patterns[key]
+        return cached_pattern(Window, (num_regions * tokens,), tokens)
 
     # -- forward ----------------------------------------------------------------------
     def _check(self, maps):
         if isinstance(maps, torch.Tensor) or not isinstance(maps, Sequence):
             raise TypeError(f"maps must be a list of channels-last feature maps, got {type(maps).__name__}")
-        if len(maps) != len(self.dims):
-            raise ValueError(f"expected {len(self.dims)} feature maps (one per entry of dims), got {len(maps)}")
+        if len(maps) != len(self.in_dims):
+            raise ValueError(f"expected {len(self.in_dims)} feature maps (one per entry of in_dims), got {len(maps)}")
         for s, x in enumerate(maps):
-            if not isinstance(x, torch.Tensor) or x.dim() != 4:
-                shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-                raise ValueError(f"maps[{s}] must be a (batch, height, width, channels) tensor, got {shape}")
-            if x.shape[-1] != self.dims[s]:
-                raise ValueError(f"maps[{s}] has {x.shape[-1]} channels but dims[{s}] is {self.dims[s]}")
+            check_input(f"maps[{s}]", x, type(self).__name__)
+            if x.dim() != 4:
+                raise ValueError(f"maps[{s}] must be a (batch, height, width, channels) tensor, got {tuple(x.shape)}")
+            if x.shape[-1] != self.in_dims[s]:
+                raise ValueError(f"maps[{s}] has {x.shape[-1]} channels but in_dims[{s}] is {self.in_dims[s]}")
             if x.shape[0] != maps[0].shape[0]:
                 raise ValueError(
                     f"maps differ in batch size: maps[0] has {maps[0].shape[0]}, maps[{s}] has {x.shape[0]}"
@@ -177,10 +183,10 @@ class ScaleWiseAttention(nn.Module):
         return grids, (rh, rw)
 
     def forward(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``maps``: list of (B, H_s, W_s, dims[s]); returns (B, Rh, Rw, embed_dim)."""
+        """``maps``: list of (B, H_s, W_s, in_dims[s]); returns (B, Rh, Rw, dim)."""
         grids, regions = self._check(maps)
         patch_pattern = self.pattern(regions)  # refuses a patch kernel larger than the region grid, before any work
-        b, d, heads = maps[0].shape[0], self.embed_dim, self.num_heads
+        b, d, heads = maps[0].shape[0], self.dim, self.num_heads
         nr = math.prod(regions)
         order = sorted(range(len(maps)), key=lambda s: self.grid_ratios[s])  # coarse to fine
         tokens = multiscale_tokens([self.proj_in[s](maps[s]) for s in order], regions)  # (B, R, S, d)
@@ -203,7 +209,7 @@ class ScaleWiseAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"dims={self.dims}, embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+            f"dim={self.dim}, num_heads={self.num_heads}, in_dims={self.in_dims}, "
             f"scale_token={self.scale_token is not None}, region_token={self.region_token}, "
             f"patch_kernel_size={self.patch_kernel_size}"
         )

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from foveal._checks import positive_int
-from foveal.nn._common import check_channels_last, check_probability
+from foveal.nn._common import check_bool, check_channels_last, check_probability
 
 __all__ = ["FocalModulation"]
 
@@ -29,9 +29,9 @@ class FocalModulation(nn.Module):
     Parameters (as in the official code and timm): ``dim``; ``focal_window`` (kernel of
     the first level, 3); ``focal_level`` (number of levels L, 2); ``focal_factor``
     (kernel growth per level, 2; every kernel must be odd so the map keeps its size);
-    ``bias`` of ``f`` and ``h``; ``proj_drop``; ``use_postln_in_modulation`` (LayerNorm
-    ``ln`` on ``q ⊙ modulator`` before ``proj``); ``normalize_modulator`` (divide the
-    gated sum by ``L + 1``). State-dict keys as timm's ``FocalModulation``: ``f``, ``h``
+    ``bias`` of ``f`` and ``h``; ``use_postln_in_modulation`` (LayerNorm ``ln`` on
+    ``q ⊙ modulator`` before ``proj``); ``normalize_modulator`` (divide the gated sum by
+    ``L + 1``); ``proj_drop``. State-dict keys as timm's ``FocalModulation``: ``f``, ``h``
     (a 1×1 ``Conv2d``), ``proj``, ``focal_layers.{ℓ}.0`` (depth-wise ``Conv2d``, no bias),
     ``ln``.
     """
@@ -43,9 +43,9 @@ class FocalModulation(nn.Module):
         focal_level: int = 2,
         focal_factor: int = 2,
         bias: bool = True,
-        proj_drop: float = 0.0,
         use_postln_in_modulation: bool = False,
         normalize_modulator: bool = False,
+        proj_drop: float = 0.0,
     ):
         super().__init__()
         self.dim = positive_int("dim", dim)
@@ -60,8 +60,9 @@ class FocalModulation(nn.Module):
                 f"every level's kernel focal_factor*level + focal_window must be odd (the map keeps its size), "
                 f"got kernels {self.kernel_sizes} from focal_window={focal_window}, focal_factor={focal_factor}"
             )
-        self.use_postln_in_modulation = bool(use_postln_in_modulation)
-        self.normalize_modulator = bool(normalize_modulator)
+        bias = check_bool("bias", bias)
+        self.use_postln_in_modulation = check_bool("use_postln_in_modulation", use_postln_in_modulation)
+        self.normalize_modulator = check_bool("normalize_modulator", normalize_modulator)
         self.f = nn.Linear(dim, 2 * dim + self.focal_level + 1, bias=bias)
         self.h = nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
         self.act = nn.GELU()

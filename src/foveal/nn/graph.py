@@ -17,7 +17,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from foveal._checks import positive_int
-from foveal.nn._common import attend_opaque, check_backend, check_heads, check_probability, qk_scale_or_default
+from foveal.nn._common import (
+    attend_opaque,
+    cached_pattern,
+    check_backend,
+    check_bool,
+    check_heads,
+    check_input,
+    check_probability,
+    qk_scale_or_default,
+)
 from foveal.patterns import Full
 
 __all__ = ["GraphLocalGlobalAttention", "gathered_attention", "ema_kmeans_update"]
@@ -95,9 +104,9 @@ class GraphLocalGlobalAttention(nn.Module):
     unit cluster sizes *(choose)*. Repeated ids in ``neighbors`` count as repeated
     tokens. The paper follows the concatenation with its feed-forward network.
 
-    Parameters: ``dim``, ``num_heads``, ``num_centroids`` (codebook size), ``qkv_bias``,
-    ``qk_scale`` (default ``head_dim**-0.5``), ``proj_drop``, ``decay`` (EMA, 0.99 as
-    in the paper), ``include_self``, ``count_bias`` (the ``log n`` term), ``backend``
+    Parameters: ``dim``, ``num_heads``, ``num_centroids`` (codebook size), ``decay`` (EMA,
+    0.99 as in the paper), ``include_self``, ``count_bias`` (the ``log n`` term),
+    ``qkv_bias``, ``qk_scale`` (default ``head_dim**-0.5``), ``proj_drop``, ``backend``
     for the global path's ``attend``.
     """
 
@@ -106,12 +115,12 @@ class GraphLocalGlobalAttention(nn.Module):
         dim: int,
         num_heads: int,
         num_centroids: int = 64,
-        qkv_bias: bool = True,
-        qk_scale: float | None = None,
-        proj_drop: float = 0.0,
         decay: float = 0.99,
         include_self: bool = True,
         count_bias: bool = True,
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+        proj_drop: float = 0.0,
         backend: str = "auto",
     ):
         super().__init__()
@@ -119,10 +128,9 @@ class GraphLocalGlobalAttention(nn.Module):
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.num_centroids = positive_int("num_centroids", num_centroids)
         self.decay = check_probability("decay", decay)
-        for name, flag in (("include_self", include_self), ("count_bias", count_bias)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {flag!r}")
-        self.include_self, self.count_bias = include_self, count_bias
+        self.include_self = check_bool("include_self", include_self)
+        self.count_bias = check_bool("count_bias", count_bias)
+        qkv_bias = check_bool("qkv_bias", qkv_bias)
         self.scale = qk_scale_or_default(qk_scale, self.head_dim)
         self.backend = check_backend(backend)
         proj_drop = check_probability("proj_drop", proj_drop)
@@ -138,7 +146,7 @@ class GraphLocalGlobalAttention(nn.Module):
 
     def pattern(self, n: int) -> Full:
         """The global path's pattern: ``n`` nodes against all ``num_centroids`` centroids."""
-        return Full(positive_int("n", n), n_kv=self.num_centroids)
+        return cached_pattern(Full, positive_int("n", n), n_kv=self.num_centroids)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(t.shape[0], self.num_heads, self.head_dim)
@@ -199,18 +207,21 @@ class GraphLocalGlobalAttention(nn.Module):
         return ema_kmeans_update(self.codebook, self.cluster_size, self.ema_sum, x, self.decay)
 
     def _check(self, x, neighbors, context):
-        if not isinstance(x, torch.Tensor) or x.dim() != 2:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must be a (nodes, dim) tensor, got {got}")
+        check_input("x", x, type(self).__name__)
+        if x.dim() != 2:
+            raise ValueError(f"x must be a (nodes, dim) tensor, got {tuple(x.shape)}")
         if x.shape[1] != self.dim:
             raise ValueError(f"x has {x.shape[1]} channels but dim is {self.dim}")
         if context is None:
             context = x
-        elif not isinstance(context, torch.Tensor) or context.dim() != 2 or context.shape[1] != self.dim:
-            got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
-            raise ValueError(f"context must be a (nodes, {self.dim}) tensor, got {got}")
-        elif context.dtype != x.dtype or context.device != x.device:
-            raise ValueError(f"context must match x in dtype and device, got {context.dtype} on {context.device}")
+        else:
+            check_input("context", context, type(self).__name__)
+            if context.dim() != 2 or context.shape[1] != self.dim:
+                raise ValueError(f"context must be a (nodes, {self.dim}) tensor, got {tuple(context.shape)}")
+            if context.dtype != x.dtype or context.device != x.device:
+                raise ValueError(
+                    f"context must match x in dtype and device, got {context.dtype} on {context.device}"
+                )
         if not isinstance(neighbors, torch.Tensor) or neighbors.dtype != torch.long:
             got = neighbors.dtype if isinstance(neighbors, torch.Tensor) else type(neighbors).__name__
             raise TypeError(f"neighbors must be a torch.long tensor of node indices, got {got}")

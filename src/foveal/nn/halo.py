@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from foveal._checks import positive_int
-from foveal.functional import attend
+from foveal.nn._common import attend_opaque, cached_pattern, check_backend, check_bool, check_heads, check_input
 from foveal.patterns import Halo
 from foveal.patterns.local import PaddedHalo
 
@@ -96,9 +96,9 @@ class HaloAttention(nn.Module):
     all heads, unscaled unless ``scale_pos_embed`` (then the whole score is scaled).
 
     Parameters: ``dim`` (= output dim); ``num_heads`` (8; must divide ``dim``);
-    ``block_size`` (8); ``halo_size`` (3); ``qkv_bias``; ``rel_pos``
-    (``"relative logits"`` or ``None``); ``border`` (``"zeros"`` or ``"mask"``);
-    ``scale_pos_embed`` (timm's flag); ``backend`` for ``attend``. State-dict keys as
+    ``block_size`` (8); ``halo_size`` (3); ``rel_pos`` (``"relative logits"`` or
+    ``None``); ``border`` (``"zeros"`` or ``"mask"``); ``scale_pos_embed`` (timm's flag);
+    ``qkv_bias`` (False, as timm); ``backend`` for ``attend``. State-dict keys as
     timm's ``HaloAttn``: ``q``, ``kv`` (1×1 ``Conv2d``; ``kv`` holds each head's keys then
     values), ``pos_embed.height_rel``, ``pos_embed.width_rel``. timm's ``stride``,
     ``dim_head``/``qk_ratio`` and ``avg_down`` are not offered.
@@ -110,27 +110,27 @@ class HaloAttention(nn.Module):
         num_heads: int = 8,
         block_size: int = 8,
         halo_size: int = 3,
-        qkv_bias: bool = False,
         rel_pos: str | None = "relative logits",
         border: str = "zeros",
         scale_pos_embed: bool = False,
+        qkv_bias: bool = False,
         backend: str = "auto",
     ):
         super().__init__()
-        dim = positive_int("dim", dim)
-        num_heads = positive_int("num_heads", num_heads)
-        if dim % num_heads:
-            raise ValueError(f"dim must be divisible by num_heads, got {dim} and {num_heads}")
+        dim, num_heads = check_heads(dim, num_heads)
         self.block_size = positive_int("block_size", block_size)
         self.halo_size = positive_int("halo_size", halo_size, minimum=0)
-        if rel_pos not in _REL_POS:
+        if not (rel_pos is None or isinstance(rel_pos, str)) or rel_pos not in _REL_POS:
             raise ValueError(f"rel_pos must be one of {_REL_POS}, got {rel_pos!r}")
-        if border not in _BORDERS:
+        if not isinstance(border, str) or border not in _BORDERS:
             raise ValueError(f"border must be one of {_BORDERS}, got {border!r}")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.win_size = self.block_size + 2 * self.halo_size
         self.scale = self.head_dim**-0.5
-        self.rel_pos, self.border, self.scale_pos_embed, self.backend = rel_pos, border, bool(scale_pos_embed), backend
+        self.rel_pos, self.border = rel_pos, border
+        self.scale_pos_embed = check_bool("scale_pos_embed", scale_pos_embed)
+        qkv_bias = check_bool("qkv_bias", qkv_bias)
+        self.backend = check_backend(backend)
         self.q = nn.Conv2d(dim, dim, 1, bias=qkv_bias)
         self.kv = nn.Conv2d(dim, 2 * dim, 1, bias=qkv_bias)
         if rel_pos is not None:
@@ -138,7 +138,6 @@ class HaloAttention(nn.Module):
         else:
             self.pos_embed = None
         self.reset_parameters()
-        self._patterns: dict[tuple[int, ...], object] = {}
 
     def reset_parameters(self) -> None:
         """timm's initialisation: fan-in truncated normal projections, tables with std ``dim_head**-0.5``."""
@@ -150,16 +149,12 @@ class HaloAttention(nn.Module):
             nn.init.trunc_normal_(self.pos_embed.width_rel, std=self.scale)
 
     def pattern(self, grid):
-        """The pattern used on ``grid`` (cached with its kernel plan): ``PaddedHalo`` for zeros, ``Halo`` for mask."""
-        grid = tuple(grid)
-        if grid not in self._patterns:
-            kind = PaddedHalo if self.border == "zeros" else Halo
-            self._patterns[grid] = kind(grid, self.block_size, self.halo_size)
-        return self._patterns[grid]
+        """The pattern used on ``grid`` (shared bounded cache): ``PaddedHalo`` for zeros, ``Halo`` for mask."""
+        grid = tuple(int(g) for g in grid)
+        return cached_pattern(PaddedHalo if self.border == "zeros" else Halo, grid, self.block_size, self.halo_size)
 
     def _check(self, x):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        check_input("x", x, type(self).__name__)
         if x.dim() != 4:
             raise ValueError(f"x must be (batch, height, width, dim), got shape {tuple(x.shape)}")
         if x.shape[-1] != self.dim:
@@ -185,12 +180,12 @@ class HaloAttention(nn.Module):
         kv_grid = k.shape[1:3]
         k, v = (t.reshape(b, -1, nh, d).transpose(1, 2) for t in (k, v))
         if self.pos_embed is None:
-            out = attend(q, k, v, pattern, scale=self.scale, backend=self.backend)
+            out = attend_opaque(q, k, v, pattern, scale=self.scale, backend=self.backend)
         else:
             # the score term has no batch index: fold the batch into the heads
             qf, kf, vf = (t.reshape(1, b * nh, -1, d) for t in (q, k, v))
             bias = self._relative_logits(qf[0], (h, w), kv_grid)
-            out = attend(qf, kf, vf, pattern, bias=bias, scale=self.scale, backend=self.backend)
+            out = attend_opaque(qf, kf, vf, pattern, bias=bias, scale=self.scale, backend=self.backend)
         return out.reshape(b, nh, h, w, d).permute(0, 2, 3, 1, 4).reshape(b, h, w, c)
 
     def _relative_logits(self, q: torch.Tensor, grid, kv_grid) -> HaloRelativeLogits:

@@ -13,25 +13,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from foveal._checks import positive_int
-from foveal.nn._common import attend_opaque, check_channels_last, init_attention
+from foveal.merge import merge_attentions
+from foveal.nn._common import attend_opaque, cached_pattern, check_channels_last, check_input, init_attention
 from foveal.patterns import Full, Halo, Window
 from foveal.patterns.order import ORDERS, Ordered
 
-__all__ = ["HierarchicalLocalAttention", "merge_attention"]
+__all__ = ["HierarchicalLocalAttention"]
 
 
-def merge_attention(out_a, lse_a, out_b, lse_b):
-    """One softmax over the union of two disjoint key sets, from each set's output and log-sum-exp.
-
-    ``out_*`` (B, H, N, D), ``lse_*`` (B, H, N) float32. A query with no key in either
-    set gets a zero output. Returns ``(out, lse)``, ``out`` in ``out_a``'s dtype.
-    """
-    lse = torch.logaddexp(lse_a, lse_b)
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    wa = torch.exp(lse_a - safe)[..., None]
-    wb = torch.exp(lse_b - safe)[..., None]
-    out = out_a.float() * wa + out_b.float() * wb
-    return out.to(out_a.dtype), lse
+def _local_pattern(grid: tuple[int, ...], tokens: int, order: str) -> Ordered:
+    """Windows of ``tokens`` consecutive tokens along ``order`` over ``grid`` (a shorter last window)."""
+    n = math.prod(grid)
+    inner = Window((n,), tokens) if n % tokens == 0 else Halo((n,), tokens, 0)
+    return Ordered(inner, order, grid)
 
 
 class HierarchicalLocalAttention(nn.Module):
@@ -57,10 +51,12 @@ class HierarchicalLocalAttention(nn.Module):
     side ``l`` of a local window (``l²`` consecutive tokens in the order; a last, shorter
     window when ``l²`` does not divide ``H·W``); ``pool`` the pooling factor of the
     latent made from ``x`` (divides ``H`` and ``W``; None: no latent unless ``low`` is
-    given); ``qkv_bias``; ``qk_scale`` (default ``head_dim**-0.5``); ``proj_drop``;
-    ``order`` ``"hilbert"`` (the paper), ``"morton"`` or ``"raster"``; ``backend`` for
-    ``foveal.attend``. Positional encodings (the paper's scaled RoPE anchors) are the
-    caller's, as is attention dropout (``attend`` has none). On grids that are not
+    given); ``order`` ``"hilbert"`` (the paper), ``"morton"`` or ``"raster"``;
+    ``qkv_bias``; ``qk_scale`` (default ``head_dim**-0.5``); ``proj_drop``; ``backend``
+    for ``foveal.attend``. The window and latent attentions are combined by
+    ``foveal.merge_attentions`` from their log-sum-exps: one softmax over both key sets.
+    Positional encodings (the paper's scaled RoPE anchors) are the caller's, as is
+    attention dropout (``attend`` has none). On grids that are not
     ``2^n × 2^n`` the Hilbert order follows the enclosing power-of-two curve
     (``foveal.patterns.order.hilbert``), so windows are compact but not squares.
     """
@@ -71,21 +67,19 @@ class HierarchicalLocalAttention(nn.Module):
         num_heads: int,
         window_size: int = 8,
         pool: int | None = 4,
+        order: str = "hilbert",
         qkv_bias: bool = True,
         qk_scale: float | None = None,
         proj_drop: float = 0.0,
-        order: str = "hilbert",
         backend: str = "auto",
     ):
         super().__init__()
         self.window_size = positive_int("window_size", window_size)
         self.pool = None if pool is None else positive_int("pool", pool)
-        if order not in ORDERS:
+        if not isinstance(order, str) or order not in ORDERS:
             raise ValueError(f"order must be one of {sorted(ORDERS)}, got {order!r}")
         self.order = order
         init_attention(self, dim, num_heads, qkv_bias, qk_scale, proj_drop, backend)
-        self._patterns: dict[tuple[int, int], Ordered] = {}
-        self._full: dict[tuple[int, int], Full] = {}
 
     def pattern(self, grid) -> Ordered:
         """The local pattern on ``grid``: windows of ``window_size²`` consecutive tokens in the order.
@@ -94,22 +88,17 @@ class HierarchicalLocalAttention(nn.Module):
         not part of this pattern.
         """
         grid = tuple(int(g) for g in grid)
-        if grid not in self._patterns:
-            n, w = math.prod(grid), self.window_size**2
-            if w > n:
-                raise ValueError(
-                    f"window_size**2 must be <= the number of tokens; window_size={self.window_size} gives {w} "
-                    f"tokens per window but grid {grid} has {n}"
-                )
-            inner = Window((n,), w) if n % w == 0 else Halo((n,), w, 0)
-            self._patterns[grid] = Ordered(inner, self.order, grid)
-        return self._patterns[grid]
+        n, w = math.prod(grid), self.window_size**2
+        if w > n:
+            raise ValueError(
+                f"window_size**2 must be <= the number of tokens; window_size={self.window_size} gives {w} "
+                f"tokens per window but grid {grid} has {n}"
+            )
+        return cached_pattern(_local_pattern, grid, w, self.order)
 
     def _latent_pattern(self, n: int, m: int) -> Full:
-        """``n`` queries that see all ``m`` latent keys (cached, so kernels reuse their plans)."""
-        if (n, m) not in self._full:
-            self._full[(n, m)] = Full(n, n_kv=m)
-        return self._full[(n, m)]
+        """``n`` queries that see all ``m`` latent keys (shared bounded cache)."""
+        return cached_pattern(Full, n, n_kv=m)
 
     def _heads(self, x):
         b, n, _ = x.shape
@@ -118,10 +107,11 @@ class HierarchicalLocalAttention(nn.Module):
     def _check(self, x, low):
         check_channels_last(x, self.dim, type(self).__name__)
         if low is not None:
-            ok = isinstance(low, torch.Tensor) and low.dim() == 4
-            if not ok or low.shape[0] != x.shape[0] or low.shape[-1] != self.dim:
-                got = tuple(low.shape) if isinstance(low, torch.Tensor) else type(low).__name__
-                raise ValueError(f"low must be (batch={x.shape[0]}, h, w, dim={self.dim}) or None, got {got}")
+            check_input("low", low, type(self).__name__)
+            if low.dim() != 4 or low.shape[0] != x.shape[0] or low.shape[-1] != self.dim:
+                raise ValueError(
+                    f"low must be (batch={x.shape[0]}, h, w, dim={self.dim}) or None, got {tuple(low.shape)}"
+                )
             if low.dtype != x.dtype or low.device != x.device:
                 raise TypeError(
                     f"low must match x in dtype and device ({x.dtype}, {x.device}), got {low.dtype}, {low.device}"
@@ -148,7 +138,7 @@ class HierarchicalLocalAttention(nn.Module):
             local = attend_opaque(q, k, v, pattern, scale=self.scale, backend=self.backend, return_lse=True)
             everyone = self._latent_pattern(hh * ww, m)
             guide = attend_opaque(q, kl, vl, everyone, scale=self.scale, backend=self.backend, return_lse=True)
-            out, _ = merge_attention(*local, *guide)
+            out, _ = merge_attentions([local[0], guide[0]], [local[1], guide[1]])
         out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, hh, ww, c)))
         if low is None:
             return out

@@ -10,19 +10,20 @@ Tu et al., "MaxViT: Multi-Axis Vision Transformer" (ECCV 2022); timm ``maxxvit.p
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from foveal._checks import per_axis, positive_int
 from foveal.nn._common import (
+    cached_pattern,
     check_backend,
     check_channels_last,
+    check_input,
     check_heads,
     check_no_attn_drop,
     check_probability,
+    check_ratio,
     drop_path,
 )
 from foveal.nn.window import _TableAttention
@@ -31,15 +32,6 @@ from foveal.patterns.local import Grid, Window
 __all__ = ["MultiAxisAttention", "MBConv", "MaxViTBlock"]
 
 _KINDS = ("block", "grid")
-
-
-def _check_ratio(name: str, value) -> float:
-    """A positive width ratio (expansion, MLP, squeeze-excitation)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0.0, got {value!r}")
-    return float(value)
 
 
 class MultiAxisAttention(_TableAttention):
@@ -65,11 +57,11 @@ class MultiAxisAttention(_TableAttention):
         partition_size: ``P`` (int or pair): the window of block attention, the grid
             of grid attention (MaxViT: 7 at 224²).
         kind: ``"block"`` or ``"grid"``.
+        rel_pos_bias: learn the relative-position table.
         qkv_bias: bias in the qkv projection.
         qk_scale: score scale, default ``head_dim ** -0.5``.
         attn_drop: must be 0.0 (no dropout on attention weights in ``attend``).
         proj_drop: dropout after the output projection.
-        rel_pos_bias: learn the relative-position table.
         backend: ``attend`` backend, ``"auto"`` by default.
     """
 
@@ -79,23 +71,22 @@ class MultiAxisAttention(_TableAttention):
         num_heads: int,
         partition_size=7,
         kind: str = "block",
+        rel_pos_bias: bool = True,
         qkv_bias: bool = True,
         qk_scale: float | None = None,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
-        rel_pos_bias: bool = True,
         backend: str = "auto",
     ):
         super().__init__()
         dim, num_heads = check_heads(dim, num_heads)
-        if kind not in _KINDS:
+        if not isinstance(kind, str) or kind not in _KINDS:
             raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
         self.partition_size = per_axis("partition_size", partition_size, 2)
         check_no_attn_drop(attn_drop)
         self.backend = check_backend(backend)
         self.kind = kind
         self._init_attention(dim, num_heads, self.partition_size, qkv_bias, qk_scale, proj_drop, rel_pos_bias)
-        self._patterns: dict[tuple[int, ...], Window | Grid] = {}
 
     def _check_grid(self, grid: tuple[int, ...]) -> None:
         for a, (g, p) in enumerate(zip(grid, self.partition_size)):
@@ -107,12 +98,9 @@ class MultiAxisAttention(_TableAttention):
 
     def pattern(self, grid) -> Window | Grid:
         """``Window(grid, P)`` for block attention, ``Grid(grid, P)`` for grid attention."""
-        grid = tuple(grid)
-        if grid not in self._patterns:
-            self._check_grid(grid)
-            cls = Window if self.kind == "block" else Grid
-            self._patterns[grid] = cls(grid, self.partition_size)
-        return self._patterns[grid]
+        grid = tuple(int(g) for g in grid)
+        self._check_grid(grid)
+        return cached_pattern(Window if self.kind == "block" else Grid, grid, self.partition_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: (batch, H, W, dim), channels last; returns the same shape."""
@@ -157,8 +145,8 @@ class MBConv(nn.Module):
     def __init__(self, dim: int, expand_ratio: float = 4.0, se_ratio: float = 0.25, drop_path: float = 0.0):
         super().__init__()
         dim = positive_int("dim", dim)
-        expand_ratio = _check_ratio("expand_ratio", expand_ratio)
-        se_ratio = _check_ratio("se_ratio", se_ratio)
+        expand_ratio = check_ratio("expand_ratio", expand_ratio)
+        se_ratio = check_ratio("se_ratio", se_ratio)
         mid = max(1, int(round(dim * expand_ratio)))
         self.drop_path = check_probability("drop_path", drop_path)
         self.pre_norm = nn.BatchNorm2d(dim)
@@ -171,9 +159,9 @@ class MBConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: (batch, dim, H, W), channels first; returns the same shape."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.pre_norm.num_features:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"MBConv expects (batch, dim={self.pre_norm.num_features}, H, W), got {got}")
+        check_input("x", x, type(self).__name__)
+        if x.dim() != 4 or x.shape[1] != self.pre_norm.num_features:
+            raise ValueError(f"MBConv expects (batch, dim={self.pre_norm.num_features}, H, W), got {tuple(x.shape)}")
         y = self.conv1_1x1(self.pre_norm(x))
         y = F.gelu(self.norm1(y))
         y = F.gelu(self.norm2(self.conv2_kxk(y)))
@@ -185,13 +173,13 @@ class _PartitionAttention(nn.Module):
     """Pre-norm residual block: ``x + attn(LN(x))``, then ``x + MLP(LN(x))`` (channels last)."""
 
     def __init__(
-        self, dim, num_heads, partition_size, kind, mlp_ratio, qkv_bias, proj_drop, rel_pos_bias, drop_path, backend
+        self, dim, num_heads, partition_size, kind, mlp_ratio, rel_pos_bias, qkv_bias, proj_drop, drop_path, backend
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = MultiAxisAttention(
-            dim, num_heads, partition_size, kind, qkv_bias=qkv_bias, proj_drop=proj_drop,
-            rel_pos_bias=rel_pos_bias, backend=backend,
+            dim, num_heads, partition_size, kind, rel_pos_bias=rel_pos_bias, qkv_bias=qkv_bias, proj_drop=proj_drop,
+            backend=backend,
         )
         self.norm2 = nn.LayerNorm(dim)
         hidden = max(1, int(round(dim * mlp_ratio)))
@@ -227,10 +215,10 @@ class MaxViTBlock(nn.Module):
         expand_ratio: MBConv expansion (4).
         mlp_ratio: MLP hidden width over ``dim`` (4).
         se_ratio: squeeze-excitation width over ``dim`` (0.25).
+        rel_pos_bias: relative-position tables in both attentions.
         qkv_bias: bias in the qkv projections.
         proj_drop: dropout after projections and in the MLPs.
         drop_path: stochastic depth of every residual branch.
-        rel_pos_bias: relative-position tables in both attentions.
         backend: ``attend`` backend, ``"auto"`` by default.
     """
 
@@ -242,19 +230,19 @@ class MaxViTBlock(nn.Module):
         expand_ratio: float = 4.0,
         mlp_ratio: float = 4.0,
         se_ratio: float = 0.25,
+        rel_pos_bias: bool = True,
         qkv_bias: bool = True,
         proj_drop: float = 0.0,
         drop_path: float = 0.0,
-        rel_pos_bias: bool = True,
         backend: str = "auto",
     ):
         super().__init__()
         dim, num_heads = check_heads(dim, num_heads)
-        mlp_ratio = _check_ratio("mlp_ratio", mlp_ratio)
+        mlp_ratio = check_ratio("mlp_ratio", mlp_ratio)
         drop_path = check_probability("drop_path", drop_path)
         self.dim = dim
         self.conv = MBConv(dim, expand_ratio, se_ratio, drop_path)
-        args = (mlp_ratio, qkv_bias, proj_drop, rel_pos_bias, drop_path, backend)
+        args = (mlp_ratio, rel_pos_bias, qkv_bias, proj_drop, drop_path, backend)
         self.attn_block = _PartitionAttention(dim, num_heads, partition_size, "block", *args)
         self.attn_grid = _PartitionAttention(dim, num_heads, partition_size, "grid", *args)
 

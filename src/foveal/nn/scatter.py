@@ -21,7 +21,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from foveal._checks import positive_int
-from foveal.nn._common import check_heads, check_probability
+from foveal.nn._common import check_bool, check_heads, check_input, check_probability
 from foveal.patterns import Document, Full
 
 __all__ = ["ScatteredLinearAttention", "scattered_linear_attention", "FEATURE_MAPS"]
@@ -76,7 +76,9 @@ class _GroupedLinearMap(torch.autograd.Function):
 
 
 def _check_eps(eps) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a number, got {eps!r} ({type(eps).__name__})")
+    if not eps > 0:
         raise ValueError(f"eps must be a positive number, got {eps!r}")
     return float(eps)
 
@@ -142,26 +144,27 @@ class ScatteredLinearAttention(nn.Module):
     Attention" (ECCV 2024). As in its reference layer: ``φ = ReLU``, no ``1/sqrt(d)``
     scale, ``eps = 1e-6`` added to the normaliser, ``qkv_bias=False``.
 
-    Parameters: ``dim`` channels; ``num_heads`` (divides ``dim``); ``qkv_bias``;
-    ``proj_drop`` dropout after the projection; ``feature_map`` ``"relu"`` or
-    ``"elu+1"``; ``eps``; ``chunk_size`` tokens per chunk (memory vs. Python overhead;
-    the result does not depend on it).
+    Parameters: ``dim`` channels; ``num_heads`` (divides ``dim``); ``feature_map``
+    ``"relu"`` or ``"elu+1"``; ``eps``; ``chunk_size`` tokens per chunk (memory vs. Python
+    overhead; the result does not depend on it); ``qkv_bias``; ``proj_drop`` dropout
+    after the projection. No ``backend``: linear attention does not call ``attend``.
     """
 
     def __init__(
         self,
         dim: int,
         num_heads: int,
-        qkv_bias: bool = False,
-        proj_drop: float = 0.0,
         feature_map: str = "relu",
         eps: float = 1e-6,
         chunk_size: int = 512,
+        qkv_bias: bool = False,
+        proj_drop: float = 0.0,
     ):
         super().__init__()
         dim, num_heads = check_heads(dim, num_heads)
+        qkv_bias = check_bool("qkv_bias", qkv_bias)
         proj_drop = check_probability("proj_drop", proj_drop)
-        if feature_map not in FEATURE_MAPS:
+        if not isinstance(feature_map, str) or feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.feature_map = feature_map
@@ -187,9 +190,9 @@ class ScatteredLinearAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
         """``x``: (N, dim) token features; ``group_ids``: (N,) integer group of each token; returns (N, dim)."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 2:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must be a (tokens, dim) tensor, got {got}")
+        check_input("x", x, type(self).__name__)
+        if x.dim() != 2:
+            raise ValueError(f"x must be a (tokens, dim) tensor, got {tuple(x.shape)}")
         if x.shape[1] != self.dim:
             raise ValueError(f"x has {x.shape[1]} channels but dim is {self.dim}")
         _check_group_ids(group_ids, x.shape[0], x.device)

@@ -13,7 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from foveal._checks import positive_int
-from foveal.nn._common import attend_opaque, check_backend, check_channels_last, check_heads, check_probability
+from foveal.nn._common import (
+    attend_opaque,
+    cached_pattern,
+    check_backend,
+    check_bool,
+    check_channels_last,
+    check_heads,
+    check_probability,
+)
 from foveal.patterns import Window
 
 __all__ = ["VaryingWindowAttention", "VWABranch", "copy_shift_index", "fold_context"]
@@ -209,7 +217,7 @@ class VaryingWindowAttention(nn.Module):
             if len(self.window_size) != 2:
                 raise ValueError(f"window_size must be an int or a pair, got {window_size!r}")
         self.num_windows = positive_int("num_windows", num_windows)
-        self.short_cut = bool(short_cut)
+        self.short_cut = check_bool("short_cut", short_cut)
         self.short_path = _linear_norm_act(dim, dim, norm_layer, act_layer)
         self.image_pool = _linear_norm_act(dim, dim, norm_layer, act_layer)
         self.branches = nn.ModuleList(
@@ -218,7 +226,6 @@ class VaryingWindowAttention(nn.Module):
         width = dim * (2 + len(self.ratios))
         self.fuse = _linear_norm_act(width, dim, norm_layer, act_layer)
         self.proj_drop = nn.Dropout(proj_drop)
-        self._patterns: dict[tuple[int, int], Window] = {}
 
     def window(self, grid) -> tuple[int, int]:
         """The query window on ``grid`` (checked to divide it)."""
@@ -235,10 +242,8 @@ class VaryingWindowAttention(nn.Module):
 
     def pattern(self, grid) -> Window:
         """The pattern of every branch on ``grid``: query window i attends to key window i of the folded context."""
-        grid = tuple(grid)
-        if grid not in self._patterns:
-            self._patterns[grid] = Window(grid, self.window(grid))
-        return self._patterns[grid]
+        grid = tuple(int(g) for g in grid)
+        return cached_pattern(Window, grid, self.window(grid))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: (B, H, W, dim), channels last; returns the same shape."""

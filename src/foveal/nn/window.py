@@ -22,7 +22,9 @@ from foveal._checks import per_axis
 from foveal.bias import RelativePositionBias
 from foveal.nn._common import (
     attend_opaque,
+    cached_pattern,
     check_backend,
+    check_bool,
     check_channels_last,
     check_heads,
     check_no_attn_drop,
@@ -80,7 +82,7 @@ class _TableAttention(nn.Module):
 
     def _init_attention(self, dim, num_heads, window, qkv_bias, qk_scale, proj_drop, rel_pos_bias) -> None:
         init_attention(self, dim, num_heads, qkv_bias, qk_scale, proj_drop, self.backend)
-        if rel_pos_bias:
+        if check_bool("rel_pos_bias", rel_pos_bias):
             rows = math.prod(2 * w - 1 for w in window)
             self.relative_position_bias_table = nn.Parameter(torch.zeros(rows, num_heads))
             nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
@@ -125,11 +127,11 @@ class WindowAttention(_TableAttention):
         window_size: window per axis (int: a 2-D square window).
         shift_size: Swin's shift per axis, ``0 <= shift_size < window_size`` (Swin uses
             ``window_size // 2`` in every other block).
+        rel_pos_bias: learn Swin's relative-position bias table.
         qkv_bias: bias in the qkv projection.
         qk_scale: score scale, default ``head_dim ** -0.5``.
         attn_drop: must be 0.0 (no dropout on attention weights in ``attend``).
         proj_drop: dropout after the output projection.
-        rel_pos_bias: learn Swin's relative-position bias table.
         backend: ``attend`` backend, ``"auto"`` by default.
     """
 
@@ -139,11 +141,11 @@ class WindowAttention(_TableAttention):
         num_heads: int,
         window_size=7,
         shift_size=0,
+        rel_pos_bias: bool = True,
         qkv_bias: bool = True,
         qk_scale: float | None = None,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
-        rel_pos_bias: bool = True,
         backend: str = "auto",
     ):
         super().__init__()
@@ -166,14 +168,11 @@ class WindowAttention(_TableAttention):
         check_no_attn_drop(attn_drop)
         self.backend = check_backend(backend)
         self._init_attention(dim, num_heads, self.window_size, qkv_bias, qk_scale, proj_drop, rel_pos_bias)
-        self._patterns: dict[tuple[int, ...], Window] = {}
 
     def pattern(self, grid) -> Window:
         """The ``Window`` pattern (shifted when ``shift_size > 0``) this module uses on ``grid``."""
-        grid = tuple(grid)
-        if grid not in self._patterns:
-            self._patterns[grid] = Window(grid, self.window_size, shift=self.shift_size)
-        return self._patterns[grid]
+        grid = tuple(int(g) for g in grid)
+        return cached_pattern(Window, grid, self.window_size, shift=self.shift_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: (batch, *grid, dim), channels last; returns the same shape."""
