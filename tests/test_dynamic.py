@@ -403,7 +403,7 @@ def test_bad_arguments_are_refused_with_the_value():
         BlockTopK(20, 2).select(q, k)
     with pytest.raises(ValueError, match="4-D"):
         BlockTopK(16, 2).select(q[0], k)
-    with pytest.raises(ValueError, match="multiple of key heads"):
+    with pytest.raises(ValueError, match="query heads must be a multiple of key/value heads"):
         BlockTopK(16, 2).select(k, q)
     with pytest.raises(ValueError, match="pattern"):
         attend(q, k, v, BlockTopK(20, 2))

@@ -218,10 +218,10 @@ class GraphLocalGlobalAttention(nn.Module):
             check_input("context", context, type(self).__name__)
             if context.dim() != 2 or context.shape[1] != self.dim:
                 raise ValueError(f"context must be a (nodes, {self.dim}) tensor, got {tuple(context.shape)}")
-            if context.dtype != x.dtype or context.device != x.device:
-                raise ValueError(
-                    f"context must match x in dtype and device, got {context.dtype} on {context.device}"
-                )
+            if context.dtype != x.dtype:
+                raise TypeError(f"context must have x's dtype {x.dtype}, got {context.dtype}")
+            if context.device != x.device:
+                raise ValueError(f"context must be on x's device {x.device}, got {context.device}")
         if not isinstance(neighbors, torch.Tensor) or neighbors.dtype != torch.long:
             got = neighbors.dtype if isinstance(neighbors, torch.Tensor) else type(neighbors).__name__
             raise TypeError(f"neighbors must be a torch.long tensor of node indices, got {got}")

@@ -49,7 +49,6 @@ __all__ = [
     "DHSA",
 ]
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 #: elements the selection's temporaries may hold at once: larger inputs are selected a
 #: batch element and a few key heads at a time (the tables are block-level in any case)
@@ -300,24 +299,11 @@ class DynamicPattern:
 
     def select(self, q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> BlockSelection:
         """The selection for ``q`` (B, Hq, n, D) and ``k`` (B, Hkv, n, D), computed without gradients."""
-        for name, t in (("q", q), ("k", k)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.dim() != 4:
-                raise ValueError(f"{name} must be 4-D (batch, heads, tokens, head_dim), got shape {tuple(t.shape)}")
-            if t.dtype not in _FLOATS:
-                raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
-            if t.shape[2] != self.n:
-                raise ValueError(f"{name} has {t.shape[2]} tokens but {self!r} has n={self.n}")
-        if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[1] % k.shape[1]:
-            raise ValueError(
-                f"q {tuple(q.shape)} and k {tuple(k.shape)} must share batch and head_dim, "
-                "with query heads a multiple of key heads"
-            )
-        if q.dtype != k.dtype or q.device != k.device:
-            raise ValueError(f"q and k must share dtype and device, got {q.dtype}/{q.device} and {k.dtype}/{k.device}")
-        if scale is None:
-            scale = 1.0 / math.sqrt(q.shape[-1])
+        from foveal.inputs import check_qkv, check_scale, check_tokens
+
+        check_qkv(q, k, k)  # the one validator of attention inputs (k stands in for v)
+        check_tokens(q, k, self.n, self.n, self)
+        scale = check_scale(scale, q.shape[-1])
         q, k, scale = q.detach(), k.detach(), float(scale)
         b, hq, hkv = q.shape[0], q.shape[1], k.shape[1]
         g = hq // hkv
