@@ -410,3 +410,19 @@ def test_errors_name_the_argument():
         Quest(page_size=2.5)
     with pytest.raises(ValueError, match="needs an uncompressed causal cache"):
         attend_decode(torch.randn(2, 4, 1, 8), KVCache(2, 2, 8, pattern=SlidingWindow(n, 4)), select=Quest())
+
+
+def test_decode_steps_take_the_fused_forms_where_the_mask_allows():
+    from foveal.decode import _decode_inputs
+
+    n = 64
+    k = v = torch.randn(1, 2, 40, 8)
+    kpos = torch.arange(40)
+    p, _, _ = _decode_inputs(None, torch.tensor([39]), kpos, k, v)  # one query, causal cache: every key
+    assert p == Full(1, n_kv=40)
+    p, _, _ = _decode_inputs(Causal(n), torch.arange(36, 40), kpos, k, v)  # a chunk: bottom-right causal
+    assert p == Causal(4, n_kv=40)
+    p, kk, _ = _decode_inputs(Strided(n, 3) & Causal(n), torch.tensor([39]), kpos, k, v)  # one query: its keys
+    assert p == Full(1, n_kv=14) and torch.equal(kk, k[:, :, 0::3])
+    p, _, _ = _decode_inputs(SlidingWindow(n, 5), torch.arange(30, 40), kpos, k, v)  # the general mask
+    assert isinstance(p, MaskPattern)

@@ -478,6 +478,34 @@ def _decode_pattern(pattern, qpos, kpos, n_q, n_kv):
     return MaskPattern(n_q, decode_mask, name="decode", n_kv=n_kv)
 
 
+#: a decode step looks at its (queries × cached keys) mask directly up to this many pairs
+DECODE_MASK_PAIRS = 1 << 22
+
+
+def _decode_inputs(pattern, qpos, kpos, k, v):
+    """The cross pattern and the keys of one decode step, exact, in the cheapest form.
+
+    With the (new queries × cached keys) mask small enough to look at: ``Full`` when
+    every cached key is visible (a window cache after eviction, a plain causal cache
+    for one query), ``Causal`` when the mask is bottom-right causal (a chunk over a
+    causal cache) — both run on the fused ``sdpa`` backend — and for one query the
+    visible keys gathered under ``Full``. Otherwise the pattern's mask on absolute
+    positions (``_decode_pattern``).
+    """
+    m, s = qpos.numel(), kpos.numel()
+    if m * s <= DECODE_MASK_PAIRS:
+        i, j = qpos[:, None], kpos[None, :].to(qpos.device)
+        allowed = ((j <= i) if pattern is None else pattern.mask(i, j)).expand(m, s)
+        if bool(allowed.all()):
+            return Full(m, n_kv=s), k, v
+        if m <= s and torch.equal(allowed, Causal(m, n_kv=s).dense_mask(device=allowed.device)):
+            return Causal(m, n_kv=s), k, v
+        if m == 1 and bool(allowed.any()):
+            idx = torch.nonzero(allowed[0]).flatten().to(k.device)
+            return Full(1, n_kv=idx.numel()), k.index_select(2, idx), v.index_select(2, idx)
+    return _decode_pattern(pattern, qpos, kpos, m, s), k, v
+
+
 def attend_decode(q, cache: KVCache, pattern=None, *, select=None, scale=None, backend: str = "auto",
                   return_lse: bool = False, return_kept: bool = False):
     """Attention of the newest queries to the cached keys.
@@ -535,8 +563,7 @@ def attend_decode(q, cache: KVCache, pattern=None, *, select=None, scale=None, b
         out, lse, kept = _quest_decode(q, cache, select, scale, backend, return_lse)
     else:
         qpos = torch.arange(first, cache.length, device=q.device)
-        decode = _decode_pattern(pattern, qpos, cache._pos[: cache.size], m, cache.size)
-        k, v = cache.k, cache.v
+        decode, k, v = _decode_inputs(pattern, qpos, cache._pos[: cache.size], cache.k, cache.v)
         out, lse = attend(q, k, v, decode, scale=scale, backend=backend, return_lse=True) \
             if return_lse else (attend(q, k, v, decode, scale=scale, backend=backend), None)
         kept = cache.size
