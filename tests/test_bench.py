@@ -68,3 +68,23 @@ def test_bench_quality_refuses_an_unknown_suite(tmp_path):
     from foveal.cli import main
 
     assert main(["bench", "quality", "--suite", "nope", "--out", str(tmp_path)]) == 2
+
+
+def test_lm_suite_writes_ratios_targets_json_and_plot(tmp_path, monkeypatch):
+    from foveal.bench import lm_speed
+
+    monkeypatch.setitem(lm_speed.LM_SUITES, "tiny", {"lengths": (256,), "decode_lengths": (64, 128),
+                                                      "min_seconds": 0.0, "calls": 3})
+    result = speed.run_speed("tiny", str(tmp_path), "cpu")
+    rows = result["rows"]
+    assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
+    names = {r["contender"] for r in rows if r["kind"] == "prefill"}
+    assert names == {row.name for row in lm_speed.PREFILL_ROWS}
+    assert {r["direction"] for r in rows if r["kind"] == "prefill"} == {"fwd", "fwd+bwd"}
+    assert {r["context"] for r in rows if r["kind"] == "decode"} == {64, 128}
+    sel = [r for r in rows if r["contender"] == "vertical-slash, selection made beforehand"]
+    assert all(0 < r["density"] <= 1 and r["select_s"] > 0 for r in sel)
+    md = (tmp_path / "lm.md").read_text()
+    assert "Targets:" in md and "× SDPA" in md and "decode" in md
+    assert json.loads((tmp_path / "lm.json").read_text())["suite"] == "tiny"
+    assert (tmp_path / "lm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

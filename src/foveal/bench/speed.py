@@ -277,12 +277,19 @@ def run_speed(suite: str = "quick", out_dir: str = "bench-out", device: str | No
 
     The module suites (``modules``, ``modules-quick``: ``foveal.bench.modules``) time
     whole ``foveal.nn`` modules against the same modules on dense masked SDPA and
-    write ``modules.json``, ``modules.md`` and ``modules.png`` instead.
+    write ``modules.json``, ``modules.md`` and ``modules.png`` instead; the LM suites
+    (``lm``, ``lm-quick``: ``foveal.bench.lm_speed``) write ``lm.json``, ``lm.md`` and
+    ``lm.png``.
     """
+    from foveal.bench.lm_speed import LM_SUITES, run_lm
+
     if suite in bench_modules.MODULE_SUITES:
         return bench_modules.run_modules(suite, out_dir, device, contenders)
+    if suite in LM_SUITES:
+        return run_lm(suite, out_dir, device)
     if suite not in SUITES:
-        raise ValueError(f"suite must be one of {sorted(SUITES) + sorted(bench_modules.MODULE_SUITES)}, got {suite!r}")
+        known = sorted(SUITES) + sorted(bench_modules.MODULE_SUITES) + sorted(LM_SUITES)
+        raise ValueError(f"suite must be one of {known}, got {suite!r}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     chosen = [c for c in CONTENDERS if contenders is None or c.name in contenders]
     if contenders is not None and len(chosen) != len(set(contenders)):

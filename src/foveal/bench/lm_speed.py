@@ -1,0 +1,390 @@
+"""``foveal bench speed --suite lm``: the cases a language-model user meets first, as ratios to SDPA.
+
+Prefill (batch 1, 8 query heads over 2 key heads, head_dim 64, float32): causal,
+StreamingLLM's window + sinks (the same pattern object each call, and built anew each
+call as a model does per layer and length), vertical-slash at density ≈ 0.05 (with its
+selection, and on a selection made beforehand), block top-k and DHSA at density ≈ 0.03,
+each forward and forward+backward, timed against ``scaled_dot_product_attention`` with
+``is_causal=True`` on the same tensors in the same process. Decoding: one step over a
+cached context of several lengths for dense, window + sinks, Quest and a SnapKV-compressed
+cache, against SDPA on the same cache; and the Python overhead of one ``attend_decode``
+call on a 16-token cache. Every figure is a median of warm runs; ratios are what to read.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from foveal.bench.measure import matmul_rate, time_call
+from foveal.decode import KVCache, Quest, SnapKV, attend_decode, snapkv_compress
+from foveal.functional import attend
+from foveal.patterns import DHSA, BlockTopK, Causal, Sinks, SlidingWindow, VerticalSlash
+
+__all__ = ["LM_SUITES", "run_lm"]
+
+HEADS, KV_HEADS, HEAD_DIM = 8, 2, 64
+
+
+@dataclass
+class Row:
+    """One timed call: ``make(q, k, v)`` returns ``(fn, info)`` — the call to time and what to report of it."""
+
+    name: str
+    make: Callable
+    backward: bool = True  # also timed forward+backward
+
+
+def _sdpa(q, k, v):
+    return (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)), {}
+
+
+def _static(build_each_call: bool, make_pattern):
+    def make(q, k, v):
+        n = q.shape[2]
+        if build_each_call:
+            return (lambda: attend(q, k, v, make_pattern(n))), {"density": make_pattern(n).density()}
+        p = make_pattern(n)
+        return (lambda: attend(q, k, v, p)), {"density": p.density()}
+
+    return make
+
+
+def _causal_lse(q, k, v):
+    p = Causal(q.shape[2])
+    return (lambda: attend(q, k, v, p, return_lse=True)[0]), {"density": p.density(), "note": "lse returned"}
+
+
+def _selected(make_pattern, beforehand: bool):
+    def make(q, k, v):
+        p = make_pattern(q.shape[2])
+        with torch.no_grad():
+            start = time.perf_counter()
+            sel = p.select(q, k)
+            select_s = time.perf_counter() - start
+        info = {"density": float(sel.density().mean()), "select_s": select_s}
+        if beforehand:
+            return (lambda: attend(q, k, v, sel)), info
+        return (lambda: attend(q, k, v, p)), info
+
+    return make
+
+
+def _streaming(n):
+    return SlidingWindow(n, 1024) | Sinks(n, 4)
+
+
+def _topk_for(n, density):
+    return max(1, round(density * n / 64))
+
+
+PREFILL_ROWS = [
+    Row("sdpa is_causal (baseline)", _sdpa),
+    Row("causal (with lse)", _causal_lse),
+    Row("window 1024 + 4 sinks, same object", _static(False, _streaming)),
+    Row("window 1024 + 4 sinks, built each call", _static(True, _streaming)),
+    Row("vertical-slash n/32, n/16", _selected(lambda n: VerticalSlash(n, vertical=n // 32, slash=n // 16), False)),
+    Row("vertical-slash, selection made beforehand",
+        _selected(lambda n: VerticalSlash(n, vertical=n // 32, slash=n // 16), True)),
+    Row("block top-k, density ~0.03", _selected(lambda n: BlockTopK(n, topk=_topk_for(n, 0.03)), False)),
+    Row("DHSA, density ~0.03", _selected(lambda n: DHSA(n, budget=max(64, int(0.03 * n))), False)),
+]
+
+
+def _suite(lengths, decode_lengths, min_seconds=0.5, calls=50):
+    """A suite: prefill lengths, decode context lengths, the least time per timed row, calls per decode figure."""
+    return {"lengths": lengths, "decode_lengths": decode_lengths, "min_seconds": min_seconds, "calls": calls}
+
+
+LM_SUITES = {
+    "lm": _suite((4096, 16384), (1024, 4096, 16384)),
+    "lm-quick": _suite((1024, 2048), (256, 1024)),
+}
+
+
+def _progress(i, total, text):
+    width = 30
+    done = int(width * i / max(total, 1))
+    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{total} {text[:70]:<70}")
+    sys.stderr.flush()
+
+
+def _tensors(n, gen, requires_grad=False):
+    q = torch.randn(1, HEADS, n, HEAD_DIM, generator=gen)
+    k = torch.randn(1, KV_HEADS, n, HEAD_DIM, generator=gen)
+    v = torch.randn(1, KV_HEADS, n, HEAD_DIM, generator=gen)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def _time_prefill(row: Row, n: int, backward: bool, device, min_seconds: float = 0.5) -> dict:
+    gen = torch.Generator().manual_seed(n)
+    q, k, v = (t.to(device) for t in _tensors(n, gen))
+    if backward:
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+    try:
+        fn, info = row.make(q, k, v)
+        if backward:
+            grad = torch.randn(1, HEADS, n, HEAD_DIM, generator=gen).to(device)
+
+            def call():
+                return torch.autograd.grad(fn(), (q, k, v), grad)
+        else:
+
+            def call():
+                with torch.no_grad():
+                    return fn()
+
+        first, median, runs = time_call(call, device, min_runs=2, max_runs=5, min_seconds=min_seconds)
+        return {"status": "ok", "median_s": median, "first_s": first, "runs": runs, **info}
+    except Exception as e:  # a failing row is a result, not a crash of the benchmark
+        return {"status": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"}
+
+
+def _per_call(fn, calls: int = 200) -> float:
+    """Median seconds of one call of a fast ``fn`` over ``calls`` calls (after a few warm-up calls)."""
+    for _ in range(min(20, calls)):
+        fn()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _decode_rows(length: int, device, calls: int = 50) -> list[dict]:
+    """One decode step over a cached context of ``length`` tokens, for each contender."""
+    gen = torch.Generator().manual_seed(length)
+    n = length + 1
+    q, k, v = _tensors(n, gen)
+    q1 = q[:, :, -1:].to(device)
+    k, v = k.to(device), v.to(device)
+    caches = {}
+    full = KVCache(1, KV_HEADS, HEAD_DIM, device=device)
+    full.append(k, v)
+    caches["dense"] = full
+    streaming = _streaming(n)
+    window = KVCache(1, KV_HEADS, HEAD_DIM, device=device, pattern=streaming)
+    for s in range(0, n - 1, 4096):  # prefill in chunks, then the step's own token
+        window.append(k[:, :, s : min(s + 4096, n - 1)], v[:, :, s : min(s + 4096, n - 1)])
+    window.append(k[:, :, n - 1 :], v[:, :, n - 1 :])
+    snap = KVCache(1, KV_HEADS, HEAD_DIM, device=device)
+    snap.append(k[:, :, : n - 1], v[:, :, : n - 1])
+    snapkv_compress(snap, q[:, :, max(0, n - 1 - 256) : n - 1].to(device), SnapKV(capacity=1024))
+    snap.append(k[:, :, n - 1 :], v[:, :, n - 1 :])
+    kr, vr = full.k, full.v
+    contenders = {
+        "sdpa on the dense cache (baseline)": lambda: F.scaled_dot_product_attention(q1, kr, vr, enable_gqa=True),
+        "attend_decode, dense": lambda: attend_decode(q1, full),
+        "attend_decode, window 1024 + 4 sinks": lambda: attend_decode(q1, window, streaming),
+        "attend_decode, Quest (16-token pages, budget 1024)": lambda: attend_decode(
+            q1, full, select=Quest(page_size=16, token_budget=1024)),
+        "attend_decode, SnapKV-compressed (1024 kept)": lambda: attend_decode(q1, snap),
+    }
+    rows = []
+    with torch.no_grad():
+        for name, fn in contenders.items():
+            try:
+                rows.append({"kind": "decode", "context": length, "contender": name, "status": "ok",
+                             "median_s": _per_call(fn, calls), "cached_keys": {
+                                 "attend_decode, window 1024 + 4 sinks": window.size,
+                                 "attend_decode, SnapKV-compressed (1024 kept)": snap.size}.get(name, n)})
+            except Exception as e:
+                rows.append({"kind": "decode", "context": length, "contender": name,
+                             "status": f"failed: {type(e).__name__}: {str(e)[:120]}"})
+    return rows
+
+
+def _overhead(device, calls: int = 200) -> list[dict]:
+    """µs of one ``attend_decode`` call on a 16-token cache, and of SDPA on the same tensors."""
+    gen = torch.Generator().manual_seed(16)
+    q, k, v = _tensors(16, gen)
+    cache = KVCache(1, KV_HEADS, HEAD_DIM, device=device)
+    cache.append(k.to(device), v.to(device))
+    q1 = q[:, :, -1:].to(device)
+    window = _streaming(1 << 15)
+    wcache = KVCache(1, KV_HEADS, HEAD_DIM, device=device, pattern=window)
+    wcache.append(k.to(device), v.to(device))
+    with torch.no_grad():
+        sdpa = _per_call(lambda: F.scaled_dot_product_attention(q1, cache.k, cache.v, enable_gqa=True), calls)
+        dense = _per_call(lambda: attend_decode(q1, cache), calls)
+        stream = _per_call(lambda: attend_decode(q1, wcache, window), calls)
+    return [{"kind": "overhead", "contender": name, "status": "ok", "median_s": t}
+            for name, t in (("sdpa, 16-token cache", sdpa), ("attend_decode, dense, 16-token cache", dense),
+                            ("attend_decode, window + sinks, 16-token cache", stream))]
+
+
+def run_lm(suite: str = "lm", out_dir: str = "bench-out", device: str | None = None) -> dict:
+    """Run an LM suite; print the table; write ``lm.json``, ``lm.md`` and ``lm.png`` into ``out_dir``."""
+    if suite not in LM_SUITES:
+        raise ValueError(f"suite must be one of {sorted(LM_SUITES)}, got {suite!r}")
+    cfg = LM_SUITES[suite]
+    dev = torch.device(device or "cpu")
+    rate = matmul_rate(dev, torch.float32)
+    jobs = [(row, n, bwd) for n in cfg["lengths"] for bwd in (False, True) for row in PREFILL_ROWS
+            if not bwd or row.backward]
+    total = len(jobs) + len(cfg["decode_lengths"]) + 1
+    rows, start = [], time.perf_counter()
+    for i, (row, n, bwd) in enumerate(jobs):
+        _progress(i, total, f"prefill n={n} {'fwd+bwd' if bwd else 'fwd'} — {row.name}")
+        rows.append({"kind": "prefill", "tokens": n, "direction": "fwd+bwd" if bwd else "fwd", "contender": row.name,
+                     **_time_prefill(row, n, bwd, dev, cfg.get("min_seconds", 0.5))})
+    for j, length in enumerate(cfg["decode_lengths"]):
+        _progress(len(jobs) + j, total, f"decode over {length} cached tokens")
+        rows += _decode_rows(length, dev, cfg.get("calls", 50))
+    _progress(total - 1, total, "decode overhead")
+    rows += _overhead(dev, 4 * cfg.get("calls", 50))
+    _progress(total, total, f"done in {time.perf_counter() - start:.0f}s")
+    sys.stderr.write("\n")
+    result = {"suite": suite, "device": str(dev),
+              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+              "matmul_flops": rate, "rows": rows}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text = report(result)
+    (out / "lm.json").write_text(json.dumps(result, indent=1))
+    (out / "lm.md").write_text(text)
+    plot(result, out / "lm.png")
+    print(text)
+    print(f"wrote {out / 'lm.json'}, {out / 'lm.md'}, {out / 'lm.png'}")
+    return result
+
+
+def _base(rows, **where):
+    for r in rows:
+        if all(r.get(k) == v for k, v in where.items()) and r["status"] == "ok":
+            return r
+    return None
+
+
+def report(result) -> str:
+    """Markdown: prefill ratios to SDPA per length and direction, decode ratios, overhead, targets."""
+    rows = result["rows"]
+    lines = [f"suite `{result['suite']}` on {result['device']} ({result['machine']}); dense float32 matmul in the "
+             f"same run: {result['matmul_flops'] / 1e9:.0f} GFLOP/s; batch 1, {HEADS} query heads over {KV_HEADS} "
+             f"key heads, head_dim {HEAD_DIM}, float32", ""]
+    prefill = [r for r in rows if r["kind"] == "prefill"]
+    for n in dict.fromkeys(r["tokens"] for r in prefill):
+        for direction in ("fwd", "fwd+bwd"):
+            block = [r for r in prefill if r["tokens"] == n and r["direction"] == direction]
+            base = _base(block, contender=PREFILL_ROWS[0].name)
+            lines += [f"**prefill, {n} tokens, {direction}**", "",
+                      "| contender | × SDPA | time | density | selection (own column) |", "|---|---|---|---|---|"]
+            for r in block:
+                if r["status"] != "ok":
+                    lines.append(f"| {r['contender']} | {r['status']} | | | |")
+                    continue
+                ratio = f"{r['median_s'] / base['median_s']:.2f}" if base else "—"
+                sel = f"{r['select_s'] * 1e3:.0f} ms ({r['select_s'] / base['median_s']:.2f}× SDPA)" \
+                    if "select_s" in r and base else ""
+                dens = f"{r['density']:.3f}" if "density" in r else ""
+                lines.append(f"| {r['contender']} | {ratio} | {r['median_s'] * 1e3:.0f} ms | {dens} | {sel} |")
+            lines.append("")
+    decode = [r for r in rows if r["kind"] == "decode"]
+    if decode:
+        lines += ["**one decode step (1 query) over a cached context**", "",
+                  "| context | contender | keys read | × SDPA on the dense cache | time |", "|---|---|---|---|---|"]
+        for r in decode:
+            base = _base(decode, context=r["context"], contender="sdpa on the dense cache (baseline)")
+            if r["status"] != "ok":
+                lines.append(f"| {r['context']} | {r['contender']} | | {r['status']} | |")
+                continue
+            ratio = f"{r['median_s'] / base['median_s']:.2f}" if base else "—"
+            lines.append(f"| {r['context']} | {r['contender']} | {r.get('cached_keys', '')} | {ratio} | "
+                         f"{r['median_s'] * 1e6:.0f} µs |")
+        lines.append("")
+    over = [r for r in rows if r["kind"] == "overhead"]
+    if over:
+        lines += ["**per-call overhead**: " + "; ".join(f"{r['contender']} {r['median_s'] * 1e6:.0f} µs" for r in over),
+                  ""]
+    lines += ["Targets:", targets(rows)]
+    return "\n".join(lines) + "\n"
+
+
+def targets(rows) -> str:
+    """The speed issue's targets, as ratios from this run, met or not."""
+    out = []
+
+    def ratio(row, base, text, goal):
+        if row and base:
+            x = row["median_s"] / base["median_s"]
+            out.append(f"- {text}: {x:.2f}× (target ≤ {goal}×) — {'met' if x <= goal else 'NOT met'}")
+
+    for n in sorted({r["tokens"] for r in rows if r["kind"] == "prefill"}):
+        for d in ("fwd", "fwd+bwd"):
+            base = _base(rows, kind="prefill", tokens=n, direction=d, contender=PREFILL_ROWS[0].name)
+
+            def get(name):
+                return _base(rows, kind="prefill", tokens=n, direction=d, contender=name)
+
+            ratio(get("causal (with lse)"), base, f"Causal {n} {d} / SDPA", 1.05)
+            same, anew = get("window 1024 + 4 sinks, same object"), get("window 1024 + 4 sinks, built each call")
+            ratio(anew, same, f"window+sinks {n} {d}: built each call / same object", 1.1)
+            big = n >= 16384
+            ratio(get("vertical-slash n/32, n/16"), base, f"vertical-slash {n} {d} / SDPA", 0.3 if big else 1.0)
+            ratio(get("vertical-slash, selection made beforehand"), base,
+                  f"vertical-slash on a selection {n} {d} / SDPA", 0.15 if big else 1.0)
+            ratio(get("block top-k, density ~0.03"), base, f"block top-k {n} {d} / SDPA", 0.1 if big else 1.0)
+            ratio(get("DHSA, density ~0.03"), base, f"DHSA {n} {d} / SDPA", 0.1 if big else 1.0)
+    longest = max((r["context"] for r in rows if r["kind"] == "decode"), default=None)
+    if longest:
+        base = _base(rows, kind="decode", context=longest, contender="sdpa on the dense cache (baseline)")
+        ratio(_base(rows, kind="decode", context=longest, contender="attend_decode, dense"), base,
+              f"decode over {longest}: dense attend_decode / SDPA", 1.1)
+        ratio(_base(rows, kind="decode", context=longest, contender="attend_decode, window 1024 + 4 sinks"), base,
+              f"decode over {longest}: window + sinks / dense SDPA", 0.2)
+    return "\n".join(out)
+
+
+def plot(result, path: Path):
+    """Left: prefill time ÷ SDPA per contender (bars per length and direction); right: decode time per token
+    against context length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(15, 5.5))
+    prefill = [r for r in rows if r["kind"] == "prefill" and r["status"] == "ok"]
+    groups = list(dict.fromkeys((r["tokens"], r["direction"]) for r in prefill))
+    names = [row.name for row in PREFILL_ROWS[1:]]
+    width = 0.8 / max(len(groups), 1)
+    for gi, (n, d) in enumerate(groups):
+        base = _base(prefill, tokens=n, direction=d, contender=PREFILL_ROWS[0].name)
+        if not base:
+            continue
+        ys = [(_base(prefill, tokens=n, direction=d, contender=name) or {}).get("median_s", float("nan"))
+              / base["median_s"] for name in names]
+        a.bar([i + gi * width for i in range(len(names))], ys, width, label=f"{n} tokens {d}")
+    a.axhline(1.0, color="black", lw=1, ls="--")
+    a.set_yscale("log")
+    a.set_xticks([i + width * (len(groups) - 1) / 2 for i in range(len(names))])
+    a.set_xticklabels(names, rotation=30, ha="right", fontsize=7)
+    a.set_ylabel("time ÷ SDPA is_causal (same run)")
+    a.set_title("prefill")
+    a.legend(fontsize=7)
+    decode = [r for r in rows if r["kind"] == "decode" and r["status"] == "ok"]
+    for name in dict.fromkeys(r["contender"] for r in decode):
+        pts = sorted((r["context"], r["median_s"] * 1e6) for r in decode if r["contender"] == name)
+        b.plot(*zip(*pts), marker="o", ls="--" if name.startswith("sdpa") else "-", label=name)
+    b.set_xscale("log")
+    b.set_yscale("log")
+    b.set_xlabel("cached context (tokens)")
+    b.set_ylabel("µs per decode step (one layer call)")
+    b.set_title("decoding")
+    b.grid(True, which="both", alpha=0.3)
+    b.legend(fontsize=7)
+    fig.suptitle(f"foveal bench speed --suite {result['suite']} ({result['machine']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
