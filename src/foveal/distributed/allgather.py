@@ -16,6 +16,7 @@ from foveal.distributed.comm import exchange
 from foveal.distributed.ring import split_kv
 from foveal.distributed.shardbias import shard_bias
 from foveal.functional import attend
+from foveal.inputs import lse_dtype
 
 __all__ = ["allgather_attention"]
 
@@ -49,7 +50,7 @@ def allgather_attention(q, k, v, lay, me: int, group, scale, backend, stats, tag
     anchor = got.get("anchor")
     if not pieces:
         out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device) + 0 * q.sum()
-        lse = torch.full(q.shape[:-1], float("-inf"), device=q.device)
+        lse = torch.full(q.shape[:-1], float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
         return (out if anchor is None else out + anchor.to(out.dtype)), lse
     toks = torch.cat(toks)
     order = torch.argsort(toks)
