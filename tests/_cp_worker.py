@@ -108,7 +108,8 @@ def run_case(case, rank, world, group):
         ("dk", kl.grad, kr.grad),
         ("dv", vl.grad, vr.grad),
     ):
-        ref_l = cp.shard(ref.detach().double()[..., None] if ref.dim() == 3 else ref.detach().double())
+        ref_d = ref.detach().double()
+        ref_l = cp.shard(ref_d[..., None] if ref.dim() == 3 else ref_d)
         if ref.dim() == 3:
             ref_l = ref_l[..., 0]
         m = mine.detach().double()
@@ -135,32 +136,33 @@ def run_case(case, rank, world, group):
 
 
 def run_fault(case, rank, world, group):
-    """One rank raises (ring forward, Ulysses forward, ring backward) or refuses its arguments, or the ranks
-    disagree on shapes: every rank must raise within a short time of the failure, whatever the group's timeout.
+    """One rank raises (ring or Ulysses forward, ring or all-gather backward) or refuses its arguments, or
+    the ranks disagree on shapes: every rank must raise soon after the failure, whatever the group's timeout.
 
     Returns what this rank raised, ``raised_at`` (wall clock, shared by the processes of one machine) and,
     on the failing rank, ``failed_at``: the moment of the failure; and (``then``) what a further call on the
     same group gave: refused once the group was shut down, a result when only arguments were refused.
     """
+    import foveal.distributed.allgather as allgather
     import foveal.distributed.api as api
     import foveal.distributed.ring as ring
     from foveal.distributed import ContextParallel
     from foveal.patterns import Causal
 
     n, fault, bad = case["n"], case["fault"], rank == case["bad_rank"]
-    method = "ulysses" if fault == "raise_in_ulysses" else "ring"
+    method = {"raise_in_ulysses": "ulysses", "raise_in_allgather_backward": "allgather"}.get(fault, "ring")
     heads = 3 if method == "ulysses" else 2
     pattern = Causal(n)
     q = torch.randn(1, heads, n, 8, generator=torch.Generator().manual_seed(0))
     cp = ContextParallel(pattern, group, method=method)
     ql = cp.shard(q)
     k = v = ql
-    originals = (ring.attend, api.attend)
+    originals = (ring.attend, api.attend, allgather.attend)
 
     result = {"raised": None, "failed_at": None}
 
-    def failing_at(call):
-        calls, original = {"n": 0}, ring.attend
+    def failing_at(call, module=ring):
+        calls, original = {"n": 0}, module.attend
 
         def failing(*a, **kw):
             calls["n"] += 1
@@ -171,10 +173,23 @@ def run_fault(case, rank, world, group):
 
         return failing
 
+    def failing_in_backward(original):
+        def attend_then_fail(*a, **kw):
+            out, lse = original(*a, **kw)
+
+            def fail(grad):
+                result["failed_at"] = time.time()
+                raise RuntimeError("injected failure on this rank")
+
+            out.register_hook(fail)
+            return out, lse
+
+        return attend_then_fail
+
     if bad and fault == "raise_mid_ring":
         ring.attend = failing_at(2)
     if bad and fault == "raise_in_ulysses":
-        api.attend = failing_at(1)
+        api.attend = failing_at(1, api)
     if bad and fault == "shape_mismatch":
         pattern = Causal(n + world)
         cp = ContextParallel(pattern, group)
@@ -184,11 +199,13 @@ def run_fault(case, rank, world, group):
     if bad and fault in ("refuse_arguments", "shape_mismatch"):
         result["failed_at"] = time.time()
     try:
-        if fault == "raise_in_backward":
-            qg = ql.clone().requires_grad_()
-            cp.attend(qg, ql, ql).sum().backward()  # warm, so that the peers are waiting when rank 1 fails
-            out = cp.attend(qg, ql, ql)
-            if bad:
+        if fault.endswith("backward"):
+            qg, kg, vg = (ql.clone().requires_grad_() for _ in range(3))  # dK/dV go back to their owners
+            cp.attend(qg, kg, vg).sum().backward()  # warm, so that the peers are waiting when rank 1 fails
+            if bad and method == "allgather":  # the local attention's backward fails, not an exchange
+                allgather.attend = failing_in_backward(allgather.attend)
+            out = cp.attend(qg, kg, vg)
+            if bad and method == "ring":
                 ring.attend = failing_at(1)
             out.sum().backward()
         else:
@@ -196,7 +213,7 @@ def run_fault(case, rank, world, group):
     except Exception as e:  # noqa: BLE001 - the message is the result
         result["raised"], result["raised_at"] = f"{type(e).__name__}: {e}", time.time()
     finally:
-        ring.attend, api.attend = originals
+        ring.attend, api.attend, allgather.attend = originals
     try:
         again = ContextParallel(Causal(n), group)
         again.attend(*(again.shard(q),) * 3)

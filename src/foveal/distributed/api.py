@@ -24,8 +24,9 @@ import zlib
 
 import torch
 
+from foveal.bias import bias_parameters
 from foveal.distributed.allgather import allgather_attention
-from foveal.distributed.comm import CPStats, confirm, exchange, fail_fast, group_info, handshake
+from foveal.distributed.comm import CPStats, confirm, exchange, fail_fast, group_info, guarded, handshake
 from foveal.distributed.orders import as_order
 from foveal.distributed.plan import cp_layout, group_need, ring_schedule
 from foveal.distributed.ring import RingConfig, ring_attention
@@ -61,7 +62,9 @@ def _ulysses_degree(method, world: int, ulysses_degree) -> int | None:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method != "hybrid":
         if ulysses_degree is not None:
-            raise ValueError(f"ulysses_degree is for method='hybrid' only, got {ulysses_degree!r} with method={method!r}")
+            raise ValueError(
+                f"ulysses_degree is for method='hybrid' only, got {ulysses_degree!r} with method={method!r}"
+            )
         return world if method == "ulysses" else None
     if ulysses_degree is None:
         raise ValueError("method='hybrid' needs ulysses_degree (ranks per Ulysses group; ring degree = P / it)")
@@ -173,7 +176,9 @@ class ContextParallel:
         Every rank of the group calls it (it exchanges the shards).
         """
         if not isinstance(x_local, torch.Tensor):
-            raise TypeError(f"x_local must be a torch.Tensor (batch, heads, local tokens, ...), got {type(x_local).__name__}")
+            raise TypeError(
+                f"x_local must be a torch.Tensor (batch, heads, local tokens, ...), got {type(x_local).__name__}"
+            )
         if x_local.dim() < 3 or x_local.shape[2] != self.n_local:
             raise ValueError(
                 f"x_local must be a (batch, heads, {self.n_local}, ...) shard of the pattern's {self.pattern.n_q} "
@@ -220,7 +225,8 @@ class ContextParallel:
         rank confirm with the others that they agree on shapes and arguments first (a
         rank whose own checks failed tells the others), and that every rank finished
         after (two small all-gathers). A rank that raises once the exchange has begun
-        shuts the group down, so every rank raises ``ContextParallelError`` at once.
+        (or at all, with ``check=False``) shuts the group down, so every rank raises
+        ``ContextParallelError`` at once (``comm.shutdown``).
         """
         group, world, rank = group_info(self.group)  # refuses a group shut down by a failure
         what = f"ContextParallel.attend({self.method})"
@@ -230,8 +236,9 @@ class ContextParallel:
                 self._check_mark(name, t)
             scale = check_call(q, k, v, self.pattern, world, self.method, self.u, scale, bias)
         except Exception as e:  # told to the others by the handshake, then raised here
-            if not check:
-                raise
+            if not check:  # no handshake to tell them: shut the group down so that nobody waits for this rank
+                with fail_fast(group, what):
+                    raise
             error = e
         if check:
             sig = None if error is not None else self._signature(q, k, v, scale, bias, return_lse)
@@ -269,9 +276,14 @@ class ContextParallel:
         pattern = self.pattern
         if r_deg == 1:
 
-            def inner(qf, kf, vf, toks):
-                b = shard_bias(bias, None, head_offset)
+            b = shard_bias(bias, None, head_offset)
+            params = bias_parameters(bias) if bias is not None else []
+
+            def local(qf, kf, vf):
                 return attend(qf, kf, vf, pattern, bias=b, scale=scale, backend=backend, return_lse=True)
+
+            def inner(qf, kf, vf, toks):
+                return guarded(local, group, "Ulysses attention", (qf, kf, vf), params)
 
         else:
             ring_sets = [torch.cat(lay.tokens[jj * u : (jj + 1) * u]).sort().values for jj in range(r_deg)]

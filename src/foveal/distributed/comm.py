@@ -40,6 +40,7 @@ __all__ = [
     "confirm",
     "shutdown",
     "fail_fast",
+    "guarded",
     "DEFAULT_TIMEOUT",
 ]
 
@@ -182,6 +183,47 @@ def _failed(group, what: str, e: BaseException) -> ContextParallelError:
         f"rank {rank}: {what} failed ({_first_line(e)}); a peer rank failed (and shut the group down so "
         f"that every rank stops at once), stopped answering or timed out"
     )
+
+
+class _Guarded(torch.autograd.Function):
+    """``fn(*tensors)`` with its own autograd graph, whose backward runs under ``fail_fast``."""
+
+    @staticmethod
+    def forward(ctx, fn, group, what, n_tensors, *inputs):
+        tensors, params = inputs[:n_tensors], inputs[n_tensors:]
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
+            outs = fn(*leaves)
+        ctx.group, ctx.what, ctx.outs = group, what, outs
+        ctx.wrt = [x for x in (*leaves, *params) if x.requires_grad]
+        ctx.mask = [x.requires_grad for x in (*leaves, *params)]
+        return tuple(o.detach() for o in outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        with fail_fast(ctx.group, f"{ctx.what} (backward)"):
+            pairs = [(o, g) for o, g in zip(ctx.outs, grads) if g is not None and o.requires_grad]
+            got = iter(())
+            if pairs and ctx.wrt:
+                outs, gs = zip(*pairs)
+                got = iter(torch.autograd.grad(outs, ctx.wrt, gs, allow_unused=True))
+            result = [next(got) if m else None for m in ctx.mask]
+        ctx.outs = None
+        return (None, None, None, None, *result)
+
+
+def guarded(fn, group, what: str, tensors, params=()):
+    """``fn(*tensors)`` (a tuple of tensors) whose backward shuts ``group`` down if it raises (``fail_fast``).
+
+    For the local work of a context-parallel call between exchanges: a rank whose
+    backward fails there tells the others at once instead of leaving them waiting for
+    its gradients. ``params`` are the leaf tensors ``fn`` reads besides ``tensors``
+    (a score term's parameters), so that their gradients flow too.
+    """
+    tensors, params = list(tensors), list(params)
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (*tensors, *params)):
+        return fn(*tensors)
+    return _Guarded.apply(fn, group, what, len(tensors), *tensors, *params)
 
 
 def _wait(work, what: str, group):
