@@ -1,7 +1,7 @@
 """Worker processes for tests/test_distributed.py: many cases per spawned gloo group.
 
-Each rank builds the same random full tensors, takes its shard, runs ``attend_cp``
-forward and backward, and compares its rows of the output, lse and gradients with a
+Each rank builds the same random full tensors, takes its shard with a
+``ContextParallel`` plan, runs its ``attend`` forward and backward, and compares its rows of the output, lse and gradients with a
 dense implementation written here from the definition (softmax over the keys
 ``pattern.mask`` allows). Results go to one JSON file per rank.
 """
@@ -59,7 +59,7 @@ def make_pattern(name, n):
 
 
 def run_case(case, rank, world, group):
-    from foveal.distributed import CPStats, attend_cp, shard
+    from foveal.distributed import ContextParallel, CPStats
 
     n = case["n"]
     pattern = make_pattern(case["pattern"], n)
@@ -88,17 +88,18 @@ def run_case(case, rank, world, group):
     ref_out, ref_lse = dense_attention(qr, kr, vr, pattern, scale, ref_bias)
     fin = torch.isfinite(ref_lse)
     ((ref_out * go.double()).sum() + (torch.where(fin, ref_lse, 0.0) * gl.double()).sum()).backward()
-    order = case["order"]
-    ql, kl, vl = (shard(t.to(dtype), pattern, group, order=order).requires_grad_() for t in (q, k, v))
-    stats = CPStats()
-    out, lse = attend_cp(
-        ql, kl, vl, pattern, group, method=case["method"], order=order, return_lse=True,
-        ulysses_degree=case.get("ulysses_degree"), stats=stats, backend=case.get("backend", "auto"), bias=bias,
+    cp = ContextParallel(
+        pattern, group, order=case["order"], method=case["method"], ulysses_degree=case.get("ulysses_degree"),
+        backend=case.get("backend", "auto"),
     )
+    ql, kl, vl = (cp.shard(t.to(dtype)).requires_grad_() for t in (q, k, v))
+    stats = CPStats()
+    out, lse = cp.attend(ql, kl, vl, return_lse=True, stats=stats, bias=bias)
     fwd_sent = {str(p): b for p, b in stats.bytes_sent.items()}
-    gol, gll = shard(go, pattern, group, order=order), shard(gl[:, :, :, None], pattern, group, order=order)[..., 0]
+    gol, gll = cp.shard(go), cp.shard(gl[:, :, :, None])[..., 0]
     lfin = torch.isfinite(lse)
-    ((out.float() * gol).sum() + (torch.where(lfin, lse, 0.0) * gll).sum()).backward()
+    cdt = lse.dtype  # the compute dtype: float64 for float64 inputs, float32 otherwise
+    ((out.to(cdt) * gol.to(cdt)).sum() + (torch.where(lfin, lse, 0.0) * gll.to(cdt)).sum()).backward()
     errs = {}
     for name, mine, ref in (
         ("out", out, ref_out),
@@ -107,7 +108,8 @@ def run_case(case, rank, world, group):
         ("dk", kl.grad, kr.grad),
         ("dv", vl.grad, vr.grad),
     ):
-        ref_l = shard(ref.detach().double()[..., None] if ref.dim() == 3 else ref.detach().double(), pattern, group, order=order)
+        ref_d = ref.detach().double()
+        ref_l = cp.shard(ref_d[..., None] if ref.dim() == 3 else ref_d)
         if ref.dim() == 3:
             ref_l = ref_l[..., 0]
         m = mine.detach().double()
@@ -134,37 +136,91 @@ def run_case(case, rank, world, group):
 
 
 def run_fault(case, rank, world, group):
-    """A rank raising mid-ring, or ranks disagreeing on shapes: every rank must raise within the timeout."""
+    """One rank raises (ring or Ulysses forward, ring or all-gather backward) or refuses its arguments, or
+    the ranks disagree on shapes: every rank must raise soon after the failure, whatever the group's timeout.
+
+    Returns what this rank raised, ``raised_at`` (wall clock, shared by the processes of one machine) and,
+    on the failing rank, ``failed_at``: the moment of the failure; and (``then``) what a further call on the
+    same group gave: refused once the group was shut down, a result when only arguments were refused.
+    """
+    import foveal.distributed.allgather as allgather
+    import foveal.distributed.api as api
     import foveal.distributed.ring as ring
-    from foveal.distributed import attend_cp, shard
+    from foveal.distributed import ContextParallel
     from foveal.patterns import Causal
 
-    n = case["n"]
+    n, fault, bad = case["n"], case["fault"], rank == case["bad_rank"]
+    method = {"raise_in_ulysses": "ulysses", "raise_in_allgather_backward": "allgather"}.get(fault, "ring")
+    heads = 3 if method == "ulysses" else 2
     pattern = Causal(n)
-    q = torch.randn(1, 2, n, 8, generator=torch.Generator().manual_seed(0))
-    ql = shard(q, pattern, group)
-    t0 = time.monotonic()
-    original = ring.attend
+    q = torch.randn(1, heads, n, 8, generator=torch.Generator().manual_seed(0))
+    cp = ContextParallel(pattern, group, method=method)
+    ql = cp.shard(q)
+    k = v = ql
+    originals = (ring.attend, api.attend, allgather.attend)
+
+    result = {"raised": None, "failed_at": None}
+
+    def failing_at(call, module=ring):
+        calls, original = {"n": 0}, module.attend
+
+        def failing(*a, **kw):
+            calls["n"] += 1
+            if calls["n"] == call:
+                result["failed_at"] = time.time()
+                raise RuntimeError("injected failure on this rank")
+            return original(*a, **kw)
+
+        return failing
+
+    def failing_in_backward(original):
+        def attend_then_fail(*a, **kw):
+            out, lse = original(*a, **kw)
+
+            def fail(grad):
+                result["failed_at"] = time.time()
+                raise RuntimeError("injected failure on this rank")
+
+            out.register_hook(fail)
+            return out, lse
+
+        return attend_then_fail
+
+    if bad and fault == "raise_mid_ring":
+        ring.attend = failing_at(2)
+    if bad and fault == "raise_in_ulysses":
+        api.attend = failing_at(1, api)
+    if bad and fault == "shape_mismatch":
+        pattern = Causal(n + world)
+        cp = ContextParallel(pattern, group)
+        ql = k = v = torch.randn(1, heads, (n + world) // world, 8)
+    if bad and fault == "refuse_arguments":
+        k = ql.double()
+    if bad and fault in ("refuse_arguments", "shape_mismatch"):
+        result["failed_at"] = time.time()
     try:
-        if case["fault"] == "raise_mid_ring" and rank == case["bad_rank"]:
-            calls = {"n": 0}
-
-            def failing(*a, **kw):
-                calls["n"] += 1
-                if calls["n"] == 2:
-                    raise RuntimeError("injected failure on this rank")
-                return original(*a, **kw)
-
-            ring.attend = failing
-        if case["fault"] == "shape_mismatch" and rank == case["bad_rank"]:
-            pattern = Causal(n + world)
-            ql = torch.randn(1, 2, (n + world) // world, 8)
-        attend_cp(ql, ql, ql, pattern, group, method="ring")
-        return {"raised": None, "seconds": time.monotonic() - t0}
+        if fault.endswith("backward"):
+            qg, kg, vg = (ql.clone().requires_grad_() for _ in range(3))  # dK/dV go back to their owners
+            cp.attend(qg, kg, vg).sum().backward()  # warm, so that the peers are waiting when rank 1 fails
+            if bad and method == "allgather":  # the local attention's backward fails, not an exchange
+                allgather.attend = failing_in_backward(allgather.attend)
+            out = cp.attend(qg, kg, vg)
+            if bad and method == "ring":
+                ring.attend = failing_at(1)
+            out.sum().backward()
+        else:
+            cp.attend(ql, k, v)
     except Exception as e:  # noqa: BLE001 - the message is the result
-        return {"raised": f"{type(e).__name__}: {e}", "seconds": time.monotonic() - t0}
+        result["raised"], result["raised_at"] = f"{type(e).__name__}: {e}", time.time()
     finally:
-        ring.attend = original
+        ring.attend, api.attend, allgather.attend = originals
+    try:
+        again = ContextParallel(Causal(n), group)
+        again.attend(*(again.shard(q),) * 3)
+        result["then"] = "ok"
+    except Exception as e:  # noqa: BLE001
+        result["then"] = f"{type(e).__name__}: {e}"
+    return result
 
 
 def worker(rank, world, init_file, out_dir, cases, timeout):

@@ -1,6 +1,6 @@
 """``foveal bench cp``: context parallelism, measured on CPU processes and simulated at scale.
 
-Measured: ``attend_cp`` by every method on 2–4 gloo processes of this machine, forward
+Measured: ``ContextParallel.attend`` by every method on 2–4 gloo processes of this machine, forward
 and forward+backward, timed warm (median; the slowest rank counts) against
 single-process ``attend`` on the same tensors in the same run, with the bytes each
 rank sent. Every process and the baseline use one thread, so with P free cores the
@@ -193,7 +193,7 @@ def _measure_worker(rank, world, init_file, out_dir, quick):
     import torch.distributed as dist
 
     from foveal.bench.measure import time_call
-    from foveal.distributed import CPStats, attend_cp, shard
+    from foveal.distributed import ContextParallel, CPStats
     from foveal.functional import attend
 
     torch.set_num_threads(1)  # one thread per process, and for the single-process baseline
@@ -222,20 +222,20 @@ def _measure_worker(rank, world, init_file, out_dir, quick):
         dist.barrier()
         methods = ["ring", "allgather"] + (["ulysses"] if heads % world == 0 else []) + (["hybrid"] if world == 4 else [])
         for method in methods:
-            ql, kl, vl = (shard(t, pattern, order=order) for t in (q, k, v))
-            kw = dict(method=method, order=order, ulysses_degree=2 if method == "hybrid" else None)
+            cp = ContextParallel(pattern, order=order, method=method, ulysses_degree=2 if method == "hybrid" else None)
+            ql, kl, vl = (cp.shard(t) for t in (q, k, v))
             stats = CPStats()
-            attend_cp(ql, kl, vl, pattern, stats=stats, **kw)  # warm: plans
+            cp.attend(ql, kl, vl, stats=stats)  # warm: plans
             stats = CPStats()
-            attend_cp(ql, kl, vl, pattern, stats=stats, **kw)
+            cp.attend(ql, kl, vl, stats=stats)
             sent = stats.total_sent
 
             def fwd():
-                attend_cp(ql, kl, vl, pattern, **kw)
+                cp.attend(ql, kl, vl)
 
             def fwd_bwd():
                 qq, kk, vv = (t.clone().requires_grad_() for t in (ql, kl, vl))
-                attend_cp(qq, kk, vv, pattern, **kw).sum().backward()
+                cp.attend(qq, kk, vv).sum().backward()
 
             for what, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
                 dist.barrier()

@@ -3,7 +3,9 @@
 K/V shards travel around the ring of positions ``0..R−1`` (position ``r`` receives
 from ``r−1``); at step ``t`` position ``r`` attends its queries to the visiting shard
 ``(r − t) mod R`` under the pattern restricted to those tokens, and the partial
-results are merged with the log-sum-exp rule. The next transfer is posted
+results are merged with the log-sum-exp rule (``foveal.merge_attentions``, in the compute
+dtype of ``foveal.inputs.lse_dtype``: float64 for float64 inputs, float32 otherwise;
+the backward accumulates in the same dtype). The next transfer is posted
 (asynchronous ``isend``/``irecv``) before the step's attention, so it overlaps the
 compute. A step whose sub-layout is empty is skipped, and a shard travels only as far
 as the farthest position that needs it (``RingSchedule``): a causal sliding window
@@ -23,11 +25,13 @@ from __future__ import annotations
 
 import torch
 
-from foveal.distributed.comm import post
+from foveal.distributed.comm import fail_fast, post
 from foveal.distributed.shardbias import shard_bias
 from foveal.functional import attend
+from foveal.inputs import lse_dtype
+from foveal.merge import merge_attentions
 
-__all__ = ["ring_attention", "merge", "split_kv"]
+__all__ = ["ring_attention", "split_kv"]
 
 # tags: kv transfers, accumulators, accumulator returns (per pass; spaced so calls stay apart)
 _TAG_KV, _TAG_ACC, _TAG_RET = 1_000_000, 2_000_000, 3_000_000
@@ -36,18 +40,6 @@ _TAG_KV, _TAG_ACC, _TAG_RET = 1_000_000, 2_000_000, 3_000_000
 def split_kv(kv, d):
     """(k, v) from K/V packed along the last dimension (views, no copies)."""
     return kv[..., :d], kv[..., d:]
-
-
-def merge(out, lse, o_t, l_t):
-    """Log-sum-exp merge of a partial result into float32 accumulators (rows with no keys: -inf, zero)."""
-    o_t = o_t.float()
-    if out is None:
-        return o_t.clone(), l_t.clone()
-    new = torch.logaddexp(lse, l_t)
-    safe = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
-    a = torch.where(torch.isfinite(lse), torch.exp(lse - safe), torch.zeros_like(lse))
-    b = torch.where(torch.isfinite(l_t), torch.exp(l_t - safe), torch.zeros_like(l_t))
-    return out * a[..., None] + o_t * b[..., None], new
 
 
 class RingConfig:
@@ -88,7 +80,9 @@ def _count(cfg, backward: bool):
 
 
 def _ring_forward(cfg, q, kv, d):
+    """(out, lse) of the local queries over every shard they need, both in the compute dtype."""
     sched, me = cfg.sched, cfg.me
+    cdt = lse_dtype(q.dtype)
     out = lse = None
     buf = kv
     spec = (kv.shape, kv.dtype, kv.device)
@@ -102,14 +96,17 @@ def _ring_forward(cfg, q, kv, d):
         if sched.computes(me, t):
             s = sched.holds(me, t)
             o_t, l_t = cfg.attend(q, *split_kv(buf, d), s)
-            out, lse = merge(out, lse, o_t, l_t)
+            if out is None:
+                out, lse = o_t.to(cdt), l_t.to(cdt)
+            else:
+                out, lse = merge_attentions([out, o_t], [lse, l_t])
         if waiter is not None:
             got = waiter()
             if cfg.prev in got:
                 buf = got[cfg.prev]
     if out is None:  # this rank's queries attend to nothing
-        out = torch.zeros(*q.shape[:-1], kv.shape[-1] - d, dtype=torch.float32, device=q.device)
-        lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+        out = torch.zeros(*q.shape[:-1], kv.shape[-1] - d, dtype=cdt, device=q.device)
+        lse = torch.full(q.shape[:-1], float("-inf"), dtype=cdt, device=q.device)
     _count(cfg, backward=False)
     return out, lse
 
@@ -123,19 +120,21 @@ def _step_grads(cfg, s, q, kbuf, vbuf, out, lse, dout, dlse, params=()):
         safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
         w = torch.where(torch.isfinite(l_t), torch.exp(l_t.detach() - safe), torch.zeros_like(l_t))
         d_o = (w[..., None] * dout).to(o_t.dtype)
-        d_l = w * ((dout * (o_t.detach().float() - out)).sum(-1) + dlse)
+        d_l = (w * ((dout * (o_t.detach().to(out.dtype) - out)).sum(-1) + dlse)).to(l_t.dtype)
         gq, gk, gv, *gp = torch.autograd.grad((o_t, l_t), (qd, kd, vd, *params), (d_o, d_l), allow_unused=True)
-    return gq.float(), torch.cat([gk, gv], -1).float(), gp
+    return gq.to(out.dtype), torch.cat([gk, gv], -1).to(out.dtype), gp
 
 
 def _ring_backward(cfg, q, kv, d, out, lse, dout, dlse, params=()):
+    """(dq, dK/dV of my shard, bias parameter grads); ``out``/``lse`` are the forward's, in the compute dtype."""
     sched, me, world = cfg.sched, cfg.me, cfg.sched.world
-    dout = dout.float()
-    dlse = torch.zeros_like(lse) if dlse is None else dlse.float()
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    cdt = out.dtype
+    dout = dout.to(cdt)
+    dlse = torch.zeros_like(lse) if dlse is None else dlse.to(cdt)
+    dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
     dparams = [torch.zeros_like(p) for p in params]
     spec = (kv.shape, kv.dtype, kv.device)
-    aspec = (kv.shape, torch.float32, kv.device)
+    aspec = (kv.shape, cdt, kv.device)
     what = "ring backward"
     # my own accumulator comes back from the end of its journey
     ret = None
@@ -168,7 +167,7 @@ def _ring_backward(cfg, q, kv, d, out, lse, dout, dlse, params=()):
                     acc = acc_wait()[cfg.prev]
                     acc = acc if contrib is None else acc + contrib
                 else:
-                    acc = torch.zeros(aspec[0], dtype=torch.float32, device=kv.device) if contrib is None else contrib
+                    acc = torch.zeros(aspec[0], dtype=cdt, device=kv.device) if contrib is None else contrib
                 if sched.sends(me, t + 1):
                     tag = cfg.tag + _TAG_ACC + t
                     pending.append(post({cfg.next: acc}, {}, cfg.group, tag, f"{what} step {t + 1}: dK/dV", cfg.stats))
@@ -189,7 +188,7 @@ def _ring_backward(cfg, q, kv, d, out, lse, dout, dlse, params=()):
         back = ret()[cfg.peers[(me + sched.hops[me]) % world]]
         mine = back if mine is None else mine + back
     if mine is None:
-        mine = torch.zeros(aspec[0], dtype=torch.float32, device=kv.device)
+        mine = torch.zeros(aspec[0], dtype=cdt, device=kv.device)
     _count(cfg, backward=True)
     return dq, mine, dparams
 
@@ -209,8 +208,9 @@ class _Ring(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, kv, out, lse, *params = ctx.saved_tensors
         if dout is None:
-            dout = torch.zeros(out.shape, dtype=torch.float32, device=q.device)
-        dq, dkv, dparams = _ring_backward(ctx.cfg, q, kv, ctx.d, out, lse, dout, dlse, params)
+            dout = torch.zeros(out.shape, dtype=out.dtype, device=q.device)
+        with fail_fast(ctx.cfg.group, "ring attention (backward)"):
+            dq, dkv, dparams = _ring_backward(ctx.cfg, q, kv, ctx.d, out, lse, dout, dlse, params)
         d = ctx.d
         return None, dq.to(q.dtype), dkv[..., :d].to(ctx.k_dtype), dkv[..., d:].to(ctx.k_dtype), *dparams
 

@@ -29,9 +29,13 @@ class ShardBias:
 
 
 def shard_bias(bias, pattern=None, head_offset: int = 0):
-    """``bias`` for a ``ShardPattern`` (its token lists) and a head chunk starting at ``head_offset``."""
+    """``bias`` for a ``ShardPattern`` (its token lists) and a head chunk starting at ``head_offset``.
+
+    Always a ``ShardBias``, even for the first chunk of heads: the wrapped term may
+    declare all the query heads (``num_heads``), and the chunk has fewer.
+    """
     if bias is None:
         return None
     if pattern is None or not hasattr(pattern, "q_tokens"):
-        return bias if head_offset == 0 else ShardBias(bias, head_offset=head_offset)
+        return ShardBias(bias, head_offset=head_offset)
     return ShardBias(bias, pattern.q_tokens, pattern.kv_tokens, head_offset)

@@ -2,8 +2,9 @@
 
 Every rank builds the same random q, k, v for a long sequence (StreamingLLM's sinks +
 causal sliding window over 8192 tokens) and for a 2-D image grid (a 7×7
-neighbourhood on 64×64 tokens), keeps its shard, and runs ``attend_cp`` by every
-method; rank 0 checks the gathered result and gradients against single-process
+neighbourhood on 64×64 tokens), and for every method builds one ``ContextParallel``
+plan, keeps its shard (``plan.shard``), attends (``plan.attend``) and gathers the
+result (``plan.unshard``), all under the plan's one token order; rank 0 checks the gathered result and gradients against single-process
 ``attend`` and prints what each rank sent and which ring steps it skipped. Runs on
 CPU with gloo (CUDA with NCCL when available).
 """
@@ -16,7 +17,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from foveal.distributed import CPStats, attend_cp, init, shard, unshard
+from foveal.distributed import ContextParallel, CPStats, init
 from foveal.functional import attend
 from foveal.patterns import Neighborhood, Sinks, SlidingWindow
 
@@ -53,18 +54,17 @@ def main(argv=None):
             single = time.perf_counter() - t0
             grads = (qr.grad, kr.grad, vr.grad)
         for method in methods:
-            ql, kl, vl = (shard(t, pattern, group, order=order).requires_grad_() for t in (q, k, v))
+            cp = ContextParallel(pattern, group, order=order, method=method,
+                                 ulysses_degree=2 if method == "hybrid" else None)
+            ql, kl, vl = (cp.shard(t).requires_grad_() for t in (q, k, v))
             stats = CPStats()
             dist.barrier()
             t0 = time.perf_counter()
-            out = attend_cp(
-                ql, kl, vl, pattern, group, method=method, order=order, stats=stats,
-                ulysses_degree=2 if method == "hybrid" else None,
-            )
+            out = cp.attend(ql, kl, vl, stats=stats)
             out.square().sum().backward()
             elapsed = time.perf_counter() - t0
-            full = unshard(out.detach(), pattern, group, order=order)
-            full_grads = [unshard(t.grad, pattern, group, order=order) for t in (ql, kl, vl)]
+            full = cp.unshard(out.detach())
+            full_grads = [cp.unshard(t.grad) for t in (ql, kl, vl)]
             report = torch.tensor([stats.total_sent, stats.steps_skipped, stats.steps, elapsed], dtype=torch.float64)
             reports = [torch.zeros_like(report) for _ in range(world)]
             dist.all_gather(reports, report)
