@@ -54,7 +54,7 @@ class ContextParallelError(RuntimeError):
 
 @dataclass
 class CPStats:
-    """Counters filled by ``attend_cp(..., stats=)`` on this rank (forward and backward add up).
+    """Counters filled by ``ContextParallel.attend(..., stats=)`` on this rank (forward and backward add up).
 
     ``bytes_sent[peer]`` / ``bytes_received[peer]`` per group rank; ``steps`` ring steps
     possible (P per ring pass), ``steps_computed`` those that attended, ``steps_skipped``
