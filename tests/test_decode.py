@@ -419,6 +419,8 @@ def test_decode_steps_take_the_fused_forms_where_the_mask_allows():
     k = v = torch.randn(1, 2, 40, 8)
     kpos = torch.arange(40)
     p, _, _ = _decode_inputs(None, torch.tensor([39]), kpos, k, v)  # one query, causal cache: every key
+    assert p == Causal(1, n_kv=40) and bool(p.dense_mask().all())
+    p, _, _ = _decode_inputs(SlidingWindow(n, 50), torch.tensor([39]), kpos, k, v)
     assert p == Full(1, n_kv=40)
     p, _, _ = _decode_inputs(Causal(n), torch.arange(36, 40), kpos, k, v)  # a chunk: bottom-right causal
     assert p == Causal(4, n_kv=40)

@@ -485,7 +485,8 @@ DECODE_MASK_PAIRS = 1 << 22
 def _decode_inputs(pattern, qpos, kpos, k, v):
     """The cross pattern and the keys of one decode step, exact, in the cheapest form.
 
-    With the (new queries × cached keys) mask small enough to look at: ``Full`` when
+    A causal cache (no pattern) is bottom-right ``Causal`` (the new queries' own keys
+    were appended last). With the (new queries × cached keys) mask small enough to look at: ``Full`` when
     every cached key is visible (a window cache after eviction, a plain causal cache
     for one query), ``Causal`` when the mask is bottom-right causal (a chunk over a
     causal cache) — both run on the fused ``sdpa`` backend — and for one query the
@@ -493,6 +494,8 @@ def _decode_inputs(pattern, qpos, kpos, k, v):
     positions (``_decode_pattern``).
     """
     m, s = qpos.numel(), kpos.numel()
+    if pattern is None:  # causal: older keys are seen by every new query, the new ones form the causal square
+        return Causal(m, n_kv=s), k, v
     if m * s <= DECODE_MASK_PAIRS:
         i, j = qpos[:, None], kpos[None, :].to(qpos.device)
         allowed = ((j <= i) if pattern is None else pattern.mask(i, j)).expand(m, s)

@@ -62,6 +62,8 @@ def lower(call: Call, backend: str) -> list[Piece]:
 
 def assemble(pieces: list[Piece], results: list[tuple], heads: int):
     """The pieces' ``(out, lse)`` put back into token order and query-head order: ``(out, lse)``."""
+    if len(pieces) == 1 and pieces[0].heads is None and not pieces[0].orders:
+        return results[0]
     outs, lses, order = [], [], []
     for piece, (out, lse) in zip(pieces, results):
         for o in reversed(piece.orders):  # innermost order first

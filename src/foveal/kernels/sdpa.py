@@ -24,8 +24,8 @@ __all__ = ["sdpa_attention", "dense_kind"]
 
 def dense_kind(pattern) -> str | None:
     """``"full"`` or ``"causal"`` when the pattern is one SDPA computes without a mask, else None."""
-    if isinstance(pattern, Full):
-        return "full"
+    if isinstance(pattern, Full) or (isinstance(pattern, Causal) and pattern.n_q == 1):
+        return "full"  # one bottom-right causal query sees every key
     if isinstance(pattern, Causal) and pattern.n_q <= pattern.n_kv:
         return "causal"
     return None
