@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from foveal.bench import speed
 from foveal.bench.speed import Case
@@ -88,3 +89,15 @@ def test_lm_suite_writes_ratios_targets_json_and_plot(tmp_path, monkeypatch):
     assert "Targets:" in md and "× SDPA" in md and "decode" in md
     assert json.loads((tmp_path / "lm.json").read_text())["suite"] == "tiny"
     assert (tmp_path / "lm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_user_masks_of_the_flex_anchors_are_exact():
+    from foveal.bench.contenders import user_mask_mod
+    from foveal.patterns import Causal, Sinks
+
+    for p in (Neighborhood((9, 11), 3), Neighborhood((12, 7), (5, 3)), SlidingWindow(70, 9), Causal(33),
+              SlidingWindow(50, 7) | Sinks(50, 4)):
+        fn = user_mask_mod(p)
+        q, k = torch.arange(p.n)[:, None], torch.arange(p.n)[None, :]
+        assert torch.equal(fn(0, 0, q, k).expand(p.n, p.n), p.dense_mask()), p
+    assert user_mask_mod(Neighborhood((9, 9), 3, dilation=2)) is None

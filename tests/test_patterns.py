@@ -148,3 +148,16 @@ def test_bad_arguments_raise_clear_value_errors(make, match):
 def test_bad_argument_types_raise_type_errors(make, match):
     with pytest.raises(TypeError, match=match):
         make()
+
+
+def test_neighborhood_fast_mask_equals_the_progression_definition():
+    from foveal.patterns.base import ProgressionPattern
+
+    rng = random.Random(5)
+    for _ in range(40):
+        shape = tuple(rng.randint(3, 14) for _ in range(rng.randint(1, 3)))
+        k = tuple(rng.randint(1, s) for s in shape)
+        p = Neighborhood(shape, k)
+        q = torch.arange(p.n)[:, None]
+        j = torch.arange(p.n)[None, :]
+        assert torch.equal(p.mask(q, j), ProgressionPattern.mask(p, q, j)), p

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from foveal.functional import attend
 from foveal.patterns import Neighborhood, SlidingWindow
 
-__all__ = ["Prepared", "CONTENDERS"]
+__all__ = ["Prepared", "CONTENDERS", "user_mask_mod"]
 
 #: dense contenders are skipped above these sizes (they would run for minutes or exhaust memory)
 DENSE_MAX_WORK = 1 << 38  # N² · batch · heads · head_dim
@@ -103,8 +103,59 @@ class MaskedSDPA:
         return Prepared(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), setup)
 
 
+def user_mask_mod(pattern):
+    """The few-operation ``mask_mod`` a user writes for this pattern (attention-gym's), or None.
+
+    Neighbourhood attention without dilation, stride or causality (attention-gym's
+    ``natten`` mask), a causal sliding window, plain causal, and StreamingLLM's window
+    plus sinks.
+    """
+    from foveal.patterns import Causal, Sinks, Union
+
+    if isinstance(pattern, Neighborhood) and len(pattern.shape) == 2 and not any(pattern.causal) \
+            and pattern.dilation == (1, 1) and pattern.stride == (1, 1) and all(k % 2 for k in pattern.kernel_size):
+        (h, w), (kh, kw) = pattern.shape, pattern.kernel_size
+
+        def natten_mask(b, hd, q_idx, kv_idx):
+            qx, qy, kx, ky = q_idx // w, q_idx % w, kv_idx // w, kv_idx % w
+            cx, cy = qx.clamp(kh // 2, h - 1 - kh // 2), qy.clamp(kw // 2, w - 1 - kw // 2)
+            return ((cx - kx).abs() <= kh // 2) & ((cy - ky).abs() <= kw // 2)
+
+        return natten_mask
+    if isinstance(pattern, SlidingWindow) and pattern.right == 0 and pattern.dilation == 1 \
+            and pattern.n_q == pattern.n_kv:
+        left = pattern.left
+
+        def window_mask(b, hd, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (q_idx - kv_idx <= left)
+
+        return window_mask
+    if isinstance(pattern, Causal) and pattern.n_q == pattern.n_kv:
+        def causal_mask(b, hd, q_idx, kv_idx):
+            return q_idx >= kv_idx
+
+        return causal_mask
+    if isinstance(pattern, Union) and len(pattern.parts) == 2:
+        window = next((p for p in pattern.parts if isinstance(p, SlidingWindow)), None)
+        sinks = next((p for p in pattern.parts if isinstance(p, Sinks)), None)
+        if window is None or sinks is None or user_mask_mod(window) is None or sinks.n_kv != sinks.n_q:
+            return None
+        left, count = window.left, sinks.count
+
+        def streaming_mask(b, hd, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & ((q_idx - kv_idx <= left) | (kv_idx < count))
+
+        return streaming_mask
+    return None
+
+
 class FlexCreateBlockMask:
-    name = "flex + create_block_mask"
+    """Compiled FlexAttention under ``create_block_mask``, as a user runs it: with the few-operation mask a
+    user writes for the pattern (``user=True``, where one is known) or with foveal's own ``mask_mod``."""
+
+    def __init__(self, user: bool = False):
+        self.user = user
+        self.name = "flex + create_block_mask" + (" (user mask)" if user else "")
 
     def prepare(self, case, q, k, v):
         if case.backward and q.device.type == "cpu":
@@ -115,7 +166,10 @@ class FlexCreateBlockMask:
 
         raise_recompile_limit()
         p = case.pattern
-        bm, setup = _timed(_quiet(lambda: create_block_mask(p.mask_mod, 1, 1, p.n, p.n, device=q.device)))
+        mask_mod = user_mask_mod(p) if self.user else p.mask_mod
+        if mask_mod is None:
+            return "no simpler user mask known for this pattern (the row without '(user mask)' runs foveal's)"
+        bm, setup = _timed(_quiet(lambda: create_block_mask(mask_mod, 1, 1, p.n, p.n, device=q.device)))
         fn = torch.compile(flex_attention, dynamic=False)
         return Prepared(_quiet(lambda: fn(q, k, v, block_mask=bm)), setup)
 
@@ -177,6 +231,7 @@ CONTENDERS = [
     DenseSDPA(),
     MaskedSDPA(),
     FlexCreateBlockMask(),
+    FlexCreateBlockMask(user=True),
     Natten(),
     LocalAttention(),
 ]

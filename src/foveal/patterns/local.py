@@ -116,6 +116,23 @@ class Neighborhood(GridPattern):
                 raise ValueError(f"stride must be <= kernel_size on every axis; stride[{a}]={s[a]} > {k[a]}")
         self._set(kernel_size=k, dilation=d, stride=s, causal=c)
 
+    def mask(self, q_idx, kv_idx):
+        """NATTEN's mask; for the common case (no dilation, stride or causality) in attention-gym's few
+        operations per axis — clamp the query to the window's centre, compare the distance — since this
+        runs as FlexAttention's ``mask_mod`` on every partial block."""
+        if any(d != 1 for d in self.dilation) or any(s != 1 for s in self.stride) or any(self.causal):
+            return super().mask(q_idx, kv_idx)
+        q_idx = torch.as_tensor(q_idx)
+        kv_idx = torch.as_tensor(kv_idx, device=q_idx.device)
+        allowed = None
+        for axis, (x, y) in enumerate(zip(self._coords(q_idx), self._coords(kv_idx))):
+            length, k = self.shape[axis], self.kernel_size[axis]
+            left, right = k // 2, k - 1 - k // 2
+            centre = x.clamp(left, length - 1 - right)
+            ok = (centre - y).abs() <= left if left == right else (y >= centre - left) & (y <= centre + right)
+            allowed = ok if allowed is None else allowed & ok
+        return allowed
+
     def progression(self, axis, x):
         length, k = self.shape[axis], self.kernel_size[axis]
         d, s = self.dilation[axis], self.stride[axis]
