@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from foveal.bench.measure import matmul_rate, time_call
+from foveal.bench.measure import matmul_rate, progress, target_line, time_call
 from foveal.decode import KVCache, Quest, SnapKV, attend_decode, snapkv_compress
 from foveal.functional import attend
 from foveal.patterns import DHSA, BlockTopK, Causal, Sinks, SlidingWindow, VerticalSlash
@@ -109,13 +109,6 @@ LM_SUITES = {
     "lm": _suite((4096, 16384), (1024, 4096, 16384)),
     "lm-quick": _suite((1024, 2048), (256, 1024)),
 }
-
-
-def _progress(i, total, text):
-    width = 30
-    done = int(width * i / max(total, 1))
-    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{total} {text[:70]:<70}")
-    sys.stderr.flush()
 
 
 def _tensors(n, gen, requires_grad=False):
@@ -235,15 +228,15 @@ def run_lm(suite: str = "lm", out_dir: str = "bench-out", device: str | None = N
     total = len(jobs) + len(cfg["decode_lengths"]) + 1
     rows, start = [], time.perf_counter()
     for i, (row, n, bwd) in enumerate(jobs):
-        _progress(i, total, f"prefill n={n} {'fwd+bwd' if bwd else 'fwd'} — {row.name}")
+        progress(i, total, f"prefill n={n} {'fwd+bwd' if bwd else 'fwd'} — {row.name}")
         rows.append({"kind": "prefill", "tokens": n, "direction": "fwd+bwd" if bwd else "fwd", "contender": row.name,
                      **_time_prefill(row, n, bwd, dev, cfg.get("min_seconds", 0.5))})
     for j, length in enumerate(cfg["decode_lengths"]):
-        _progress(len(jobs) + j, total, f"decode over {length} cached tokens")
+        progress(len(jobs) + j, total, f"decode over {length} cached tokens")
         rows += _decode_rows(length, dev, cfg.get("calls", 50))
-    _progress(total - 1, total, "decode overhead")
+    progress(total - 1, total, "decode overhead")
     rows += _overhead(dev, 4 * cfg.get("calls", 50))
-    _progress(total, total, f"done in {time.perf_counter() - start:.0f}s")
+    progress(total, total, f"done in {time.perf_counter() - start:.0f}s")
     sys.stderr.write("\n")
     result = {"suite": suite, "device": str(dev),
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
@@ -317,7 +310,7 @@ def targets(rows) -> str:
     def ratio(row, base, text, goal):
         if row and base:
             x = row["median_s"] / base["median_s"]
-            out.append(f"- {text}: {x:.2f}× (target ≤ {goal}×) — {'met' if x <= goal else 'NOT met'}")
+            out.append(target_line(x, text, goal))
 
     for n in sorted({r["tokens"] for r in rows if r["kind"] == "prefill"}):
         for d in ("fwd", "fwd+bwd"):

@@ -7,13 +7,14 @@ others it is compared with, warm, as a median of several runs.
 from __future__ import annotations
 
 import os
+import sys
 import statistics
 import threading
 import time
 
 import torch
 
-__all__ = ["time_call", "PeakMemory", "matmul_rate"]
+__all__ = ["time_call", "PeakMemory", "matmul_rate", "progress", "target_line"]
 
 
 def _sync(device):
@@ -110,3 +111,17 @@ def matmul_rate(device, dtype) -> float:
     b = torch.randn(n, n, device=device, dtype=dtype)
     _, t, _ = time_call(lambda: a @ b, device, min_runs=5, min_seconds=0.5)
     return 2 * n**3 / t
+
+
+def progress(i: int, total: int, text: str, start: float | None = None):
+    """A one-line progress bar on stderr, with elapsed time when ``start`` is given."""
+    width = 30
+    done = int(width * i / max(total, 1))
+    elapsed = f" {time.perf_counter() - start:4.0f}s" if start is not None else ""
+    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{total}{elapsed} {text[:60]:<60}")
+    sys.stderr.flush()
+
+
+def target_line(x: float, text: str, goal: float, digits: int = 2) -> str:
+    """A report line for a ratio against its target: ``- text: 0.93× (target ≤ 1.05×) — met``."""
+    return f"- {text}: {x:.{digits}f}× (target ≤ {goal}×) — {'met' if x <= goal else 'NOT met'}"

@@ -49,7 +49,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from foveal.bench.measure import PeakMemory, _sync
+from foveal.bench.measure import PeakMemory, _sync, progress
 from foveal.bias import RelativePositionBias
 
 __all__ = ["ModuleCase", "MODULE_SUITES", "MODULE_CONTENDERS", "DENSE_CAP_BYTES", "dense_backends", "run_modules"]
@@ -311,13 +311,6 @@ MODULE_SUITES = {"modules": _full, "modules-quick": _quick}
 # -- measuring ---------------------------------------------------------------------------
 
 
-def _progress(i, total, text):
-    width = 30
-    done = int(width * i / max(total, 1))
-    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{total} {text[:70]:<70}")
-    sys.stderr.flush()
-
-
 def _max_diff(a, b) -> float:
     return max((x.detach().float() - y.detach().float()).abs().max().item() for x, y in zip(a, b))
 
@@ -575,10 +568,10 @@ def run_modules(suite: str = "modules-quick", out_dir: str = "bench-out", device
     load_before = os.getloadavg()
     rows, start = [], time.perf_counter()
     for i, case in enumerate(cases):
-        _progress(i, len(cases), f"{case.module} {case.grid} {case.direction}")
+        progress(i, len(cases), f"{case.module} {case.grid} {case.direction}")
         with dense_backends(cap_bytes):  # fresh per case: its cached masks go with the case
             rows += _measure_case(case, dev, names, min_seconds)
-    _progress(len(cases), len(cases), f"done in {time.perf_counter() - start:.0f}s")
+    progress(len(cases), len(cases), f"done in {time.perf_counter() - start:.0f}s")
     sys.stderr.write("\n")
     result = {
         "suite": suite,

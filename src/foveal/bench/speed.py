@@ -23,7 +23,7 @@ import torch
 
 from foveal.bench import modules as bench_modules
 from foveal.bench.contenders import CONTENDERS, Prepared
-from foveal.bench.measure import PeakMemory, matmul_rate, time_call
+from foveal.bench.measure import PeakMemory, matmul_rate, progress, target_line, time_call
 from foveal.kernels.reference import reference_attention
 from foveal.patterns import Neighborhood, Sinks, SlidingWindow
 
@@ -86,13 +86,6 @@ def _reference_rows(q, k, v, pattern, rows):
     mask = pattern.mask(rows[:, None], torch.arange(pattern.n_kv, device=q.device)[None, :])
     out, _ = reference_attention(q[:, :, rows], k, v, mask, q.shape[-1] ** -0.5)
     return out
-
-
-def _progress(i, total, text):
-    width = 30
-    done = int(width * i / max(total, 1))
-    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{total} {text[:70]:<70}")
-    sys.stderr.flush()
 
 
 def _fresh(case: Case) -> Case:
@@ -195,7 +188,7 @@ def targets(rows) -> str:
     def ratio(a, b, text, goal):
         if a and b:
             x = a["median_s"] / b["median_s"]
-            out.append(f"- {text}: {x:.3f}× (target ≤ {goal}×) — {'met' if x <= goal else 'NOT met'}")
+            out.append(target_line(x, text, goal, 3))
 
     na = ("neighborhood 2-D 7x7", 4096)
     cpu_f = _find(rows, *na, "fwd", "foveal cpu")
@@ -303,9 +296,9 @@ def run_speed(suite: str = "quick", out_dir: str = "bench-out", device: str | No
     rows, total, start = [], len(cases) * len(chosen), time.perf_counter()
     for i, case in enumerate(cases):
         for j, contender in enumerate(chosen):
-            _progress(i * len(chosen) + j, total, f"{case.label} — {contender.name}")
+            progress(i * len(chosen) + j, total, f"{case.label} — {contender.name}")
             rows.append(_measure(case, contender, dev, rate))
-    _progress(total, total, f"done in {time.perf_counter() - start:.0f}s")
+    progress(total, total, f"done in {time.perf_counter() - start:.0f}s")
     sys.stderr.write("\n")
     result = {
         "suite": suite,

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from foveal.bench.measure import progress
+
 __all__ = ["Budget", "fit", "progress", "threads", "save_partial", "finish_report"]
 
 
@@ -31,15 +33,6 @@ class Budget:
     seed: int = 0
     #: intra-op threads while training (see ``threads``)
     threads: int = 1
-
-
-def progress(i: int, total: int, text: str, start: float | None = None):
-    """A one-line progress bar on stderr, with elapsed time when ``start`` is given."""
-    width = 30
-    done = int(width * i / max(total, 1))
-    elapsed = f" {time.perf_counter() - start:4.0f}s" if start is not None else ""
-    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{total}{elapsed} {text[:60]:<60}")
-    sys.stderr.flush()
 
 
 def _schedule(step: int, budget: Budget) -> float:
