@@ -38,7 +38,9 @@ def test_flex_states_its_cpu_limits():
 def test_auto_never_picks_flex_on_cpu_for_gradients():
     q, k, v = _qkv(64, grad=True)
     assert select(Call(q, k, v, Causal(64), 0.25, need_lse=False), "auto").name == "sdpa"  # no mask: fused SDPA
-    assert select(Call(q, k, v, SlidingWindow(64, 8), 0.25, need_lse=False), "auto").name == "cpu"
+    assert select(Call(q, k, v, SlidingWindow(64, 8), 0.25, need_lse=False), "auto").name == "sdpa"  # small
+    qb, kb, vb = (t.detach().repeat(1, 1, 16, 1).requires_grad_() for t in (q, k, v))
+    assert select(Call(qb, kb, vb, SlidingWindow(1024, 8), 0.25, need_lse=False), "auto").name == "cpu"
 
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])

@@ -239,7 +239,9 @@ def test_auto_chooses_among_every_backend_and_names_why_not():
     sel = BlockTopK(64, topk=2, block=16).select(q, k)
     assert select(Call(q, k, v, sel, 0.1), "auto").name == "blocksparse"
     assert select(Call(q, k, v, Causal(64), 0.1), "auto").name == "sdpa"
-    assert select(Call(q, k, v, SlidingWindow(64, left=8), 0.1), "auto").name == "cpu"
+    qb, kb, vb = _qkv(1, 2, 1, 1024, 1024, grad=False)
+    assert select(Call(qb, kb, vb, SlidingWindow(1024, left=8), 0.1), "auto").name == "cpu"
+    assert select(Call(q, k, v, SlidingWindow(64, left=8), 0.1), "auto").name == "sdpa"  # small: one fused call
     with pytest.raises(ValueError, match="backend 'cpu' cannot run this call: cpu runs static patterns"):
         attend(q, k, v, sel, backend="cpu")
     with pytest.raises(ValueError, match="backend 'flex' cannot run this call: .*inference only"):
@@ -292,14 +294,15 @@ def test_caches_are_keyed_by_value_bounded_and_kept_off_the_pattern():
 
     q, k, v = _qkv(1, 2, 2, 50, 50, grad=False)
     foveal.cache.clear_caches()
-    attend(q, k, v, SlidingWindow(50, left=6))
+    attend(q, k, v, SlidingWindow(50, left=6), backend="cpu")
     misses = PLANS.misses
     p = SlidingWindow(50, left=6)  # built anew: equal value, the same plan
-    attend(q, k, v, p)
+    attend(q, k, v, p, backend="cpu")
     assert PLANS.misses == misses and PLANS.hits >= 1
     assert not any("plan" in key or "flex" in key for key in p.__dict__)
     for left in range(PLANS.maxsize + 5):
-        attend(q[:, :, :20], k[:, :, :20], v[:, :, :20], SlidingWindow(20, left=left % 20, right=left // 20))
+        attend(q[:, :, :20], k[:, :, :20], v[:, :, :20], SlidingWindow(20, left=left % 20, right=left // 20),
+               backend="cpu")
     assert len(PLANS) <= PLANS.maxsize
 
 
@@ -357,7 +360,34 @@ def test_sdpa_says_why_not():
         with pytest.raises(ValueError, match=f"backend 'sdpa' cannot run this call: .*{reason}"):
             attend(q, k, v, Causal(16), backend="sdpa", **kwargs)
         attend(q, k, v, Causal(16), **kwargs)  # auto goes elsewhere
+    qb, kb, vb = _qkv(1, 2, 1, 1024, 1024, grad=False)
     with pytest.raises(ValueError, match="sdpa runs only patterns that need no mask"):
-        attend(q, k, v, SlidingWindow(16, left=3), backend="sdpa")
+        attend(qb, kb, vb, SlidingWindow(1024, left=3), backend="sdpa")
+    with pytest.raises(ValueError, match="sdpa runs only patterns that need no mask"):
+        attend(q, k, v, BlockTopK(16, topk=1, block=8), backend="sdpa")
     with pytest.raises(ValueError, match="needs v to have q's head_dim"):
         attend(q, k, v[..., :4], Causal(16), backend="sdpa")
+
+
+def test_small_patterns_run_on_sdpa_under_their_mask_exactly():
+    from foveal.kernels.sdpa import SMALL_PAIRS
+
+    torch.manual_seed(10)
+    for pattern in (Neighborhood((9, 11), 3), SlidingWindow(30, left=4, n_kv=45), Causal(20, n_kv=12),
+                    Window((6, 8), (3, 4))):
+        assert pattern.n_q * pattern.n_kv <= SMALL_PAIRS
+        q, k, v = _qkv(2, 4, 2, pattern.n_q, pattern.n_kv, dtype=torch.float64)
+        assert select(Call(q, k, v, pattern, 0.3), "auto").name == "sdpa"
+        out, lse = attend(q, k, v, pattern, backend="sdpa", return_lse=True)
+        want, want_lse = dense(q, k, v, pattern.dense_mask())
+        torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-12)
+        assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))  # Causal(20, n_kv=12): 8 rows see nothing
+        finite = torch.isfinite(want_lse)
+        torch.testing.assert_close(lse[finite], want_lse[finite], atol=1e-12, rtol=1e-12)
+        g = torch.randn(lse.shape, dtype=torch.float64).masked_fill(~finite, 0.0)
+        for a, w in zip(torch.autograd.grad(out.sum() + (lse.masked_fill(~finite, 0) * g).sum(), (q, k, v)),
+                        torch.autograd.grad(want.sum() + (want_lse.masked_fill(~finite, 0) * g).sum(), (q, k, v))):
+            torch.testing.assert_close(a, w, atol=1e-11, rtol=1e-11)
+    big = Neighborhood((32, 32), 7)
+    q, k, v = _qkv(1, 2, 2, big.n, big.n, grad=False)
+    assert select(Call(q, k, v, big, 0.3), "auto").name == "cpu"

@@ -144,11 +144,13 @@ class SdpaBackend:
     name = "sdpa"
 
     def why_not(self, call: Call) -> list[str]:
-        from foveal.kernels.sdpa import dense_kind
+        from foveal.kernels.sdpa import SMALL_PAIRS, dense_kind
 
         reasons = []
-        if call.selected or dense_kind(call.pattern) is None:
-            reasons.append("sdpa runs only patterns that need no mask: Full, and Causal with n_q <= n_kv")
+        small = not call.selected and call.q.device.type == "cpu" and call.pattern.n_q * call.pattern.n_kv <= SMALL_PAIRS
+        if call.selected or (dense_kind(call.pattern) is None and not small):
+            reasons.append("sdpa runs only patterns that need no mask (Full, and Causal with n_q <= n_kv) and, on "
+                           f"CPU, patterns of at most {SMALL_PAIRS} (query, key) pairs")
         if call.bias is not None:
             reasons.append("sdpa takes no score term")
         if call.key_padding_mask is not None:
