@@ -223,6 +223,7 @@ class LocalAttention:
 
 
 CONTENDERS = [
+    FoveaBackend("sdpa"),
     FoveaBackend("cpu"),
     FoveaBackend("blocksparse"),
     FoveaBackend("flex"),
