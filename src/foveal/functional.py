@@ -69,7 +69,7 @@ def _validate(q, k, v, pattern, bias, scale, key_padding_mask, softcap, backend,
     check_tokens(q, k, pattern.n_q, pattern.n_kv, pattern)
     if isinstance(pattern, PerHead) and pattern.num_heads != q.shape[1]:
         raise ValueError(f"the PerHead pattern has {pattern.num_heads} parts but q has {q.shape[1]} query heads")
-    if isinstance(return_lse, bool) is False:
+    if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
     check_backend_name(backend)
     return Call(
