@@ -267,9 +267,11 @@ def test_batch_zero_works_as_in_sdpa_and_zero_heads_or_dims_are_refused():
 
 def test_bad_terms_padding_and_softcap_are_refused_before_any_work():
     q, k, v = _qkv(2, 4, 2, 16, 16, grad=False)
-    bad_heads = RelativePositionBias(16, 15, heads=2)
+    with pytest.raises(ValueError, match="is for 2 heads but q has 4 query heads"):
+        attend(q, k, v, Causal(16), bias=RelativePositionBias(16, 15, heads=2))
+    table = torch.zeros(2, 16, 16)
     with pytest.raises(ValueError, match="cannot be evaluated for 4 query heads"):
-        attend(q, k, v, Causal(16), bias=bad_heads)
+        attend(q, k, v, Causal(16), bias=lambda h, i, j: table[h, i, j])
     with pytest.raises(ValueError, match="is for 8 heads but q has 4 query heads"):
         attend(q, k, v, Causal(16), bias=foveal.ALiBi(8))
     with pytest.raises(TypeError, match="bias must return a floating tensor, got torch.int64"):
@@ -391,3 +393,31 @@ def test_small_patterns_run_on_sdpa_under_their_mask_exactly():
     big = Neighborhood((32, 32), 7)
     q, k, v = _qkv(1, 2, 2, big.n, big.n, grad=False)
     assert select(Call(q, k, v, big, 0.3), "auto").name == "cpu"
+
+
+def test_a_selection_made_by_hand_is_checked_before_any_backend():
+    from foveal.patterns.dynamic import BlockSelection
+
+    q, k, v = _qkv(1, 1, 1, 32, 32, grad=False)
+
+    def sel(blocks, tokens=None):
+        kv = torch.tensor(blocks).view(1, 1, 2, -1)
+        return BlockSelection(32, 16, kv, None, None, "by hand",
+                              kv_tokens=None if tokens is None else torch.tensor(tokens).view(1, 1, 2, -1))
+
+    ok = sel([[0, -1], [0, 1]])
+    torch.testing.assert_close(attend(q, k, v, ok), attend(q, k, v, ok, backend="reference"))
+    for backend in ("auto", "reference", "blocksparse"):
+        with pytest.raises(ValueError, match="lists a key block twice"):
+            attend(q, k, v, sel([[0, 0], [0, 1]]), backend=backend)
+        with pytest.raises(ValueError, match="kv_blocks entries must be -1 .* or key blocks in"):
+            attend(q, k, v, sel([[0, 2], [0, 1]]), backend=backend)
+        with pytest.raises(ValueError, match="single key tokens must be distinct and outside its kept blocks"):
+            attend(q, k, v, sel([[0, -1], [1, -1]], [[3], [20]]), backend=backend)
+    attend(q, k, v, sel([[0, -1], [1, -1]], [[20], [3]]))  # tokens outside the kept blocks are fine
+
+
+def test_a_relative_position_table_for_other_heads_is_refused():
+    q, k, v = _qkv(1, 4, 2, 16, 16, grad=False)
+    with pytest.raises(ValueError, match="is for 8 heads but q has 4 query heads"):
+        attend(q, k, v, SlidingWindow(16, left=3), bias=RelativePositionBias(16, 15, heads=8))

@@ -15,7 +15,7 @@ import torch
 
 from foveal._checks import as_shape, per_axis, positive_int
 
-__all__ = ["ALiBi", "RelativePositionBias", "bias_parameters"]
+__all__ = ["ALiBi", "RelativePositionBias", "bias_parameters", "WrappedBias"]
 
 
 def bias_parameters(bias) -> list[torch.Tensor]:
@@ -24,6 +24,17 @@ def bias_parameters(bias) -> list[torch.Tensor]:
     if params is None:
         return []
     return [p for p in params() if isinstance(p, torch.Tensor) and p.requires_grad]
+
+
+class WrappedBias:
+    """Base of a score term read through an index map (other heads, tokens or order): ``self.bias`` is the
+    wrapped term, whose ``parameters()`` this one forwards, so gradients reach them."""
+
+    bias: object
+
+    def parameters(self):
+        params = getattr(self.bias, "parameters", None)
+        return list(params()) if params is not None else []
 
 
 def _coords(idx: torch.Tensor, shape: tuple[int, ...]) -> list[torch.Tensor]:
@@ -89,6 +100,11 @@ class RelativePositionBias:
             got = tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__
             raise ValueError(f"table must have shape (heads, {', '.join(map(str, sizes))}), got {got}")
         self.grid, self.max_offset, self.table = grid, max_offset, table
+
+    @property
+    def num_heads(self) -> int:
+        """The heads of the table: ``attend`` refuses it for another number of query heads."""
+        return self.table.shape[0]
 
     def __call__(self, h, q_idx, kv_idx):
         index = [h]

@@ -2,7 +2,9 @@
 
 Patterns are immutable values (``==`` and ``hash`` follow their parameters), so a
 pattern built anew with equal parameters finds what an equal one built before. Each
-cache holds at most ``maxsize`` entries and drops the least recently used.
+cache holds at most ``maxsize`` entries and drops the least recently used. A pattern
+with ``cacheable = False`` (one decode step's mask, never seen again) is built each
+time and stored nowhere, so it cannot push out the patterns a model reuses.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ class LRU:
         self.hits = self.misses = 0
         _ALL.append(self)
 
-    def get(self, key, build):
-        """The entry for ``key``, built by ``build()`` (and stored) when absent."""
+    def get(self, key, build, store: bool = True):
+        """The entry for ``key``, built by ``build()`` (and stored, unless ``store`` is False) when absent."""
+        if not store:  # a one-off value (a decode step's mask): build it, keep the cache for reusable ones
+            return build()
         with self._lock:
             if key in self._data:
                 self._data.move_to_end(key)

@@ -462,7 +462,8 @@ def _check_q_k(q, k):
 
 # -- decoding -------------------------------------------------------------------------
 def _decode_pattern(pattern, qpos, kpos, n_q, n_kv):
-    """Cross pattern over (new queries, cache slots): ``pattern.mask`` on absolute positions, and causal."""
+    """Cross pattern over (new queries, cache slots): ``pattern.mask`` on absolute positions (a one-off
+    pattern: ``cacheable`` is False)."""
     cached = {}
 
     def on(device):
@@ -472,10 +473,11 @@ def _decode_pattern(pattern, qpos, kpos, n_q, n_kv):
 
     def decode_mask(q_idx, kv_idx):
         qp, kp = on(q_idx.device)
-        i, j = qp[q_idx], kp[kv_idx.to(q_idx.device)]
-        return j <= i if pattern is None else pattern.mask(i, j)  # a decoding pattern is causal
+        return pattern.mask(qp[q_idx], kp[kv_idx.to(q_idx.device)])  # a decoding pattern is causal
 
-    return MaskPattern(n_q, decode_mask, name="decode", n_kv=n_kv)
+    step = MaskPattern(n_q, decode_mask, name="decode", n_kv=n_kv)
+    step._set(cacheable=False)  # this step's positions only: kept out of the value-keyed caches
+    return step
 
 
 #: a decode step looks at its (queries × cached keys) mask directly up to this many pairs
@@ -494,11 +496,13 @@ def _decode_inputs(pattern, qpos, kpos, k, v):
     positions (``_decode_pattern``).
     """
     m, s = qpos.numel(), kpos.numel()
-    if pattern is None:  # causal: older keys are seen by every new query, the new ones form the causal square
+    if pattern is None or isinstance(pattern, Causal):
+        # a causal cache never evicts: older keys are seen by every new query, the new ones (appended last)
+        # form the causal square
         return Causal(m, n_kv=s), k, v
     if m * s <= DECODE_MASK_PAIRS:
         i, j = qpos[:, None], kpos[None, :].to(qpos.device)
-        allowed = ((j <= i) if pattern is None else pattern.mask(i, j)).expand(m, s)
+        allowed = pattern.mask(i, j).expand(m, s)
         if bool(allowed.all()):
             return Full(m, n_kv=s), k, v
         if m <= s and torch.equal(allowed, Causal(m, n_kv=s).dense_mask(device=allowed.device)):
@@ -521,7 +525,8 @@ def attend_decode(q, cache: KVCache, pattern=None, *, select=None, scale=None, b
     must match it when the cache evicts. ``q`` of another dtype than the cache is a
     ``TypeError``, on another device a ``ValueError`` (``foveal.inputs``' policy). With
     ``select=Quest(...)`` each query attends exactly over its Quest pages (causal cache
-    only). Returns ``out`` (B, Hq, m, Dv); with ``return_lse`` the float32 log-sum-exp
+    only). Returns ``out`` (B, Hq, m, Dv); with ``return_lse`` the log-sum-exp (float64 for
+    float64 inputs, float32 otherwise)
     (B, Hq, m); with ``return_kept`` what Quest kept per query (a list of dicts with
     ``pages`` (B, Hq, k), ``current_page`` and ``num_keys``), or for a static pattern the
     number of cached keys.

@@ -46,8 +46,8 @@ def attend(q, k, v, pattern, *, bias=None, scale=None, key_padding_mask=None, so
     q and k without gradients, then attended with gradients to q, k, v); or a
     ``BlockSelection`` made beforehand with ``pattern.select(q, k)``, whose statistics the
     caller keeps. ``backend`` is ``"auto"`` or a name from
-    ``foveal.kernels.select.BACKENDS`` (``reference``, ``cpu``, ``blocksparse``,
-    ``flex``); a backend that cannot run the call says why.
+    ``foveal.kernels.select.BACKENDS`` (``reference``, ``sdpa``, ``cpu``,
+    ``blocksparse``, ``flex``); a backend that cannot run the call says why.
     """
     call = _validate(q, k, v, pattern, bias, scale, key_padding_mask, softcap, backend, return_lse)
     if q.shape[0] == 0:

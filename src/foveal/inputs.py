@@ -55,8 +55,8 @@ def check_tensor(name: str, t, layout: str = "(batch, heads, tokens, head_dim)",
 def check_qkv(q, k, v, layout: str = "(batch, heads, tokens, head_dim)") -> None:
     """q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv): one dtype, one device, GQA heads.
 
-    Batch 0 is allowed (as in ``scaled_dot_product_attention``); zero heads, zero tokens
-    in k/v or a zero head_dim are refused.
+    Batch 0 is allowed (as in ``scaled_dot_product_attention``); zero heads or a zero
+    head_dim are refused (token counts are checked against the pattern: ``check_tokens``).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, layout)

@@ -23,13 +23,15 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from foveal.bias import WrappedBias
+
 from foveal.kernels.select import Call
 from foveal.patterns.dynamic import BlockSelection, DynamicPattern
 from foveal.patterns.local import Grid
 from foveal.patterns.order import Ordered
 from foveal.patterns.perhead import PerHead
 
-__all__ = ["Piece", "lower", "assemble"]
+__all__ = ["Piece", "lower", "assemble", "check_selection"]
 
 
 @dataclass(frozen=True)
@@ -47,10 +49,10 @@ def lower(call: Call, backend: str) -> list[Piece]:
     p, exact_mask = call.pattern, backend == "reference"
     if isinstance(p, PerHead) and not (exact_mask and not p.dynamic):
         return [piece for sub, heads in _split_heads(call) for piece in _within(lower(sub, backend), heads)]
-    if isinstance(p, DynamicPattern):
-        return lower(replace(call, pattern=p.select(call.q, call.k, call.scale)), backend)
-    if isinstance(p, BlockSelection):
-        _check_selection(p, call.q)
+    if isinstance(p, DynamicPattern):  # selected here: well-formed by construction
+        return [Piece(replace(call, pattern=p.select(call.q, call.k, call.scale)))]
+    if isinstance(p, BlockSelection):  # made by the caller: checked before any backend sees it
+        check_selection(p, call.q, call.k)
         return [Piece(call)]
     if isinstance(p, Grid) and not exact_mask:
         return lower(replace(call, pattern=p.as_ordered()), backend)
@@ -83,10 +85,8 @@ def assemble(pieces: list[Piece], results: list[tuple], heads: int):
 # -- PerHead ----------------------------------------------------------------------------
 def _split_heads(call: Call):
     """(sub-call, its query heads) per distinct part and key-group size."""
-    p = call.pattern
+    p = call.pattern  # its head count matches q: checked by attend
     hq, hkv = call.q.shape[1], call.k.shape[1]
-    if p.num_heads != hq:
-        raise ValueError(f"the PerHead pattern has {p.num_heads} parts but q has {hq} query heads")
     g = hq // hkv
     for part, heads in p.groups():
         by_group: dict[int, list[int]] = {}
@@ -95,6 +95,9 @@ def _split_heads(call: Call):
         by_size: dict[int, list[int]] = {}  # key groups by how many of their query heads use this part
         for j, hs in by_group.items():
             by_size.setdefault(len(hs), []).append(j)
+        if len(heads) == hq:  # one part for every head: the call itself, no copies
+            yield replace(call, pattern=part), None
+            continue
         for _, groups in sorted(by_size.items()):
             qh = torch.tensor([h for j in groups for h in by_group[j]], device=call.q.device)
             kh = torch.tensor(groups, device=call.q.device)
@@ -105,12 +108,14 @@ def _split_heads(call: Call):
             yield sub, qh
 
 
-def _within(pieces: list[Piece], heads: torch.Tensor) -> list[Piece]:
-    """Pieces of a sub-call on query ``heads``, restated in the heads of the whole call."""
+def _within(pieces: list[Piece], heads: torch.Tensor | None) -> list[Piece]:
+    """Pieces of a sub-call on query ``heads`` (None: all), restated in the heads of the whole call."""
+    if heads is None:
+        return pieces
     return [replace(piece, heads=heads if piece.heads is None else heads[piece.heads]) for piece in pieces]
 
 
-class _HeadsBias:
+class _HeadsBias(WrappedBias):
     """``bias(heads[h], q_idx, kv_idx)``: a score term of the whole call read on a subset of its query heads."""
 
     def __init__(self, bias, heads: torch.Tensor):
@@ -118,10 +123,6 @@ class _HeadsBias:
 
     def __call__(self, h, q_idx, kv_idx):
         return self.bias(self.heads.to(h.device)[h], q_idx, kv_idx)
-
-    def parameters(self):
-        params = getattr(self.bias, "parameters", None)
-        return list(params()) if params is not None else []
 
     def __repr__(self):
         return f"{self.bias!r} on heads {self.heads.tolist()}"
@@ -138,8 +139,26 @@ def _to_order(call: Call, p: Ordered) -> Call:
 
 
 # -- content selection ----------------------------------------------------------------
-def _check_selection(sel: BlockSelection, q: torch.Tensor) -> None:
+def check_selection(sel: BlockSelection, q: torch.Tensor, k: torch.Tensor) -> None:
+    """A selection made by the caller fits q and k and lists each key block (and single key) at most once.
+
+    Every backend then gives the same answer: a block listed twice would count twice on
+    the block-sparse kernels and once on the reference's dense mask.
+    """
+    from foveal.kernels.blocksparse import check_tables
+
     if tuple(sel.kv_blocks.shape[:2]) != tuple(q.shape[:2]):
         raise ValueError(
             f"the selection is for (batch, heads) {tuple(sel.kv_blocks.shape[:2])} but q has {tuple(q.shape[:2])}"
         )
+    check_tables(q, k, k, sel.kv_blocks, sel.block, sel.partial, sel.mask_fn, sel.kv_tokens)
+    rows = sel.kv_blocks.reshape(-1, sel.kv_blocks.shape[-1])
+    srt = rows.sort(-1).values
+    if bool(((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any()):
+        raise ValueError("the selection lists a key block twice for one query block: list each at most once")
+    if sel.kv_tokens is not None and sel.kv_tokens.shape[-1]:
+        tok = sel.kv_tokens.reshape(rows.shape[0], -1)
+        inside = ((tok[:, :, None] // sel.block) == rows[:, None, :]) & (tok[:, :, None] >= 0) & (rows[:, None, :] >= 0)
+        ts = tok.sort(-1).values
+        if bool(inside.any()) or bool(((ts[:, 1:] == ts[:, :-1]) & (ts[:, 1:] >= 0)).any()):
+            raise ValueError("the selection's single key tokens must be distinct and outside its kept blocks")

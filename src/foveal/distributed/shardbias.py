@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from foveal.bias import WrappedBias
 
 __all__ = ["ShardBias"]
 
 
-class ShardBias:
+class ShardBias(WrappedBias):
     """``bias(h + head_offset, q_tokens[q_idx], kv_tokens[kv_idx])``; ``None`` token lists mean identity.
 
     Gradients reach the same ``parameters()`` as the wrapped term.
@@ -22,10 +23,6 @@ class ShardBias:
         if self.kv_tokens is not None:
             kv_idx = self.kv_tokens.to(dev)[kv_idx]
         return self.bias(h + self.head_offset, q_idx, kv_idx)
-
-    def parameters(self):
-        params = getattr(self.bias, "parameters", None)
-        return list(params()) if params is not None else []
 
 
 def shard_bias(bias, pattern=None, head_offset: int = 0):

@@ -39,7 +39,7 @@ from foveal.cache import LRU
 from foveal.inputs import check_qkv
 from foveal.kernels.core import backward_tile, cap, compute_dtype, delta_rows, softmax_tile
 
-__all__ = ["blocksparse_attention", "layout_tables", "selection_block_mask", "SCORE_ELEMENTS"]
+__all__ = ["blocksparse_attention", "check_tables", "layout_tables", "selection_block_mask", "SCORE_ELEMENTS"]
 
 #: score elements one chunk holds (instances × block_q × slots × block_k), as the cpu
 #: backend's chunks. BlockTopK(4096, topk=8), 4 heads, head_dim 64, forward, on a shared
@@ -69,7 +69,8 @@ class _Plan:
     softcap: float | None = None
 
 
-def _check(q, k, v, kv_blocks, block, partial, mask_fn, kv_tokens=None):
+def check_tables(q, k, v, kv_blocks, block, partial=None, mask_fn=None, kv_tokens=None):
+    """The tables fit q, k and v: shapes, dtypes and index ranges (``ValueError``/``TypeError`` before any work)."""
     check_qkv(q, k, v)
     b, hq, n_q, d = q.shape
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
@@ -285,7 +286,7 @@ def blocksparse_attention(q, k, v, kv_blocks, block: int, scale: float, *, parti
     """
     from foveal.bias import bias_parameters
 
-    _check(q, k, v, kv_blocks, block, partial, mask_fn, kv_tokens)
+    check_tables(q, k, v, kv_blocks, block, partial, mask_fn, kv_tokens)
     plan = _plan(q, k, kv_blocks, block, partial, mask_fn, kv_tokens, bias, key_padding_mask, softcap)
     params = bias_parameters(bias) if bias is not None else []
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *params)):
@@ -323,7 +324,7 @@ def layout_tables(pattern, block: int = 64):
         partial[rows_p, full_n[rows_p] + col_p] = True
         return kv, partial
 
-    return TABLES.get((pattern, block), build)
+    return TABLES.get((pattern, block), build, pattern.cacheable)
 
 
 def selection_block_mask(selection, device=None):

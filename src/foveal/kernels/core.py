@@ -6,9 +6,9 @@ gathered keys. For one tile the core takes the scaled scores ``s = scale·q·k�
 and the additive terms (mask as ``-inf``, score bias, key padding), and then
 
 * forward: a numerically safe softmax that writes the output and the log-sum-exp;
-* backward: recomputes the probabilities from the saved log-sum-exp
-  (``p = exp(s − lse)``, as FlashAttention does) and returns ``p`` and the score
-  gradient ``ds = p ∘ (dO·vᵀ − δ)``, through the cap.
+* backward: recomputes the probabilities from the scores (``p = exp(s − lse)``, as
+  FlashAttention does, here as the fused softmax of the same scores) and returns
+  ``p`` and the score gradient ``ds = p ∘ (dO·vᵀ − δ)``, through the cap.
 
 Order of operations (FlashAttention's and Gemma 2's): ``softcap·tanh(s / softcap)``
 first, then the additive terms. A row with no allowed key gets a zero output,
@@ -20,14 +20,11 @@ from __future__ import annotations
 
 import torch
 
+from foveal.inputs import lse_dtype as compute_dtype
+
 __all__ = ["compute_dtype", "cap", "softmax_tile", "backward_tile", "delta_rows"]
 
 _NEG_INF = float("-inf")
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 inputs, float32 otherwise (the lse dtype rule of ``foveal.inputs``)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def cap(s: torch.Tensor, softcap: float | None, need_grad: bool = False):
@@ -41,23 +38,24 @@ def cap(s: torch.Tensor, softcap: float | None, need_grad: bool = False):
 
 
 def softmax_tile(s: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None, need_lse: bool = True):
-    """Softmax of the final scores ``s`` (r, rows, keys) times ``v`` (r, keys, Dv); ``s`` is overwritten.
+    """Softmax of the final scores ``s`` (r, rows, keys) times ``v`` (r, keys, Dv).
 
     Returns ``(o, lse)``: ``o`` (r, rows, Dv), written into ``out`` when it is one
     contiguous block of that shape, and ``lse`` (r, rows) — or ``None`` without
-    ``need_lse``, in which case a fused softmax is used (rows with no allowed key are
-    NaN there: the caller zeroes them).
+    ``need_lse``, in which case rows with no allowed key are NaN (the caller zeroes
+    them). The probabilities come from ``torch.softmax``, and ``lse = max − log(max p)``
+    (the largest probability is ``1 / Σ exp(s − max)``): on CPU ``exp`` of the many
+    ``-inf`` entries of a masked tile is several times slower than the fused softmax.
     """
+    p = torch.softmax(s, -1)
     if not need_lse:
-        return _bmm(torch.softmax(s, -1), v, out), None
+        return _bmm(p, v, out), None
     m = s.amax(-1, keepdim=True)
-    m.masked_fill_(m == _NEG_INF, 0.0)
-    p = s.sub_(m).exp_()
-    denom = p.sum(-1, keepdim=True)
+    dead = m == _NEG_INF
+    if bool(dead.any()):
+        p.masked_fill_(dead, 0.0)
     o = _bmm(p, v, out)
-    alive = denom > 0
-    o.div_(denom.masked_fill(~alive, 1.0))
-    lse = torch.where(alive, denom.log() + m, _NEG_INF).squeeze(-1)
+    lse = (m - p.amax(-1, keepdim=True).log()).masked_fill_(dead, _NEG_INF).squeeze(-1)
     return o, lse
 
 
@@ -65,13 +63,18 @@ def backward_tile(s: torch.Tensor, lse_safe: torch.Tensor, do: torch.Tensor, v: 
                   delta: torch.Tensor, deriv: torch.Tensor | None):
     """``(p, ds_final, ds)`` for one tile: probabilities, the gradient of the final scores and of ``scale·q·kᵀ``.
 
-    ``s`` (r, rows, keys) are the recomputed final scores (overwritten with ``p``),
-    ``lse_safe`` (r, rows) the saved log-sum-exp with ``-inf`` replaced by 0, ``do``
-    (r, rows, Dv) the output gradient, ``v`` (r, keys, Dv), ``delta`` (r, rows)
-    ``rowsum(dO ∘ O) − dlse``, ``deriv`` the cap's derivative or None. ``ds_final`` is
-    what an additive score term receives; ``ds`` goes on to q and k.
+    ``s`` (r, rows, keys) are the recomputed final scores, ``lse_safe`` (r, rows) the
+    saved log-sum-exp with ``-inf`` replaced by 0 (rows with no allowed key: their
+    ``p`` is 0), ``do`` (r, rows, Dv) the output gradient, ``v`` (r, keys, Dv),
+    ``delta`` (r, rows) ``rowsum(dO ∘ O) − dlse``, ``deriv`` the cap's derivative or
+    None. ``p = exp(s − lse)`` is recomputed as the softmax of the same scores (equal,
+    and much faster on masked tiles). ``ds_final`` is what an additive score term
+    receives; ``ds`` goes on to q and k.
     """
-    p = s.sub_(lse_safe[..., None]).exp_()  # masked entries: exp(-inf) = 0
+    p = torch.softmax(s, -1)
+    dead = s.amax(-1, keepdim=True) == _NEG_INF
+    if bool(dead.any()):
+        p.masked_fill_(dead, 0.0)
     ds_final = torch.bmm(do, v.transpose(1, 2)).sub_(delta[..., None]).mul_(p)
     ds = ds_final if deriv is None else ds_final * deriv
     return p, ds_final, ds

@@ -37,7 +37,7 @@ PLANS = LRU("gather plans", maxsize=64)
 def plan_for(pattern, tile=None) -> GatherPlan:
     """The gather plan of ``pattern`` for ``tile`` (cached by the pattern's value, bounded)."""
     tile = None if tile is None else tuple(tile)
-    return PLANS.get((pattern, tile), lambda: build_plan(pattern, tile))
+    return PLANS.get((pattern, tile), lambda: build_plan(pattern, tile), pattern.cacheable)
 
 
 def _take_rows(x, index):

@@ -17,7 +17,7 @@ import torch
 
 from foveal.cache import LRU
 
-__all__ = ["flex_attention_run", "block_mask_for", "cpu_limits"]
+__all__ = ["flex_block_mask_run", "block_mask_for", "cpu_limits"]
 
 _COMPILED = None
 #: FlexAttention's tile; the layout uses the same blocks
@@ -55,7 +55,8 @@ def block_mask_for(pattern, device, block: int = BLOCK):
     """The pattern's ``BlockMask`` on ``device`` (cached by the pattern's value, bounded)."""
     device = torch.device(device)
     return BLOCK_MASKS.get(
-        (pattern, block, str(device)), lambda: pattern.layout(block, block).to_flex(pattern.mask_mod, device=device)
+        (pattern, block, str(device)), lambda: pattern.layout(block, block).to_flex(pattern.mask_mod, device=device),
+        pattern.cacheable,
     )
 
 
@@ -69,13 +70,6 @@ def cpu_limits(dtype, needs_grad: bool, need_lse: bool) -> list[str]:
     if dtype == torch.float64:
         reasons.append("compiled FlexAttention on CPU does not support float64")
     return reasons
-
-
-def flex_attention_run(q, k, v, pattern, scale: float, need_lse: bool, bias=None, key_padding_mask=None,
-                       softcap=None):
-    """Run compiled FlexAttention over a static ``pattern``; returns ``(out, lse or None)``."""
-    return flex_block_mask_run(q, k, v, block_mask_for(pattern, q.device), scale, need_lse, bias, key_padding_mask,
-                               softcap)
 
 
 def _score_mod(bias, padding, softcap):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from foveal.inputs import lse_dtype
+
 __all__ = ["reference_attention"]
 
 
@@ -26,7 +28,7 @@ def reference_attention(q, k, v, mask: torch.Tensor, scale: float, bias: torch.T
     (FlashAttention, Gemma 2); ``bias``, if given, is added after the cap
     (broadcastable to (B, Hq, Nq, Nk)), then the mask.
     """
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    compute = lse_dtype(q.dtype)
     groups = q.shape[1] // k.shape[1]
     kf = k.to(compute).repeat_interleave(groups, dim=1)
     vf = v.to(compute).repeat_interleave(groups, dim=1)

@@ -58,6 +58,7 @@ class _FlashCPU(torch.autograd.Function):
     def forward(ctx, q, k, v, causal, scale, mask=None):
         fwd, _ = _flash_ops()
         out, lse = fwd(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
+        lse = lse.contiguous()  # aten's is laid out (B, N, H)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.causal, ctx.scale, ctx.mask = causal, scale, mask
         return out, lse
@@ -86,7 +87,8 @@ def _fused(q, k, v, causal: bool, scale: float, need_lse: bool, mask=None):
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             return _FlashCPU.apply(q, k, v, causal, scale, mask)
         fwd, _ = _flash_ops()
-        return fwd(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
+        out, lse = fwd(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
+        return out, lse.contiguous()  # aten's is laid out (B, N, H)
     if need_lse:
         raise ValueError("sdpa returns no log-sum-exp on this device")
     out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
@@ -111,7 +113,7 @@ def small_mask(pattern, dtype, device):
         zero = torch.zeros((), dtype=dtype, device=device)
         return torch.where(allowed, zero, float("-inf")), allowed.any(-1)
 
-    return MASKS.get((pattern, dtype, str(device)), build)
+    return MASKS.get((pattern, dtype, str(device)), build, pattern.cacheable)
 
 
 def sdpa_attention(q, k, v, pattern, scale: float, need_lse: bool = True):

@@ -130,16 +130,12 @@ class BlockSparseBackend:
         shape = (q.shape[0], q.shape[1], *kv.shape)
         kv, partial = kv.to(q.device).expand(shape), partial.to(q.device).expand(shape)
         return blocksparse_attention(q, call.k, call.v, kv, self.block, call.scale, partial=partial,
-                                     mask_fn=_pattern_mask_fn(p), **terms)
-
-
-def _pattern_mask_fn(pattern):
-    """``pattern.mask`` with the blocksparse ``mask_fn(b, h, q_idx, kv_idx)`` signature."""
-    return lambda b, h, q_idx, kv_idx: pattern.mask(q_idx, kv_idx)
+                                     mask_fn=p.mask_mod, **terms)
 
 
 class SdpaBackend:
-    """PyTorch's fused ``scaled_dot_product_attention`` for patterns that need no mask (``Full``, ``Causal``)."""
+    """PyTorch's fused ``scaled_dot_product_attention``: patterns that need no mask (``Full``, ``Causal``), and
+    on CPU small static patterns under their additive mask (``foveal.kernels.sdpa.SMALL_PAIRS``)."""
 
     name = "sdpa"
 
@@ -203,8 +199,10 @@ BACKENDS = {b.name: b for b in (ReferenceBackend(), SdpaBackend(), CpuBackend(),
 
 #: ``auto`` tries these in order, per device type. ``sdpa`` first: it only accepts
 #: ``Full`` and ``Causal`` (no mask, no terms), which PyTorch's fused kernel runs at the
-#: machine's SDPA speed; ``cpu`` ran causal attention at 1.98x (4k) and 2.19x (16k) the
-#: time of SDPA with ``is_causal`` on a 2-core CPU. Then, measured with ``foveal bench speed
+#: machine's SDPA speed (``cpu`` ran causal attention at 1.98x (4k) and 2.19x (16k) the
+#: time of SDPA with ``is_causal`` on a 2-core CPU), and on CPU static patterns of at
+#: most ``SMALL_PAIRS`` pairs, where one fused masked call beat the gather kernel (the
+#: measured crossover is next to ``SMALL_PAIRS`` in ``foveal.kernels.sdpa``). Then, measured with ``foveal bench speed
 #: --suite full`` on a 2-core CPU (BENCHMARKS.md), float32, head_dim 64, forward:
 #: ``cpu`` beat compiled FlexAttention's kernel time on every case, with no compile
 #: step: 7x7 neighbourhood on 64x64 15 ms vs 62 ms, on 128x128 67 ms vs 349 ms; 3x3x3

@@ -48,6 +48,8 @@ class Pattern:
     shape: tuple[int, ...]
     #: how ``layout`` is derived; shown in reprs of patterns that are not analytic
     layout_method = "chunked mask evaluation"
+    #: False for one-off patterns (a decode step's mask): the value-keyed caches do not store them
+    cacheable = True
 
     # -- geometry -------------------------------------------------------------
     @property
@@ -108,7 +110,7 @@ class Pattern:
 
         block_q = positive_int("block_q", block_q)
         block_k = block_q if block_k is None else positive_int("block_k", block_k)
-        return LAYOUTS.get((self, block_q, block_k), lambda: self._build_layout(block_q, block_k))
+        return LAYOUTS.get((self, block_q, block_k), lambda: self._build_layout(block_q, block_k), self.cacheable)
 
     def _build_layout(self, block_q: int, block_k: int) -> "BlockLayout":
         from foveal.layout import BlockLayout

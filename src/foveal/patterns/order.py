@@ -21,6 +21,7 @@ import numbers
 import torch
 
 from foveal._checks import as_shape, fmt_axes, per_axis
+from foveal.bias import WrappedBias
 from foveal.patterns.base import Pattern
 
 __all__ = ["raster", "tiles", "morton", "hilbert", "inverse", "Ordered", "ORDERS"]
@@ -253,7 +254,7 @@ class Ordered(Pattern):
         return f"Ordered({self.inner!r}, order={order}, grid={fmt_axes(self.shape)})"
 
 
-class _OrderedBias:
+class _OrderedBias(WrappedBias):
     """``bias(h, perm[i], perm[j])``: a row-major score term read at positions of the order."""
 
     def __init__(self, bias, pattern: Ordered):
@@ -262,10 +263,6 @@ class _OrderedBias:
     def __call__(self, h, q_idx, kv_idx):
         perm = self.pattern.perm(q_idx.device)
         return self.bias(h, perm[q_idx], perm[kv_idx])
-
-    def parameters(self):
-        params = getattr(self.bias, "parameters", None)
-        return list(params()) if params is not None else []
 
     def __repr__(self):
         return f"{self.bias!r} in {self.pattern.order} order"
