@@ -286,16 +286,17 @@ def _key_blocks(x, cdt, nkb, block):
 def _forward(q, k, v, plan: _Plan, scale):
     cdt = compute_dtype(q.dtype)
     bs, nqb = plan.block, -(-plan.n_q // plan.block)
-    qp = _pad_rows(q.to(cdt) * scale, nqb, bs)
+    qp = _pad_rows(q.to(cdt), nqb, bs)  # scaled chunk by chunk, in cache
     kb, kf = _key_blocks(k, cdt, plan.nkb, bs)
     vb, vf = _key_blocks(v, cdt, plan.nkb, bs)
-    out = torch.zeros(qp.shape[0], bs, vf.shape[1], dtype=cdt, device=q.device)
+    out = torch.empty(qp.shape[0], bs, vf.shape[1], dtype=cdt, device=q.device)
     lse = torch.full((qp.shape[0], bs), float("-inf"), dtype=cdt, device=q.device)
     for chunk in plan.chunks:
         r0, r1, s_count, t_count = chunk[:4]
         if s_count + t_count == 0:
+            out[r0:r1].zero_()
             continue
-        s, ids, trows, _, _, _ = _chunk_scores(plan, qp[r0:r1], kb, kf, chunk)
+        s, ids, trows, _, _, _ = _chunk_scores(plan, qp[r0:r1] * scale, kb, kf, chunk)
         _, lse[r0:r1] = softmax_tile(s, _gather(plan, vb, vf, ids, trows, r1 - r0), out=out[r0:r1])
     return out, lse
 
@@ -316,7 +317,7 @@ def _scatter_add(plan: _Plan, blocks, flat, ids, trows, grads, s_count):
 def _backward(q, k, v, out_p, lse_p, dout, dlse, plan: _Plan, scale, params=()):
     cdt = compute_dtype(q.dtype)
     bs, nqb = plan.block, -(-plan.n_q // plan.block)
-    qp = _pad_rows(q.to(cdt) * scale, nqb, bs)
+    qp = _pad_rows(q.to(cdt), nqb, bs)  # scaled chunk by chunk
     dop = _pad_rows(dout.to(cdt), nqb, bs)
     kb, kf = _key_blocks(k, cdt, plan.nkb, bs)
     vb, vf = _key_blocks(v, cdt, plan.nkb, bs)
@@ -331,13 +332,14 @@ def _backward(q, k, v, out_p, lse_p, dout, dlse, plan: _Plan, scale, params=()):
         r0, r1, s_count, t_count = chunk[:4]
         if s_count + t_count == 0:
             continue
-        s, ids, trows, kg, tok, deriv = _chunk_scores(plan, qp[r0:r1], kb, kf, chunk, True)
+        qc = qp[r0:r1] * scale
+        s, ids, trows, kg, tok, deriv = _chunk_scores(plan, qc, kb, kf, chunk, True)
         doc = dop[r0:r1]
         vg = _gather(plan, vb, vf, ids, trows, r1 - r0)
         p, ds_final, ds = backward_tile(s, lse_safe[r0:r1], doc, vg, delta[r0:r1], deriv)
         _scatter_add(plan, dvb, dvf, ids, trows, torch.bmm(p.transpose(1, 2), doc), s_count)
         torch.bmm(ds, kg, out=dq[r0:r1]).mul_(scale)
-        _scatter_add(plan, dkb, dkf, ids, trows, torch.bmm(ds.transpose(1, 2), qp[r0:r1]), s_count)
+        _scatter_add(plan, dkb, dkf, ids, trows, torch.bmm(ds.transpose(1, 2), qc), s_count)
         if params:  # dL/d(term) = dL/d(final score)
             with torch.enable_grad():
                 grads = torch.autograd.grad(_term(plan, r0, r1, tok, cdt), params, ds_final, allow_unused=True)
