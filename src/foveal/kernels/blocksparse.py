@@ -191,24 +191,31 @@ def _tiles(plan: _Plan, rows, blocks):
     return torch.broadcast_to(plan.mask_fn(b[:, None, None], h[:, None, None], qi, kj), (rows.numel(), bs, bs))
 
 
-def _special_mask(plan: _Plan, r0, r1, p_count):
-    """Allowed pairs of the first ``p_count`` slots of instances r0:r1: (r, p_count, block, block) bool."""
-    bs = plan.block
+def _special_forbidden(plan: _Plan, r0, r1, p_count, u_from):
+    """Forbidden pairs of the first ``p_count`` slots of instances r0:r1, laid out as their scores:
+    (r, block, p_count, block) bool."""
+    bs, r = plan.block, r1 - r0
     tb = plan.table[r0:r1, :p_count]
     ar = torch.arange(bs, device=tb.device)
-    ok = ((tb >= 0)[..., None] & (tb[..., None] * bs + ar < plan.n_kv))[:, :, None, :]  # (r, p, 1, block)
+    ok = None  # unused slots and tokens past n_kv, (r, p, 1, block)
+    if u_from < p_count or (plan.n_kv % bs and bool((tb == plan.nkb - 1).any())):
+        ok = ((tb >= 0)[..., None] & (tb[..., None] * bs + ar < plan.n_kv))[:, :, None, :]
     if plan.mask_fn is None:
-        return ok.expand(-1, -1, bs, -1)
-    part = plan.special[r0:r1, :p_count] & (tb >= 0) if plan.partial is None else plan.partial[r0:r1, :p_count]
-    if bool(part.all()):
-        rows = torch.arange(r0, r1, device=tb.device).repeat_interleave(p_count)
-        m = _tiles(plan, rows, tb.reshape(-1)).reshape(r1 - r0, p_count, bs, bs)
+        m = ok.expand(-1, -1, bs, -1)
     else:
-        m = torch.ones(r1 - r0, p_count, bs, bs, dtype=torch.bool, device=tb.device)
-        ri, si = part.nonzero(as_tuple=True)
-        if ri.numel():
-            m[ri, si] = _tiles(plan, ri + r0, tb[ri, si])
-    return m & ok
+        part = plan.special[r0:r1, :p_count] & (tb >= 0) if plan.partial is None else plan.partial[r0:r1, :p_count]
+        if bool(part.all()):
+            rows = torch.arange(r0, r1, device=tb.device).repeat_interleave(p_count)
+            m = _tiles(plan, rows, tb.reshape(-1)).reshape(r, p_count, bs, bs)
+        else:
+            m = torch.ones(r, p_count, bs, bs, dtype=torch.bool, device=tb.device)
+            ri, si = part.nonzero(as_tuple=True)
+            if ri.numel():
+                m[ri, si] = _tiles(plan, ri + r0, tb[ri, si])
+        if ok is not None:
+            m = m & ok
+    out = torch.empty(r, bs, p_count, bs, dtype=torch.bool, device=tb.device)
+    return torch.bitwise_not(m.transpose(1, 2), out=out)
 
 
 def _token_ids(plan: _Plan, r0, r1, s_count, t_count):
@@ -258,7 +265,7 @@ def _chunk_scores(plan: _Plan, qc, kb, kf, chunk, need_grad=False):
     inf = float("-inf")
     sb = s[:, :, : s_count * bs].view(r, bs, s_count, bs)
     if p_count:
-        sb[:, :, :p_count].masked_fill_(~_special_mask(plan, r0, r1, p_count).transpose(1, 2), inf)
+        sb[:, :, :p_count].masked_fill_(_special_forbidden(plan, r0, r1, p_count, u_from), inf)
     if u_from < s_count:  # some rows of the chunk leave these slots unused
         sb[:, :, u_from:].masked_fill_((tb[:, None, u_from:, None] < 0), inf)
     if t_count:

@@ -317,11 +317,16 @@ class _ColumnsOffsets:
         d = q_block - kv_block
         w = win[b, h, d.clamp(min=0)]  # (P, 2·block − 1)
         # offsets[d·block + r − c] = w[block − 1 + r − c]; with columns reversed (c = block − 1 − c') it is
-        # w[r + c'], a strided view
+        # w[r + c'], a strided view. Offsets are >= 0, so the diagonal tile's upper triangle is False already.
         tile = w.as_strided((w.shape[0], block, block), (w.stride(0), 1, 1)).flip(-1)
-        ar = torch.arange(block, device=w.device)
-        seen = (d[:, None, None] > 0) | ((d[:, None, None] == 0) & (ar[None, None, :] <= ar[None, :, None]))
-        return (tile & (d >= 0)[:, None, None]) | (cols[b, h, kv_block][:, None, :] & seen)
+        tile |= cols[b, h, kv_block][:, None, :]
+        diag = (d == 0).nonzero().squeeze(1)
+        if diag.numel():  # a column is seen by the queries at or after it
+            tile[diag] &= torch.ones(block, block, dtype=torch.bool, device=w.device).tril_()
+        ahead = (d < 0).nonzero().squeeze(1)
+        if ahead.numel():
+            tile[ahead] = False
+        return tile
 
 
 # -- the patterns ----------------------------------------------------------------
