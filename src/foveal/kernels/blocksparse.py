@@ -235,9 +235,21 @@ def _term(plan: _Plan, r0, r1, tok, cdt):
     return torch.broadcast_to(vals, (r1 - r0, plan.block, tok.shape[1])).to(cdt)
 
 
-def _gather(plan: _Plan, blocks, flat, ids, trows, r):
-    """Keys (or values) of a chunk: whole blocks ``ids`` (r·S,) then single rows ``trows`` (r·T,): (r, S·block + T, E)."""
-    g = blocks.index_select(0, ids).view(r, -1, blocks.shape[-1])
+def _run(ids, r):
+    """The first block when a one-instance chunk's blocks are consecutive (then they are a view), else None."""
+    if r != 1 or ids.numel() < 2:
+        return None
+    first = int(ids[0])
+    return first if int(ids[-1]) - first == ids.numel() - 1 and bool((ids.diff() == 1).all()) else None
+
+
+def _gather(plan: _Plan, blocks, flat, ids, trows, r, run=None):
+    """Keys (or values) of a chunk: whole blocks ``ids`` (r·S,) then single rows ``trows`` (r·T,): (r, S·block + T, E);
+    a view when ``run`` (the first of consecutive blocks) is given and there are no single rows."""
+    if run is not None:
+        g = blocks[run:run + ids.numel()].reshape(1, -1, blocks.shape[-1])
+    else:
+        g = blocks.index_select(0, ids).view(r, -1, blocks.shape[-1])
     if trows is None:
         return g
     return torch.cat([g, flat.index_select(0, trows).view(r, -1, flat.shape[-1])], 1)
@@ -254,7 +266,8 @@ def _chunk_scores(plan: _Plan, qc, kb, kf, chunk, need_grad=False):
     if t_count:
         tk = plan.tokens[r0:r1, :t_count]
         trows = (plan.kv_head[r0:r1, None] * (plan.nkb * bs) + tk.clamp(min=0)).reshape(-1)
-    kg = _gather(plan, kb, kf, ids, trows, r)
+    run = _run(ids, r)
+    kg = _gather(plan, kb, kf, ids, trows, r, run)
     s = torch.bmm(qc, kg.transpose(1, 2))
     deriv = cap(s, plan.softcap, need_grad)
     tok = None
@@ -278,7 +291,7 @@ def _chunk_scores(plan: _Plan, qc, kb, kf, chunk, need_grad=False):
     if plan.padding is not None:
         pad = plan.padding.reshape(-1)[plan.b_idx[r0:r1, None] * plan.n_kv + tok]
         s.masked_fill_(pad[:, None, :], inf)
-    return s, ids, trows, kg, tok, deriv
+    return s, (ids, run), trows, kg, tok, deriv
 
 
 def _key_blocks(x, cdt, nkb, block):
@@ -304,7 +317,7 @@ def _forward(q, k, v, plan: _Plan, scale):
             out[r0:r1].zero_()
             continue
         s, ids, trows, _, _, _ = _chunk_scores(plan, qp[r0:r1] * scale, kb, kf, chunk)
-        _, lse[r0:r1] = softmax_tile(s, _gather(plan, vb, vf, ids, trows, r1 - r0), out=out[r0:r1])
+        _, lse[r0:r1] = softmax_tile(s, _gather(plan, vb, vf, ids[0], trows, r1 - r0, ids[1]), out=out[r0:r1])
     return out, lse
 
 
@@ -316,7 +329,12 @@ def _unpad(x, b, h, n):
 def _scatter_add(plan: _Plan, blocks, flat, ids, trows, grads, s_count):
     """Adds a chunk's (r, S·block + T, E) key (or value) gradients into their blocks and single rows."""
     r, bs = grads.shape[0], plan.block
-    blocks.index_add_(0, ids, grads[:, : s_count * bs].reshape(r * s_count, bs, grads.shape[-1]))
+    ids, run = ids
+    part = grads[:, : s_count * bs].reshape(r * s_count, bs, grads.shape[-1])
+    if run is not None:
+        blocks[run:run + ids.numel()].add_(part)
+    else:
+        blocks.index_add_(0, ids, part)
     if trows is not None:
         flat.index_add_(0, trows, grads[:, s_count * bs:].reshape(-1, grads.shape[-1]))
 
@@ -342,7 +360,7 @@ def _backward(q, k, v, out_p, lse_p, dout, dlse, plan: _Plan, scale, params=()):
         qc = qp[r0:r1] * scale
         s, ids, trows, kg, tok, deriv = _chunk_scores(plan, qc, kb, kf, chunk, True)
         doc = dop[r0:r1]
-        vg = _gather(plan, vb, vf, ids, trows, r1 - r0)
+        vg = _gather(plan, vb, vf, ids[0], trows, r1 - r0, ids[1])
         p, ds_final, ds = backward_tile(s, lse_safe[r0:r1], doc, vg, delta[r0:r1], deriv)
         _scatter_add(plan, dvb, dvf, ids, trows, torch.bmm(p.transpose(1, 2), doc), s_count)
         torch.bmm(ds, kg, out=dq[r0:r1]).mul_(scale)
