@@ -68,7 +68,10 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     ap.add_argument("--only", nargs="+", default=list(SELECTORS), choices=list(SELECTORS))
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()}")
     print("| n | mode | contender | density | time (s) | x SDPA | select (s) | select x SDPA |")
     print("|---|---|---|---|---|---|---|---|")
