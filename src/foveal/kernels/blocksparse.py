@@ -50,20 +50,27 @@ SCORE_ELEMENTS = 1 << 19
 
 @dataclass
 class _Plan:
-    """Per-instance bookkeeping shared by the forward and backward passes."""
+    """Per-instance bookkeeping shared by the forward and backward passes.
+
+    Each instance's slots are reordered (attention does not depend on their order):
+    *special* slots first (masked tile by tile: partial, or holding a ragged last key
+    block), then full ones, then unused (-1) ones.
+    """
 
     n_q: int
     n_kv: int
     block: int
-    table: torch.Tensor  # (R, S) key blocks, -1 unused
-    tokens: torch.Tensor | None  # (R, T) single key tokens, -1 unused
-    partial: torch.Tensor | None  # (R, S) bool
+    nkb: int
+    table: torch.Tensor  # (R, S) key blocks, special slots first, -1 unused last
+    special: torch.Tensor  # (R, S) bool: the slot's tile gets an elementwise mask
+    partial: torch.Tensor | None  # (R, S) bool: mask_fn applies (None: every used slot, when mask_fn is given)
+    tokens: torch.Tensor | None  # (R, T) single key tokens, -1 unused last
     mask_fn: object
     b_idx: torch.Tensor  # (R,)
     h_idx: torch.Tensor  # (R,)
     qb_idx: torch.Tensor  # (R,)
-    kv_base: torch.Tensor  # (R,) first row of the instance's key head in the flattened keys
-    chunks: list  # (r0, r1, block slots, token slots)
+    kv_head: torch.Tensor  # (R,) the instance's key head in the flattened (B·Hkv) key heads
+    chunks: list  # (r0, r1, block slots, token slots, special slots, first slot some row leaves unused)
     bias: object = None  # score term bias(h, q_idx, kv_idx)
     padding: torch.Tensor | None = None  # (B, n_kv) bool, True = ignore
     softcap: float | None = None
@@ -101,38 +108,62 @@ def check_tables(q, k, v, kv_blocks, block, partial=None, mask_fn=None, kv_token
         raise TypeError(f"mask_fn must be callable (b, h, q_idx, kv_idx) -> bool tensor, got {type(mask_fn).__name__}")
 
 
-def _last_unused(table):
-    """Each row's unused (-1) slots moved to the end, in a stable way; and the permutation."""
-    order = torch.argsort((table < 0).to(torch.int8), dim=1, stable=True)
-    return table.gather(1, order), order
+def _sorted_slots(key, *tables):
+    """``tables`` with each row's slots reordered by ascending ``key`` (stable)."""
+    order = torch.argsort(key.to(torch.int8), dim=1, stable=True)
+    return [None if t is None else t.gather(1, order) for t in tables]
+
+
+def _chunks(counts, tcounts, scounts, block):
+    """Consecutive instances cut greedily so that a chunk's score tile, rows × block × (widest row), stays within
+    ``SCORE_ELEMENTS`` (a lone larger instance is a chunk of its own); per chunk its widths and first unused slot."""
+    budget = max(1, SCORE_ELEMENTS // block)
+    chunks, r0 = [], 0
+    cs, ts, ss = counts.tolist(), tcounts.tolist(), scounts.tolist()
+    r = 0
+    while r0 < len(cs):
+        c_max, t_max, s_max, c_min = cs[r0], ts[r0], ss[r0], cs[r0]
+        r = r0 + 1
+        while r < len(cs):
+            c2, t2 = max(c_max, cs[r]), max(t_max, ts[r])
+            if (r + 1 - r0) * (c2 * block + t2) > budget:
+                break
+            c_max, t_max, s_max, c_min = c2, t2, max(s_max, ss[r]), min(c_min, cs[r])
+            r += 1
+        chunks.append((r0, r, c_max, t_max, s_max, c_min))
+        r0 = r
+    return chunks
 
 
 def _plan(q, k, kv_blocks, block, partial, mask_fn, kv_tokens=None, bias=None, padding=None, softcap=None) -> _Plan:
     b, hq, n_q, _ = q.shape
     hkv, n_kv = k.shape[1], k.shape[2]
-    nqb = -(-n_q // block)
+    nqb, nkb = -(-n_q // block), -(-n_kv // block)
     dev = q.device
     table = kv_blocks.to(device=dev, dtype=torch.int64).reshape(b * hq * nqb, kv_blocks.shape[-1])
-    # unused slots last, so each chunk can drop the trailing ones
-    table, order = _last_unused(table)
-    if partial is not None:
-        partial = partial.to(dev).reshape(table.shape).gather(1, order)
-    counts = (table >= 0).sum(1)
-    tokens, tcounts, width = None, torch.zeros_like(counts), 0
+    used = table >= 0
+    if mask_fn is None:
+        partial = None
+        special = torch.zeros_like(used)
+    elif partial is None:
+        special = used.clone()
+    else:
+        partial = partial.to(dev).reshape(table.shape) & used
+        special = partial.clone()
+    if n_kv % block:
+        special |= table == nkb - 1  # tokens past n_kv are cut tile by tile
+    table, special, partial = _sorted_slots(torch.where(used, (~special).to(torch.int8), 2), table, special, partial)
+    counts, scounts = used.sum(1), special.sum(1)
+    tokens, tcounts = None, torch.zeros_like(counts)
     if kv_tokens is not None and kv_tokens.shape[-1]:
         flat = kv_tokens.to(device=dev, dtype=torch.int64).reshape(table.shape[0], kv_tokens.shape[-1])
-        tokens, _ = _last_unused(flat)
-        tcounts, width = (tokens >= 0).sum(1), tokens.shape[1]
+        (tokens,) = _sorted_slots(flat < 0, flat)
+        tcounts = (tokens >= 0).sum(1)
     inst = torch.arange(table.shape[0], device=dev)
     b_idx, h_idx, qb_idx = inst // (hq * nqb), (inst // nqb) % hq, inst % nqb
-    kv_base = (b_idx * hkv + h_idx // (hq // hkv)) * n_kv
-    step = max(1, SCORE_ELEMENTS // (block * max(1, table.shape[1] * block + width)))
-    chunks = []
-    for r0 in range(0, table.shape[0], step):
-        r1 = min(r0 + step, table.shape[0])
-        chunks.append((r0, r1, int(counts[r0:r1].max()), int(tcounts[r0:r1].max())))
-    return _Plan(n_q, n_kv, block, table, tokens, partial, mask_fn, b_idx, h_idx, qb_idx, kv_base, chunks,
-                 bias, padding, softcap)
+    kv_head = b_idx * hkv + h_idx // (hq // hkv)
+    return _Plan(n_q, n_kv, block, nkb, table, special, partial, tokens, mask_fn, b_idx, h_idx, qb_idx, kv_head,
+                 _chunks(counts, tcounts, scounts, block), bias, padding, softcap)
 
 
 def _pad_rows(x, n_blocks, block):
@@ -143,22 +174,59 @@ def _pad_rows(x, n_blocks, block):
     return x.reshape(b * h * n_blocks, block, e)
 
 
-def _chunk_keys(plan: _Plan, r0, r1, s_count, t_count):
-    """Key tokens of instances r0:r1, (r, S·block + T): clamped tokens, in-range slots, partial slots or None."""
+def _tiles(plan: _Plan, rows, blocks):
+    """``mask_fn`` on whole (query block, key block) tiles: (P, block, block) bool for instances ``rows``.
+
+    A ``mask_fn`` that offers ``block_tiles(b, h, q_block, kv_block, block)`` (the same rule, tile by
+    tile) is asked for them; otherwise it is evaluated elementwise. Indices past the ends are clamped
+    (those entries are cut separately).
+    """
     bs = plan.block
-    tb = plan.table[r0:r1, :s_count]  # (r, S)
+    b, h, qb = plan.b_idx[rows], plan.h_idx[rows], plan.qb_idx[rows]
+    fast = getattr(plan.mask_fn, "block_tiles", None)
+    if fast is not None:
+        return fast(b, h, qb, blocks, bs)
+    ar = torch.arange(bs, device=rows.device)
+    qi = (qb[:, None, None] * bs + ar[None, :, None]).clamp(max=plan.n_q - 1)
+    kj = (blocks[:, None, None] * bs + ar[None, None, :]).clamp(max=plan.n_kv - 1)
+    return torch.broadcast_to(plan.mask_fn(b[:, None, None], h[:, None, None], qi, kj), (rows.numel(), bs, bs))
+
+
+def _special_forbidden(plan: _Plan, r0, r1, p_count, u_from):
+    """Forbidden pairs of the first ``p_count`` slots of instances r0:r1, laid out as their scores:
+    (r, block, p_count, block) bool."""
+    bs, r = plan.block, r1 - r0
+    tb = plan.table[r0:r1, :p_count]
     ar = torch.arange(bs, device=tb.device)
-    tok = (tb[:, :, None] * bs + ar).reshape(r1 - r0, -1)  # (r, S·block)
-    valid = (tb >= 0).repeat_interleave(bs, 1) & (tok < plan.n_kv)
-    part = None
-    if plan.mask_fn is not None and plan.partial is not None:
-        part = plan.partial[r0:r1, :s_count].repeat_interleave(bs, 1)
+    ok = None  # unused slots and tokens past n_kv, (r, p, 1, block)
+    if u_from < p_count or (plan.n_kv % bs and bool((tb == plan.nkb - 1).any())):
+        ok = ((tb >= 0)[..., None] & (tb[..., None] * bs + ar < plan.n_kv))[:, :, None, :]
+    if plan.mask_fn is None:
+        m = ok.expand(-1, -1, bs, -1)
+    else:
+        part = plan.special[r0:r1, :p_count] & (tb >= 0) if plan.partial is None else plan.partial[r0:r1, :p_count]
+        if bool(part.all()):
+            rows = torch.arange(r0, r1, device=tb.device).repeat_interleave(p_count)
+            m = _tiles(plan, rows, tb.reshape(-1)).reshape(r, p_count, bs, bs)
+        else:
+            m = torch.ones(r, p_count, bs, bs, dtype=torch.bool, device=tb.device)
+            ri, si = part.nonzero(as_tuple=True)
+            if ri.numel():
+                m[ri, si] = _tiles(plan, ri + r0, tb[ri, si])
+        if ok is not None:
+            m = m & ok
+    out = torch.empty(r, bs, p_count, bs, dtype=torch.bool, device=tb.device)
+    return torch.bitwise_not(m.transpose(1, 2), out=out)
+
+
+def _token_ids(plan: _Plan, r0, r1, s_count, t_count):
+    """Key token of every gathered column of instances r0:r1, (r, S·block + T), clamped into [0, n_kv)."""
+    bs = plan.block
+    tb = plan.table[r0:r1, :s_count].clamp(min=0)
+    tok = (tb[:, :, None] * bs + torch.arange(bs, device=tb.device)).reshape(r1 - r0, -1)
     if t_count:
-        extra = plan.tokens[r0:r1, :t_count]
-        tok, valid = torch.cat([tok, extra], 1), torch.cat([valid, extra >= 0], 1)
-        if part is not None:
-            part = torch.cat([part, torch.ones_like(extra, dtype=torch.bool)], 1)
-    return tok.clamp(0, plan.n_kv - 1), valid, part
+        tok = torch.cat([tok, plan.tokens[r0:r1, :t_count]], 1)
+    return tok.clamp(0, plan.n_kv - 1)
 
 
 def _term(plan: _Plan, r0, r1, tok, cdt):
@@ -168,45 +236,89 @@ def _term(plan: _Plan, r0, r1, tok, cdt):
     return torch.broadcast_to(vals, (r1 - r0, plan.block, tok.shape[1])).to(cdt)
 
 
-def _chunk_scores(plan: _Plan, qc, kf, r0, r1, s_count, t_count, need_grad=False):
-    """Final scores of instances r0:r1 (``qc`` already scaled), (r, block, S·block + T): capped, score term
-    added, masked; and the key rows gathered, the keys, the tokens and the cap's derivative."""
-    bs = plan.block
-    tok_safe, valid, part = _chunk_keys(plan, r0, r1, s_count, t_count)
-    rows = plan.kv_base[r0:r1, None] + tok_safe
-    kg = F.embedding(rows, kf)  # (r, S·block, D)
+def _run(ids, r):
+    """The first block when a one-instance chunk's blocks are consecutive (then they are a view), else None."""
+    if r != 1 or ids.numel() < 2:
+        return None
+    first = int(ids[0])
+    return first if int(ids[-1]) - first == ids.numel() - 1 and bool((ids.diff() == 1).all()) else None
+
+
+def _gather(plan: _Plan, blocks, flat, ids, trows, r, run=None):
+    """Keys (or values) of a chunk: whole blocks ``ids`` (r·S,) then single rows ``trows`` (r·T,): (r, S·block + T, E);
+    a view when ``run`` (the first of consecutive blocks) is given and there are no single rows."""
+    if run is not None:
+        g = blocks[run:run + ids.numel()].reshape(1, -1, blocks.shape[-1])
+    else:
+        g = blocks.index_select(0, ids).view(r, -1, blocks.shape[-1])
+    if trows is None:
+        return g
+    return torch.cat([g, flat.index_select(0, trows).view(r, -1, flat.shape[-1])], 1)
+
+
+def _chunk_scores(plan: _Plan, qc, kb, kf, chunk, need_grad=False):
+    """Final scores of one chunk (``qc`` already scaled), (r, block, S·block + T): capped, score term added,
+    masked; and the block ids, token rows, gathered keys, token indices (or None) and the cap's derivative."""
+    r0, r1, s_count, t_count, p_count, u_from = chunk
+    bs, r = plan.block, r1 - r0
+    tb = plan.table[r0:r1, :s_count]
+    ids = (plan.kv_head[r0:r1, None] * plan.nkb + tb.clamp(min=0)).reshape(-1)
+    trows = None
+    if t_count:
+        tk = plan.tokens[r0:r1, :t_count]
+        trows = (plan.kv_head[r0:r1, None] * (plan.nkb * bs) + tk.clamp(min=0)).reshape(-1)
+    run = _run(ids, r)
+    kg = _gather(plan, kb, kf, ids, trows, r, run)
     s = torch.bmm(qc, kg.transpose(1, 2))
     deriv = cap(s, plan.softcap, need_grad)
+    tok = None
+    if plan.bias is not None or plan.padding is not None:
+        tok = _token_ids(plan, r0, r1, s_count, t_count)
     if plan.bias is not None:
-        s.add_(_term(plan, r0, r1, tok_safe, s.dtype))
-    allowed = valid
+        s.add_(_term(plan, r0, r1, tok, s.dtype))
+    inf = float("-inf")
+    sb = s[:, :, : s_count * bs].view(r, bs, s_count, bs)
+    if p_count:
+        sb[:, :, :p_count].masked_fill_(_special_forbidden(plan, r0, r1, p_count, u_from), inf)
+    if u_from < s_count:  # some rows of the chunk leave these slots unused
+        sb[:, :, u_from:].masked_fill_((tb[:, None, u_from:, None] < 0), inf)
+    if t_count:
+        ok = (tk >= 0)[:, None, :]
+        if plan.mask_fn is not None:
+            qi = (plan.qb_idx[r0:r1, None, None] * bs + torch.arange(bs, device=tk.device)[None, :, None])
+            ok = ok & plan.mask_fn(plan.b_idx[r0:r1, None, None], plan.h_idx[r0:r1, None, None],
+                                   qi.clamp(max=plan.n_q - 1), tk.clamp(0, plan.n_kv - 1)[:, None, :])
+        s[:, :, s_count * bs:].masked_fill_(~ok, inf)
     if plan.padding is not None:
-        allowed = allowed & ~plan.padding.reshape(-1)[plan.b_idx[r0:r1, None] * plan.n_kv + tok_safe]
-    allowed = allowed[:, None, :]
-    if plan.mask_fn is not None:
-        ar = torch.arange(bs, device=tok_safe.device)
-        qi = (plan.qb_idx[r0:r1, None, None] * bs + ar[None, :, None]).clamp(max=plan.n_q - 1)
-        m = plan.mask_fn(plan.b_idx[r0:r1, None, None], plan.h_idx[r0:r1, None, None], qi, tok_safe[:, None, :])
-        if part is not None:
-            m = m | ~part[:, None, :]
-        allowed = allowed & m
-    s.masked_fill_(~allowed, float("-inf"))
-    return s, rows, kg, tok_safe, deriv
+        pad = plan.padding.reshape(-1)[plan.b_idx[r0:r1, None] * plan.n_kv + tok]
+        s.masked_fill_(pad[:, None, :], inf)
+    return s, (ids, run), trows, kg, tok, deriv
+
+
+def _key_blocks(x, cdt, nkb, block):
+    """(B, H, N, E) -> blocks (B·H·nkb, block, E) and the same storage as rows (B·H·nkb·block, E), zero past N."""
+    x = x.to(cdt)
+    if x.shape[2] != nkb * block:
+        x = F.pad(x, (0, 0, 0, nkb * block - x.shape[2]))
+    x = x.contiguous()
+    return x.view(-1, block, x.shape[-1]), x.view(-1, x.shape[-1])
 
 
 def _forward(q, k, v, plan: _Plan, scale):
     cdt = compute_dtype(q.dtype)
     bs, nqb = plan.block, -(-plan.n_q // plan.block)
-    qp = _pad_rows(q.to(cdt) * scale, nqb, bs)
-    kf = k.to(cdt).reshape(-1, k.shape[-1])
-    vf = v.to(cdt).reshape(-1, v.shape[-1])
-    out = torch.zeros(qp.shape[0], bs, vf.shape[1], dtype=cdt, device=q.device)
+    qp = _pad_rows(q.to(cdt), nqb, bs)  # scaled chunk by chunk, in cache
+    kb, kf = _key_blocks(k, cdt, plan.nkb, bs)
+    vb, vf = _key_blocks(v, cdt, plan.nkb, bs)
+    out = torch.empty(qp.shape[0], bs, vf.shape[1], dtype=cdt, device=q.device)
     lse = torch.full((qp.shape[0], bs), float("-inf"), dtype=cdt, device=q.device)
-    for r0, r1, s_count, t_count in plan.chunks:
+    for chunk in plan.chunks:
+        r0, r1, s_count, t_count = chunk[:4]
         if s_count + t_count == 0:
+            out[r0:r1].zero_()
             continue
-        s, rows, _, _, _ = _chunk_scores(plan, qp[r0:r1], kf, r0, r1, s_count, t_count)
-        out[r0:r1], lse[r0:r1] = softmax_tile(s, F.embedding(rows, vf))
+        s, ids, trows, _, _, _ = _chunk_scores(plan, qp[r0:r1] * scale, kb, kf, chunk)
+        _, lse[r0:r1] = softmax_tile(s, _gather(plan, vb, vf, ids[0], trows, r1 - r0, ids[1]), out=out[r0:r1])
     return out, lse
 
 
@@ -215,29 +327,45 @@ def _unpad(x, b, h, n):
     return x.reshape(b, h, -1, *x.shape[2:])[:, :, :n]
 
 
+def _scatter_add(plan: _Plan, blocks, flat, ids, trows, grads, s_count):
+    """Adds a chunk's (r, S·block + T, E) key (or value) gradients into their blocks and single rows."""
+    r, bs = grads.shape[0], plan.block
+    ids, run = ids
+    part = grads[:, : s_count * bs].reshape(r * s_count, bs, grads.shape[-1])
+    if run is not None:
+        blocks[run:run + ids.numel()].add_(part)
+    else:
+        blocks.index_add_(0, ids, part)
+    if trows is not None:
+        flat.index_add_(0, trows, grads[:, s_count * bs:].reshape(-1, grads.shape[-1]))
+
+
 def _backward(q, k, v, out_p, lse_p, dout, dlse, plan: _Plan, scale, params=()):
     cdt = compute_dtype(q.dtype)
     bs, nqb = plan.block, -(-plan.n_q // plan.block)
-    qp = _pad_rows(q.to(cdt) * scale, nqb, bs)
+    qp = _pad_rows(q.to(cdt), nqb, bs)  # scaled chunk by chunk
     dop = _pad_rows(dout.to(cdt), nqb, bs)
-    kf = k.to(cdt).reshape(-1, k.shape[-1])
-    vf = v.to(cdt).reshape(-1, v.shape[-1])
+    kb, kf = _key_blocks(k, cdt, plan.nkb, bs)
+    vb, vf = _key_blocks(v, cdt, plan.nkb, bs)
     dl = None if dlse is None else _pad_rows(dlse.to(cdt)[..., None], nqb, bs)[..., 0]
     delta = delta_rows(dop, out_p, dl)
     lse_safe = lse_p.masked_fill(lse_p == float("-inf"), 0.0)
     dq = torch.zeros_like(qp)
-    dk, dv = torch.zeros_like(kf), torch.zeros_like(vf)
+    dkf, dvf = torch.zeros_like(kf), torch.zeros_like(vf)
+    dkb, dvb = dkf.view_as(kb), dvf.view_as(vb)
     param_grads = [torch.zeros_like(p) for p in params]
-    for r0, r1, s_count, t_count in plan.chunks:
+    for chunk in plan.chunks:
+        r0, r1, s_count, t_count = chunk[:4]
         if s_count + t_count == 0:
             continue
-        s, rows, kg, tok, deriv = _chunk_scores(plan, qp[r0:r1], kf, r0, r1, s_count, t_count, True)
+        qc = qp[r0:r1] * scale
+        s, ids, trows, kg, tok, deriv = _chunk_scores(plan, qc, kb, kf, chunk, True)
         doc = dop[r0:r1]
-        p, ds_final, ds = backward_tile(s, lse_safe[r0:r1], doc, F.embedding(rows, vf), delta[r0:r1], deriv)
-        flat = rows.flatten()
-        dv.index_add_(0, flat, torch.bmm(p.transpose(1, 2), doc).reshape(-1, dv.shape[1]))
-        dq[r0:r1] = torch.bmm(ds, kg).mul_(scale)
-        dk.index_add_(0, flat, torch.bmm(ds.transpose(1, 2), qp[r0:r1]).reshape(-1, dk.shape[1]))
+        vg = _gather(plan, vb, vf, ids[0], trows, r1 - r0, ids[1])
+        p, ds_final, ds = backward_tile(s, lse_safe[r0:r1], doc, vg, delta[r0:r1], deriv)
+        _scatter_add(plan, dvb, dvf, ids, trows, torch.bmm(p.transpose(1, 2), doc), s_count)
+        torch.bmm(ds, kg, out=dq[r0:r1]).mul_(scale)
+        _scatter_add(plan, dkb, dkf, ids, trows, torch.bmm(ds.transpose(1, 2), qc), s_count)
         if params:  # dL/d(term) = dL/d(final score)
             with torch.enable_grad():
                 grads = torch.autograd.grad(_term(plan, r0, r1, tok, cdt), params, ds_final, allow_unused=True)
@@ -245,7 +373,10 @@ def _backward(q, k, v, out_p, lse_p, dout, dlse, plan: _Plan, scale, params=()):
                 if g is not None:
                     acc.add_(g)
     b, hq, n, _ = q.shape
-    return _unpad(dq, b, hq, n).to(q.dtype), dk.view_as(k).to(k.dtype), dv.view_as(v).to(v.dtype), param_grads
+    hkv, n_kv = k.shape[1], k.shape[2]
+    dk = dkf.view(b, hkv, -1, dkf.shape[-1])[:, :, :n_kv]
+    dv = dvf.view(b, hkv, -1, dvf.shape[-1])[:, :, :n_kv]
+    return _unpad(dq, b, hq, n).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), param_grads
 
 
 class _BlockSparse(torch.autograd.Function):

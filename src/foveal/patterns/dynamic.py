@@ -280,6 +280,55 @@ def _causal(b, h, q_idx, kv_idx):
     return kv_idx <= q_idx
 
 
+class _ColumnsOffsets:
+    """Vertical-slash's rule ``j <= i and (columns[b, h, j] or offsets[b, h, i - j])``, elementwise and tile by tile.
+
+    ``columns`` and ``offsets`` are (B, H, n) bool. Called with broadcast index tensors it
+    is the elementwise rule (FlexAttention's ``mask_mod`` contract); ``block_tiles`` gives
+    the same rule on whole (query block, key block) tiles without per-element gathers: a
+    tile's offsets part depends only on ``q_block - kv_block``, a window of ``2·block − 1``
+    offsets read as a Toeplitz matrix (a strided view), its columns part only on ``kv_block``.
+    """
+
+    def __init__(self, columns, offsets):
+        self.columns, self.offsets = columns, offsets
+        self._windows = {}
+
+    def __call__(self, b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (self.columns[b, h, kv_idx] | self.offsets[b, h, (q_idx - kv_idx).clamp(min=0)])
+
+    def _window(self, block):
+        """(B, H, nb, 2·block − 1) bool: window ``d`` holds offsets ``d·block − (block − 1) ...  d·block + block − 1``
+        (False outside [0, n)); and the columns as (B, H, nb, block), False past n."""
+        if block not in self._windows:
+            b, h, n = self.offsets.shape
+            nb = -(-n // block)
+            ext = torch.zeros(b, h, (nb + 2) * block, dtype=torch.bool, device=self.offsets.device)
+            ext[:, :, block - 1:block - 1 + n] = self.offsets
+            cols = torch.zeros(b, h, nb * block, dtype=torch.bool, device=self.columns.device)
+            cols[:, :, :n] = self.columns
+            self._windows[block] = (ext.unfold(-1, 2 * block - 1, block)[:, :, :nb].contiguous(),
+                                    cols.view(b, h, nb, block))
+        return self._windows[block]
+
+    def block_tiles(self, b, h, q_block, kv_block, block):
+        """(P, block, block) bool: entry (r, c) is the rule at ``i = q_block·block + r``, ``j = kv_block·block + c``."""
+        win, cols = self._window(block)
+        d = q_block - kv_block
+        w = win[b, h, d.clamp(min=0)]  # (P, 2·block − 1)
+        # offsets[d·block + r − c] = w[block − 1 + r − c]; with columns reversed (c = block − 1 − c') it is
+        # w[r + c'], a strided view. Offsets are >= 0, so the diagonal tile's upper triangle is False already.
+        tile = w.as_strided((w.shape[0], block, block), (w.stride(0), 1, 1)).flip(-1)
+        tile |= cols[b, h, kv_block][:, None, :]
+        diag = (d == 0).nonzero().squeeze(1)
+        if diag.numel():  # a column is seen by the queries at or after it
+            tile[diag] &= torch.ones(block, block, dtype=torch.bool, device=w.device).tril_()
+        ahead = (d < 0).nonzero().squeeze(1)
+        if ahead.numel():
+            tile[ahead] = False
+        return tile
+
+
 # -- the patterns ----------------------------------------------------------------
 
 
@@ -442,12 +491,7 @@ class VerticalSlash(DynamicPattern):
         return super()._work() + 4 * min(self.last_q, self.n) * self.n
 
     def _mask_fn(self, info):
-        cols, offs = info["columns"], info["offsets"]
-
-        def mask_fn(b, h, q_idx, kv_idx):
-            return (kv_idx <= q_idx) & (cols[b, h, kv_idx] | offs[b, h, (q_idx - kv_idx).clamp(min=0)])
-
-        return mask_fn
+        return _ColumnsOffsets(info["columns"], info["offsets"])
 
     def _column_tokens(self, cols, band):
         """(B, H, nb, T): kept columns a query block can see (``j <=`` its last query) outside its slash blocks."""
