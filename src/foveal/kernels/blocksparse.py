@@ -340,7 +340,7 @@ def _scatter_add(plan: _Plan, blocks, flat, ids, trows, grads, s_count):
         flat.index_add_(0, trows, grads[:, s_count * bs:].reshape(-1, grads.shape[-1]))
 
 
-def _backward(q, k, v, out_p, lse_p, dout, dlse, plan: _Plan, scale, params=()):
+def _backward(q, k, v, out_p, dout, dlse, plan: _Plan, scale, params=()):
     cdt = compute_dtype(q.dtype)
     bs, nqb = plan.block, -(-plan.n_q // plan.block)
     qp = _pad_rows(q.to(cdt), nqb, bs)  # scaled chunk by chunk
@@ -349,7 +349,6 @@ def _backward(q, k, v, out_p, lse_p, dout, dlse, plan: _Plan, scale, params=()):
     vb, vf = _key_blocks(v, cdt, plan.nkb, bs)
     dl = None if dlse is None else _pad_rows(dlse.to(cdt)[..., None], nqb, bs)[..., 0]
     delta = delta_rows(dop, out_p, dl)
-    lse_safe = lse_p.masked_fill(lse_p == float("-inf"), 0.0)
     dq = torch.zeros_like(qp)
     dkf, dvf = torch.zeros_like(kf), torch.zeros_like(vf)
     dkb, dvb = dkf.view_as(kb), dvf.view_as(vb)
@@ -362,7 +361,7 @@ def _backward(q, k, v, out_p, lse_p, dout, dlse, plan: _Plan, scale, params=()):
         s, ids, trows, kg, tok, deriv = _chunk_scores(plan, qc, kb, kf, chunk, True)
         doc = dop[r0:r1]
         vg = _gather(plan, vb, vf, ids[0], trows, r1 - r0, ids[1])
-        p, ds_final, ds = backward_tile(s, lse_safe[r0:r1], doc, vg, delta[r0:r1], deriv)
+        p, ds_final, ds = backward_tile(s, doc, vg, delta[r0:r1], deriv)
         _scatter_add(plan, dvb, dvf, ids, trows, torch.bmm(p.transpose(1, 2), doc), s_count)
         torch.bmm(ds, kg, out=dq[r0:r1]).mul_(scale)
         _scatter_add(plan, dkb, dkf, ids, trows, torch.bmm(ds.transpose(1, 2), qc), s_count)
@@ -383,17 +382,17 @@ class _BlockSparse(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan, scale, *params):
         out_p, lse_p = _forward(q, k, v, plan, scale)
-        ctx.save_for_backward(q, k, v, out_p, lse_p, *params)
+        ctx.save_for_backward(q, k, v, out_p, *params)
         ctx.plan, ctx.scale = plan, scale
         b, hq, n, _ = q.shape
         return _unpad(out_p, b, hq, n).to(q.dtype), _unpad(lse_p[..., None], b, hq, n)[..., 0]
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out_p, lse_p, *params = ctx.saved_tensors
+        q, k, v, out_p, *params = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
-        dq, dk, dv, dparams = _backward(q, k, v, out_p, lse_p, dout, dlse, ctx.plan, ctx.scale, tuple(params))
+        dq, dk, dv, dparams = _backward(q, k, v, out_p, dout, dlse, ctx.plan, ctx.scale, tuple(params))
         return (dq, dk, dv, None, None, *dparams)
 
 

@@ -59,12 +59,11 @@ def softmax_tile(s: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = No
     return o, lse
 
 
-def backward_tile(s: torch.Tensor, lse_safe: torch.Tensor, do: torch.Tensor, v: torch.Tensor,
-                  delta: torch.Tensor, deriv: torch.Tensor | None):
+def backward_tile(s: torch.Tensor, do: torch.Tensor, v: torch.Tensor, delta: torch.Tensor,
+                  deriv: torch.Tensor | None):
     """``(p, ds_final, ds)`` for one tile: probabilities, the gradient of the final scores and of ``scale·q·kᵀ``.
 
-    ``s`` (r, rows, keys) are the recomputed final scores, ``lse_safe`` (r, rows) the
-    saved log-sum-exp with ``-inf`` replaced by 0 (rows with no allowed key: their
+    ``s`` (r, rows, keys) are the recomputed final scores (rows with no allowed key:
     ``p`` is 0), ``do`` (r, rows, Dv) the output gradient, ``v`` (r, keys, Dv),
     ``delta`` (r, rows) ``rowsum(dO ∘ O) − dlse``, ``deriv`` the cap's derivative or
     None. ``p = exp(s − lse)`` is recomputed as the softmax of the same scores (equal,

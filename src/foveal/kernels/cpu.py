@@ -179,7 +179,7 @@ def _forward(q, k, v, plan: GatherPlan, scale: float, need_lse: bool = True, bia
     return out, lse
 
 
-def _backward(q, k, v, out_slots, lse_slots, dout, dlse, plan: GatherPlan, scale: float, bias=None, params=(),
+def _backward(q, k, v, out_slots, dout, dlse, plan: GatherPlan, scale: float, bias=None, params=(),
               padding=None, softcap=None):
     batch, hq, _, d = q.shape
     hkv, dv = k.shape[1], v.shape[-1]
@@ -192,7 +192,6 @@ def _backward(q, k, v, out_slots, lse_slots, dout, dlse, plan: GatherPlan, scale
     vf = v.to(cdt).reshape(batch * hkv, -1, dv)
     dl = None if dlse is None else _to_slots(dlse.to(cdt)[..., None], slot_token, groups)[..., 0]
     delta = delta_rows(dos, out_slots, dl)
-    lse_safe = lse_slots.masked_fill(lse_slots == float("-inf"), 0.0)
     bh, slots = qs.shape[0], qs.shape[1]
     dqs = torch.zeros(bh, slots, groups, d, dtype=cdt, device=q.device)
     dk = torch.zeros_like(kf)
@@ -211,8 +210,7 @@ def _backward(q, k, v, out_slots, lse_slots, dout, dlse, plan: GatherPlan, scale
             _add_terms(s, vals, padding, chunk, b0, b1, hkv)
             vc = _gather(vf, chunk, b0, b1)
             doc = dos[b0:b1, chunk.slots].reshape(nb * c, rows, dv)
-            p, ds_final, ds = backward_tile(s, lse_safe[b0:b1, chunk.slots].reshape(nb * c, rows), doc, vc,
-                                            delta[b0:b1, chunk.slots].reshape(nb * c, rows), deriv)
+            p, ds_final, ds = backward_tile(s, doc, vc, delta[b0:b1, chunk.slots].reshape(nb * c, rows), deriv)
             dvf[b0:b1].index_add_(1, keys, torch.bmm(p.transpose(1, 2), doc).view(nb, c * nk, dv))
             if dvals is not None:  # dL/d(term) = dL/d(final score), summed over the batch
                 dvals.index_add_(0, torch.arange(b0, b1, device=q.device) % hkv, ds_final.view(nb, c, rows, nk))
@@ -247,18 +245,18 @@ class _GatherAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, plan, scale, bias, padding, softcap, *params):
-        out, lse, out_slots, lse_slots = _run(q, k, v, plan, scale, True, bias, padding, softcap)
-        ctx.save_for_backward(q, k, v, out_slots, lse_slots, *params)
+        out, lse, out_slots, _ = _run(q, k, v, plan, scale, True, bias, padding, softcap)
+        ctx.save_for_backward(q, k, v, out_slots, *params)
         ctx.plan, ctx.scale, ctx.bias, ctx.padding, ctx.softcap = plan, scale, bias, padding, softcap
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out_slots, lse_slots, *params = ctx.saved_tensors
+        q, k, v, out_slots, *params = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
         dq, dk, dv, dparams = _backward(
-            q, k, v, out_slots, lse_slots, dout, dlse, ctx.plan, ctx.scale, ctx.bias, tuple(params),
+            q, k, v, out_slots, dout, dlse, ctx.plan, ctx.scale, ctx.bias, tuple(params),
             ctx.padding, ctx.softcap,
         )
         return (dq, dk, dv, None, None, None, None, None, *dparams)
