@@ -282,6 +282,45 @@ def _interval_segs(first, count, n: int) -> _Segs:
     return _from_starts(torch.nonzero(new)[:, 0], seg_lo, seg_hi, first.shape[0])
 
 
+def _merge_runs(group, lo, hi):
+    """Merge the intervals ``[lo, hi]`` within each group (ids need not be sorted): (group, lo, hi) of the merged ones."""
+    big = int(hi.max()) - int(lo.min()) + 2 if lo.numel() else 1
+    order = torch.argsort(lo, stable=True)
+    order = order[torch.argsort(group[order], stable=True)]
+    g = group[order]
+    shift = g * big - int(lo.min()) if lo.numel() else g
+    lo_s, hi_s = lo[order] + shift, hi[order] + shift  # groups never overlap after the shift
+    reach = hi_s.cummax(0).values
+    new = torch.ones_like(lo_s, dtype=torch.bool)
+    new[1:] = lo_s[1:] > reach[:-1] + 1
+    seg = torch.cumsum(new, 0) - 1
+    seg_hi = torch.full((int(new.sum()),), -1, dtype=torch.int64).scatter_reduce(0, seg, hi_s, "amax")
+    return g[new], lo[order][new], seg_hi - shift[new]
+
+
+def _strided_union(first, step, count, n: int):
+    """(row, key) pairs of the union of each row's progressions (T, R), without enumerating overlaps.
+
+    Progressions with equal (step, first mod step) are intervals of one residue class:
+    merged there first, so a row lists each key at most once per distinct step.
+    """
+    live = count > 0
+    rows = torch.arange(first.shape[0])[:, None].expand_as(first)[live]
+    f, s, c = first[live], step[live], count[live]
+    res, t0 = f % s, f // s
+    smax = int(s.max()) + 1 if s.numel() else 1
+    keys, group = torch.unique((rows * smax + s) * smax + res, return_inverse=True)
+    g, t_lo, t_hi = _merge_runs(group, t0, t0 + c - 1)
+    g = keys[g]
+    res_g, s_g, row_g = g % smax, (g // smax) % smax, g // (smax * smax)
+    lengths = t_hi - t_lo + 1
+    t = _ranges_to_index(t_lo, t_hi + 1)
+    v = torch.repeat_interleave(res_g, lengths) + torch.repeat_interleave(s_g, lengths) * t
+    r = torch.repeat_interleave(row_g, lengths)
+    ok = (v >= 0) & (v < n)
+    return r[ok], v[ok]
+
+
 def _row_segs(first, step, count, n: int, budget: int = 1 << 20) -> _Segs:
     """Per row of (T, R) progressions ``first + step·t`` (``t < count``): their union in ``[0, n)``, as segments.
 
@@ -307,22 +346,12 @@ def _row_segs(first, step, count, n: int, budget: int = 1 << 20) -> _Segs:
         los.append(torch.where(live[cover], first[cover], n).amin(1).clamp(min=0))
         his.append(torch.where(live[cover], first[cover] + step[cover] * (count[cover] - 1), -1).amax(1).clamp(max=n - 1))
     enum = torch.nonzero(~unit & (total <= budget)).flatten()
-    ends = torch.cumsum(total[enum], 0)
-    a = 0
-    while a < enum.numel():
-        base = int(ends[a - 1]) if a else 0
-        b = max(a + 1, int(torch.searchsorted(ends, base + _WORK, right=True)))
-        r = enum[a:b]
-        c = count[r].flatten()
-        t = _ranges_to_index(torch.zeros_like(c), c)
-        v = torch.repeat_interleave(first[r].flatten(), c) + torch.repeat_interleave(step[r].flatten(), c) * t
-        rr = torch.repeat_interleave(r[:, None].expand(-1, count.shape[1]).flatten(), c)
-        ok = (v >= 0) & (v < n)
-        s = _points(rr[ok], v[ok], num_rows, n)
-        rows.append(_row_ids(s.offs))
-        los.append(s.lo)
-        his.append(s.hi)
-        a = b
+    if enum.numel():
+        r, v = _strided_union(first[enum], step[enum], count[enum], n)
+        seg = _points(enum[r], v, num_rows, n)
+        rows.append(_row_ids(seg.offs))
+        los.append(seg.lo)
+        his.append(seg.hi)
     rows, lo, hi = torch.cat(rows), torch.cat(los), torch.cat(his)
     order = torch.argsort(rows * (n + 1) + lo)
     return _from_starts(rows[order], lo[order], hi[order], num_rows)
