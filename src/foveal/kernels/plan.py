@@ -161,7 +161,7 @@ def default_tile(shape: tuple[int, ...]) -> tuple[int, ...]:
 def _tile_tokens(shape: tuple[int, ...], tile: tuple[int, ...]) -> torch.Tensor:
     """Tokens of each tile of the grid, (tiles, prod(tile)), -1 where a ragged edge tile has no token.
 
-    Tiles in row-major tile order; a tile's slots in row-major order of its offsets.
+    Tiles in row-major tile order; a tile's slots hold its tokens in row-major order, then the -1s.
     """
     nd = len(shape)
     counts = [-(-n // t) for n, t in zip(shape, tile)]
@@ -173,7 +173,10 @@ def _tile_tokens(shape: tuple[int, ...], tile: tuple[int, ...]) -> torch.Tensor:
         view[a], view[nd + a] = c, t
         tokens = tokens + (x * math.prod(shape[a + 1 :])).view(view)
         valid = valid & (x < n).view(view)
-    return torch.where(valid, tokens, -1).reshape(math.prod(counts), math.prod(tile))
+    tokens = torch.where(valid, tokens, -1).reshape(math.prod(counts), math.prod(tile))
+    if not bool(valid.all()):  # a ragged tile's queries first, in row-major order: edge tiles share masks
+        tokens = tokens.gather(1, torch.argsort((tokens < 0).to(torch.int8), dim=1, stable=True))
+    return tokens
 
 
 # -- the build ------------------------------------------------------------------------------
@@ -528,19 +531,25 @@ def _product_sets(p, shape, tile, masks: bool = True) -> _Sets:
     if not masks:
         return sets
     # a group's mask is the AND-product of its per-axis masks: one id per combination of per-axis ids
-    counts = [int(ax.mask_off.numel()) - 1 for ax in axes]
+    # (and of how many queries each axis tile holds: a ragged tile's rows are compacted like its queries)
+    counts = [(int(ax.mask_off.numel()) - 1) * (t + 1) for ax, t in zip(axes, tile)]
     combo = torch.zeros(1, dtype=torch.int64)
-    for ax, c in zip(axes, counts):
-        combo = (combo[:, None] * c + ax.mid[None, :]).flatten()
+    for a, ax in enumerate(axes):
+        held = (_axis_rows(shape[a], tile[a]) >= 0).sum(1)
+        combo = (combo[:, None] * counts[a] + (ax.mid * (tile[a] + 1) + held)[None, :]).flatten()
     uniq, sets.mid = torch.unique(combo, return_inverse=True)
     flat = []
     for value in uniq.tolist():
-        m = None
+        m, valid = None, None
         for a in reversed(range(nd)):
-            value, u = divmod(value, counts[a])
-            ma = axes[a].segment(u, tile[a])
+            value, code = divmod(value, counts[a])
+            u, held = divmod(code, tile[a] + 1)
+            ma, va = axes[a].segment(u, tile[a]), torch.arange(tile[a]) < held
             m = ma if m is None else (ma[:, None, :, None] & m[None, :, None, :]).reshape(
                 ma.shape[0] * m.shape[0], ma.shape[1] * m.shape[1])
+            valid = va if valid is None else (va[:, None] & valid[None, :]).flatten()
+        if not bool(valid.all()):
+            m = m[torch.argsort((~valid).to(torch.int8), stable=True)]
         flat.append(m.flatten())
     sets.mask_flat = torch.cat(flat)
     sets.mask_off = _offsets(torch.tensor([t.numel() for t in flat], dtype=torch.int64))
