@@ -390,7 +390,10 @@ def _combine(parts: list[_Segs], op: str, n: int) -> _Segs:
 
 
 def _plain_progression(p) -> bool:
-    return isinstance(p, ProgressionPattern) and type(p).mask is ProgressionPattern.mask
+    """A progression pattern whose mask is its progressions (the base's, or a faster form of it)."""
+    return isinstance(p, ProgressionPattern) and (
+        type(p).mask is ProgressionPattern.mask or type(p).__dict__.get("mask_is_progression", False)
+    )
 
 
 def _flat_tree(p):

@@ -116,6 +116,9 @@ class Neighborhood(GridPattern):
                 raise ValueError(f"stride must be <= kernel_size on every axis; stride[{a}]={s[a]} > {k[a]}")
         self._set(kernel_size=k, dilation=d, stride=s, causal=c)
 
+    #: the ``mask`` below is the progressions' mask in fewer operations (tested): plans may use the progressions
+    mask_is_progression = True
+
     def mask(self, q_idx, kv_idx):
         """NATTEN's mask; for the common case (no dilation, stride or causality) in attention-gym's few
         operations per axis — clamp the query to the window's centre, compare the distance — since this
