@@ -100,7 +100,7 @@ PREFILL_ROWS = [
 ]
 
 
-def _suite(lengths, decode_lengths, min_seconds=0.5, calls=50):
+def _suite(lengths, decode_lengths, min_seconds=1.0, calls=200):
     """A suite: prefill lengths, decode context lengths, the least time per timed row, calls per decode figure."""
     return {"lengths": lengths, "decode_lengths": decode_lengths, "min_seconds": min_seconds, "calls": calls}
 
@@ -136,7 +136,7 @@ def _time_prefill(row: Row, n: int, backward: bool, device, min_seconds: float =
                 with torch.no_grad():
                     return fn()
 
-        first, median, runs = time_call(call, device, min_runs=2, max_runs=5, min_seconds=min_seconds)
+        first, median, runs = time_call(call, device, min_runs=3, max_runs=7, min_seconds=min_seconds)
         return {"status": "ok", "median_s": median, "first_s": first, "runs": runs, **info}
     except Exception as e:  # a failing row is a result, not a crash of the benchmark
         return {"status": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"}
@@ -230,12 +230,12 @@ def run_lm(suite: str = "lm", out_dir: str = "bench-out", device: str | None = N
     for i, (row, n, bwd) in enumerate(jobs):
         progress(i, total, f"prefill n={n} {'fwd+bwd' if bwd else 'fwd'} — {row.name}")
         rows.append({"kind": "prefill", "tokens": n, "direction": "fwd+bwd" if bwd else "fwd", "contender": row.name,
-                     **_time_prefill(row, n, bwd, dev, cfg.get("min_seconds", 0.5))})
+                     **_time_prefill(row, n, bwd, dev, cfg["min_seconds"])})
     for j, length in enumerate(cfg["decode_lengths"]):
         progress(len(jobs) + j, total, f"decode over {length} cached tokens")
-        rows += _decode_rows(length, dev, cfg.get("calls", 50))
+        rows += _decode_rows(length, dev, cfg["calls"])
     progress(total - 1, total, "decode overhead")
-    rows += _overhead(dev, 4 * cfg.get("calls", 50))
+    rows += _overhead(dev, cfg["calls"])
     progress(total, total, f"done in {time.perf_counter() - start:.0f}s")
     sys.stderr.write("\n")
     result = {"suite": suite, "device": str(dev),
