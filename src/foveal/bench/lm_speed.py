@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from foveal.bench.measure import matmul_rate, progress, target_line, time_call
+from foveal.bench.measure import matmul_rate, progress, target_line
 from foveal.decode import KVCache, Quest, SnapKV, attend_decode, snapkv_compress
 from foveal.functional import attend
 from foveal.patterns import DHSA, BlockTopK, Causal, Sinks, SlidingWindow, VerticalSlash
@@ -37,11 +37,11 @@ HEADS, KV_HEADS, HEAD_DIM = 8, 2, 64
 
 @dataclass
 class Row:
-    """One timed call: ``make(q, k, v)`` returns ``(fn, info)`` — the call to time and what to report of it."""
+    """One timed call, forward and forward+backward: ``make(q, k, v)`` returns ``(fn, info)`` — the call to
+    time and what to report of it."""
 
     name: str
     make: Callable
-    backward: bool = True  # also timed forward+backward
 
 
 def _sdpa(q, k, v):
@@ -118,28 +118,54 @@ def _tensors(n, gen, requires_grad=False):
     return [t.requires_grad_(requires_grad) for t in (q, k, v)]
 
 
-def _time_prefill(row: Row, n: int, backward: bool, device, min_seconds: float = 0.5) -> dict:
+def _failed(e: Exception) -> dict:
+    return {"status": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"}
+
+
+def _time_group(n: int, backward: bool, device, min_seconds: float, on_row=None) -> list[dict]:
+    """Every prefill row at ``n`` tokens on the same tensors, timed in interleaved rounds.
+
+    Each row is called once first (plans, selections, compile), then the rows take turns,
+    round after round (at least 3, until each row has had ``min_seconds`` or 7 rounds), so
+    that the machine's drift falls on every row alike; each row's figure is its median.
+    """
     gen = torch.Generator().manual_seed(n)
-    q, k, v = (t.to(device) for t in _tensors(n, gen))
-    if backward:
-        q, k, v = (t.requires_grad_() for t in (q, k, v))
-    try:
-        fn, info = row.make(q, k, v)
-        if backward:
-            grad = torch.randn(1, HEADS, n, HEAD_DIM, generator=gen).to(device)
+    q, k, v = (t.to(device).requires_grad_(backward) for t in _tensors(n, gen))
+    grad = torch.randn(1, HEADS, n, HEAD_DIM, generator=gen).to(device)
+    results, calls = [], []
+    for i, row in enumerate(PREFILL_ROWS):
+        if on_row is not None:
+            on_row(i, row)
+        try:
+            fn, info = row.make(q, k, v)
 
-            def call():
-                return torch.autograd.grad(fn(), (q, k, v), grad)
-        else:
-
-            def call():
+            def call(fn=fn):
+                if backward:
+                    return torch.autograd.grad(fn(), (q, k, v), grad)
                 with torch.no_grad():
                     return fn()
 
-        first, median, runs = time_call(call, device, min_runs=3, max_runs=7, min_seconds=min_seconds)
-        return {"status": "ok", "median_s": median, "first_s": first, "runs": runs, **info}
-    except Exception as e:  # a failing row is a result, not a crash of the benchmark
-        return {"status": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"}
+            start = time.perf_counter()
+            call()
+            results.append({"status": "ok", "first_s": time.perf_counter() - start, "times": [], **info})
+            calls.append(call)
+        except Exception as e:  # a failing row is a result, not a crash of the benchmark
+            results.append(_failed(e))
+            calls.append(None)
+    for r in range(7):
+        for res, call in zip(results, calls):
+            if call is not None:
+                start = time.perf_counter()
+                call()
+                res["times"].append(time.perf_counter() - start)
+        done = [sum(res["times"]) for res in results if "times" in res]
+        if r >= 2 and min(done, default=min_seconds) >= min_seconds:
+            break
+    for res in results:
+        if "times" in res:
+            times = res.pop("times")
+            res.update(median_s=statistics.median(times), runs=len(times))
+    return results
 
 
 def _per_call(fn, calls: int = 200) -> float:
@@ -223,14 +249,18 @@ def run_lm(suite: str = "lm", out_dir: str = "bench-out", device: str | None = N
     cfg = LM_SUITES[suite]
     dev = torch.device(device or "cpu")
     rate = matmul_rate(dev, torch.float32)
-    jobs = [(row, n, bwd) for n in cfg["lengths"] for bwd in (False, True) for row in PREFILL_ROWS
-            if not bwd or row.backward]
-    total = len(jobs) + len(cfg["decode_lengths"]) + 1
+    groups = [(n, bwd) for n in cfg["lengths"] for bwd in (False, True)]
+    total = len(groups) * len(PREFILL_ROWS) + len(cfg["decode_lengths"]) + 1
     rows, start = [], time.perf_counter()
-    for i, (row, n, bwd) in enumerate(jobs):
-        progress(i, total, f"prefill n={n} {'fwd+bwd' if bwd else 'fwd'} — {row.name}")
-        rows.append({"kind": "prefill", "tokens": n, "direction": "fwd+bwd" if bwd else "fwd", "contender": row.name,
-                     **_time_prefill(row, n, bwd, dev, cfg["min_seconds"])})
+    for g, (n, bwd) in enumerate(groups):
+        direction = "fwd+bwd" if bwd else "fwd"
+
+        def on_row(i, row, g=g, n=n, direction=direction):
+            progress(g * len(PREFILL_ROWS) + i, total, f"prefill n={n} {direction} — {row.name} (then rounds)")
+
+        for row, res in zip(PREFILL_ROWS, _time_group(n, bwd, dev, cfg["min_seconds"], on_row)):
+            rows.append({"kind": "prefill", "tokens": n, "direction": direction, "contender": row.name, **res})
+    jobs = groups * len(PREFILL_ROWS)
     for j, length in enumerate(cfg["decode_lengths"]):
         progress(len(jobs) + j, total, f"decode over {length} cached tokens")
         rows += _decode_rows(length, dev, cfg["calls"])
