@@ -357,8 +357,7 @@ def test_sdpa_runs_full_and_bottom_right_causal_exactly_with_lse(pattern):
 
 def test_sdpa_says_why_not():
     q, k, v = _qkv(1, 2, 1, 16, 16, grad=False)
-    for kwargs, reason in (({"softcap": 5.0}, "soft-cap"), ({"bias": foveal.ALiBi(2)}, "score term"),
-                           ({"key_padding_mask": torch.zeros(1, 16, dtype=torch.bool)}, "key padding")):
+    for kwargs, reason in (({"softcap": 5.0}, "soft-cap"), ({"bias": foveal.ALiBi(2)}, "score term")):
         with pytest.raises(ValueError, match=f"backend 'sdpa' cannot run this call: .*{reason}"):
             attend(q, k, v, Causal(16), backend="sdpa", **kwargs)
         attend(q, k, v, Causal(16), **kwargs)  # auto goes elsewhere
@@ -421,3 +420,27 @@ def test_a_relative_position_table_for_other_heads_is_refused():
     q, k, v = _qkv(1, 4, 2, 16, 16, grad=False)
     with pytest.raises(ValueError, match="is for 8 heads but q has 4 query heads"):
         attend(q, k, v, SlidingWindow(16, left=3), bias=RelativePositionBias(16, 15, heads=8))
+
+
+@pytest.mark.parametrize("pattern", [Full(33), Full(9, n_kv=40), Causal(37), Causal(11, n_kv=40), Causal(1, n_kv=25),
+                                     Neighborhood((6, 7), 3), SlidingWindow(20, left=3, n_kv=30)])
+def test_sdpa_takes_key_padding_exactly(pattern):
+    torch.manual_seed(11)
+    b, n = 4, pattern.n_kv
+    q, k, v = _qkv(b, 4, 2, pattern.n_q, n, dtype=torch.float64)
+    pad = torch.zeros(b, n, dtype=torch.bool)
+    pad[0, n // 2 :] = True  # right padding
+    pad[1, : n // 3] = True  # left padding: early causal rows see nothing
+    pad[2] = True  # all padding
+    pad[3, ::3] = True  # scattered
+    out, lse = attend(q, k, v, pattern, key_padding_mask=pad, backend="sdpa", return_lse=True)
+    want, want_lse = dense(q, k, v, pattern.dense_mask(), padding=pad)
+    assert not out.isnan().any() and not lse.isnan().any()
+    torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-12)
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+    finite = torch.isfinite(want_lse)
+    torch.testing.assert_close(lse[finite], want_lse[finite], atol=1e-12, rtol=1e-12)
+    g = torch.randn(lse.shape, dtype=torch.float64).masked_fill(~finite, 0.0)
+    for a, w in zip(torch.autograd.grad(out.sum() + (lse.masked_fill(~finite, 0) * g).sum(), (q, k, v)),
+                    torch.autograd.grad(want.sum() + (want_lse.masked_fill(~finite, 0) * g).sum(), (q, k, v))):
+        torch.testing.assert_close(a, w, atol=1e-11, rtol=1e-11)

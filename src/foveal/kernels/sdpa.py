@@ -116,27 +116,51 @@ def small_mask(pattern, dtype, device):
     return MASKS.get((pattern, dtype, str(device)), build, pattern.cacheable)
 
 
-def sdpa_attention(q, k, v, pattern, scale: float, need_lse: bool = True):
+def _padded(q, k, v, causal: bool, scale: float, need_lse: bool, pad, mask=None, alive=None):
+    """One fused call with the key padding ``pad`` (B, n_kv) added to the additive ``mask``; ``(out, lse)``.
+
+    The fused kernel gives rows with no allowed key a zero output but ``lse = 0``: their
+    lse is set to ``-inf`` here. ``alive`` (broadcastable to (B, H, n_q)) says which rows
+    have an allowed key under ``mask`` alone (None: all).
+    """
+    if pad is None:
+        out, lse = _fused(q, k, v, causal, scale, need_lse or mask is not None, mask)
+        return out, (lse if alive is None or lse is None else torch.where(alive, lse, float("-inf")))
+    add = torch.zeros(pad.shape, dtype=q.dtype, device=q.device).masked_fill_(pad, float("-inf"))[:, None, None, :]
+    out, lse = _fused(q, k, v, causal, scale, True, add if mask is None else mask + add)
+    keep = ~pad
+    if mask is not None:  # small patterns: rows whose allowed keys are all padded
+        rows = (torch.isfinite(mask)[None] & keep[:, None, :]).any(-1)[:, None, :]
+    elif causal:  # row i sees keys 0..i: alive from the first key that is not padding
+        first = torch.where(keep.any(-1), keep.int().argmax(-1), keep.shape[-1])
+        rows = (torch.arange(q.shape[2], device=q.device)[None, :] >= first[:, None])[:, None, :]
+    else:
+        rows = keep.any(-1)[:, None, None]
+    return out, torch.where(rows, lse, float("-inf"))
+
+
+def sdpa_attention(q, k, v, pattern, scale: float, need_lse: bool = True, key_padding_mask=None):
     """Exact attention by the fused kernel; returns ``(out, lse)``.
 
     ``Full`` or (bottom-right) ``Causal`` without a mask; on CPU, any static pattern with
-    at most ``SMALL_PAIRS`` pairs under its additive mask (rows with no allowed key: zero
-    output, ``lse = -inf``).
+    at most ``SMALL_PAIRS`` pairs under its additive mask. ``key_padding_mask`` (B, n_kv)
+    bool, True = ignore, joins the mask as ``-inf`` (CPU). Rows with no allowed key: zero
+    output, ``lse = -inf``.
     """
+    pad = key_padding_mask
     kind = dense_kind(pattern)
     if kind is None:
         if q.device.type != "cpu" or pattern.n_q * pattern.n_kv > SMALL_PAIRS:
             raise ValueError(f"sdpa runs Full, Causal (n_q <= n_kv) and, on CPU, patterns of at most {SMALL_PAIRS} "
                              f"pairs, got {pattern!r}")
         mask, alive = small_mask(pattern, q.dtype, q.device)
-        out, lse = _fused(q, k, v, False, scale, True, mask)
-        return out, torch.where(alive, lse, float("-inf"))
+        return _padded(q, k, v, False, scale, True, pad, mask, alive)
     if kind == "full":
-        return _fused(q, k, v, False, scale, need_lse)
+        return _padded(q, k, v, False, scale, need_lse, pad)
     offset = pattern.n_kv - pattern.n_q
     if offset == 0:
-        return _fused(q, k, v, True, scale, need_lse)
+        return _padded(q, k, v, True, scale, need_lse, pad)
     # bottom-right: keys [0, offset) are seen by every query; the rest is a top-left causal square
-    seen = _fused(q, k[:, :, :offset], v[:, :, :offset], False, scale, True)
-    square = _fused(q, k[:, :, offset:], v[:, :, offset:], True, scale, True)
+    seen = _padded(q, k[:, :, :offset], v[:, :, :offset], False, scale, True, None if pad is None else pad[:, :offset])
+    square = _padded(q, k[:, :, offset:], v[:, :, offset:], True, scale, True, None if pad is None else pad[:, offset:])
     return merge_attentions([seen[0], square[0]], [seen[1], square[1]])

@@ -149,8 +149,8 @@ class SdpaBackend:
                            f"CPU, patterns of at most {SMALL_PAIRS} (query, key) pairs")
         if call.bias is not None:
             reasons.append("sdpa takes no score term")
-        if call.key_padding_mask is not None:
-            reasons.append("sdpa here takes no key padding (the fused kernel gives lse 0, not -inf, on padded rows)")
+        if call.key_padding_mask is not None and call.q.device.type != "cpu":
+            reasons.append(f"sdpa on {call.q.device.type} is wired without key padding")
         if call.softcap is not None:
             reasons.append("sdpa has no logit soft-cap")
         if call.v.shape[-1] != call.q.shape[-1]:
@@ -162,7 +162,7 @@ class SdpaBackend:
     def run(self, call: Call):
         from foveal.kernels.sdpa import sdpa_attention
 
-        return sdpa_attention(call.q, call.k, call.v, call.pattern, call.scale, call.need_lse)
+        return sdpa_attention(call.q, call.k, call.v, call.pattern, call.scale, call.need_lse, call.key_padding_mask)
 
 
 class FlexBackend:
