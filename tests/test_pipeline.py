@@ -75,6 +75,19 @@ def _grads(out, inputs, seed=0):
     return torch.autograd.grad((out * g).sum(), inputs)
 
 
+def _assert_float64_exact(out, lse, want, want_lse, inputs):
+    """out and lse equal the oracle's to float64 rounding (empty rows: lse -inf on both), and so do the
+    gradients of out and of the finite lse entries."""
+    torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-12)
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+    finite = torch.isfinite(want_lse)
+    torch.testing.assert_close(lse[finite], want_lse[finite], atol=1e-12, rtol=1e-12)
+    g = torch.randn(lse.shape, dtype=torch.float64).masked_fill(~finite, 0.0)
+    for a, w in zip(torch.autograd.grad(out.sum() + (lse.masked_fill(~finite, 0) * g).sum(), inputs),
+                    torch.autograd.grad(want.sum() + (want_lse.masked_fill(~finite, 0) * g).sum(), inputs)):
+        torch.testing.assert_close(a, w, atol=1e-11, rtol=1e-11)
+
+
 def _padding(b, n, rng):
     """Right padding of random lengths (one batch element fully padded when b > 2)."""
     lengths = [rng.randint(1, n) for _ in range(b)]
@@ -381,14 +394,7 @@ def test_small_patterns_run_on_sdpa_under_their_mask_exactly():
         assert select(Call(q, k, v, pattern, 0.3), "auto").name == "sdpa"
         out, lse = attend(q, k, v, pattern, backend="sdpa", return_lse=True)
         want, want_lse = dense(q, k, v, pattern.dense_mask())
-        torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-12)
-        assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))  # Causal(20, n_kv=12): 8 rows see nothing
-        finite = torch.isfinite(want_lse)
-        torch.testing.assert_close(lse[finite], want_lse[finite], atol=1e-12, rtol=1e-12)
-        g = torch.randn(lse.shape, dtype=torch.float64).masked_fill(~finite, 0.0)
-        for a, w in zip(torch.autograd.grad(out.sum() + (lse.masked_fill(~finite, 0) * g).sum(), (q, k, v)),
-                        torch.autograd.grad(want.sum() + (want_lse.masked_fill(~finite, 0) * g).sum(), (q, k, v))):
-            torch.testing.assert_close(a, w, atol=1e-11, rtol=1e-11)
+        _assert_float64_exact(out, lse, want, want_lse, (q, k, v))  # Causal(20, n_kv=12): 8 rows see nothing
     big = Neighborhood((32, 32), 7)
     q, k, v = _qkv(1, 2, 2, big.n, big.n, grad=False)
     assert select(Call(q, k, v, big, 0.3), "auto").name == "cpu"
@@ -436,11 +442,4 @@ def test_sdpa_takes_key_padding_exactly(pattern):
     out, lse = attend(q, k, v, pattern, key_padding_mask=pad, backend="sdpa", return_lse=True)
     want, want_lse = dense(q, k, v, pattern.dense_mask(), padding=pad)
     assert not out.isnan().any() and not lse.isnan().any()
-    torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-12)
-    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
-    finite = torch.isfinite(want_lse)
-    torch.testing.assert_close(lse[finite], want_lse[finite], atol=1e-12, rtol=1e-12)
-    g = torch.randn(lse.shape, dtype=torch.float64).masked_fill(~finite, 0.0)
-    for a, w in zip(torch.autograd.grad(out.sum() + (lse.masked_fill(~finite, 0) * g).sum(), (q, k, v)),
-                    torch.autograd.grad(want.sum() + (want_lse.masked_fill(~finite, 0) * g).sum(), (q, k, v))):
-        torch.testing.assert_close(a, w, atol=1e-11, rtol=1e-11)
+    _assert_float64_exact(out, lse, want, want_lse, (q, k, v))
