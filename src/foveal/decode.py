@@ -496,7 +496,7 @@ def _decode_inputs(pattern, qpos, kpos, k, v):
     positions (``_decode_pattern``).
     """
     m, s = qpos.numel(), kpos.numel()
-    if pattern is None or isinstance(pattern, Causal):
+    if _never_evicts(pattern):
         # a causal cache never evicts: older keys are seen by every new query, the new ones (appended last)
         # form the causal square
         return Causal(m, n_kv=s), k, v

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import torch
 
-from foveal.inputs import check_bias, check_key_padding_mask, check_qkv, check_scale, check_softcap, check_tokens
+from foveal.inputs import (
+    check_bias,
+    check_key_padding_mask,
+    check_qkv,
+    check_scale,
+    check_softcap,
+    check_tokens,
+    lse_dtype,
+)
 from foveal.kernels.select import Call, check_backend_name, select
 from foveal.lowering import assemble, lower
 from foveal.patterns.base import Pattern
@@ -82,8 +90,6 @@ def _validate(q, k, v, pattern, bias, scale, key_padding_mask, softcap, backend,
 
 def _empty(q, k, v, return_lse):
     """Batch 0: empty results that still take part in autograd (zero-size gradients)."""
-    from foveal.inputs import lse_dtype
-
     b, h, n, _ = q.shape
     out = q.new_zeros(b, h, n, v.shape[-1]) + 0 * (q.sum() + k.sum() + v.sum())
     lse = torch.full((b, h, n), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
