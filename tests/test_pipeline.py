@@ -370,11 +370,11 @@ def test_sdpa_runs_full_and_bottom_right_causal_exactly_with_lse(pattern):
 
 def test_sdpa_says_why_not():
     q, k, v = _qkv(1, 2, 1, 16, 16, grad=False)
-    for kwargs, reason in (({"softcap": 5.0}, "soft-cap"), ({"bias": foveal.ALiBi(2)}, "score term")):
-        with pytest.raises(ValueError, match=f"backend 'sdpa' cannot run this call: .*{reason}"):
-            attend(q, k, v, Causal(16), backend="sdpa", **kwargs)
-        attend(q, k, v, Causal(16), **kwargs)  # auto goes elsewhere
     qb, kb, vb = _qkv(1, 2, 1, 1024, 1024, grad=False)
+    for kwargs, reason in (({"softcap": 5.0}, "soft-cap"), ({"bias": foveal.ALiBi(2)}, "score term only on CPU")):
+        with pytest.raises(ValueError, match=f"backend 'sdpa' cannot run this call: .*{reason}"):
+            attend(qb, kb, vb, Causal(1024), backend="sdpa", **kwargs)
+        attend(qb, kb, vb, Causal(1024), **kwargs)  # auto goes elsewhere
     with pytest.raises(ValueError, match="sdpa runs only patterns that need no mask"):
         attend(qb, kb, vb, SlidingWindow(1024, left=3), backend="sdpa")
     with pytest.raises(ValueError, match="sdpa runs only patterns that need no mask"):
@@ -398,6 +398,29 @@ def test_small_patterns_run_on_sdpa_under_their_mask_exactly():
     big = Neighborhood((32, 32), 7)
     q, k, v = _qkv(1, 2, 2, big.n, big.n, grad=False)
     assert select(Call(q, k, v, big, 0.3), "auto").name == "cpu"
+
+
+@pytest.mark.parametrize("pattern", [Window((6, 8), (3, 4)), Neighborhood((7, 9), 3), Causal(20), Full(12, n_kv=18)])
+def test_small_patterns_take_a_learned_score_term_on_sdpa_exactly(pattern):
+    torch.manual_seed(12)
+    b, hq = 3, 4
+    q, k, v = _qkv(b, hq, 2, pattern.n_q, pattern.n_kv, dtype=torch.float64)
+    table = torch.randn(hq, pattern.n_q, pattern.n_kv, dtype=torch.float64, requires_grad=True)
+    term = TableBias(table)
+    pad = torch.zeros(b, pattern.n_kv, dtype=torch.bool)
+    pad[1, pattern.n_kv // 2 :] = True
+    pad[2] = True  # a sequence with no key: 0 and lse -inf
+    assert select(Call(q, k, v, pattern, 0.3, bias=term), "auto").name == "sdpa"
+    out, lse = attend(q, k, v, pattern, bias=term, key_padding_mask=pad, backend="sdpa", return_lse=True)
+    want, want_lse = dense(q, k, v, pattern.dense_mask(), term=table, padding=pad)
+    _assert_float64_exact(out, lse, want, want_lse, (q, k, v, table))
+    if isinstance(pattern, Window):  # the library's own table (Swin's), through its parameters
+        rel = RelativePositionBias((6, 8), (2, 3), torch.randn(hq, 5, 7, dtype=torch.float64, requires_grad=True))
+        out = attend(q, k, v, pattern, bias=rel, backend="sdpa")
+        ref = attend(q, k, v, pattern, bias=rel, backend="reference")
+        torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+        (ga,), (gw,) = torch.autograd.grad(out.sum(), [rel.table]), torch.autograd.grad(ref.sum(), [rel.table])
+        torch.testing.assert_close(ga, gw, atol=1e-11, rtol=1e-11)
 
 
 def test_a_selection_made_by_hand_is_checked_before_any_backend():

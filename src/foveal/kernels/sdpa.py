@@ -46,12 +46,15 @@ def _flash_ops():
 
 
 class _FlashCPU(torch.autograd.Function):
-    """The CPU flash kernel with a gradient for its log-sum-exp too (aten's treats lse as a constant).
+    """The CPU flash kernel with a gradient for its log-sum-exp and its additive mask too (aten's has neither).
 
     ``d lse_i / d s_ij = p_ij``, so the lse's share of the gradient is attention
     itself: ``dq_i += scale·dlse_i·Σ_j p_ij k_j`` (a forward with values = keys) and
     ``dk_j += scale·Σ_i p_ij dlse_i q_i`` (the value gradient of a backward whose output
-    gradient is ``dlse·q``). Both run only when the lse receives a gradient.
+    gradient is ``dlse·q``). Both run only when the lse receives a gradient. A mask that
+    requires grad (a learned score term on a small pattern) gets the score gradient
+    ``p ∘ (dout·vᵀ − rowsum(dout ∘ out) + dlse)``, computed densely: it only happens
+    for patterns of at most ``SMALL_PAIRS`` pairs.
     """
 
     @staticmethod
@@ -79,12 +82,32 @@ class _FlashCPU(torch.autograd.Function):
             _, _, dk_lse = bwd((scale * g * q).contiguous(), q, k, k, pk, lse_safe, 0.0, causal, attn_mask=mask,
                                scale=scale)
             dk = dk + dk_lse
-        return dq, dk, dv, None, None, None
+        dmask = None
+        if ctx.needs_input_grad[5]:
+            dmask = _score_grad(q, k, v, out, lse_safe, dout, dlse, scale, mask)
+        return dq, dk, dv, None, None, dmask
+
+
+def _score_grad(q, k, v, out, lse, dout, dlse, scale, mask):
+    """The gradient of the loss in the additive mask, reduced to the mask's shape: ``p ∘ (dp − delta + dlse)``."""
+    b, h, n, d = q.shape
+    hk = k.shape[1]
+    g = h // hk
+    qg = q.view(b, hk, g, n, d)
+    s = torch.matmul(qg, k[:, :, None].transpose(-1, -2)).view(b, h, n, -1) * scale
+    p = torch.exp(s + mask - lse[..., None])
+    dp = torch.matmul(dout.view(b, hk, g, n, d), v[:, :, None].transpose(-1, -2)).view(b, h, n, -1)
+    delta = (dout * out).sum(-1, keepdim=True)
+    if dlse is not None:
+        delta = delta - dlse[..., None].to(delta.dtype)
+    ds = p * (dp - delta)
+    dims = [i for i in range(4) if mask.shape[i] == 1 and ds.shape[i] != 1]
+    return (ds.sum(dims, keepdim=True) if dims else ds).to(mask.dtype)
 
 
 def _fused(q, k, v, causal: bool, scale: float, need_lse: bool, mask=None):
     if q.device.type == "cpu":
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, mask)):
             return _FlashCPU.apply(q, k, v, causal, scale, mask)
         fwd, _ = _flash_ops()
         out, lse = fwd(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
@@ -116,6 +139,14 @@ def small_mask(pattern, dtype, device):
     return MASKS.get((pattern, dtype, str(device)), build, pattern.cacheable)
 
 
+def score_term(bias, heads: int, pattern, dtype, device):
+    """The score term evaluated on every (head, query, key) of a small pattern: (1, H, n_q, n_kv), differentiable."""
+    h = torch.arange(heads, device=device)[:, None, None]
+    qi = torch.arange(pattern.n_q, device=device)[None, :, None]
+    ki = torch.arange(pattern.n_kv, device=device)[None, None, :]
+    return torch.broadcast_to(bias(h, qi, ki), (heads, pattern.n_q, pattern.n_kv)).to(dtype)[None]
+
+
 def _padded(q, k, v, causal: bool, scale: float, need_lse: bool, pad, mask=None, alive=None):
     """One fused call with the key padding ``pad`` (B, n_kv) added to the additive ``mask``; ``(out, lse)``.
 
@@ -130,7 +161,9 @@ def _padded(q, k, v, causal: bool, scale: float, need_lse: bool, pad, mask=None,
     out, lse = _fused(q, k, v, causal, scale, True, add if mask is None else mask + add)
     keep = ~pad
     if mask is not None:  # small patterns: rows whose allowed keys are all padded
-        rows = (torch.isfinite(mask)[None] & keep[:, None, :]).any(-1)[:, None, :]
+        allowed = torch.isfinite(mask.detach())
+        allowed = allowed.view((1,) * (4 - allowed.dim()) + allowed.shape)  # (1, H or 1, n_q, n_kv)
+        rows = (allowed & keep[:, None, None, :]).any(-1)
     elif causal:  # row i sees keys 0..i: alive from the first key that is not padding
         first = torch.where(keep.any(-1), keep.int().argmax(-1), keep.shape[-1])
         rows = (torch.arange(q.shape[2], device=q.device)[None, :] >= first[:, None])[:, None, :]
@@ -139,21 +172,29 @@ def _padded(q, k, v, causal: bool, scale: float, need_lse: bool, pad, mask=None,
     return out, torch.where(rows, lse, float("-inf"))
 
 
-def sdpa_attention(q, k, v, pattern, scale: float, need_lse: bool = True, key_padding_mask=None):
+def is_small(pattern, device) -> bool:
+    """Whether ``pattern`` runs here under its additive mask: CPU, at most ``SMALL_PAIRS`` pairs."""
+    return torch.device(device).type == "cpu" and pattern.n_q * pattern.n_kv <= SMALL_PAIRS
+
+
+def sdpa_attention(q, k, v, pattern, scale: float, need_lse: bool = True, key_padding_mask=None, bias=None):
     """Exact attention by the fused kernel; returns ``(out, lse)``.
 
     ``Full`` or (bottom-right) ``Causal`` without a mask; on CPU, any static pattern with
-    at most ``SMALL_PAIRS`` pairs under its additive mask. ``key_padding_mask`` (B, n_kv)
-    bool, True = ignore, joins the mask as ``-inf`` (CPU). Rows with no allowed key: zero
+    at most ``SMALL_PAIRS`` pairs under its additive mask, to which a score term
+    ``bias(h, i, j)`` is added (differentiable). ``key_padding_mask`` (B, n_kv) bool,
+    True = ignore, joins the mask as ``-inf`` (CPU). Rows with no allowed key: zero
     output, ``lse = -inf``.
     """
     pad = key_padding_mask
     kind = dense_kind(pattern)
-    if kind is None:
-        if q.device.type != "cpu" or pattern.n_q * pattern.n_kv > SMALL_PAIRS:
+    if kind is None or bias is not None:
+        if not is_small(pattern, q.device):
             raise ValueError(f"sdpa runs Full, Causal (n_q <= n_kv) and, on CPU, patterns of at most {SMALL_PAIRS} "
-                             f"pairs, got {pattern!r}")
+                             f"pairs (with or without a score term), got {pattern!r}")
         mask, alive = small_mask(pattern, q.dtype, q.device)
+        if bias is not None:
+            mask = mask + score_term(bias, q.shape[1], pattern, q.dtype, q.device)
         return _padded(q, k, v, False, scale, True, pad, mask, alive)
     if kind == "full":
         return _padded(q, k, v, False, scale, need_lse, pad)

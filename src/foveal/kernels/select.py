@@ -140,15 +140,15 @@ class SdpaBackend:
     name = "sdpa"
 
     def why_not(self, call: Call) -> list[str]:
-        from foveal.kernels.sdpa import SMALL_PAIRS, dense_kind
+        from foveal.kernels.sdpa import SMALL_PAIRS, dense_kind, is_small
 
         reasons = []
-        small = not call.selected and call.q.device.type == "cpu" and call.pattern.n_q * call.pattern.n_kv <= SMALL_PAIRS
+        small = not call.selected and is_small(call.pattern, call.q.device)
         if call.selected or (dense_kind(call.pattern) is None and not small):
             reasons.append("sdpa runs only patterns that need no mask (Full, and Causal with n_q <= n_kv) and, on "
                            f"CPU, patterns of at most {SMALL_PAIRS} (query, key) pairs")
-        if call.bias is not None:
-            reasons.append("sdpa takes no score term")
+        elif call.bias is not None and not small:
+            reasons.append(f"sdpa takes a score term only on CPU patterns of at most {SMALL_PAIRS} pairs")
         if call.key_padding_mask is not None and call.q.device.type != "cpu":
             reasons.append(f"sdpa on {call.q.device.type} is wired without key padding")
         if call.softcap is not None:
@@ -162,7 +162,8 @@ class SdpaBackend:
     def run(self, call: Call):
         from foveal.kernels.sdpa import sdpa_attention
 
-        return sdpa_attention(call.q, call.k, call.v, call.pattern, call.scale, call.need_lse, call.key_padding_mask)
+        return sdpa_attention(call.q, call.k, call.v, call.pattern, call.scale, call.need_lse, call.key_padding_mask,
+                              call.bias)
 
 
 class FlexBackend:
