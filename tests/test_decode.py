@@ -67,6 +67,10 @@ PATTERNS = {
         lambda n: Sinks(n, 3) | SlidingWindow(n, 6),
         lambda n: causal_sinks(n, 3) | bf.sliding_window(n, 6, 0, 1),
     ),
+    "causal_window_sinks": (
+        lambda n: Causal(n) & (SlidingWindow(n, 4) | Sinks(n, 2)),
+        lambda n: bf.causal(n) & (bf.sliding_window(n, 4, 0, 1) | causal_sinks(n, 2)),
+    ),
     "strided": (lambda n: Strided(n, 3) & Causal(n), lambda n: bf.strided(n, 3) & bf.causal(n)),
     "dilated": (lambda n: Dilated(n, (8, 16), (2, 4)) & Causal(n),
                 lambda n: bf.dilated(n, [(8, 2), (16, 4)]) & bf.causal(n)),
@@ -150,6 +154,23 @@ def test_sinks_and_window_cache_stays_bounded():
     with pytest.raises(ValueError, match="cache capacity 12 is too small"):
         for a in range(n):
             cache.append(k[:, :, a : a + 1], v[:, :, a : a + 1])
+
+
+@pytest.mark.parametrize("name", sorted(PATTERNS) + ["sinks_alone", "window_right"])
+def test_sees_kept_keys_is_exact(name):
+    # where a pattern says so, the query at t sees key t and every earlier key some query i >= t sees: a cache
+    # evicted for t decodes it with no mask
+    n = 29
+    if name == "sinks_alone":
+        pattern, mask = Sinks(n, 3), causal_sinks(n, 3)
+    elif name == "window_right":  # not causal, so it never decodes; the rule still must not claim it
+        pattern, mask = SlidingWindow(n, 3, 2), bf.sliding_window(n, 3, 2, 1)
+    else:
+        pattern, mask = PATTERNS[name][0](n), PATTERNS[name][1](n)
+    holds = all(bool(mask[t, t]) and all(bool(mask[t, j]) for j in range(t) if mask[t:, j].any())
+                for t in range(n))
+    assert holds or not pattern.sees_kept_keys()  # sound; it may say False where it holds (then a mask runs)
+    assert pattern.sees_kept_keys() == (name in ("causal", "window", "sinks_window", "causal_window_sinks"))
 
 
 @pytest.mark.parametrize("name", sorted(PATTERNS))

@@ -108,6 +108,7 @@ class KVCache:
         self._pos = torch.empty(alloc, dtype=torch.int64, device=self.device)  # mask position per slot
         self._head_pos = None  # (B, Hkv, alloc) true positions once compressed per head
         self.size = 0  # slots in use
+        self._evicted_for = None  # the position whose query sees every slot after eviction (see append)
         self.length = 0  # tokens appended so far: the next position
         self.complete_from = 0  # queries at positions >= this still find every key they may see
         self._bounds = {}  # page_size -> Quest page summaries (lo, hi)
@@ -184,6 +185,9 @@ class KVCache:
             self._head_pos[:, :, s] = self._pos[s]
         self.size += m
         self.length += m
+        # one token appended right after evicting for its position: with a pattern that sees_kept_keys(),
+        # it sees every slot (attend_decode then needs no mask)
+        self._evicted_for = t if m == 1 and not _never_evicts(self.pattern) else None
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep, for each batch element and key head, the slots ``index`` (B, Hkv, K), in that order.
@@ -484,8 +488,11 @@ def _decode_pattern(pattern, qpos, kpos, n_q, n_kv):
 DECODE_MASK_PAIRS = 1 << 22
 
 
-def _decode_inputs(pattern, qpos, kpos, k, v):
+def _decode_inputs(pattern, qpos, kpos, k, v, fresh: bool = False):
     """The cross pattern and the keys of one decode step, exact, in the cheapest form.
+
+    ``fresh``: one query whose cache was just evicted for its position by ``pattern``;
+    when ``pattern.sees_kept_keys()`` it sees every slot: ``Full``, no mask evaluated.
 
     A causal cache (no pattern) is bottom-right ``Causal`` (the new queries' own keys
     were appended last). With the (new queries × cached keys) mask small enough to look at: ``Full`` when
@@ -500,6 +507,8 @@ def _decode_inputs(pattern, qpos, kpos, k, v):
         # a causal cache never evicts: older keys are seen by every new query, the new ones (appended last)
         # form the causal square
         return Causal(m, n_kv=s), k, v
+    if fresh and m == 1 and pattern.sees_kept_keys():
+        return Full(1, n_kv=s), k, v
     if m * s <= DECODE_MASK_PAIRS:
         i, j = qpos[:, None], kpos[None, :].to(qpos.device)
         allowed = pattern.mask(i, j).expand(m, s)
@@ -571,7 +580,8 @@ def attend_decode(q, cache: KVCache, pattern=None, *, select=None, scale=None, b
         out, lse, kept = _quest_decode(q, cache, select, scale, backend, return_lse)
     else:
         qpos = torch.arange(first, cache.length, device=q.device)
-        decode, k, v = _decode_inputs(pattern, qpos, cache._pos[: cache.size], cache.k, cache.v)
+        fresh = cache._evicted_for == first and m == 1
+        decode, k, v = _decode_inputs(pattern, qpos, cache._pos[: cache.size], cache.k, cache.v, fresh)
         out, lse = attend(q, k, v, decode, scale=scale, backend=backend, return_lse=True) \
             if return_lse else (attend(q, k, v, decode, scale=scale, backend=backend), None)
         kept = cache.size

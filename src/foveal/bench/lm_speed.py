@@ -224,7 +224,10 @@ def _decode_rows(length: int, device, calls: int = 50) -> list[dict]:
 
 
 def _overhead(device, calls: int = 200) -> list[dict]:
-    """µs of one ``attend_decode`` call on a 16-token cache, and of SDPA on the same tensors."""
+    """µs of one ``attend_decode`` call on a 16-token cache, and of SDPA on the same tensors.
+
+    The caches are filled as decoding fills them: the prompt, then the newest token alone.
+    """
     gen = torch.Generator().manual_seed(16)
     q, k, v = _tensors(16, gen)
     cache = KVCache(1, KV_HEADS, HEAD_DIM, device=device)
@@ -232,7 +235,8 @@ def _overhead(device, calls: int = 200) -> list[dict]:
     q1 = q[:, :, -1:].to(device)
     window = _streaming(1 << 15)
     wcache = KVCache(1, KV_HEADS, HEAD_DIM, device=device, pattern=window)
-    wcache.append(k.to(device), v.to(device))
+    wcache.append(k[:, :, :-1].to(device), v[:, :, :-1].to(device))
+    wcache.append(k[:, :, -1:].to(device), v[:, :, -1:].to(device))
     with torch.no_grad():
         sdpa = _per_call(lambda: F.scaled_dot_product_attention(q1, cache.k, cache.v, enable_gqa=True), calls)
         dense = _per_call(lambda: attend_decode(q1, cache), calls)

@@ -87,6 +87,12 @@ class Union(_Combination):
         """Some later query sees the key under some part: the OR of the parts' answers (exact)."""
         return functools.reduce(operator.or_, (p.visible_later(key_pos, t) for p in self.parts))
 
+    def _kept_keys_seen(self):
+        return all(p._kept_keys_seen() for p in self.parts)
+
+    def _sees_itself(self):
+        return any(p._sees_itself() for p in self.parts)
+
 
 class Intersection(_Combination):
     """Pairs allowed by every part: ``a & b``."""
@@ -117,4 +123,15 @@ class Intersection(_Combination):
         if not rest:
             return torch.full_like(key_pos, t < self.n_q, dtype=torch.bool)
         return super().visible_later(key_pos, t)
+
+    def _kept_keys_seen(self):
+        # Causal and Full hold for every key j <= t; one other part decides (an existential over i does not
+        # distribute over AND)
+        from foveal.patterns.global_ import Causal, Full
+
+        rest = [p for p in self.parts if not isinstance(p, (Causal, Full))]
+        return len(rest) <= 1 and all(p._kept_keys_seen() for p in self.parts)
+
+    def _sees_itself(self):
+        return all(p._sees_itself() for p in self.parts)
 

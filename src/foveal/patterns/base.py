@@ -180,6 +180,25 @@ class Pattern:
             object.__setattr__(self, name, value)
 
     # -- decoding --
+    def sees_kept_keys(self) -> bool:
+        """Whether, decoding, the query at ``t`` sees key ``t`` and every earlier key some query ``i >= t`` sees.
+
+        Then a KV cache evicted by ``visible_later(·, t)`` needs no mask for the one query
+        at ``t``: ``attend_decode`` runs it as ``Full`` on the fused kernel. True for
+        ``Causal``, a causal contiguous ``SlidingWindow``, ``Sinks`` joined to one of
+        them (StreamingLLM) and their combinations; False (the step's mask is evaluated)
+        by default.
+        """
+        return self._kept_keys_seen() and self._sees_itself()
+
+    def _kept_keys_seen(self) -> bool:
+        """For keys ``j <= t``: some query ``i >= t`` sees ``j`` implies query ``t`` sees ``j``."""
+        return False
+
+    def _sees_itself(self) -> bool:
+        """Every query ``i`` sees key ``i`` (self-attention)."""
+        return False
+
     def visible_later(self, key_pos: torch.Tensor, t: int) -> torch.Tensor:
         """Bool per key: may some query ``i`` with ``t <= i < n_q`` attend to key ``key_pos`` under ``mask``.
 

@@ -94,6 +94,12 @@ class Full(FlatPattern):
         key_pos, t = visible_later_args(self, key_pos, t)
         return _all(key_pos) if t < self.n_q else _none(key_pos)
 
+    def _kept_keys_seen(self):
+        return True
+
+    def _sees_itself(self):
+        return self.n_q == self.n_kv
+
     def _key(self):
         return (self.shape, self.kv_shape)
 
@@ -119,6 +125,12 @@ class Causal(FlatPattern):
         # the last query sees every key
         key_pos, t = visible_later_args(self, key_pos, t)
         return _all(key_pos) if t < self.n_q else _none(key_pos)
+
+    def _kept_keys_seen(self):
+        return True
+
+    def _sees_itself(self):
+        return self.n_q == self.n_kv
 
     def _key(self):
         return (self.shape, self.kv_shape)
@@ -173,6 +185,9 @@ class Sinks(FlatPattern):
         # the last query sees every sink
         key_pos, t = visible_later_args(self, key_pos, t)
         return key_pos < self.count if t < self.n_q else _none(key_pos)
+
+    def _kept_keys_seen(self):
+        return self.n_q == self.n_kv  # a sink j <= t is seen by every query from j on
 
     def _key(self):
         return (self.shape, self.kv_shape, self.count)

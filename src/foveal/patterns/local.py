@@ -53,6 +53,13 @@ class SlidingWindow(FlatPattern):
         c = lo + (j - lo) % self.dilation
         return c <= torch.clamp(j + self.left, max=self.n_kv - 1)
 
+    def _kept_keys_seen(self):
+        # causal and contiguous: the queries that see key j are j .. j + left
+        return self.n_q == self.n_kv and self.right == 0 and self.dilation == 1
+
+    def _sees_itself(self):
+        return self.n_q == self.n_kv
+
     def _key(self):
         return (self.shape, self.kv_shape, self.left, self.right, self.dilation)
 
