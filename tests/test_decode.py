@@ -434,18 +434,18 @@ def test_errors_name_the_argument():
 
 
 def test_decode_steps_take_the_fused_forms_where_the_mask_allows():
-    from foveal.decode import _decode_inputs
+    from foveal.decode import step_inputs
 
     n = 64
     k = v = torch.randn(1, 2, 40, 8)
     kpos = torch.arange(40)
-    p, _, _ = _decode_inputs(None, torch.tensor([39]), kpos, k, v)  # one query, causal cache: every key
+    p, _, _ = step_inputs(None, torch.tensor([39]), kpos, k, v)  # one query, causal cache: every key
     assert p == Causal(1, n_kv=40) and bool(p.dense_mask().all())
-    p, _, _ = _decode_inputs(SlidingWindow(n, 50), torch.tensor([39]), kpos, k, v)
+    p, _, _ = step_inputs(SlidingWindow(n, 50), torch.tensor([39]), kpos, k, v)
     assert p == Full(1, n_kv=40)
-    p, _, _ = _decode_inputs(Causal(n), torch.arange(36, 40), kpos, k, v)  # a chunk: bottom-right causal
+    p, _, _ = step_inputs(Causal(n), torch.arange(36, 40), kpos, k, v)  # a chunk: bottom-right causal
     assert p == Causal(4, n_kv=40)
-    p, kk, _ = _decode_inputs(Strided(n, 3) & Causal(n), torch.tensor([39]), kpos, k, v)  # one query: its keys
+    p, kk, _ = step_inputs(Strided(n, 3) & Causal(n), torch.tensor([39]), kpos, k, v)  # one query: its keys
     assert p == Full(1, n_kv=14) and torch.equal(kk, k[:, :, 0::3])
-    p, _, _ = _decode_inputs(SlidingWindow(n, 5), torch.arange(30, 40), kpos, k, v)  # the general mask
+    p, _, _ = step_inputs(SlidingWindow(n, 5), torch.arange(30, 40), kpos, k, v)  # the general mask
     assert isinstance(p, MaskPattern)

@@ -488,8 +488,12 @@ def _decode_pattern(pattern, qpos, kpos, n_q, n_kv):
 DECODE_MASK_PAIRS = 1 << 22
 
 
-def _decode_inputs(pattern, qpos, kpos, k, v, fresh: bool = False):
+def step_inputs(pattern, qpos, kpos, k, v, fresh: bool = False):
     """The cross pattern and the keys of one decode step, exact, in the cheapest form.
+
+    ``pattern`` is a causal self-attention pattern; ``qpos`` (m,) and ``kpos`` (s,) are
+    the positions of the new queries and of the held keys ``k``, ``v`` (B, Hkv, s, ·).
+    ``attend_decode`` and the transformers backend use it.
 
     ``fresh``: one query whose cache was just evicted for its position by ``pattern``;
     when ``pattern.sees_kept_keys()`` it sees every slot: ``Full``, no mask evaluated.
@@ -581,7 +585,7 @@ def attend_decode(q, cache: KVCache, pattern=None, *, select=None, scale=None, b
     else:
         qpos = torch.arange(first, cache.length, device=q.device)
         fresh = cache._evicted_for == first and m == 1
-        decode, k, v = _decode_inputs(pattern, qpos, cache._pos[: cache.size], cache.k, cache.v, fresh)
+        decode, k, v = step_inputs(pattern, qpos, cache._pos[: cache.size], cache.k, cache.v, fresh)
         out, lse = attend(q, k, v, decode, scale=scale, backend=backend, return_lse=True) \
             if return_lse else (attend(q, k, v, decode, scale=scale, backend=backend), None)
         kept = cache.size

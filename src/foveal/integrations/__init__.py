@@ -1,0 +1,4 @@
+"""foveal inside other libraries' models: ``transformers`` (an attention backend) and ``timm``.
+
+Each integration imports its library lazily; foveal itself never requires them.
+"""
