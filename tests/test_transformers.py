@@ -221,18 +221,9 @@ def test_content_selected_prefill_equals_the_reference_and_decodes_densely(recip
     got = out_of(model, ids, attention_mask=am)
     torch.testing.assert_close(got[am.bool()], want[am.bool()], atol=2e-5, rtol=2e-5)
     seen = []
-    real = fi.attend
-
-    def spy(q, k, v, pattern, **kw):
-        seen.append(pattern)
-        return real(q, k, v, pattern, **kw)
-
-    fi.attend = spy
-    try:
-        with torch.no_grad():
-            model.generate(ids, attention_mask=am, max_new_tokens=3, do_sample=False, pad_token_id=0)
-    finally:
-        fi.attend = real
+    sparsify(model, recipe, observe=lambda layer, pattern, q, k: seen.append(pattern))
+    with torch.no_grad():
+        model.generate(ids, attention_mask=am, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert any(type(p).__name__ == type(recipe(40, 40)).__name__ for p in seen)  # selected at prefill
     assert all(isinstance(p, Causal) for p in seen if p.n_q == 1)  # dense decoding
 

@@ -129,6 +129,7 @@ class _Plan:
     window: int | None  # the layer's native sliding window (transformers' convention: q − kv < window)
     windows: str
     backend: str
+    observe: object = None
 
     def pattern(self, n_q: int, n_kv: int):
         """The recipe's pattern for n_q queries, the newest of n_kv tokens: (n_q, n_kv) or square (n_kv, n_kv)."""
@@ -234,6 +235,8 @@ def _rows(plan: _Plan, m: int, n: int, k0: int, q, k, v):
 
 def _run(plan: _Plan, q, rows, scale, softcap, pad):
     pattern, k, v = rows
+    if plan.observe is not None:
+        plan.observe(plan.layer, pattern, q, k)
     return attend(q, k, v, pattern, scale=scale, softcap=softcap, key_padding_mask=pad, backend=plan.backend)
 
 
@@ -271,7 +274,7 @@ def attention_layers(model) -> list:
     return sorted(found, key=lambda m: m.layer_idx)
 
 
-def sparsify(model, pattern, *, layers=None, windows: str = "keep", backend: str = "auto"):
+def sparsify(model, pattern, *, layers=None, windows: str = "keep", backend: str = "auto", observe=None):
     """From now on the model's attention layers attend under ``pattern(n_q, n_kv, layer_idx)`` on foveal.
 
     ``pattern`` is a recipe (``foveal.recipes``: ``streaming_llm``, ``a_shape``,
@@ -280,8 +283,10 @@ def sparsify(model, pattern, *, layers=None, windows: str = "keep", backend: str
     or content-selected). ``layers``: the layer indices to sparsify (default: every
     layer without a native sliding window). ``windows``: ``"keep"`` (a native sliding
     layer named in ``layers`` runs ``pattern & its window``) or ``"replace"``.
-    ``backend`` is ``attend``'s. The other layers run transformers' ``sdpa``. Returns
-    the model (changed in place); ``restore(model)`` undoes it.
+    ``backend`` is ``attend``'s. ``observe(layer_idx, pattern, q, k)``, if given, sees
+    every foveal call before it runs (e.g. to measure the density a content-selected
+    pattern keeps). The other layers run transformers' ``sdpa``. Returns the model
+    (changed in place); ``restore(model)`` undoes it.
     """
     transformers = _transformers()
     if not isinstance(model, transformers.PreTrainedModel):
@@ -294,6 +299,8 @@ def sparsify(model, pattern, *, layers=None, windows: str = "keep", backend: str
     from foveal.kernels.select import check_backend_name
 
     check_backend_name(backend)
+    if observe is not None and not callable(observe):
+        raise TypeError(f"observe must be None or a callable observe(layer_idx, pattern, q, k), got {observe!r}")
     modules = attention_layers(model)
     if not modules:
         raise ValueError(f"{type(model).__name__} has no attention layer foveal can drive (modules with layer_idx, "
@@ -314,7 +321,7 @@ def sparsify(model, pattern, *, layers=None, windows: str = "keep", backend: str
     _MODELS[model] = model.config._attn_implementation
     for i in chosen:
         m = by_index[i]
-        _PLANS[m] = _Plan(pattern, i, bool(m.is_causal), getattr(m, "sliding_window", None), windows, backend)
+        _PLANS[m] = _Plan(pattern, i, bool(m.is_causal), getattr(m, "sliding_window", None), windows, backend, observe)
     model.set_attn_implementation(NAME)
     return model
 
