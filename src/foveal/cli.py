@@ -96,6 +96,7 @@ QUALITY_SUITES = {
     "full": ("lm", "vision"),
     "lm-quick": ("lm-quick",),
     "lm": ("lm",),
+    "lm-hard": ("lm-hard",),
     "vision-quick": ("vision-quick",),
     "vision": ("vision",),
 }
@@ -148,7 +149,7 @@ def main(argv=None) -> int:
         help="speed: quick (about 2 minutes on a 2-core CPU), full, modules-quick (about 1 minute) or modules "
         "(foveal.nn modules against the same modules on dense masked SDPA), lm-quick (about 2 minutes) or lm (the "
         "language-model cases as ratios to SDPA: prefill at 4k and 16k, decoding; 15-20 minutes); quality: quick (a few minutes), full, "
-        "lm-quick, lm, vision-quick or vision; cp: quick or full (default: quick)",
+        "lm-quick, lm, lm-hard (MQAR and reverse, uncalibrated), vision-quick or vision; cp: quick or full (default: quick)",
     )
     b.add_argument("--out", default="bench-out", help="folder for the JSON, Markdown and PNG results")
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")

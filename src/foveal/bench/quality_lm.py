@@ -224,13 +224,21 @@ class LMSuite:
 
 
 def _tasks(n):
+    """The default tasks: each is learnt by full attention within the suite's budget (BENCHMARKS.md)."""
     return (
         LMTask("passkey", "causal", n, "accuracy", "recall the marked passkey at the end (causal self)"),
-        LMTask("mqar", "causal", n, "accuracy", "multi-query associative recall (causal self)"),
         LMTask("icl-regression", "causal", 32, "normalised MSE", "in-context linear regression, 1 layer"),
-        LMTask("reverse", "noncausal", n // 2, "accuracy", "output the sequence reversed (non-causal self)"),
         LMTask("cross-reverse", "cross", n // 2, "accuracy", "decoder outputs the source reversed (non-causal cross)"),
         LMTask("cross-recall", "causal-cross", n // 2, "accuracy", "decoder recalls visible pairs in order (causal cross)"),
+    )
+
+
+def _hard_tasks(n):
+    """Tasks full attention did not learn in 150 steps of the ``lm`` suite (MQAR 0.03, reverse 0.09: chance), so
+    their rows said nothing about the patterns; they left the default suites for ``lm-hard``."""
+    return (
+        LMTask("mqar", "causal", n, "accuracy", "multi-query associative recall (causal self)"),
+        LMTask("reverse", "noncausal", n // 2, "accuracy", "output the sequence reversed (non-causal self)"),
     )
 
 
@@ -240,6 +248,9 @@ SUITES = {
                         Budget(steps=20, batch=16, lr=3e-3)),
     "lm": LMSuite(_tasks(96), {f: tuple(p) for f, p in FAMILIES.items()}, (0.15, 0.35), 4800, 256,
                   Budget(steps=150, batch=32, lr=3e-3)),
+    # not calibrated: shorter sequences and four times the steps, for finding the budget MQAR and reverse need
+    "lm-hard": LMSuite(_hard_tasks(48), {f: tuple(p) for f, p in FAMILIES.items()}, (0.35,), 9600, 256,
+                       Budget(steps=600, batch=32, lr=3e-3)),
 }
 
 
