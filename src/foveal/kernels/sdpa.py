@@ -118,6 +118,24 @@ def _fused(q, k, v, causal: bool, scale: float, need_lse: bool, mask=None):
     return out, None
 
 
+def _packed(q, k, v, causal, scale, need_lse, mask=None):
+    """``_fused`` for a call where every query sees the same keys (``Full``; a mask only over keys): the query
+    heads of one key head become rows of one call, so each key head is read once, not once per query head.
+
+    ``q`` (B, Hq, m, D) becomes (B, Hkv, G·m, D), G = Hq / Hkv (query head h is in group h // G), as
+    transformers' ``pack_gqa`` does for decoding; one decode query over 1k–4k keys runs in about half the
+    time of ``enable_gqa`` (measured, one thread). Exact: it is the same attention, rows regrouped.
+    """
+    b, hq, m, d = q.shape
+    hkv = k.shape[1]
+    if hq == hkv:
+        return _fused(q, k, v, causal, scale, need_lse, mask)
+    g = hq // hkv
+    out, lse = _fused(q.reshape(b, hkv, g * m, d), k, v, causal, scale, need_lse, mask)
+    out = out.reshape(b, hq, m, out.shape[-1])
+    return out, (None if lse is None else lse.reshape(b, hq, m))
+
+
 #: static patterns with at most this many (query, key) pairs run on CPU as SDPA under their
 #: additive mask (cached by value: 512 KiB at most in float32). Measured on the 2-core
 #: CPU (one thread, load average ~4.5: read the ratios), batch 2, 4 heads, head_dim 32,
@@ -155,10 +173,12 @@ def _padded(q, k, v, causal: bool, scale: float, need_lse: bool, pad, mask=None,
     have an allowed key under ``mask`` alone (None: all).
     """
     if pad is None:
-        out, lse = _fused(q, k, v, causal, scale, need_lse or mask is not None, mask)
+        fused = _packed if not causal and mask is None else _fused
+        out, lse = fused(q, k, v, causal, scale, need_lse or mask is not None, mask)
         return out, (lse if alive is None or lse is None else torch.where(alive, lse, float("-inf")))
     add = torch.zeros(pad.shape, dtype=q.dtype, device=q.device).masked_fill_(pad, float("-inf"))[:, None, None, :]
-    out, lse = _fused(q, k, v, causal, scale, True, add if mask is None else mask + add)
+    fused = _packed if not causal and mask is None else _fused
+    out, lse = fused(q, k, v, causal, scale, True, add if mask is None else mask + add)
     keep = ~pad
     if mask is not None:  # small patterns: rows whose allowed keys are all padded
         allowed = torch.isfinite(mask.detach())
