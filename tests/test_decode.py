@@ -35,13 +35,7 @@ from foveal.patterns import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny matmuls: thread hand-offs cost more than the work on a shared 2-core machine
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dense_attention(q, k, v, mask, scale=None):

@@ -9,12 +9,7 @@ import torch
 from foveal.nn.cca import CoreContextAttention
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def visible(t, n, g, s):

@@ -29,12 +29,7 @@ from foveal.integrations.transformers import is_sparsified, restore, sparsify  #
 VOCAB = 97
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def llama(seed=0, kv_heads=2):
