@@ -11,7 +11,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from foveal._checks import positive_int
-from foveal.nn._common import attend_opaque, cached_pattern, check_backend, check_bool, check_heads, check_input
+from foveal.nn._common import (
+    attend_opaque,
+    cached_pattern,
+    check_backend,
+    check_bool,
+    check_heads,
+    check_input,
+    overridden_pattern,
+)
 from foveal.patterns import Halo
 from foveal.patterns.local import PaddedHalo
 
@@ -83,9 +91,13 @@ class HaloAttention(nn.Module):
     masked — they take part in the softmax with score ``0 + relative logits`` and a zero
     value — so every query has exactly ``(block_size + 2·halo_size)²`` keys. This runs as
     exact attention over the ``PaddedHalo`` cross pattern (queries on the grid, keys on
-    the padded grid) and needs ``block_size`` to divide H and W, as timm does.
+    the padded grid). timm needs ``block_size`` to divide H and W; here a grid that it
+    does not divide is padded the same way up to whole blocks (the extra keys are zero,
+    like the border's, the extra queries are dropped), so the result on a divisible grid
+    is timm's and any other grid runs too.
     ``"mask"`` uses foveal's ``Halo`` pattern, which clips the halo at the borders (no
-    padded keys; any grid at least one block large; the last tile may be smaller).
+    padded keys; any grid; the last tile may be smaller); only then can
+    ``foveal.nn._common.set_pattern_override`` swap the pattern (keys are the query grid).
 
     Relative logits are a score term (``HaloRelativeLogits``) passed to ``attend``:
     per-query tables of ``q·r`` for every offset, gathered per pair, with the batch
@@ -149,9 +161,19 @@ class HaloAttention(nn.Module):
             nn.init.trunc_normal_(self.pos_embed.width_rel, std=self.scale)
 
     def pattern(self, grid):
-        """The pattern used on ``grid`` (shared bounded cache): ``PaddedHalo`` for zeros, ``Halo`` for mask."""
+        """The pattern used on ``grid`` (shared bounded cache): ``PaddedHalo`` for zeros, ``Halo`` for mask.
+
+        For ``"zeros"`` the query grid is ``grid`` padded up to whole blocks. For ``"mask"``
+        a ``pattern_override`` replaces it.
+        """
         grid = tuple(int(g) for g in grid)
-        return cached_pattern(PaddedHalo if self.border == "zeros" else Halo, grid, self.block_size, self.halo_size)
+        if self.border == "zeros":
+            grid = tuple(-(-g // self.block_size) * self.block_size for g in grid)
+            return cached_pattern(PaddedHalo, grid, self.block_size, self.halo_size)
+        swapped = overridden_pattern(self, grid)
+        if swapped is not None:
+            return swapped
+        return cached_pattern(Halo, grid, self.block_size, self.halo_size)
 
     def _check(self, x):
         check_input("x", x, type(self).__name__)
@@ -159,24 +181,26 @@ class HaloAttention(nn.Module):
             raise ValueError(f"x must be (batch, height, width, dim), got shape {tuple(x.shape)}")
         if x.shape[-1] != self.dim:
             raise ValueError(f"x has {x.shape[-1]} channels but dim is {self.dim}")
-        h, w = x.shape[1:3]
-        if self.border == "zeros" and (h % self.block_size or w % self.block_size):
-            raise ValueError(
-                f"border='zeros' needs block_size to divide height and width (as timm's HaloAttn), got "
-                f"grid ({h}, {w}) and block_size={self.block_size}; use border='mask' for other sizes"
-            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: (B, H, W, dim), channels last; returns the same shape."""
         self._check(x)
         b, h, w, c = x.shape
         nh, d, halo = self.num_heads, self.head_dim, self.halo_size
+        if self.border == "zeros" and getattr(self, "pattern_override", None) is not None:
+            raise ValueError("a pattern_override needs border='mask' (with 'zeros' the keys are the padded grid)")
         pattern = self.pattern((h, w))
-        q = F.linear(x, self.q.weight.flatten(1), self.q.bias).reshape(b, h * w, nh, d).transpose(1, 2)
+        q = F.linear(x, self.q.weight.flatten(1), self.q.bias).reshape(b, h, w, nh, d)
         kv = F.linear(x, self.kv.weight.flatten(1), self.kv.bias).reshape(b, h, w, nh, 2, d)
         k, v = kv.unbind(4)  # (B, H, W, heads, d): each head's channels are [keys, values], as timm
+        hq, wq = h, w
         if self.border == "zeros":
-            k, v = (F.pad(t, (0, 0, 0, 0, halo, halo, halo, halo)) for t in (k, v))
+            hq, wq = pattern.shape  # whole blocks: timm's grid, or the grid padded up to them
+            ph, pw = hq - h, wq - w
+            if ph or pw:
+                q = F.pad(q, (0, 0, 0, 0, 0, pw, 0, ph))
+            k, v = (F.pad(t, (0, 0, 0, 0, halo, halo + pw, halo, halo + ph)) for t in (k, v))
+        q = q.reshape(b, hq * wq, nh, d).transpose(1, 2)
         kv_grid = k.shape[1:3]
         k, v = (t.reshape(b, -1, nh, d).transpose(1, 2) for t in (k, v))
         if self.pos_embed is None:
@@ -184,9 +208,10 @@ class HaloAttention(nn.Module):
         else:
             # the score term has no batch index: fold the batch into the heads
             qf, kf, vf = (t.reshape(1, b * nh, -1, d) for t in (q, k, v))
-            bias = self._relative_logits(qf[0], (h, w), kv_grid)
+            bias = self._relative_logits(qf[0], (hq, wq), kv_grid)
             out = attend_opaque(qf, kf, vf, pattern, bias=bias, scale=self.scale, backend=self.backend)
-        return out.reshape(b, nh, h, w, d).permute(0, 2, 3, 1, 4).reshape(b, h, w, c)
+        out = out.reshape(b, nh, hq, wq, d)[:, :, :h, :w]
+        return out.permute(0, 2, 3, 1, 4).reshape(b, h, w, c)
 
     def _relative_logits(self, q: torch.Tensor, grid, kv_grid) -> HaloRelativeLogits:
         """Per-query tables ``q·r`` for offsets ``|Δ| <= block_size + halo_size − 1`` (the reachable ones)."""
