@@ -146,14 +146,31 @@ def test_bfloat16_patterns_compile_and_errors():
 @pytest.mark.parametrize("grid, block, halo", [((6,), 2, 1), ((4, 6), (2, 3), (1, 0)), ((2, 4, 4), 2, (0, 1, 2))])
 def test_padded_halo_pattern_against_loops_and_cpu_kernel(grid, block, halo):
     p = PaddedHalo(grid, block, halo)
+    _check_padded_halo(p, grid, block, halo, 1)
+    with pytest.raises(ValueError, match="not divisible by block"):
+        PaddedHalo(tuple(g + 1 for g in grid), block, halo)
+
+
+@pytest.mark.parametrize("grid, block, halo, stride", [((3,), 6, 1, 2), ((4, 2), (4, 6), (1, 2), (2, 3)), ((2, 4), 4, 3, 2)])
+def test_strided_padded_halo_pattern(grid, block, halo, stride):
+    # timm's strided HaloAttn: queries on the input subsampled by stride, each tile keeps its input tile's keys
+    p = PaddedHalo(grid, block, halo, stride)
+    _check_padded_halo(p, grid, block, halo, stride)
+    assert "stride=" in repr(p) and p.stride == ((stride,) * len(grid) if isinstance(stride, int) else stride)
+    with pytest.raises(ValueError, match="stride must divide block"):
+        PaddedHalo(grid, 5, halo, 2)
+
+
+def _check_padded_halo(p, grid, block, halo, stride):
     nd = len(grid)
     block = (block,) * nd if isinstance(block, int) else block
     halo = (halo,) * nd if isinstance(halo, int) else halo
-    kv_grid = tuple(g + 2 * h for g, h in zip(grid, halo))
+    stride = (stride,) * nd if isinstance(stride, int) else stride
+    kv_grid = tuple(g * s + 2 * h for g, s, h in zip(grid, stride, halo))
     qs, ks = list(itertools.product(*map(range, grid))), list(itertools.product(*map(range, kv_grid)))
 
-    def allowed(q, k):  # padded key coordinate within [tile start, tile end + 2 halo)
-        starts = [q[a] // block[a] * block[a] for a in range(nd)]
+    def allowed(q, k):  # padded key coordinate within [input tile start, tile end + 2 halo)
+        starts = [q[a] * stride[a] // block[a] * block[a] for a in range(nd)]
         return all(starts[a] <= k[a] < starts[a] + block[a] + 2 * halo[a] for a in range(nd))
 
     want = torch.tensor([[allowed(q, k) for k in ks] for q in qs])
@@ -163,5 +180,3 @@ def test_padded_halo_pattern_against_loops_and_cpu_kernel(grid, block, halo):
     k, v = torch.randn(2, 2, p.n_kv, 4), torch.randn(2, 2, p.n_kv, 4)
     a, b = attend(q, k, v, p, backend="cpu"), attend(q, k, v, p, backend="reference")
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="not divisible by block"):
-        PaddedHalo(tuple(g + 1 for g in grid), block, halo)

@@ -163,12 +163,15 @@ def test_maxvit_tf_table_shape():
 
 
 # -- HaloNet ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("block, halo, qkv_bias, scale_pos_embed", [(4, 1, False, False), (4, 2, True, True), (3, 1, False, True)])
-def test_halo_attention(block, halo, qkv_bias, scale_pos_embed):
-    theirs = _randomize(
-        HaloAttn(16, num_heads=2, block_size=block, halo_size=halo, qkv_bias=qkv_bias, scale_pos_embed=scale_pos_embed), 4
-    )
-    ours = _load(HaloAttention(16, 2, block, halo, scale_pos_embed=scale_pos_embed, qkv_bias=qkv_bias), theirs)
+@pytest.mark.parametrize(
+    "block, halo, stride, qkv_bias, scale_pos_embed",
+    [(4, 1, 1, False, False), (4, 2, 1, True, True), (3, 1, 1, False, True), (8, 2, 2, False, False), (4, 3, 2, True, True)],
+)
+def test_halo_attention(block, halo, stride, qkv_bias, scale_pos_embed):
+    kwargs = dict(block_size=block, halo_size=halo, qkv_bias=qkv_bias, scale_pos_embed=scale_pos_embed)
+    theirs = _randomize(HaloAttn(16, num_heads=2, stride=stride, **kwargs), 4)
+    assert theirs.block_stride == stride  # stride 2: queries subsampled by the strided 1×1 q conv
+    ours = _load(HaloAttention(16, 2, stride=stride, **kwargs), theirs)
     x = torch.randn(2, 2 * block, 3 * block, 16)
     _agree(ours, theirs, x, ours, lambda t: theirs(_nchw(t)).permute(0, 2, 3, 1))
 

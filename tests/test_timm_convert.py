@@ -33,7 +33,7 @@ EXPECT = {
     "maxvit_rw": ("MultiAxisAttention", 22),
     "maxvit_rmlp": ("MultiAxisAttention", 22),
     "maxvit_tf": ("MultiAxisAttention", 22),
-    "halonet": ("_HaloAttentionNCHW", 2),
+    "halonet": ("_HaloAttentionNCHW", 3),  # one of them strided
     "focalnet": ("_FocalModulationNCHW", 12),
     "davit": ("_SpatialBlockNCHW", 6),
 }
@@ -83,10 +83,7 @@ def test_converted_logits_equal_the_original(key):
     cls_name, at_least = EXPECT[key]
     assert _count(model, cls_name) >= at_least
     left = _timm_attention_left(model)
-    if key == "halonet":  # timm's strided HaloAttn (queries at stride 2) is kept; the stride-1 ones are foveal's
-        assert len(left) == 1 and model.get_submodule(left[0]).block_stride == 2, left
-    else:
-        assert left == [], left
+    assert left == [], left
     # every weight kept, under timm's names
     after = model.state_dict()
     assert sorted(after) == sorted(state)
@@ -117,20 +114,27 @@ def test_swin_runs_at_a_resolution_the_original_refuses():
         model(torch.randn(1, 3, 256, 256))
 
 
-def test_halonet_zero_borders_on_grids_timm_refuses():
+@pytest.mark.parametrize("stride", [1, 2])
+def test_halonet_zero_borders_on_grids_timm_refuses(stride):
     original, _ = _build("halonet")
     model = convert(copy.deepcopy(original))
-    # a stride-1 HaloAttn of the model, alone, on a grid its block (8) does not divide
-    name = next(n for n, m in model.named_modules() if isinstance(m, HaloAttention))
+    # a HaloAttn of the model, alone, on a grid its block (8) does not divide
+    name = next(n for n, m in model.named_modules() if isinstance(m, HaloAttention) and m.stride == stride)
     ours, theirs = model.get_submodule(name), original.get_submodule(name)
     x = torch.randn(1, theirs.q.in_channels, 12, 20)
     with pytest.raises(AssertionError):
         theirs(x)
-    out = ours(x)
-    # the same as timm's module on the map zero-padded up to whole blocks, cropped (no qkv bias in HaloNet)
     with torch.no_grad():
-        padded = theirs(torch.nn.functional.pad(x, (0, 4, 0, 4)))[..., :12, :20]
+        out = ours(x)
+        # timm's module on the map zero-padded up to whole blocks, cropped (HaloNet's q and kv have no bias)
+        padded = theirs(torch.nn.functional.pad(x, (0, 4, 0, 4)))[..., : 12 // stride, : 20 // stride]
     torch.testing.assert_close(out, padded, atol=1e-5, rtol=1e-5)
+    # so the whole model runs at 224², whose stage grids (14, 7) the block does not divide
+    x = torch.randn(1, 3, 224, 224)
+    with pytest.raises(AssertionError):
+        original(x)
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all()
 
 
 @pytest.mark.parametrize("key", ["davit", "focalnet"])

@@ -13,15 +13,16 @@ Swin ``WindowAttention``  ``foveal.nn.WindowAttention``                the block
 MaxViT ``AttentionCl``    ``foveal.nn.MultiAxisAttention``             partition/reverse become ``Window``
 (in ``PartitionAtten``    (``head_first`` for ``*_rw``, ``bias_tf``    / ``Grid`` patterns
 ``tionCl``)               for ``*_tf``, ``mlp`` for ``*_rmlp_*``)
-HaloNet ``HaloAttn``      ``foveal.nn.HaloAttention`` (zero borders)   unfold windows become ``PaddedHalo``
-(stride 1)
+HaloNet ``HaloAttn``      ``foveal.nn.HaloAttention`` (zero borders,   unfold windows become ``PaddedHalo``
+                          timm's ``stride``)
 FocalNet                  ``foveal.nn.FocalModulation``                (no pattern: the same maths,
 ``FocalModulation``                                                    channels last inside)
 DaViT ``SpatialBlock``,   ``foveal.nn.SpatialBlock``, ``ChannelBlock``  window partition becomes ``Window``
 ``ChannelBlock``
 ========================  ===========================================  ==================================
 
-Everything else (stems, norms, MLPs, heads, timm's strided HaloNet attention) stays timm's.
+Everything else (stems, norms, MLPs, heads) stays timm's, and so does a ``HaloAttn`` that
+average-pools (``avg_down``) or has ``qk_ratio != 1``.
 In eval mode the converted model's logits equal the original's to float32 rounding at the
 resolution it was built for (Swin's ``-100`` region mask becomes exact exclusion, a
 difference below ``e^-90`` in the weights).
@@ -30,8 +31,8 @@ Resolutions: ``convert`` also lets Swin's patch embedding take any size (timm's
 ``strict_img_size``); a converted Swin then runs at any resolution whose stage grids the
 window divides (448² for a 224² model), where the original refuses the input. HaloNet's
 zero borders extend to grids the block does not divide (padded up to whole blocks with
-zero keys), where timm's ``HaloAttn`` refuses them (timm's stride-2 ``HaloAttn``, kept,
-still needs divisibility). MaxViT needs the partition to divide every stage grid, as
+zero keys), where timm's ``HaloAttn`` refuses them: ``halonet26t`` runs at 224², where its
+stage grids are 14 and 7. MaxViT needs the partition to divide every stage grid, as
 timm; DaViT pads to whole windows, as timm; FocalNet runs anywhere, as timm. Any
 resolution at all: swap the pattern for one that takes any grid (a neighbourhood).
 
@@ -178,14 +179,14 @@ class _HaloAttentionNCHW(HaloAttention):
 
 
 def _convert_halo(attn, backend):
-    if attn.block_stride != 1 or not isinstance(attn.pool, nn.Identity):
-        return None  # timm's strided HaloAttn (queries at stride 2) stays
+    if not isinstance(attn.pool, nn.Identity):
+        return None  # timm's average-pooled HaloAttn (stride not dividing the block, or avg_down) stays
     dim = attn.q.in_channels
     if attn.dim_head_qk != attn.dim_head_v or attn.dim_out_v != dim:
-        return None
+        return None  # qk_ratio != 1 or dim_out != dim: not offered by foveal's module
     new = _HaloAttentionNCHW(
-        dim, attn.num_heads, attn.block_size, attn.halo_size, scale_pos_embed=bool(attn.scale_pos_embed),
-        qkv_bias=attn.q.bias is not None, backend=backend,
+        dim, attn.num_heads, attn.block_size, attn.halo_size, stride=attn.block_stride,
+        scale_pos_embed=bool(attn.scale_pos_embed), qkv_bias=attn.q.bias is not None, backend=backend,
     )
     return _load(new, attn, "HaloNet HaloAttn")
 
