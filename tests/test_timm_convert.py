@@ -249,3 +249,22 @@ def test_timm_speed_suite_writes_its_report(tmp_path, monkeypatch):
     assert "| swin_tiny_patch4_window7_224 | 128² |" in md and "foveal / timm" in md
     with pytest.raises(ValueError, match="contenders must be among"):
         speed.run_speed("timm-tiny", str(tmp_path), "cpu", ["resnet50"])
+
+
+def test_davit_windows_swap_for_a_neighbourhood_without_padding():
+    model = convert(_build("davit")[0])
+    names = swap_pattern(model, lambda name, m, grid: Neighborhood(grid, 7))
+    attn = model.get_submodule(names[0])  # DaViT's window attention (no position bias)
+    grid = (10, 12)  # not whole windows: with the swap nothing is padded
+    x = torch.randn(2, *grid, attn.dim)
+    b, n, c = 2, 120, attn.dim
+    q, k, v = (x.reshape(b, n, c) @ attn.qkv.weight.T + attn.qkv.bias).reshape(b, n, 3, attn.num_heads, -1).permute(
+        2, 0, 3, 1, 4
+    )
+    idx = torch.arange(n)
+    allowed = Neighborhood(grid, 7).mask(idx[:, None], idx[None, :])
+    s = (q @ k.transpose(-1, -2) * attn.scale).masked_fill(~allowed, float("-inf"))
+    want = (torch.softmax(s, -1) @ v).transpose(1, 2).reshape(b, *grid, c) @ attn.proj.weight.T + attn.proj.bias
+    torch.testing.assert_close(attn(x), want, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(1, 3, 200, 200))).all()
