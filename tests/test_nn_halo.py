@@ -67,10 +67,8 @@ def dense_halonet(m, x):
 
 def _case(rng, border):
     bs, hs = rng.choice([2, 3, 4]), rng.choice([0, 1, 2])
-    if border == "zeros":
-        h, w = bs * rng.randint(1, 3), bs * rng.randint(1, 3)
-    else:
-        h, w = rng.randint(bs, 3 * bs + 1), rng.randint(bs, 3 * bs + 1)
+    # zeros on a grid the block does not divide: padded up to whole blocks with zero keys (timm refuses it)
+    h, w = rng.randint(bs, 3 * bs + 1), rng.randint(bs, 3 * bs + 1)
     nh = rng.choice([1, 2])
     return (h, w), dict(num_heads=nh, block_size=bs, halo_size=hs), nh * rng.choice([4, 8])
 
@@ -138,8 +136,7 @@ def test_bfloat16_patterns_compile_and_errors():
         HaloAttention(16, border="clip")
     with pytest.raises(ValueError, match="rel_pos must be one of"):
         HaloAttention(16, rel_pos="bias")
-    with pytest.raises(ValueError, match=r"border='zeros' needs block_size to divide.*grid \(5, 4\) and block_size=2"):
-        HaloAttention(16, 2, 2, 1)(torch.randn(1, 5, 4, 16))
+    assert HaloAttention(16, 2, 2, 1)(torch.randn(1, 5, 4, 16)).shape == (1, 5, 4, 16)  # padded to whole blocks
     with pytest.raises(ValueError, match=r"block must be <= the grid.*block\[0\]=8 > grid\[0\]=4"):
         HaloAttention(16, 2, border="mask")(torch.randn(1, 4, 8, 16))
     with pytest.raises(ValueError, match="x has 8 channels but dim is 16"):
@@ -149,14 +146,31 @@ def test_bfloat16_patterns_compile_and_errors():
 @pytest.mark.parametrize("grid, block, halo", [((6,), 2, 1), ((4, 6), (2, 3), (1, 0)), ((2, 4, 4), 2, (0, 1, 2))])
 def test_padded_halo_pattern_against_loops_and_cpu_kernel(grid, block, halo):
     p = PaddedHalo(grid, block, halo)
+    _check_padded_halo(p, grid, block, halo, 1)
+    with pytest.raises(ValueError, match="not divisible by block"):
+        PaddedHalo(tuple(g + 1 for g in grid), block, halo)
+
+
+@pytest.mark.parametrize("grid, block, halo, stride", [((3,), 6, 1, 2), ((4, 2), (4, 6), (1, 2), (2, 3)), ((2, 4), 4, 3, 2)])
+def test_strided_padded_halo_pattern(grid, block, halo, stride):
+    # timm's strided HaloAttn: queries on the input subsampled by stride, each tile keeps its input tile's keys
+    p = PaddedHalo(grid, block, halo, stride)
+    _check_padded_halo(p, grid, block, halo, stride)
+    assert "stride=" in repr(p) and p.stride == ((stride,) * len(grid) if isinstance(stride, int) else stride)
+    with pytest.raises(ValueError, match="stride must divide block"):
+        PaddedHalo(grid, 5, halo, 2)
+
+
+def _check_padded_halo(p, grid, block, halo, stride):
     nd = len(grid)
     block = (block,) * nd if isinstance(block, int) else block
     halo = (halo,) * nd if isinstance(halo, int) else halo
-    kv_grid = tuple(g + 2 * h for g, h in zip(grid, halo))
+    stride = (stride,) * nd if isinstance(stride, int) else stride
+    kv_grid = tuple(g * s + 2 * h for g, s, h in zip(grid, stride, halo))
     qs, ks = list(itertools.product(*map(range, grid))), list(itertools.product(*map(range, kv_grid)))
 
-    def allowed(q, k):  # padded key coordinate within [tile start, tile end + 2 halo)
-        starts = [q[a] // block[a] * block[a] for a in range(nd)]
+    def allowed(q, k):  # padded key coordinate within [input tile start, tile end + 2 halo)
+        starts = [q[a] * stride[a] // block[a] * block[a] for a in range(nd)]
         return all(starts[a] <= k[a] < starts[a] + block[a] + 2 * halo[a] for a in range(nd))
 
     want = torch.tensor([[allowed(q, k) for k in ks] for q in qs])
@@ -166,5 +180,3 @@ def test_padded_halo_pattern_against_loops_and_cpu_kernel(grid, block, halo):
     k, v = torch.randn(2, 2, p.n_kv, 4), torch.randn(2, 2, p.n_kv, 4)
     a, b = attend(q, k, v, p, backend="cpu"), attend(q, k, v, p, backend="reference")
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="not divisible by block"):
-        PaddedHalo(tuple(g + 1 for g in grid), block, halo)

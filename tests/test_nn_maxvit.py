@@ -156,7 +156,7 @@ def dense_block(blk, x):
         ln1, ln2 = stage.norm1, stage.norm2
         x = x + dense_multi_axis(stage.attn, F.layer_norm(x, (x.shape[-1],), ln1.weight, ln1.bias, ln1.eps))
         hnorm = F.layer_norm(x, (x.shape[-1],), ln2.weight, ln2.bias, ln2.eps)
-        fc1, fc2 = stage.mlp[0], stage.mlp[3]
+        fc1, fc2 = stage.mlp.fc1, stage.mlp.fc2
         x = x + F.linear(F.gelu(F.linear(hnorm, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
     return x
 

@@ -146,7 +146,8 @@ def main(argv=None) -> int:
     b.add_argument(
         "--suite",
         default=None,
-        help="speed: quick (about 2 minutes on a 2-core CPU), full, modules-quick (about 1 minute) or modules "
+        help="speed: quick (about 2 minutes on a 2-core CPU), full, timm-quick or timm (timm models converted by "
+        "foveal.integrations.timm against the originals), modules-quick (about 1 minute) or modules "
         "(foveal.nn modules against the same modules on dense masked SDPA), lm-quick (about 2 minutes) or lm (the "
         "language-model cases as ratios to SDPA: prefill at 4k and 16k, decoding; 15-20 minutes); quality: quick (a few minutes), full, "
         "lm-quick, lm, lm-hard (MQAR and reverse, uncalibrated), vision-quick or vision; cp: quick or full (default: quick)",

@@ -275,16 +275,20 @@ def run_speed(suite: str = "quick", out_dir: str = "bench-out", device: str | No
     whole ``foveal.nn`` modules against the same modules on dense masked SDPA and
     write ``modules.json``, ``modules.md`` and ``modules.png`` instead; the LM suites
     (``lm``, ``lm-quick``: ``foveal.bench.lm_speed``) write ``lm.json``, ``lm.md`` and
-    ``lm.png``.
+    ``lm.png``; the timm suites (``timm``, ``timm-quick``: ``foveal.bench.timm_speed``) write
+    ``timm.json`` and ``timm.md``.
     """
     from foveal.bench.lm_speed import LM_SUITES, run_lm
+    from foveal.bench.timm_speed import TIMM_SUITES, run_timm
 
     if suite in bench_modules.MODULE_SUITES:
         return bench_modules.run_modules(suite, out_dir, device, contenders)
     if suite in LM_SUITES:
         return run_lm(suite, out_dir, device)
+    if suite in TIMM_SUITES:
+        return run_timm(suite, out_dir, device, contenders)
     if suite not in SUITES:
-        known = sorted(SUITES) + sorted(bench_modules.MODULE_SUITES) + sorted(LM_SUITES)
+        known = sorted(SUITES) + sorted(bench_modules.MODULE_SUITES) + sorted(LM_SUITES) + sorted(TIMM_SUITES)
         raise ValueError(f"suite must be one of {known}, got {suite!r}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     chosen = [c for c in CONTENDERS if contenders is None or c.name in contenders]

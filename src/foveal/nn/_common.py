@@ -32,6 +32,8 @@ __all__ = [
     "check_ratio",
     "drop_path",
     "qk_scale_or_default",
+    "set_pattern_override",
+    "overridden_pattern",
 ]
 
 # Under torch.compile, attend is one opaque eager call: its backends plan in Python
@@ -52,6 +54,40 @@ def cached_pattern(build, *args, **kwargs):
     """
     key = (build, args, tuple(sorted(kwargs.items())))
     return PATTERNS.get(key, lambda: build(*args, **kwargs))
+
+
+def set_pattern_override(module, fn) -> None:
+    """Make ``module`` attend under ``fn(grid)`` instead of its own pattern (``None``: its own again).
+
+    ``fn(grid) -> Pattern | None`` is called with the token grid of each forward call; a
+    ``None`` result keeps the module's own pattern for that grid. Weights are untouched:
+    only which (query, key) pairs interact changes. Modules that support it (those whose
+    keys are their queries' grid: ``WindowAttention``, ``MultiAxisAttention``, DaViT's
+    window attention, ``HaloAttention`` with ``border="mask"``) read it in ``pattern(grid)``.
+    """
+    if fn is not None and not callable(fn):
+        raise TypeError(f"fn must be a callable grid -> Pattern (or None), got {type(fn).__name__}")
+    if not hasattr(module, "pattern") or not isinstance(module, torch.nn.Module):
+        raise TypeError(f"module must be a foveal.nn attention module with pattern(grid), got {type(module).__name__}")
+    module.pattern_override = fn
+
+
+def overridden_pattern(module, grid):
+    """The pattern ``module.pattern_override`` gives for ``grid``, or None (no override, or it declined)."""
+    fn = getattr(module, "pattern_override", None)
+    if fn is None:
+        return None
+    from foveal.patterns.base import Pattern
+
+    pattern = fn(grid)
+    if pattern is not None and not isinstance(pattern, Pattern):
+        raise TypeError(f"pattern_override must return a foveal Pattern or None, got {type(pattern).__name__}")
+    if pattern is not None and (pattern.n_q, pattern.n_kv) != (math.prod(grid),) * 2:
+        raise ValueError(
+            f"pattern_override must return a self-attention pattern over the grid {tuple(grid)} "
+            f"({math.prod(grid)} tokens), got {pattern!r} ({pattern.n_q} queries, {pattern.n_kv} keys)"
+        )
+    return pattern
 
 
 def check_heads(dim, num_heads, dim_name: str = "dim") -> tuple[int, int]:

@@ -23,6 +23,7 @@ from foveal.nn._common import (
     check_probability,
     check_ratio,
     drop_path,
+    overridden_pattern,
 )
 from foveal.patterns import Window
 
@@ -143,14 +144,23 @@ class _WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def pattern(self, grid) -> Window:
-        """The ``Window`` pattern on ``grid`` padded up to whole windows (shared bounded cache)."""
+        """The ``Window`` pattern on ``grid`` padded up to whole windows (shared bounded cache).
+
+        A ``pattern_override`` replaces it; it is then called on ``grid`` itself (no padding).
+        """
+        grid = tuple(int(g) for g in grid)
+        swapped = overridden_pattern(self, grid)
+        if swapped is not None:
+            return swapped
         w = self.window_size
-        return cached_pattern(Window, tuple(-(-int(g) // w) * w for g in grid), w)
+        return cached_pattern(Window, tuple(-(-g // w) * w for g in grid), w)
 
     def forward(self, x):
         b, h, w, c = x.shape
         ws = self.window_size
         pad_b, pad_r = (-h) % ws, (-w) % ws
+        if getattr(self, "pattern_override", None) is not None:
+            pad_b = pad_r = 0  # the override's pattern is over the grid itself
         if pad_b or pad_r:  # as DaViT: zero tokens (after the norm) fill the last windows, then are cropped
             x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
         hp, wp = x.shape[1:3]

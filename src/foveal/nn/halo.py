@@ -11,7 +11,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from foveal._checks import positive_int
-from foveal.nn._common import attend_opaque, cached_pattern, check_backend, check_bool, check_heads, check_input
+from foveal.nn._common import (
+    attend_opaque,
+    cached_pattern,
+    check_backend,
+    check_bool,
+    check_heads,
+    check_input,
+    overridden_pattern,
+)
 from foveal.patterns import Halo
 from foveal.patterns.local import PaddedHalo
 
@@ -34,21 +42,35 @@ class HaloRelativeLogits:
     ``parameters()`` returns the two tables, so the kernels send gradients through them
     to the queries and the embeddings. Offsets beyond the tables are clamped (such
     pairs are outside the halo and masked by the pattern).
+
+    ``low`` (default ``−(R − 1) // 2``) is the offset of column 0. ``tile = (q_block,
+    block)`` is timm's strided ``HaloAttn``: the query grid is the input subsampled, a tile
+    of ``q_block`` queries per axis covers ``block`` input positions, and a query counts as
+    sitting at ``tile start + its index in the tile`` (not at its input position: timm's
+    relative-to-absolute shift works in tile indices, a quirk kept so checkpoints load).
     """
 
-    def __init__(self, table_h, table_w, grid, kv_grid, kv_offset: int):
+    def __init__(self, table_h, table_w, grid, kv_grid, kv_offset: int, low: int | None = None, tile=None):
         self.table_h, self.table_w = table_h, table_w
         self.width, self.kv_width = grid[1], kv_grid[1]
         self.kv_offset = kv_offset
         self.radius = (table_h.shape[-1] - 1) // 2
+        self.low = -self.radius if low is None else low
+        self.tile = tile
+
+    def _query(self, c):
+        if self.tile is None:
+            return c
+        q_block, block = self.tile
+        return (c // q_block) * block + c % q_block
 
     def __call__(self, h, q_idx, kv_idx):
-        qy, qx = q_idx // self.width, q_idx % self.width
+        qy, qx = self._query(q_idx // self.width), self._query(q_idx % self.width)
         ky = kv_idx // self.kv_width - self.kv_offset
         kx = kv_idx % self.kv_width - self.kv_offset
-        r = self.radius
-        iy = (ky - qy).clamp(-r, r) + r
-        ix = (kx - qx).clamp(-r, r) + r
+        top = self.table_h.shape[-1] - 1
+        iy = (ky - qy - self.low).clamp(0, top)
+        ix = (kx - qx - self.low).clamp(0, top)
         return self.table_h[h, q_idx, iy] + self.table_w[h, q_idx, ix]
 
     def parameters(self):
@@ -83,9 +105,13 @@ class HaloAttention(nn.Module):
     masked — they take part in the softmax with score ``0 + relative logits`` and a zero
     value — so every query has exactly ``(block_size + 2·halo_size)²`` keys. This runs as
     exact attention over the ``PaddedHalo`` cross pattern (queries on the grid, keys on
-    the padded grid) and needs ``block_size`` to divide H and W, as timm does.
+    the padded grid). timm needs ``block_size`` to divide H and W; here a grid that it
+    does not divide is padded the same way up to whole blocks (the extra keys are zero,
+    like the border's, the extra queries are dropped), so the result on a divisible grid
+    is timm's and any other grid runs too.
     ``"mask"`` uses foveal's ``Halo`` pattern, which clips the halo at the borders (no
-    padded keys; any grid at least one block large; the last tile may be smaller).
+    padded keys; any grid; the last tile may be smaller); only then can
+    ``foveal.nn._common.set_pattern_override`` swap the pattern (keys are the query grid).
 
     Relative logits are a score term (``HaloRelativeLogits``) passed to ``attend``:
     per-query tables of ``q·r`` for every offset, gathered per pair, with the batch
@@ -98,10 +124,15 @@ class HaloAttention(nn.Module):
     Parameters: ``dim`` (= output dim); ``num_heads`` (8; must divide ``dim``);
     ``block_size`` (8); ``halo_size`` (3); ``rel_pos`` (``"relative logits"`` or
     ``None``); ``border`` (``"zeros"`` or ``"mask"``); ``scale_pos_embed`` (timm's flag);
-    ``qkv_bias`` (False, as timm); ``backend`` for ``attend``. State-dict keys as
-    timm's ``HaloAttn``: ``q``, ``kv`` (1×1 ``Conv2d``; ``kv`` holds each head's keys then
-    values), ``pos_embed.height_rel``, ``pos_embed.width_rel``. timm's ``stride``,
-    ``dim_head``/``qk_ratio`` and ``avg_down`` are not offered.
+    ``qkv_bias`` (False, as timm); ``backend`` for ``attend``. ``stride`` (1 or a divisor of
+    ``block_size``, with ``border="zeros"``): timm's strided ``HaloAttn`` — the queries are
+    the input subsampled by ``stride`` (its 1×1 conv of stride ``stride``), each tile of
+    ``block_size / stride`` queries per axis keeps its input tile's key window, the output is
+    (B, ceil(H / stride), ceil(W / stride), dim); the relative logits keep timm's tile-index
+    offsets (``HaloRelativeLogits``' ``tile``). State-dict keys as timm's ``HaloAttn``:
+    ``q``, ``kv`` (1×1 ``Conv2d``; ``kv`` holds each head's keys then values),
+    ``pos_embed.height_rel``, ``pos_embed.width_rel``. timm's ``dim_head``/``qk_ratio`` and
+    ``avg_down`` (average pooling instead of a strided query) are not offered.
     """
 
     def __init__(
@@ -110,6 +141,7 @@ class HaloAttention(nn.Module):
         num_heads: int = 8,
         block_size: int = 8,
         halo_size: int = 3,
+        stride: int = 1,
         rel_pos: str | None = "relative logits",
         border: str = "zeros",
         scale_pos_embed: bool = False,
@@ -120,10 +152,18 @@ class HaloAttention(nn.Module):
         dim, num_heads = check_heads(dim, num_heads)
         self.block_size = positive_int("block_size", block_size)
         self.halo_size = positive_int("halo_size", halo_size, minimum=0)
+        self.stride = positive_int("stride", stride)
+        if self.block_size % self.stride:
+            raise ValueError(
+                f"stride must divide block_size (timm average-pools otherwise, which is not offered), "
+                f"got stride={stride} and block_size={block_size}"
+            )
         if not (rel_pos is None or isinstance(rel_pos, str)) or rel_pos not in _REL_POS:
             raise ValueError(f"rel_pos must be one of {_REL_POS}, got {rel_pos!r}")
         if not isinstance(border, str) or border not in _BORDERS:
             raise ValueError(f"border must be one of {_BORDERS}, got {border!r}")
+        if border == "mask" and self.stride != 1:
+            raise ValueError(f"stride={stride} needs border='zeros' (timm's strided HaloAttn), got border='mask'")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.win_size = self.block_size + 2 * self.halo_size
         self.scale = self.head_dim**-0.5
@@ -149,9 +189,20 @@ class HaloAttention(nn.Module):
             nn.init.trunc_normal_(self.pos_embed.width_rel, std=self.scale)
 
     def pattern(self, grid):
-        """The pattern used on ``grid`` (shared bounded cache): ``PaddedHalo`` for zeros, ``Halo`` for mask."""
+        """The pattern used on ``grid`` (shared bounded cache): ``PaddedHalo`` for zeros, ``Halo`` for mask.
+
+        For ``"zeros"`` the query grid is ``grid`` padded up to whole blocks. For ``"mask"``
+        a ``pattern_override`` replaces it.
+        """
         grid = tuple(int(g) for g in grid)
-        return cached_pattern(PaddedHalo if self.border == "zeros" else Halo, grid, self.block_size, self.halo_size)
+        if self.border == "zeros":
+            b, s = self.block_size, self.stride
+            grid = tuple(-(-g // b) * b // s for g in grid)  # the query grid: whole blocks, subsampled
+            return cached_pattern(PaddedHalo, grid, b, self.halo_size, s)
+        swapped = overridden_pattern(self, grid)
+        if swapped is not None:
+            return swapped
+        return cached_pattern(Halo, grid, self.block_size, self.halo_size)
 
     def _check(self, x):
         check_input("x", x, type(self).__name__)
@@ -159,24 +210,29 @@ class HaloAttention(nn.Module):
             raise ValueError(f"x must be (batch, height, width, dim), got shape {tuple(x.shape)}")
         if x.shape[-1] != self.dim:
             raise ValueError(f"x has {x.shape[-1]} channels but dim is {self.dim}")
-        h, w = x.shape[1:3]
-        if self.border == "zeros" and (h % self.block_size or w % self.block_size):
-            raise ValueError(
-                f"border='zeros' needs block_size to divide height and width (as timm's HaloAttn), got "
-                f"grid ({h}, {w}) and block_size={self.block_size}; use border='mask' for other sizes"
-            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: (B, H, W, dim), channels last; returns the same shape."""
         self._check(x)
         b, h, w, c = x.shape
         nh, d, halo = self.num_heads, self.head_dim, self.halo_size
+        if self.border == "zeros" and getattr(self, "pattern_override", None) is not None:
+            raise ValueError("a pattern_override needs border='mask' (with 'zeros' the keys are the padded grid)")
         pattern = self.pattern((h, w))
-        q = F.linear(x, self.q.weight.flatten(1), self.q.bias).reshape(b, h * w, nh, d).transpose(1, 2)
+        st = self.stride
+        xq = x[:, ::st, ::st] if st > 1 else x  # a 1×1 conv of stride s: the input subsampled
+        ho, wo = xq.shape[1:3]
+        q = F.linear(xq, self.q.weight.flatten(1), self.q.bias).reshape(b, ho, wo, nh, d)
         kv = F.linear(x, self.kv.weight.flatten(1), self.kv.bias).reshape(b, h, w, nh, 2, d)
         k, v = kv.unbind(4)  # (B, H, W, heads, d): each head's channels are [keys, values], as timm
+        hq, wq = h, w
         if self.border == "zeros":
-            k, v = (F.pad(t, (0, 0, 0, 0, halo, halo, halo, halo)) for t in (k, v))
+            hq, wq = pattern.shape  # whole blocks: timm's grid, or the grid padded up to them
+            ph, pw = hq * st - h, wq * st - w
+            if (hq, wq) != (ho, wo):
+                q = F.pad(q, (0, 0, 0, 0, 0, wq - wo, 0, hq - ho))
+            k, v = (F.pad(t, (0, 0, 0, 0, halo, halo + pw, halo, halo + ph)) for t in (k, v))
+        q = q.reshape(b, hq * wq, nh, d).transpose(1, 2)
         kv_grid = k.shape[1:3]
         k, v = (t.reshape(b, -1, nh, d).transpose(1, 2) for t in (k, v))
         if self.pos_embed is None:
@@ -184,22 +240,27 @@ class HaloAttention(nn.Module):
         else:
             # the score term has no batch index: fold the batch into the heads
             qf, kf, vf = (t.reshape(1, b * nh, -1, d) for t in (q, k, v))
-            bias = self._relative_logits(qf[0], (h, w), kv_grid)
+            bias = self._relative_logits(qf[0], (hq, wq), kv_grid)
             out = attend_opaque(qf, kf, vf, pattern, bias=bias, scale=self.scale, backend=self.backend)
-        return out.reshape(b, nh, h, w, d).permute(0, 2, 3, 1, 4).reshape(b, h, w, c)
+        out = out.reshape(b, nh, hq, wq, d)[:, :, :ho, :wo]
+        return out.permute(0, 2, 3, 1, 4).reshape(b, ho, wo, c)
 
     def _relative_logits(self, q: torch.Tensor, grid, kv_grid) -> HaloRelativeLogits:
         """Per-query tables ``q·r`` for offsets ``|Δ| <= block_size + halo_size − 1`` (the reachable ones)."""
-        first = 2 * self.halo_size  # timm row of the most negative reachable offset
+        # offsets key − query from −(halo + q_block − 1) to block + halo − 1 (q_block = block // stride); offset Δ
+        # reads timm's row Δ + win − 1 + halo, so the first rows are never read
+        q_block = self.block_size // self.stride
+        first = self.win_size - q_block  # timm row of the most negative reachable offset (2·halo at stride 1)
         rel_h, rel_w = self.pos_embed.height_rel[first:], self.pos_embed.width_rel[first:]
-        table_h, table_w = q @ rel_h.to(q.dtype).T, q @ rel_w.to(q.dtype).T  # (B·heads, N, 2(block+halo)−1)
+        table_h, table_w = q @ rel_h.to(q.dtype).T, q @ rel_w.to(q.dtype).T  # (B·heads, N, block + 2·halo + q_block − 1)
         if self.scale_pos_embed:
             table_h, table_w = table_h * self.scale, table_w * self.scale
         offset = self.halo_size if self.border == "zeros" else 0
-        return HaloRelativeLogits(table_h, table_w, grid, kv_grid, offset)
+        tile = (q_block, self.block_size) if self.stride > 1 else None
+        return HaloRelativeLogits(table_h, table_w, grid, kv_grid, offset, low=-(self.halo_size + q_block - 1), tile=tile)
 
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, num_heads={self.num_heads}, block_size={self.block_size}, "
-            f"halo_size={self.halo_size}, rel_pos={self.rel_pos!r}, border={self.border!r}"
+            f"halo_size={self.halo_size}, stride={self.stride}, rel_pos={self.rel_pos!r}, border={self.border!r}"
         )

@@ -29,6 +29,7 @@ from foveal.nn._common import (
     check_heads,
     check_no_attn_drop,
     init_attention,
+    overridden_pattern,
 )
 from foveal.patterns.base import Pattern
 from foveal.patterns.local import Window
@@ -63,11 +64,20 @@ def attend_channels_last(
     bias=None,
     scale: float | None = None,
     backend: str = "auto",
+    head_first: bool = False,
 ) -> torch.Tensor:
-    """Multi-head self-attention of ``x`` (B, *grid, C) over ``pattern``: ``proj(attend(qkv(x)))``, same shape."""
+    """Multi-head self-attention of ``x`` (B, *grid, C) over ``pattern``: ``proj(attend(qkv(x)))``, same shape.
+
+    The ``qkv`` output channels are laid out ``(3, heads, head_dim)`` (Swin, timm's
+    ``head_first=False``) or, with ``head_first``, ``(heads, 3, head_dim)`` (timm's MaxViT
+    ``*_rw`` models: each head's q, k and v side by side).
+    """
     b, *grid, c = x.shape
     head_dim = qkv.out_features // (3 * num_heads)
-    q, k, v = qkv(x).reshape(b, -1, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+    if head_first:
+        q, k, v = qkv(x).reshape(b, -1, num_heads, 3, head_dim).permute(3, 0, 2, 1, 4)
+    else:
+        q, k, v = qkv(x).reshape(b, -1, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
     out = attend_opaque(q, k, v, pattern, bias=bias, scale=scale, backend=backend)
     return proj(out.transpose(1, 2).reshape(b, *grid, num_heads * head_dim))
 
@@ -170,8 +180,14 @@ class WindowAttention(_TableAttention):
         self._init_attention(dim, num_heads, self.window_size, qkv_bias, qk_scale, proj_drop, rel_pos_bias)
 
     def pattern(self, grid) -> Window:
-        """The ``Window`` pattern (shifted when ``shift_size > 0``) this module uses on ``grid``."""
+        """The ``Window`` pattern (shifted when ``shift_size > 0``) this module uses on ``grid``.
+
+        A ``pattern_override`` (``foveal.nn._common.set_pattern_override``) replaces it.
+        """
         grid = tuple(int(g) for g in grid)
+        swapped = overridden_pattern(self, grid)
+        if swapped is not None:
+            return swapped
         return cached_pattern(Window, grid, self.window_size, shift=self.shift_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -298,29 +298,43 @@ class PaddedHalo(GridPattern):
     padding included — every query has ``(block + 2·halo)^dim`` keys, as in timm's
     ``HaloAttn``. ``block`` must divide the grid. Compare ``Halo``, which clips the halo
     at the borders instead. ``kv_offset`` (= ``halo``) is where the query grid sits on
-    the key grid: query coordinate ``x`` is key coordinate ``x + halo``. Vaswani et al.,
-    "Scaling Local Self-Attention for Parameter Efficient Visual Backbones" (2021).
+    the key grid: query coordinate ``x`` is key coordinate ``x + halo``.
+
+    ``stride = s`` (timm's strided ``HaloAttn``): the queries are the input subsampled by
+    ``s`` (``grid`` is that subsampled grid), the keys the full input (``grid·s + 2·halo``
+    per axis); a tile holds ``block / s`` queries per axis and keeps the key window of its
+    ``block``-sized input tile. ``s`` must divide ``block``. Vaswani et al., "Scaling Local
+    Self-Attention for Parameter Efficient Visual Backbones" (2021).
     """
 
-    def __init__(self, grid, block, halo):
+    def __init__(self, grid, block, halo, stride=1):
         self._init_grid(grid)
         nd = len(self.shape)
-        b = self._per_axis_divisor("block", block, " with zero-padded borders")
+        b = per_axis("block", block, nd)
+        st = per_axis("stride", stride, nd)
+        for a, (bb, ss) in enumerate(zip(b, st)):
+            if bb % ss:
+                raise ValueError(f"stride must divide block on every axis; block[{a}]={bb} is not divisible by stride[{a}]={ss}")
+        self._per_axis_divisor("block // stride" if any(x > 1 for x in st) else "block",
+                               tuple(bb // ss for bb, ss in zip(b, st)), " with zero-padded borders")
         h = per_axis("halo", halo, nd, minimum=0)
-        kv = tuple(length + 2 * hh for length, hh in zip(self.shape, h))
-        self._set(block=b, halo=h, _kv_shape=kv, _kv_axes_shape=kv)
+        kv = tuple(length * ss + 2 * hh for length, ss, hh in zip(self.shape, st, h))
+        self._set(block=b, halo=h, stride=st, _kv_shape=kv, _kv_axes_shape=kv)
 
     @property
     def kv_offset(self) -> tuple[int, ...]:
-        """Per axis, the key coordinate of query coordinate 0 (the padding before the grid)."""
+        """Per axis, the key coordinate of input coordinate 0 (the padding before the grid)."""
         return self.halo
 
     def progression(self, axis, x):
-        b, h = self.block[axis], self.halo[axis]
-        return (x // b) * b, _like(x, 1), _like(x, b + 2 * h)
+        b, h, s = self.block[axis], self.halo[axis], self.stride[axis]
+        return (x // (b // s)) * b, _like(x, 1), _like(x, b + 2 * h)
 
     def _key(self):
+        if any(s > 1 for s in self.stride):
+            return (self.shape, self.block, self.halo, self.stride)
         return (self.shape, self.block, self.halo)
 
     def __repr__(self):
-        return f"PaddedHalo({self._grid_repr()}, block={fmt_axes(self.block)}, halo={fmt_axes(self.halo)})"
+        extra = f", stride={fmt_axes(self.stride)}" if any(s > 1 for s in self.stride) else ""
+        return f"PaddedHalo({self._grid_repr()}, block={fmt_axes(self.block)}, halo={fmt_axes(self.halo)}{extra})"
