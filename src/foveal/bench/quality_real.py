@@ -212,8 +212,8 @@ SUITES = {
     # about 30 minutes on a 2-core CPU
     "real": RealSuite(models=("smollm2-135m", "gemma3-270m", "minilm-l6"), families=ALL,
                       densities=(0.05, 0.1, 0.2), lm_length=2048, lm_stride=2, passkey_lengths=(1024, 2048),
-                      depths=(0.1, 0.5, 0.9), multikey_length=2048, multikey_trials=2,
-                      per_model={"gemma3-270m": {"lm_stride": 4, "passkey_lengths": (2048,)}}),
+                      depths=(0.1, 0.5, 0.9), multikey_length=2048, multikey_trials=3,
+                      per_model={"gemma3-270m": {"lm_stride": 4}}),
 }
 
 
@@ -610,6 +610,7 @@ def plot(result, name: str, path: Path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     panels = _panels(result, name)
     rows = [r for r in result["rows"] if r["model"] == name and r.get("status") == "ok"]
@@ -618,27 +619,37 @@ def plot(result, name: str, path: Path):
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.6 * nrows), squeeze=False)
     families = [f for f in dict.fromkeys(r["family"] for r in rows) if f not in ("full", "dense")]
     colors = {f: plt.cm.tab10(i % 10) for i, f in enumerate(families)}
+    xs = [r["density"] for r in rows if r["family"] in families and r.get("density") == r.get("density")]
+    targets = sorted({r["target_density"] for r in rows if r["family"] in families})
     for ax, (title, task, n, key) in zip(axes.flat, panels):
         mine = [r for r in rows if r["task"] == task and r["length"] == n and r.get(key) is not None]
         ref = next((r for r in mine if r["family"] == "full"), None)
         if ref is not None:
-            ax.axhline(ref[key], color="black", ls="--", lw=1, label="full (sdpa)")
+            ax.axhline(ref[key], color="black", ls="--", lw=1, label="full attention (sdpa)")
+        dense = next((r for r in mine if r["family"] == "dense"), None)
+        if dense is not None and key == "prefill_ratio":
+            ax.axhline(dense[key], color="grey", ls=":", lw=1, label="dense on foveal")
         for fam in families:
             pts = sorted((r["density"], r[key]) for r in mine if r["family"] == fam)
             if pts:
-                ax.plot(*zip(*pts), marker="o", ls="-" if len(pts) > 1 else "", color=colors[fam], label=fam)
-        dense = next((r for r in mine if r["family"] == "dense"), None)
-        if dense is not None:
-            ax.plot([dense["density"]], [dense[key]], marker="*", ms=10, color="black", ls="", label="dense (foveal)")
-        if key == "kl":
-            ax.set_yscale("symlog", linthresh=1e-3)
-        ax.set_xscale("log")
+                ax.plot(*zip(*pts), marker="s" if fam in SELECTED else "o", ls="-" if len(pts) > 1 else "",
+                        color=colors[fam], label=fam)
+        if key in ("kl", "prefill_ratio"):
+            ax.set_yscale("log")
+        if key.startswith("accuracy") or key == "top1":
+            ax.set_ylim(-0.05, 1.05)
+        if xs:
+            ax.set_xscale("log")
+            ax.set_xlim(min(xs) / 1.3, max(xs) * 1.3)
+            ax.set_xticks(targets)
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("density (measured)")
         ax.set_title(title, fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+    handles, labels = axes.flat[len(panels) - 1].get_legend_handles_labels()  # the prefill panel has every line
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
     info = result["models"][name]
     fig.suptitle(f"foveal bench quality --suite {result['suite']}: {info['title']}", fontsize=11)
