@@ -295,3 +295,20 @@ def test_the_cli_knows_the_real_suites():
     quick = QR.SUITES["real-quick"]
     assert quick.models == ("smollm2-135m",) and len(quick.densities) == 1
     assert dataclasses.asdict(QR.SUITES["real"])["models"] == ("smollm2-135m", "gemma3-270m", "minilm-l6")
+
+
+def test_content_selected_recipes_are_solved_on_the_models_own_queries_and_keys(tok):
+    model = tiny_llama(len(tok))
+    n = 128
+    ids = torch.randint(4, len(tok), (1, n), generator=torch.Generator().manual_seed(1))
+    qk = QR._capture(model, ids)
+    assert len(qk) == 2 and qk[0][0].shape == (1, 4, n, 8) and qk[0][1].shape == (1, 2, n, 8)
+    recipe, knob, density = QR.solve_recipe("vertical_slash", 0.2, n, True, qk)
+    meter = QR.DensityMeter(causal=True)
+    sparsify(model, recipe, observe=meter)
+    with torch.no_grad():
+        model(ids)
+    restore(model)
+    # what the model then keeps is what was solved for (layer 0 exactly; layer 1's q, k follow layer 0's output)
+    assert abs(meter.density - density) < 0.01 and meter.density != density
+    assert abs(density - 0.2) < 0.03

@@ -17,7 +17,8 @@ at matched densities, and is compared with the model's own ``sdpa`` (full attent
 
 Densities are shares of the dense pairs: of the causal pairs ``n(n+1)/2`` (decoders) or of all ``n²``
 (encoders). Each recipe has one integer knob, solved by bisection on the recipe's own pattern density at
-the task's length (content-selected ones: on the selection for random q and k) to the target; the density
+the task's length (content-selected ones: on what they select from the model's own q and k of every
+sparsified layer, captured in a full-attention forward on the text's first n tokens); the density
 each actually got inside the model is measured with ``sparsify(..., observe=)`` (static: allowed pairs;
 content-selected: pairs its selection kept on the model's own q and k) over all sparsified layers, heads and
 prefill calls. Output: ``quality-real.md`` (tables), ``quality-real.json`` and one
@@ -46,7 +47,8 @@ from foveal.bench.quality_lm import allowed_pairs
 from foveal.bench.train import save_partial
 from foveal.patterns.dynamic import DynamicPattern
 
-__all__ = ["FAMILIES", "SUITES", "RealSuite", "solve_knob", "solve_recipe", "DensityMeter", "run_real_quality"]
+__all__ = ["FAMILIES", "SUITES", "RealSuite", "solve_knob", "solve_recipe", "recipe_density", "QKCapture",
+           "DensityMeter", "run_real_quality"]
 
 NAME = "quality-real"
 
@@ -98,9 +100,17 @@ def dense_pairs(n_q: int, n_kv: int, causal: bool) -> int:
     return n_q * (n_kv - n_q) + n_q * (n_q + 1) // 2
 
 
-def recipe_density(recipe, n: int, causal: bool) -> float:
-    """The recipe's density at ``n`` tokens: allowed pairs (content-selected: on random q, k) / dense pairs."""
-    return allowed_pairs(recipe(n, n, 0, causal=causal)) / dense_pairs(n, n, causal)
+def recipe_density(recipe, n: int, causal: bool, qk=None) -> float:
+    """The recipe's density at ``n`` tokens: allowed pairs / dense pairs.
+
+    A content-selected recipe's pairs are those it keeps on ``qk`` (a list of (q, k), e.g. every layer's of a
+    model, ``QKCapture``), or on random q and k without it.
+    """
+    p = recipe(n, n, 0, causal=causal)
+    if qk and isinstance(p, DynamicPattern):
+        kept = sum(int(p.select(q, k).keys_kept().sum()) for q, k in qk)
+        return kept / sum(dense_pairs(n, n, causal) * q.shape[0] * q.shape[1] for q, _ in qk)
+    return allowed_pairs(p) / dense_pairs(n, n, causal)
 
 
 def solve_knob(density: Callable[[int], float], target: float, lo: int, hi: int):
@@ -124,18 +134,40 @@ def solve_knob(density: Callable[[int], float], target: float, lo: int, hi: int)
     return (lo, d_lo) if target - d_lo <= d_hi - target else (hi, d_hi)
 
 
-@functools.lru_cache(maxsize=None)
-def solve_recipe(family: str, target: float, n: int, causal: bool = True):
+def solve_recipe(family: str, target: float, n: int, causal: bool = True, qk=None):
     """``(recipe, knob, density)`` of ``FAMILIES[family]`` nearest ``target`` at ``n`` tokens.
 
-    Raises ``ValueError`` where the recipe has no such form (e.g. no encoder form).
+    Content-selected recipes are solved on ``qk`` if given (see ``recipe_density``). Raises ``ValueError``
+    where the recipe has no such form (e.g. no encoder form).
     """
     fam = FAMILIES[family]
     if family == "dense":
         return fam.make(0, n), 0, 1.0
-    fam.make(1, n)(n, n, 0, causal=causal)  # refuses now if there is no such form
+    probe = fam.make(1, n)(n, n, 0, causal=causal)  # refuses now if there is no such form
+    if not isinstance(probe, DynamicPattern):
+        qk = None
+    if qk is None:
+        return _solve_alone(family, target, n, causal)
+    knob, density = solve_knob(lambda k: recipe_density(fam.make(k, n), n, causal, qk), target, 1, fam.hi(n))
+    return fam.make(knob, n), knob, density
+
+
+@functools.lru_cache(maxsize=None)
+def _solve_alone(family, target, n, causal):
+    fam = FAMILIES[family]
     knob, density = solve_knob(lambda k: recipe_density(fam.make(k, n), n, causal), target, 1, fam.hi(n))
     return fam.make(knob, n), knob, density
+
+
+class QKCapture:
+    """``observe`` hook keeping every layer's q and k of the first prefill call it sees (to solve knobs on)."""
+
+    def __init__(self):
+        self.qk: dict = {}
+
+    def __call__(self, layer, pattern, q, k):
+        if q.shape[2] > 1 and layer not in self.qk:
+            self.qk[layer] = (q.detach().clone(), k.detach().clone())
 
 
 # -- the density a pattern actually got -------------------------------------------------------------------------
@@ -286,11 +318,20 @@ class _Causal:
                 RT.multikey_prompt(self.tok, text_ids, n, spec.multikey_keys, seed=2000 * n + i,
                                    asked=_spread(i, spec.multikey_trials, spec.multikey_keys))
                 for i in range(spec.multikey_trials)]
+        self.text_ids, self._qk = text_ids, {}
         self.sdpa_s: list[float] = []
         self.ref = None
 
     def tasks(self):
         return [("lm", self.spec.lm_length)] + list(self.prompts)
+
+    def qk(self, n):
+        """Every layer's q and k under full attention on the text's first n tokens (to solve knobs on; cached)."""
+        if n not in self._qk:
+            start = RT._start(self.tok)
+            self._qk[n] = _capture(self.model, torch.tensor([start + self.text_ids[:n - len(start)]]),
+                                   logits_to_keep=1)
+        return self._qk[n]
 
     def new_tokens(self, prompts):
         return max(len(RT._encode(self.tok, " " + p.answer)) for p in prompts) + 1
@@ -351,6 +392,12 @@ class _Encoder:
     def tasks(self):
         return [("embedding", self.ids.shape[1])]
 
+    def qk(self, n):
+        """Every layer's q and k under full attention on the first two chunks (cached)."""
+        if not hasattr(self, "_qk"):
+            self._qk = _capture(self.loaded.model, self.ids[:2], attention_mask=self.mask[:2])
+        return self._qk
+
     def _embed(self):
         with torch.no_grad():
             h = self.loaded.model(self.ids, attention_mask=self.mask).last_hidden_state
@@ -373,6 +420,20 @@ class _Encoder:
         cos = (emb * self.ref).sum(-1)
         return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()), "chunks": emb.shape[0],
                 "prefill_s": t - (meter.seconds if meter is not None else 0.0)}
+
+
+def _capture(model, ids, **kwargs):
+    """[(q, k)] of every sparsifiable layer in one forward of ``ids`` under foveal's dense (equal to sdpa)."""
+    from foveal.integrations.transformers import restore, sparsify
+
+    capture = QKCapture()
+    sparsify(model, recipes.dense(), observe=capture)
+    try:
+        with torch.no_grad():
+            model(ids, use_cache=False, **kwargs)
+    finally:
+        restore(model)
+    return [capture.qk[i] for i in sorted(capture.qk)]
 
 
 def _jobs(spec: RealSuite, limit: int | None):
@@ -405,7 +466,8 @@ def _run_model(loaded, spec: RealSuite, text_ids, limit, step, out_rows, save):
                     if "prefill_s" in row:
                         runner.sdpa_s.append(row["prefill_s"])
                 else:
-                    recipe, knob, solved = solve_recipe(fam, target, n, causal)
+                    qk = runner.qk(n) if fam in SELECTED else None  # selections are solved on the model's q, k
+                    recipe, knob, solved = solve_recipe(fam, target, n, causal, qk)
                     meter = DensityMeter(causal)
                     sparsify(loaded.model, recipe, observe=meter)
                     try:
