@@ -312,3 +312,16 @@ def test_content_selected_recipes_are_solved_on_the_models_own_queries_and_keys(
     # what the model then keeps is what was solved for (layer 0 exactly; layer 1's q, k follow layer 0's output)
     assert abs(meter.density - density) < 0.01 and meter.density != density
     assert abs(density - 0.2) < 0.03
+
+
+@pytest.mark.parametrize("n, vertical, slash", [(300, 7, 11), (257, 40, 3), (64, 64, 64), (130, 0, 5)])
+def test_vertical_slash_pairs_are_counted_as_the_selection_counts_them(n, vertical, slash):
+    from foveal.patterns.dynamic import BlockTopK, VerticalSlash
+
+    gen = torch.Generator().manual_seed(n)
+    q, k = torch.randn(2, 4, n, 16, generator=gen), torch.randn(2, 2, n, 16, generator=gen)
+    sel = VerticalSlash(n, vertical, slash, last_q=16, block=32, always_vertical=2, always_slash=3, min_vertical=0,
+                        min_slash=0).select(q, k)
+    assert QR.kept_pairs(sel) == int(sel.keys_kept().sum())
+    sel = BlockTopK(n, topk=2, block=16).select(q, k)
+    assert QR.kept_pairs(sel) == int(sel.keys_kept().sum())
