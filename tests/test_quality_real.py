@@ -38,7 +38,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def text_ids(tok):
-    return RT._encode(tok, RT.stdlib_text())
+    return RT.encode(tok, RT.stdlib_text())
 
 
 def tiny_llama(vocab):
@@ -79,8 +79,8 @@ def test_passkey_prompt_has_the_needle_at_its_depth_and_the_question_last(tok, t
     assert len(p.ids) == n and p.answer.isdigit() and len(p.answer) == 5
     (at, size, got_depth), = p.needles
     assert tok.decode(p.ids[at:at + size]) == RT.PASSKEY_NEEDLE.format(key=p.answer)
-    head = len(RT._encode(tok, RT.PASSKEY_INTRO))
-    tail = len(RT._encode(tok, RT.PASSKEY_QUESTION))
+    head = len(RT.encode(tok, RT.PASSKEY_INTRO))
+    tail = len(RT.encode(tok, RT.PASSKEY_QUESTION))
     filler = n - head - size - tail
     assert abs((at - head) / filler - depth) < 0.1  # a line start near the depth
     assert got_depth == pytest.approx((at - head) / filler)
@@ -325,3 +325,11 @@ def test_vertical_slash_pairs_are_counted_as_the_selection_counts_them(n, vertic
     assert QR.kept_pairs(sel) == int(sel.keys_kept().sum())
     sel = BlockTopK(n, topk=2, block=16).select(q, k)
     assert QR.kept_pairs(sel) == int(sel.keys_kept().sum())
+
+
+def test_a_prefill_ratio_is_to_the_sdpa_timings_around_its_row():
+    timings = [(0, 1.0), (2.5, 3.0), (5.5, 2.0)]
+    assert QR._nearest(timings, 0) == 1.0
+    assert QR._nearest(timings, 1) == 2.0  # between the first and the second
+    assert QR._nearest(timings, 3) == 2.5
+    assert QR._nearest(timings, 9) == 2.0  # past the last: the last

@@ -5,10 +5,12 @@ Each recipe of ``foveal.recipes`` replaces the attention of a pretrained model t
 sliding ones keep their native 512-token window; MiniLM: every layer, in the recipes' encoder forms),
 at matched densities, and is compared with the model's own ``sdpa`` (full attention) on:
 
-* language modelling on ``real_tasks.stdlib_text()``: perplexity, KL(full ‖ pattern) and top-1 agreement
-  with full attention over the second half of each segment (positions ``L/2 .. L-1``, past every window at
-  the suite's densities, where the patterns cut context), and the prefill time of that forward as a ratio to
-  the model's own sdpa timed in the same run (the density hook's own time subtracted);
+* language modelling on ``real_tasks.stdlib_text()`` (its first ``L`` tokens): perplexity, KL(full ‖ pattern)
+  and top-1 agreement with full attention at every ``lm_stride``-th position of the second half (``L/2 ..
+  L-2``, each predicting the next token: past every window at the suite's densities, where the patterns cut
+  context), and the prefill time of that forward as a ratio to the model's own sdpa timed in the same run
+  (one forward per pattern, over the mean of the sdpa forwards timed just before and after it: sdpa is
+  timed again every 3 rows; the density hook's own time subtracted);
 * passkey retrieval at several lengths × depths and RULER's multi-key needle (``real_tasks``): greedy
   generation through the model's KV cache (static patterns decode under their rows; content-selected ones
   select at prefill and decode densely), exact match of the first number generated;
@@ -23,6 +25,15 @@ each actually got inside the model is measured with ``sparsify(..., observe=)`` 
 content-selected: pairs its selection kept on the model's own q and k) over all sparsified layers, heads and
 prefill calls. Output: ``quality-real.md`` (tables), ``quality-real.json`` and one
 ``quality-real-<model>.png`` (quality against density per task) in ``--out``.
+
+Suites (``SUITES``; times on a 2-core CPU with the machine to itself):
+
+* ``real-quick`` (about 3½ minutes): SmolLM2 only, 1024 tokens, every recipe at density 0.1; passkey at
+  1024 tokens × depths 0.1, 0.5, 0.9; multi-key (4 needles) at 1024, 2 trials.
+* ``real`` (about 25–30 minutes): SmolLM2, Gemma 3 and MiniLM, every recipe at densities 0.05, 0.1 and
+  0.2; LM at 2048 tokens (every 2nd scored position for SmolLM2, every 4th for Gemma: 512 and 256); passkey
+  at 1024 and 2048 × 3 depths; multi-key at 2048, 3 trials; 8 MiniLM chunks of 512. No 4096-token tasks:
+  three prompts of 4k per row would double the run.
 """
 
 from __future__ import annotations
@@ -161,7 +172,10 @@ def solve_recipe(family: str, target: float, n: int, causal: bool = True, qk=Non
     fam = FAMILIES[family]
     if family == "dense":
         return fam.make(0, n), 0, 1.0
-    probe = fam.make(1, n)(n, n, 0, causal=causal)  # refuses now if there is no such form
+    try:
+        probe = fam.make(1, n)(n, n, 0, causal=causal)  # refuses now if there is no such form
+    except ValueError as e:
+        raise ValueError(f"{family} has no {'causal' if causal else 'encoder (causal=False)'} form: {e}") from e
     if not isinstance(probe, DynamicPattern):
         qk = None
     if qk is None:
@@ -275,7 +289,7 @@ def _timed(fn):
 
 
 def _lm_segments(tok, text_ids, spec):
-    start = RT._start(tok)
+    start = RT.start_tokens(tok)
     m = spec.lm_length - len(start)
     if len(text_ids) < spec.lm_segments * m:
         raise ValueError(f"the text has {len(text_ids)} tokens, fewer than {spec.lm_segments} × {m}")
@@ -337,7 +351,6 @@ class _Causal:
                                    asked=_spread(i, spec.multikey_trials, spec.multikey_keys))
                 for i in range(spec.multikey_trials)]
         self.text_ids, self._qk = text_ids, {}
-        self.sdpa_s: list[float] = []
         self.ref = None
 
     def tasks(self):
@@ -346,28 +359,22 @@ class _Causal:
     def qk(self, n):
         """Every layer's q and k under full attention on the text's first n tokens (to solve knobs on; cached)."""
         if n not in self._qk:
-            start = RT._start(self.tok)
+            start = RT.start_tokens(self.tok)
             self._qk[n] = _capture(self.model, torch.tensor([start + self.text_ids[:n - len(start)]]),
                                    logits_to_keep=1)
         return self._qk[n]
 
     def new_tokens(self, prompts):
-        return max(len(RT._encode(self.tok, " " + p.answer)) for p in prompts) + 1
+        return max(len(RT.encode(self.tok, " " + p.answer)) for p in prompts) + 1
 
-    def time_sdpa(self):
-        _, t = _timed(lambda: _forward_lm(self.model, self.segments[0], self.spec.lm_stride))
-        self.sdpa_s.append(t)
+    def time_sdpa(self) -> float:
+        return _timed(lambda: _forward_lm(self.model, self.segments[0], self.spec.lm_stride))[1]
 
     def reference(self):
         """Full attention (the model's own sdpa): log-probabilities, and its own scores."""
         with torch.no_grad():
             self.model(self.segments[0][:, :16])  # warm-up
-        self.ref, times = [], []
-        for ids in self.segments:
-            logp, t = _timed(lambda ids=ids: _forward_lm(self.model, ids, self.spec.lm_stride))
-            self.ref.append(logp)
-            times.append(t)
-        self.sdpa_s.append(times[0])
+        self.ref = [_forward_lm(self.model, ids, self.spec.lm_stride) for ids in self.segments]
 
     def run(self, task, meter: DensityMeter | None) -> dict:
         kind, n = task
@@ -404,7 +411,6 @@ class _Encoder:
         self.ids = torch.tensor([[tok.cls_token_id] + text_ids[i * m:(i + 1) * m] + [tok.sep_token_id]
                                  for i in range(spec.encoder_chunks)])
         self.mask = torch.ones_like(self.ids)
-        self.sdpa_s: list[float] = []
         self.ref = None
 
     def tasks(self):
@@ -422,14 +428,13 @@ class _Encoder:
         m = self.mask[..., None].to(h.dtype)
         return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)
 
-    def time_sdpa(self):
-        self.sdpa_s.append(_timed(self._embed)[1])
+    def time_sdpa(self) -> float:
+        return _timed(self._embed)[1]
 
     def reference(self):
         with torch.no_grad():
             self.loaded.model(self.ids[:1, :16])  # warm-up
-        self.ref, t = _timed(self._embed)
-        self.sdpa_s.append(t)
+        self.ref = self._embed()
 
     def run(self, task, meter: DensityMeter | None) -> dict:
         if meter is not None:
@@ -471,19 +476,20 @@ def _run_model(loaded, spec: RealSuite, text_ids, limit, step, out_rows, save):
     tasks = runner.tasks()
     jobs = _jobs(spec, limit)
     runner.reference()
-    sdpa_again = {len(jobs) // 2, len(jobs) - 1}  # re-time sdpa in the middle and at the end
+    sdpa = []  # (position in the jobs, seconds): the full row's, then again after every SDPA_EVERY rows
     solutions = {}
     for j, (fam, target) in enumerate(jobs):
         for task in _row_tasks(fam, tasks):
             kind, n = task
             step(f"{loaded.name}: {fam} @ {target:g}, {kind} {n}")
-            row = {"model": loaded.name, "family": fam, "target_density": target, "task": kind, "length": n}
+            row = {"model": loaded.name, "family": fam, "target_density": target, "task": kind, "length": n,
+                   "_job": j}
             try:
                 if fam == "full":
                     row.update(recipe="the model's own sdpa", knob=None, density_solved=1.0, density=1.0,
                                **runner.run(task, None))
                     if "prefill_s" in row:
-                        runner.sdpa_s.append(row["prefill_s"])
+                        sdpa.append((j, row["prefill_s"]))
                 else:
                     if (fam, target, n) not in solutions:  # selections are solved on the model's q, k
                         qk = runner.qk(n) if fam in SELECTED else None
@@ -500,16 +506,31 @@ def _run_model(loaded, spec: RealSuite, text_ids, limit, step, out_rows, save):
                 row["status"] = "ok"
             except ValueError as e:  # a recipe without such a form, or one that refuses: a result, not a crash
                 row["status"] = f"skipped: {str(e).splitlines()[0][:160]}"
+            except (RuntimeError, TypeError, IndexError) as e:  # a failing row must not end a 30-minute run
+                row["status"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            if "prefill_s" not in row:
+                row.pop("_job")
             out_rows.append(row)
             save()
-        if j in sdpa_again:
-            runner.time_sdpa()
-    sdpa = statistics.median(runner.sdpa_s)
+        if j % SDPA_EVERY == SDPA_EVERY - 1 or j == len(jobs) - 1:
+            sdpa.append((j + 0.5, runner.time_sdpa()))
     for row in out_rows:
         if row["model"] == loaded.name and "prefill_s" in row:
-            row["prefill_ratio"] = row["prefill_s"] / sdpa
-    return {"title": loaded.title, "kind": loaded.kind, "sdpa_prefill_s": runner.sdpa_s,
+            row["prefill_ratio"] = row["prefill_s"] / _nearest(sdpa, row.pop("_job"))
+    return {"title": loaded.title, "kind": loaded.kind, "sdpa_prefill_s": [t for _, t in sdpa],
             "sparsified_layers": _sparsified_layers(loaded.model), "tasks": [list(t) for t in tasks]}
+
+
+#: sdpa is timed again after every this many rows; a row's prefill ratio is to the timings around it
+SDPA_EVERY = 3
+
+
+def _nearest(timings, j) -> float:
+    """The mean of the sdpa timings just before and just after job ``j`` (the machine drifts over a run)."""
+    before = [t for pos, t in timings if pos <= j][-1:]
+    after = [t for pos, t in timings if pos >= j][:1]
+    around = before + after
+    return sum(around) / len(around)
 
 
 def _sparsified_layers(model) -> list[int]:
@@ -571,7 +592,7 @@ def run_real_quality(suite: str = "real-quick", out_dir: str = "bench-out", *, l
         loaded, load_s = _timed(lambda name=name: load(name))
         if (loaded.kind == "encoder") != (name in s.encoders):
             raise ValueError(f"model {name} is a {loaded.kind} model; the suite's encoders are {s.encoders}")
-        text_ids = RT._encode(loaded.tokenizer, text)
+        text_ids = RT.encode(loaded.tokenizer, text)
         models[name] = {"load_s": load_s, "text_tokens": len(text_ids)}
         models[name].update(_run_model(loaded, s, text_ids, limit, step, rows, lambda: save_partial(out, NAME, rows)))
         del loaded
@@ -720,6 +741,9 @@ def plot(result, name: str, path: Path):
                         color=colors[fam], label=fam)
         if key in ("kl", "prefill_ratio"):
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            ax.tick_params(axis="y", which="minor", labelsize=6)
         if key.startswith("accuracy") or key == "top1":
             ax.set_ylim(-0.05, 1.05)
         if xs:
@@ -737,6 +761,7 @@ def plot(result, name: str, path: Path):
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
     info = result["models"][name]
     fig.suptitle(f"foveal bench quality --suite {result['suite']}: {info['title']}", fontsize=11)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
+    height = fig.get_figheight()
+    fig.tight_layout(rect=(0, 0.65 / height, 1, 1 - 0.3 / height))  # room for the legend and the title
     fig.savefig(path, dpi=100)
     plt.close(fig)

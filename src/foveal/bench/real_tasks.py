@@ -28,7 +28,8 @@ import sys
 import warnings
 from dataclasses import dataclass
 
-__all__ = ["TEXT_MODULES", "stdlib_text", "Prompt", "passkey_prompt", "multikey_prompt", "parse_number", "score"]
+__all__ = ["TEXT_MODULES", "stdlib_text", "text_version", "encode", "start_tokens", "Prompt", "passkey_prompt",
+           "multikey_prompt", "parse_number", "score"]
 
 #: pure-Python modules whose public names are the same on every platform
 TEXT_MODULES = (
@@ -110,11 +111,12 @@ WORDS = ("apple", "badger", "candle", "desert", "engine", "falcon", "garden", "h
          "umbrella", "valley", "walnut", "yellow", "zipper", "anchor", "bridge", "castle", "dolphin", "ember")
 
 
-def _encode(tok, text: str) -> list[int]:
+def encode(tok, text: str) -> list[int]:
+    """The token ids of ``text`` alone (no special tokens)."""
     return list(tok(text, add_special_tokens=False).input_ids)
 
 
-def _start(tok) -> list[int]:
+def start_tokens(tok) -> list[int]:
     """The tokens the tokenizer puts before a text (e.g. Gemma's ``<bos>``; none for SmolLM2)."""
     ids = list(tok("", add_special_tokens=True).input_ids)
     bos = getattr(tok, "bos_token_id", None)
@@ -145,9 +147,9 @@ def _filler(tok, text_ids, m: int, rng: random.Random, avoid: tuple[str, ...]):
 
 def _build(tok, text_ids, length, head, needles, question, rng, depths, avoid):
     """head + filler with each needle inserted at its depth + question, exactly ``length`` tokens."""
-    head_ids = _start(tok) + _encode(tok, head)
-    needle_ids = [_encode(tok, s) for s in needles]
-    q_ids = _encode(tok, question)
+    head_ids = start_tokens(tok) + encode(tok, head)
+    needle_ids = [encode(tok, s) for s in needles]
+    q_ids = encode(tok, question)
     m = length - len(head_ids) - sum(map(len, needle_ids)) - len(q_ids)
     if m < 8 * len(needles):
         raise ValueError(f"a {length}-token prompt has no room for filler ({m} tokens left)")
