@@ -99,6 +99,8 @@ QUALITY_SUITES = {
     "lm-hard": ("lm-hard",),
     "vision-quick": ("vision-quick",),
     "vision": ("vision",),
+    "real-quick": ("real-quick",),
+    "real": ("real",),
 }
 
 
@@ -108,6 +110,16 @@ def _quality(args) -> int:
         print(f"foveal bench quality: --suite must be one of {list(QUALITY_SUITES)}, got {suite!r}", file=sys.stderr)
         return 2
     for part in QUALITY_SUITES[suite]:
+        if part.startswith("real"):
+            from foveal.bench.quality_real import run_real_quality
+            from foveal.bench.real_models import ModelMissing
+
+            try:
+                run_real_quality(part, args.out, limit=args.limit)
+            except (ValueError, ModelMissing) as e:
+                print(f"foveal bench quality: {e}", file=sys.stderr)
+                return 2
+            continue
         if part.startswith("vision"):
             from foveal.bench.quality_vision import run_vision_quality as run
         else:
@@ -150,11 +162,17 @@ def main(argv=None) -> int:
         "foveal.integrations.timm against the originals), modules-quick (about 1 minute) or modules "
         "(foveal.nn modules against the same modules on dense masked SDPA), lm-quick (about 2 minutes) or lm (the "
         "language-model cases as ratios to SDPA: prefill at 4k and 16k, decoding; 15-20 minutes); quality: quick (a few minutes), full, "
-        "lm-quick, lm, lm-hard (MQAR and reverse, uncalibrated), vision-quick or vision; cp: quick or full (default: quick)",
+        "lm-quick, lm, lm-hard (MQAR and reverse, uncalibrated), vision-quick or vision (tiny models trained under "
+        "each pattern), real-quick (SmolLM2-135M at 1024 tokens, every recipe at density 0.1; about 5 minutes) or real "
+        "(pretrained SmolLM2-135M, Gemma-3-270M and all-MiniLM-L6-v2 with every recipe at densities 0.05, 0.1, 0.2: "
+        "perplexity, KL and top-1 agreement with full attention, passkey and multi-key retrieval, embedding cosine, "
+        "prefill time; about 30 minutes; needs `make bench-models`); cp: quick or full (default: quick)",
     )
     b.add_argument("--out", default="bench-out", help="folder for the JSON, Markdown and PNG results")
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     b.add_argument("--contenders", nargs="+", default=None, help="run only these contenders (names as in the table)")
+    b.add_argument("--limit", type=int, default=None,
+                   help="quality real suites: run only the first N pattern rows of each model (to check a run starts)")
     b.set_defaults(func=_bench)
 
     args = parser.parse_args(argv)

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-__all__ = ["time_call", "PeakMemory", "matmul_rate", "progress", "target_line"]
+__all__ = ["time_call", "PeakMemory", "matmul_rate", "progress", "target_line", "steady_heap"]
 
 
 def _sync(device):
@@ -51,6 +51,23 @@ def _trim():
         import ctypes
 
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def steady_heap() -> None:
+    """Keep freed heap memory in the process (glibc: no trimming, no ``mmap`` below 32 MB) from now on.
+
+    On a virtual machine that takes freed pages back, every fresh allocation faults its pages in again,
+    and a model's forward (hundreds of MB of activations, freed and reallocated per layer) then varies by
+    2–5× from run to run. A no-op where glibc's ``mallopt`` is not available.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: its maximum (fixed, no longer adapted)
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never give the heap's top back
     except (OSError, AttributeError):
         pass
 

@@ -25,7 +25,7 @@ from foveal.models.lm import AttentionOnly, EncoderDecoder, TinyLM
 from foveal.patterns import BigBird, Causal, Dilated, Full, Power, Sinks, SlidingWindow, Strided
 from foveal.patterns.dynamic import DHSA, BlockTopK, DynamicPattern, VerticalSlash
 
-__all__ = ["FAMILIES", "SUITES", "match_density", "run_lm_quality"]
+__all__ = ["FAMILIES", "SUITES", "allowed_pairs", "match_density", "run_lm_quality"]
 
 
 # -- pattern families: name → (kind, make(n, knob) or make(n_q, n_kv, knob), knob range) --------------------------
@@ -64,7 +64,7 @@ CAUSAL_CROSS = {
 FAMILIES = {"causal": CAUSAL, "noncausal": NONCAUSAL, "cross": CROSS, "causal-cross": CAUSAL_CROSS}
 
 
-def _allowed(p) -> float:
+def allowed_pairs(p) -> float:
     """Allowed (query, key) pairs; for a content-selected pattern, as selected on random q and k."""
     if isinstance(p, DynamicPattern):
         gen = torch.Generator().manual_seed(0)
@@ -80,14 +80,14 @@ def match_density(make: Callable, dense, target: float, lo: int = 1, hi: int = 4
     geometric grid and refines by bisection, assuming density grows with the knob
     (window-like knobs) or shrinks (stride-like knobs): both are tried.
     """
-    full = _allowed(dense)
+    full = allowed_pairs(dense)
 
     def rel(k):
         try:
             p = make(k)
         except ValueError:
             return None, None
-        return p, _allowed(p) / full
+        return p, allowed_pairs(p) / full
 
     best = (None, None, math.inf)
     k = lo
@@ -110,7 +110,7 @@ def match_density(make: Callable, dense, target: float, lo: int = 1, hi: int = 4
         if pp is not None and abs(d - target) < best[2]:
             best = (pp, kk, abs(d - target))
     p, k, _ = best
-    return p, k, _allowed(p) / full
+    return p, k, allowed_pairs(p) / full
 
 
 # -- tasks ----------------------------------------------------------------------------------------------------------
