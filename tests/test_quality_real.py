@@ -57,7 +57,7 @@ def tiny_bert(vocab):
         attn_implementation="sdpa"), add_pooling_layer=False).eval()
 
 
-# -- the text -----------------------------------------------------------------------------------------------------
+# -- the text ------------------------------------------------------------------------------------------------------
 def test_the_text_is_deterministic_long_and_natural_english():
     text = RT.stdlib_text()
     assert text == RT.stdlib_text.__wrapped__()  # built again from scratch: the same
@@ -71,7 +71,7 @@ def test_the_text_is_deterministic_long_and_natural_english():
     assert parts[0].startswith("Command-line parsing library")  # argparse's docstring comes first
 
 
-# -- the prompts and the scorer --------------------------------------------------------------------------------------
+# -- the prompts and the scorer ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("depth", [0.1, 0.5, 0.9])
 def test_passkey_prompt_has_the_needle_at_its_depth_and_the_question_last(tok, text_ids, depth):
     n = 1500
@@ -120,7 +120,7 @@ def test_a_prompt_too_short_for_its_pieces_is_refused(tok, text_ids):
         RT.passkey_prompt(tok, text_ids, 200, 0.5, seed=0)
 
 
-# -- densities: the solver and the meter -------------------------------------------------------------------------------
+# -- densities: the solver and the meter ---------------------------------------------------------------------------
 def brute_streaming_density(n, sinks, window):
     i = torch.arange(n)[:, None]
     j = torch.arange(n)[None, :]
@@ -193,7 +193,7 @@ def test_the_meter_measures_the_density_the_model_got(tok):
     restore(model)
 
 
-# -- the model cache -----------------------------------------------------------------------------------------------------
+# -- the model cache -----------------------------------------------------------------------------------------------
 def test_the_model_cache_is_built_once_and_rebuilt_when_its_key_changes(tok, tmp_path, monkeypatch):
     monkeypatch.setenv("FOVEAL_CACHE", str(tmp_path))
     builds = []
@@ -226,7 +226,7 @@ def test_a_missing_model_package_names_the_package_and_the_make_target(monkeypat
         RM.check_installed("gpt-5")
 
 
-# -- the whole runner ------------------------------------------------------------------------------------------------------
+# -- the whole runner ----------------------------------------------------------------------------------------------
 def test_the_runner_writes_table_json_and_plots_for_a_decoder_and_an_encoder(tok, tmp_path, monkeypatch):
     def load(name):
         if name == "tiny-llama":

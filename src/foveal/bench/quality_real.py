@@ -28,9 +28,9 @@ prefill calls. Output: ``quality-real.md`` (tables), ``quality-real.json`` and o
 
 Suites (``SUITES``; times on a 2-core CPU with the machine to itself):
 
-* ``real-quick`` (about 3½ minutes): SmolLM2 only, 1024 tokens, every recipe at density 0.1; passkey at
-  1024 tokens × depths 0.1, 0.5, 0.9; multi-key (4 needles) at 1024, 2 trials.
-* ``real`` (about 25–30 minutes): SmolLM2, Gemma 3 and MiniLM, every recipe at densities 0.05, 0.1 and
+* ``real-quick`` (about 2 minutes): SmolLM2 only, 1024 tokens, every recipe at density 0.1; passkey at
+  1024 tokens × depths 0.1, 0.5, 0.9; multi-key (4 needles) at 1024, 3 trials.
+* ``real`` (about 27 minutes): SmolLM2, Gemma 3 and MiniLM, every recipe at densities 0.05, 0.1 and
   0.2; LM at 2048 tokens (every 2nd scored position for SmolLM2, every 4th for Gemma: 512 and 256); passkey
   at 1024 and 2048 × 3 depths; multi-key at 2048, 3 trials; 8 MiniLM chunks of 512. No 4096-token tasks:
   three prompts of 4k per row would double the run.
@@ -64,7 +64,7 @@ __all__ = ["FAMILIES", "SUITES", "RealSuite", "solve_knob", "solve_recipe", "rec
 NAME = "quality-real"
 
 
-# -- the recipes and their knob ------------------------------------------------------------------------------
+# -- the recipes and their knob ------------------------------------------------------------------------------------
 def block_for(n: int) -> int:
     """Block (chunk) of block top-k and DHSA at length n: n/128, at least 8 (16 at 2048 tokens)."""
     return max(8, n // 128)
@@ -202,7 +202,7 @@ class QKCapture:
             self.qk[layer] = (q.detach().clone(), k.detach().clone())
 
 
-# -- the density a pattern actually got -------------------------------------------------------------------------
+# -- the density a pattern actually got ----------------------------------------------------------------------------
 class DensityMeter:
     """``observe`` hook for ``sparsify``: pairs kept / dense pairs over every prefill call (n_q > 1) it sees.
 
@@ -240,7 +240,7 @@ class DensityMeter:
         return self.kept / self.dense if self.dense else float("nan")
 
 
-# -- suites ---------------------------------------------------------------------------------------------------------
+# -- suites --------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RealSuite:
     """What one suite runs. Per-model fields can be overridden in ``per_model[name]``."""
@@ -269,11 +269,11 @@ class RealSuite:
 
 ALL = ("dense",) + STATIC + SELECTED
 SUITES = {
-    # about 5 minutes on a 2-core CPU: SmolLM2 only, 1024 tokens, one density
+    # about 2 minutes on a 2-core CPU: SmolLM2 only, 1024 tokens, one density
     "real-quick": RealSuite(models=("smollm2-135m",), families=ALL, densities=(0.1,), lm_length=1024,
                             passkey_lengths=(1024,), depths=(0.1, 0.5, 0.9), multikey_length=1024,
-                            multikey_trials=2),
-    # about 30 minutes on a 2-core CPU
+                            multikey_trials=3),
+    # about 27 minutes on a 2-core CPU (2 more the first time, de-quantising the GGUF models)
     "real": RealSuite(models=("smollm2-135m", "gemma3-270m", "minilm-l6"), families=ALL,
                       densities=(0.05, 0.1, 0.2), lm_length=2048, lm_stride=2, passkey_lengths=(1024, 2048),
                       depths=(0.1, 0.5, 0.9), multikey_length=2048, multikey_trials=3,
@@ -281,7 +281,7 @@ SUITES = {
 }
 
 
-# -- running one model ------------------------------------------------------------------------------------------------
+# -- running one model ---------------------------------------------------------------------------------------------
 def _timed(fn):
     start = time.perf_counter()
     out = fn()
@@ -555,7 +555,7 @@ def _steps(spec: RealSuite, limit) -> int:
     return total
 
 
-# -- the run ----------------------------------------------------------------------------------------------------------
+# -- the run -------------------------------------------------------------------------------------------------------
 def run_real_quality(suite: str = "real-quick", out_dir: str = "bench-out", *, load=None, progress_bar: bool = True,
                      limit: int | None = None) -> dict:
     """Run a suite; write ``quality-real.{json,md}`` and ``quality-real-<model>.png`` into ``out_dir``.
@@ -624,7 +624,7 @@ def run_real_quality(suite: str = "real-quick", out_dir: str = "bench-out", *, l
     return result
 
 
-# -- report -------------------------------------------------------------------------------------------------------------
+# -- report --------------------------------------------------------------------------------------------------------
 def _cell(row, key, fmt):
     if row is None:
         return ""
@@ -635,7 +635,8 @@ def _cell(row, key, fmt):
 
 
 def _task_label(task, n):
-    return {"lm": f"LM {n}", "passkey": f"passkey@{n}", "multikey": f"multi-key@{n}", "embedding": f"embedding {n}"}[task]
+    names = {"lm": "LM {}", "passkey": "passkey@{}", "multikey": "multi-key@{}", "embedding": "embedding {}"}
+    return names[task].format(n)
 
 
 def report(result) -> str:
@@ -680,10 +681,12 @@ def report(result) -> str:
             cells.append(_cell(r0, "prefill_ratio", "{:.2f}"))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["density: pairs kept / dense pairs, measured inside the model (retrieval columns: the density at that "
-              "length in parentheses); ppl, KL(full ‖ pattern) and top-1 agreement with full attention over the "
-              "second half of the positions; retrieval: exact-match accuracy of greedy generation; prefill × sdpa: "
-              "the LM (embedding) forward's time over the model's own sdpa in the same run.", ""]
+    lines += ["density: pairs kept / dense pairs (causal pairs for decoders), measured inside the model on the "
+              "sparsified layers (retrieval columns: the density at that length in parentheses); ppl, KL(full ‖ "
+              "pattern) and top-1 agreement with full attention at the scored positions of the second half; "
+              "retrieval: exact-match accuracy of greedy generation (3 depths or trials: 0, 0.33, 0.67, 1); "
+              "prefill × sdpa: the LM (embedding) forward's time over the model's own sdpa timed around it in "
+              "the same run; dense: foveal's Causal (Full), the LM forward only.", ""]
     return "\n".join(lines) + "\n"
 
 

@@ -61,7 +61,8 @@ def _offline():
     try:
         import transformers
     except ImportError as e:
-        raise ModelMissing("the real-model benchmark needs transformers, gguf and accelerate: run `make install`") from e
+        raise ModelMissing("the real-model benchmark needs transformers, gguf and accelerate: "
+                           "run `make install`") from e
     transformers.utils.logging.disable_progress_bar()  # the benchmark draws its own
     return transformers
 
