@@ -281,8 +281,9 @@ def test_bad_calls_are_refused_before_any_work():
     model.train()
     with pytest.raises(ValueError, match="no attention dropout"):
         model(ids)
-    with pytest.raises(ValueError, match="causal only"):
-        recipes.power(4)(8, 8, 0, causal=False)
+    for recipe in (recipes.power(4), recipes.vertical_slash(3, 4)):
+        with pytest.raises(ValueError, match="causal only"):
+            recipe(8, 8, 0, causal=False)
 
 
 # -- the real weights ----------------------------------------------------------------------------------

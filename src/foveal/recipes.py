@@ -155,6 +155,7 @@ class _Selected(Recipe):
 class _VerticalSlash(_Selected):
     name = "vertical_slash"
     make = VerticalSlash
+    has_encoder_form = False  # VerticalSlash is defined for causal attention only
 
 
 class _BlockTopK(_Selected):
