@@ -102,14 +102,15 @@ def _mask_info(**kwargs):
     mask = kwargs.get("attention_mask")
     if isinstance(mask, MaskInfo):  # generate() with a static cache feeds the prepared mask back in
         return mask
+    # a static cache's offsets are tensors updated in place: read them now
+    offsets = {"q_offset": int(kwargs.get("q_offset", 0)), "kv_offset": int(kwargs.get("kv_offset", 0))}
     return MaskInfo(
         padding=None if mask is None else mask.bool(),
-        q_offset=int(kwargs.get("q_offset", 0)),  # a static cache's is a tensor updated in place: read it now
-        kv_offset=int(kwargs.get("kv_offset", 0)),
         q_length=kwargs["q_length"],
         kv_length=kwargs["kv_length"],
         local_size=kwargs.get("local_size"),
-        sdpa_kwargs={**kwargs, "q_offset": int(kwargs.get("q_offset", 0)), "kv_offset": int(kwargs.get("kv_offset", 0))},
+        sdpa_kwargs={**kwargs, **offsets},
+        **offsets,
     )
 
 
@@ -197,7 +198,7 @@ def _attend_layer(plan: _Plan, q, k, v, info: MaskInfo, scale, softcap):
                          f"(an encoder's are all of it)")
     k, v = k[:, :, :held], v[:, :, :held]
     runs = _real_runs(info, b, end)
-    out = q.new_zeros(q.shape[:-1] + (v.shape[-1],))
+    out = None  # the zero-filled output, made only when some rows are padding
     if runs is None:  # padding inside a sequence: padded positions, padding as key padding
         pad = ~info_padding(info, b, end)[:, info.kv_offset:end]
         rows = _rows(plan, n_q, end, info.kv_offset, q, k, v)
@@ -208,13 +209,20 @@ def _attend_layer(plan: _Plan, q, k, v, info: MaskInfo, scale, softcap):
         if lo_q >= hi_q:
             continue  # every query is padding: 0
         lo_k = max(info.kv_offset, first)
-        idx = torch.tensor(batch, device=q.device)
-        qs = q.index_select(0, idx)[:, :, lo_q - info.q_offset:hi_q - info.q_offset]
-        ks = k.index_select(0, idx)[:, :, lo_k - info.kv_offset:stop - info.kv_offset]
-        vs = v.index_select(0, idx)[:, :, lo_k - info.kv_offset:stop - info.kv_offset]
+        whole = len(batch) == b  # one run covers the batch (no padding, or the same for all): views, no copy
+        idx = None if whole else torch.tensor(batch, device=q.device)
+        qs, ks, vs = (t if whole else t.index_select(0, idx) for t in (q, k, v))
+        qs = qs[:, :, lo_q - info.q_offset:hi_q - info.q_offset]
+        ks = ks[:, :, lo_k - info.kv_offset:stop - info.kv_offset]
+        vs = vs[:, :, lo_k - info.kv_offset:stop - info.kv_offset]
         rows = _rows(plan, hi_q - lo_q, stop - first, lo_k - first, qs, ks, vs)
-        out[idx, :, lo_q - info.q_offset:hi_q - info.q_offset] = _run(plan, qs, rows, scale, softcap, None)
-    return out
+        result = _run(plan, qs, rows, scale, softcap, None)
+        if whole and hi_q - lo_q == n_q:
+            return result  # every query row computed: no zero-filled output to copy into
+        if out is None:
+            out = q.new_zeros(q.shape[:-1] + (v.shape[-1],))
+        out[slice(None) if whole else idx, :, lo_q - info.q_offset:hi_q - info.q_offset] = result
+    return q.new_zeros(q.shape[:-1] + (v.shape[-1],)) if out is None else out
 
 
 def _rows(plan: _Plan, m: int, n: int, k0: int, q, k, v):
