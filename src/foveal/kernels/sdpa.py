@@ -93,10 +93,10 @@ def _score_grad(q, k, v, out, lse, dout, dlse, scale, mask):
     b, h, n, d = q.shape
     hk = k.shape[1]
     g = h // hk
-    qg = q.view(b, hk, g, n, d)
+    qg = q.reshape(b, hk, g, n, d)  # q and dout may be views with any strides
     s = torch.matmul(qg, k[:, :, None].transpose(-1, -2)).view(b, h, n, -1) * scale
     p = torch.exp(s + mask - lse[..., None])
-    dp = torch.matmul(dout.view(b, hk, g, n, d), v[:, :, None].transpose(-1, -2)).view(b, h, n, -1)
+    dp = torch.matmul(dout.reshape(b, hk, g, n, d), v[:, :, None].transpose(-1, -2)).view(b, h, n, -1)
     delta = (dout * out).sum(-1, keepdim=True)
     if dlse is not None:
         delta = delta - dlse[..., None].to(delta.dtype)
@@ -172,12 +172,11 @@ def _padded(q, k, v, causal: bool, scale: float, need_lse: bool, pad, mask=None,
     lse is set to ``-inf`` here. ``alive`` (broadcastable to (B, H, n_q)) says which rows
     have an allowed key under ``mask`` alone (None: all).
     """
+    fused = _packed if not causal and mask is None else _fused  # every query sees the same keys: pack GQA
     if pad is None:
-        fused = _packed if not causal and mask is None else _fused
         out, lse = fused(q, k, v, causal, scale, need_lse or mask is not None, mask)
         return out, (lse if alive is None or lse is None else torch.where(alive, lse, float("-inf")))
     add = torch.zeros(pad.shape, dtype=q.dtype, device=q.device).masked_fill_(pad, float("-inf"))[:, None, None, :]
-    fused = _packed if not causal and mask is None else _fused
     out, lse = fused(q, k, v, causal, scale, True, add if mask is None else mask + add)
     keep = ~pad
     if mask is not None:  # small patterns: rows whose allowed keys are all padded
