@@ -127,3 +127,33 @@ def test_bias_errors():
         RelativePositionBias((6, 8), (2, 3), torch.zeros(2, 5, 5))
     with pytest.raises(ValueError, match="max_offset must be >= 0"):
         RelativePositionBias((6, 8), -1)
+
+
+def test_table_index_is_the_brute_force_offset_with_steps_and_3d():
+    grid, extent, step = (3, 4, 5), (2, 1, 3), (1, 2, 1)
+    table = torch.randn(2, 5, 3, 7)
+    rpb = RelativePositionBias(grid, extent, table, step=step)
+    coords = [(a, b, c) for a in range(3) for b in range(4) for c in range(5)]
+    qi, ki = torch.arange(60)[:, None], torch.arange(60)[None, :]
+    got = rpb.gather(torch.broadcast_to(rpb.table_index(qi, ki), (60, 60)))
+    for i, ci in enumerate(coords):
+        for j, cj in enumerate(coords):
+            idx = [max(-m, min(m, (b - a) // s)) + m for a, b, m, s in zip(ci, cj, extent, step)]
+            assert torch.equal(got[:, i, j], table[(slice(None), *idx)])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "sdpa"])
+def test_cached_term_index_is_per_geometry(backend):
+    """Two tables of different reach on one pattern, one after the other: each gets its own index."""
+    p = Window((6, 6), 3, shift=1)
+    q, k, v = (torch.randn(1, 2, 36, 8) for _ in range(3))
+    for extent in ((2, 2), (1, 2), (5, 5)):
+        table = torch.randn(2, *(2 * e + 1 for e in extent))
+        bias = RelativePositionBias((6, 6), extent, table)
+
+        def term(h, i, j, e=extent, t=table):
+            return t[h, max(-e[0], min(e[0], j // 6 - i // 6)) + e[0], max(-e[1], min(e[1], j % 6 - i % 6)) + e[1]].item()
+
+        got = attend(q, k, v, p, bias=bias, backend=backend)
+        torch.testing.assert_close(got.double(), naive_biased(q, k, v, p.dense_mask(), 8**-0.5, term),
+                                   atol=1e-5, rtol=1e-5)

@@ -106,12 +106,32 @@ class RelativePositionBias:
         """The heads of the table: ``attend`` refuses it for another number of query heads."""
         return self.table.shape[0]
 
-    def __call__(self, h, q_idx, kv_idx):
-        index = [h]
+    @property
+    def geometry(self) -> tuple:
+        """``(grid, max_offset, step)``: what ``table_index`` depends on (a key for caching it)."""
+        return (self.grid, self.max_offset, self.step)
+
+    def table_index(self, q_idx, kv_idx) -> torch.Tensor:
+        """Flat index into ``table[h].flatten()`` of each (query, key) pair, broadcast over the two index tensors.
+
+        Independent of the table's values: kernels cache it per pattern and ``geometry`` and read the term as
+        one gather ``table.flatten(1)[:, index]``.
+        """
+        index = 0
         for qc, kc, m, st in zip(_coords(q_idx, self.grid), _coords(kv_idx, self.grid), self.max_offset, self.step):
             offset = kc - qc if st == 1 else (kc - qc) // st
-            index.append(offset.clamp(-m, m) + m)
-        return self.table[tuple(torch.broadcast_tensors(*index))]
+            index = index * (2 * m + 1) + offset.clamp(-m, m) + m
+        return index
+
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        """The term at a ``table_index`` for every head: ``(heads, *index.shape)``, differentiable in the table."""
+        flat = self.table.flatten(1)
+        return flat.index_select(1, index.flatten()).view(flat.shape[0], *index.shape)
+
+    def __call__(self, h, q_idx, kv_idx):
+        index = self.table_index(q_idx, kv_idx)
+        h, index = torch.broadcast_tensors(h, index)
+        return self.table.flatten(1)[h, index]
 
     def parameters(self):
         return [self.table]

@@ -74,13 +74,10 @@ def _chunked(fn, n_q: int, device, rows: int = 256):
 
 
 def _relative_index(bias: RelativePositionBias, n_kv: int, device) -> torch.Tensor:
-    """(Nq, Nk) flat index into ``bias.table[h]``: the bias evaluated on a table holding its own positions."""
-    sizes = tuple(bias.table.shape[1:])
-    positions = RelativePositionBias(bias.grid, bias.max_offset, torch.arange(math.prod(sizes)).reshape(1, *sizes),
-                                     step=bias.step)
+    """(Nq, Nk) flat index into ``bias.table[h]`` (``RelativePositionBias.table_index``), in bounded chunks."""
     kv = torch.arange(n_kv, device=device)[None, None, :]
-    head = torch.zeros(1, 1, 1, dtype=torch.long, device=device)
-    return _chunked(lambda qi: positions(head, qi, kv), math.prod(bias.grid), device)[0]
+    return _chunked(lambda qi: torch.broadcast_to(bias.table_index(qi, kv), (1, qi.shape[1], n_kv)),
+                    math.prod(bias.grid), device)[0]
 
 
 def _estimate(call, kind: str) -> int:

@@ -122,14 +122,25 @@ def _query_slots(q, plan, groups, cdt, scale):
 
 
 def _chunk_bias(bias, plan: GatherPlan, chunk, hq: int, hkv: int, cdt, device):
-    """The score term of one chunk for every query head, arranged like the scores: (Hkv, c, size·G, nk)."""
+    """The score term of one chunk for every query head, arranged like the scores: (Hkv, c, size·G, nk).
+
+    A term read from a table (``table_index``/``gather``, e.g. ``RelativePositionBias``) is one gather through
+    an index the chunk caches per geometry; any other term is evaluated on the chunk's (head, query, key).
+    """
     c, nk = chunk.keys.shape
     size, groups = plan.group_size, hq // hkv
     slot_token, _ = plan.on(device)
-    h = torch.arange(hq, device=device)[:, None, None, None]
     qtok = slot_token[chunk.slots].view(1, c, size, 1)
     keys = chunk.keys_on(device).view(1, c, 1, nk)
-    vals = torch.broadcast_to(bias(h, qtok, keys), (hq, c, size, nk)).to(cdt)
+    geometry = getattr(bias, "geometry", None)
+    if geometry is not None and hasattr(bias, "table_index"):
+        key = ("table index", geometry, str(device))
+        if key not in chunk._cache:
+            chunk._cache[key] = torch.broadcast_to(bias.table_index(qtok, keys), (1, c, size, nk))[0].contiguous()
+        vals = torch.broadcast_to(bias.gather(chunk._cache[key]), (hq, c, size, nk)).to(cdt)
+    else:
+        h = torch.arange(hq, device=device)[:, None, None, None]
+        vals = torch.broadcast_to(bias(h, qtok, keys), (hq, c, size, nk)).to(cdt)
     return vals.view(hkv, groups, c, size, nk).permute(0, 2, 3, 1, 4).reshape(hkv, c, size * groups, nk)
 
 

@@ -157,12 +157,27 @@ def small_mask(pattern, dtype, device):
     return MASKS.get((pattern, dtype, str(device)), build, pattern.cacheable)
 
 
+#: flat table indices of table-read score terms on small patterns, by (pattern, geometry, device)
+TERM_INDEX = LRU("sdpa small-pattern term indices", maxsize=64)
+
+
 def score_term(bias, heads: int, pattern, dtype, device):
-    """The score term evaluated on every (head, query, key) of a small pattern: (1, H, n_q, n_kv), differentiable."""
-    h = torch.arange(heads, device=device)[:, None, None]
-    qi = torch.arange(pattern.n_q, device=device)[None, :, None]
-    ki = torch.arange(pattern.n_kv, device=device)[None, None, :]
-    return torch.broadcast_to(bias(h, qi, ki), (heads, pattern.n_q, pattern.n_kv)).to(dtype)[None]
+    """The score term evaluated on every (head, query, key) of a small pattern: (1, H, n_q, n_kv), differentiable.
+
+    A term read from a table (``table_index``/``gather``, e.g. ``RelativePositionBias``) is one gather through
+    an index cached per pattern and geometry.
+    """
+    qi = torch.arange(pattern.n_q, device=device)[:, None]
+    ki = torch.arange(pattern.n_kv, device=device)[None, :]
+    geometry = getattr(bias, "geometry", None)
+    if geometry is not None and hasattr(bias, "table_index"):
+        index = TERM_INDEX.get((pattern, geometry, str(device)),
+                               lambda: torch.broadcast_to(bias.table_index(qi, ki), (pattern.n_q, pattern.n_kv))
+                               .contiguous(), pattern.cacheable)
+        term = bias.gather(index)
+    else:
+        term = bias(torch.arange(heads, device=device)[:, None, None], qi[None], ki[None])
+    return torch.broadcast_to(term, (heads, pattern.n_q, pattern.n_kv)).to(dtype)[None]
 
 
 def _padded(q, k, v, causal: bool, scale: float, need_lse: bool, pad, mask=None, alive=None):
