@@ -43,6 +43,24 @@ def test_match_labels_say_whether_the_two_glyphs_are_equal():
         assert torch.equal(found[0], found[1]) == bool(label)
 
 
+def test_match_scale_draws_aligned_enlarged_glyphs():
+    from foveal.bench.vision_tasks import GLYPHS
+
+    size, scale = 32, 2
+    x, y = match(20, size=size, seed=3, scale=scale)
+    third, g = size // 3, 3 * scale
+    for img, label in zip(x[:, 0], y):
+        found = []
+        for c0, c1 in ((0, third), (size - third, size)):
+            big = [gl.repeat_interleave(scale, 0).repeat_interleave(scale, 1) for gl in GLYPHS]
+            hits = [(r, c) for r in range(size - g + 1) for c in range(c0, c1 - g + 1)
+                    if any(torch.equal(img[r : r + g, c : c + g], 0.2 + 0.8 * gl) for gl in big)]
+            assert len(hits) == 1 and hits[0][0] % scale == 0 and hits[0][1] % scale == 0
+            r, c = hits[0]
+            found.append(img[r : r + g, c : c + g])
+        assert torch.equal(found[0], found[1]) == bool(label)
+
+
 def test_cue_segmentation_class_is_given_by_the_cue_in_a_corner():
     x, masks = cue_segmentation(30, size=32, seed=0)
     for img, mask in zip(x[:, 0], masks):
@@ -97,18 +115,42 @@ def test_backbone_refuses_bad_configurations():
 
 def test_vision_harness_writes_table_json_and_plot(tmp_path, monkeypatch):
     tiny = QV.Suite(("match", "cue-seg"), ("neighborhood", "focal"), 16, 8, Budget(steps=2, batch=4),
-                    dict(img_size=16, dims=(8, 16), depths=(1, 1), heads=(2, 2)))
+                    dict(img_size=16, dims=(8, 16), depths=(1, 1), heads=(2, 2)), seeds=(0, 1), steps={"cue-seg": 3})
     monkeypatch.setitem(QV.SUITES, "tiny", tiny)
     result = QV.run_vision_quality("tiny", tmp_path, progress_bar=False)
-    assert [(r["task"], r["mixer"]) for r in result["rows"]] == [
-        ("match", "neighborhood"), ("match", "focal"), ("cue-seg", "neighborhood"), ("cue-seg", "focal")]
+    assert [(r["task"], r["mixer"], r["seed"], r["steps"]) for r in result["rows"]] == [
+        ("match", "neighborhood", 0, 2), ("match", "neighborhood", 1, 2), ("match", "focal", 0, 2),
+        ("match", "focal", 1, 2), ("cue-seg", "neighborhood", 0, 3), ("cue-seg", "neighborhood", 1, 3),
+        ("cue-seg", "focal", 0, 3), ("cue-seg", "focal", 1, 3)]
     for r in result["rows"]:
         assert r["status"] == "ok" and 0 <= r["value"] <= 1 and r["flops"] > 0 and r["params"] > 0
-    assert json.loads((tmp_path / "quality-vision.json").read_text())["suite"] == "tiny"
+    # the seeds train different models: the same mixer's two rows differ
+    a, b = result["rows"][4:6]
+    assert a["value"] != b["value"] or a["train_s"] != b["train_s"]
+    saved = json.loads((tmp_path / "quality-vision.json").read_text())
+    assert saved["suite"] == "tiny" and saved["budget"]["seeds"] == [0, 1]
+    assert saved["budget"]["steps_per_task"] == {"match": 2, "cue-seg": 3}
     assert (tmp_path / "quality-vision.png").stat().st_size > 0
-    assert "neighborhood" in (tmp_path / "quality-vision.md").read_text()
+    text = (tmp_path / "quality-vision.md").read_text()
+    assert "neighborhood" in text and "±" in text and "seeds [0, 1]" in text
     with pytest.raises(ValueError, match="suite must be one of"):
         QV.run_vision_quality("nope", tmp_path)
+
+
+def test_vision_summary_and_calibration():
+    rows = [dict(task="match", mixer="global", metric="accuracy", seed=s, steps=9, status="ok", value=v,
+                 train_s=1.0, params=5, flops=7) for s, v in enumerate((0.8, 1.0, 0.9))]
+    rows += [dict(task="cue-seg", mixer="global", metric="mIoU", seed=0, steps=9, status="ok", value=0.5,
+                  train_s=1.0, params=5, flops=7),
+             dict(task="cue-seg", mixer="focal", metric="mIoU", seed=0, steps=9, status="diverged: x")]
+    by = {(e["task"], e["mixer"]): e for e in QV.summarise(rows)}
+    e = by["match", "global"]
+    assert e["mean"] == pytest.approx(0.9) and e["std"] == pytest.approx(0.1) and (e["min"], e["max"]) == (0.8, 1.0)
+    assert "mean" not in by["cue-seg", "focal"] and by["cue-seg", "focal"]["status"].startswith("diverged")
+    cal = QV.calibration(rows)
+    assert cal["match"]["calibrated"] and not cal["cue-seg"]["calibrated"]
+    table = QV.format_table(rows)
+    assert "0.900 ± 0.100 (0.80–1.00)" in table and "cue-seg: full attention 0.500 (needed 0.9) — NOT calibrated" in table
 
 
 def test_evaluate_miou_is_the_mean_over_classes():

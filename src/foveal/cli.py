@@ -99,6 +99,7 @@ QUALITY_SUITES = {
     "lm-hard": ("lm-hard",),
     "vision-quick": ("vision-quick",),
     "vision": ("vision",),
+    "vision-hard": ("vision-hard",),
     "real-quick": ("real-quick",),
     "real": ("real",),
 }
@@ -162,11 +163,12 @@ def main(argv=None) -> int:
         "foveal.integrations.timm against the originals), modules-quick (about 1 minute) or modules "
         "(foveal.nn modules against the same modules on dense masked SDPA), lm-quick (about 2 minutes) or lm (the "
         "language-model cases as ratios to SDPA: prefill at 4k and 16k, decoding; 15-20 minutes); quality: quick (a few minutes), full, "
-        "lm-quick, lm, lm-hard (MQAR and reverse, uncalibrated), vision-quick or vision (tiny models trained under "
-        "each pattern), real-quick (SmolLM2-135M at 1024 tokens, every recipe at density 0.1; about 2 minutes) or real "
+        "lm-quick, lm, lm-hard (MQAR and reverse, uncalibrated), vision-quick, vision (tiny models trained under "
+        "each mixer, 3 seeds, the calibrated cue-seg task) or vision-hard (pathfinder and glyph matching, "
+        "uncalibrated), real-quick (SmolLM2-135M at 1024 tokens, every recipe at density 0.1; about 2 minutes) or real "
         "(pretrained SmolLM2-135M, Gemma-3-270M and all-MiniLM-L6-v2 with every recipe at densities 0.05, 0.1, 0.2: "
         "perplexity, KL and top-1 agreement with full attention, passkey and multi-key retrieval, embedding cosine, "
-        "prefill time; about 27 minutes; needs `make bench-models`); cp: quick or full (default: quick)",
+        "prefill time; about 25 minutes; needs `make bench-models`); cp: quick or full (default: quick)",
     )
     b.add_argument("--out", default="bench-out", help="folder for the JSON, Markdown and PNG results")
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")

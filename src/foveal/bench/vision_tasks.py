@@ -78,20 +78,26 @@ GLYPHS = torch.tensor([
 ], dtype=torch.float32)
 
 
-def match(count: int, size: int = 32, seed: int = 0):
-    """Long-range comparison: label 1 when the glyph in the left third equals the glyph in the right third."""
+def match(count: int, size: int = 32, seed: int = 0, scale: int = 1):
+    """Long-range comparison: label 1 when the glyph in the left third equals the glyph in the right third.
+
+    ``scale`` draws each glyph pixel as a ``scale × scale`` square at coordinates that are multiples of ``scale``
+    (glyphs aligned with a stride-``scale`` stem).
+    """
     gen = torch.Generator().manual_seed(seed)
     images = 0.1 * torch.rand(count, 1, size, size, generator=gen)
     labels = (torch.arange(count) % 2)[torch.randperm(count, generator=gen)]
-    third, g = size // 3, GLYPHS.shape[-1]
+    glyphs = GLYPHS.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    third, g = size // 3, glyphs.shape[-1]
+    first_b = -(-(size - third) // scale)  # the first multiple of scale in the right third
     for i in range(count):
         a = torch.randint(0, len(GLYPHS), (), generator=gen).item()
         b = a if labels[i] else (a + torch.randint(1, len(GLYPHS), (), generator=gen).item()) % len(GLYPHS)
-        ya, yb = (torch.randint(0, size - g + 1, (2,), generator=gen)).tolist()
-        xa = torch.randint(0, third - g + 1, (), generator=gen).item()
-        xb = torch.randint(size - third, size - g + 1, (), generator=gen).item()
-        images[i, 0, ya : ya + g, xa : xa + g] = 0.2 + 0.8 * GLYPHS[a]
-        images[i, 0, yb : yb + g, xb : xb + g] = 0.2 + 0.8 * GLYPHS[b]
+        ya, yb = (torch.randint(0, (size - g) // scale + 1, (2,), generator=gen) * scale).tolist()
+        xa = torch.randint(0, (third - g) // scale + 1, (), generator=gen).item() * scale
+        xb = (first_b + torch.randint(0, (size - g) // scale - first_b + 1, (), generator=gen).item()) * scale
+        images[i, 0, ya : ya + g, xa : xa + g] = 0.2 + 0.8 * glyphs[a]
+        images[i, 0, yb : yb + g, xb : xb + g] = 0.2 + 0.8 * glyphs[b]
     return images, labels
 
 
