@@ -124,6 +124,17 @@ class _HeadsBias(WrappedBias):
     def __call__(self, h, q_idx, kv_idx):
         return self.bias(self.heads.to(h.device)[h], q_idx, kv_idx)
 
+    @property
+    def geometry(self):
+        """The wrapped table term's geometry (its index does not depend on heads), or None."""
+        return getattr(self.bias, "geometry", None) if hasattr(self.bias, "table_index") else None
+
+    def table_index(self, q_idx, kv_idx):
+        return self.bias.table_index(q_idx, kv_idx)
+
+    def gather(self, index):
+        return self.bias.gather(index)[self.heads.to(index.device)]
+
     def __repr__(self):
         return f"{self.bias!r} on heads {self.heads.tolist()}"
 

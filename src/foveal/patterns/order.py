@@ -264,5 +264,18 @@ class _OrderedBias(WrappedBias):
         perm = self.pattern.perm(q_idx.device)
         return self.bias(h, perm[q_idx], perm[kv_idx])
 
+    @property
+    def geometry(self):
+        """The wrapped table term's geometry in this order (None when it is not read from a table)."""
+        inner = getattr(self.bias, "geometry", None)
+        return None if inner is None or not hasattr(self.bias, "table_index") else (inner, self.pattern)
+
+    def table_index(self, q_idx, kv_idx):
+        perm = self.pattern.perm(q_idx.device)
+        return self.bias.table_index(perm[q_idx], perm[kv_idx])
+
+    def gather(self, index):
+        return self.bias.gather(index)
+
     def __repr__(self):
         return f"{self.bias!r} in {self.pattern.order} order"
