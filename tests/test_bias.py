@@ -157,3 +157,27 @@ def test_cached_term_index_is_per_geometry(backend):
         got = attend(q, k, v, p, bias=bias, backend=backend)
         torch.testing.assert_close(got.double(), naive_biased(q, k, v, p.dense_mask(), 8**-0.5, term),
                                    atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shift", [0, 2])
+def test_window_groups_share_one_table_index_and_match_the_reference(shift):
+    """Windows read the table at the same offsets: the cpu kernel keeps one group's index per chunk (broadcast),
+    and output, lse and every gradient (the table's summed over the groups) equal the reference."""
+    from foveal.kernels.cpu import plan_for
+
+    p = Window((8, 12), 4, shift=shift)
+    table = torch.randn(2, 7, 7, requires_grad=True)
+    bias = RelativePositionBias((8, 12), 3, table)
+    q = torch.randn(2, 2, p.n, 8, requires_grad=True)
+    k, v = (torch.randn(2, 1, p.n, 8, requires_grad=True) for _ in range(2))
+    out, lse = attend(q, k, v, p, bias=bias, backend="cpu", return_lse=True)
+    ref, ref_lse = attend(q, k, v, p, bias=bias, backend="reference", return_lse=True)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(out)
+    ours = torch.autograd.grad((out * g).sum() + lse.sum(), (q, k, v, table))
+    theirs = torch.autograd.grad((ref * g).sum() + ref_lse.sum(), (q, k, v, table))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=5e-5)
+    indices = [val for chunk in plan_for(p).chunks for key, val in chunk._cache.items() if key[0] == "table index"]
+    assert indices and any(i.shape[0] == 1 for i in indices)

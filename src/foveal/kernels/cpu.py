@@ -121,11 +121,26 @@ def _query_slots(q, plan, groups, cdt, scale):
     return _to_slots(q.to(cdt) * scale, slot_token, groups), 1.0
 
 
+def _table_index(bias, chunk, qtok, keys, device):
+    """The chunk's flat table index (c or 1, size, nk), cached per geometry: one row when every group reads the
+    table at the same offsets wherever the mask allows (a window's groups), else one per group."""
+    key = ("table index", bias.geometry, str(device))
+    if key not in chunk._cache:
+        c, size, nk = qtok.shape[1], qtok.shape[2], keys.shape[-1]
+        index = torch.broadcast_to(bias.table_index(qtok, keys), (1, c, size, nk))[0]
+        same = index == index[:1]
+        if chunk.allowed is not None:
+            same |= ~chunk.allowed.to(device)  # masked pairs' terms are never used
+        chunk._cache[key] = index[:1].contiguous() if bool(same.all()) else index.contiguous()
+    return chunk._cache[key]
+
+
 def _chunk_bias(bias, plan: GatherPlan, chunk, hq: int, hkv: int, cdt, device):
-    """The score term of one chunk for every query head, arranged like the scores: (Hkv, c, size·G, nk).
+    """The score term of one chunk for every query head, arranged like the scores: (Hkv, c or 1, size·G, nk).
 
     A term read from a table (``table_index``/``gather``, e.g. ``RelativePositionBias``) is one gather through
-    an index the chunk caches per geometry; any other term is evaluated on the chunk's (head, query, key).
+    an index the chunk caches per geometry, a single group's (broadcast over the chunk) where all groups share
+    it; any other term is evaluated on the chunk's (head, query, key).
     """
     c, nk = chunk.keys.shape
     size, groups = plan.group_size, hq // hkv
@@ -134,10 +149,9 @@ def _chunk_bias(bias, plan: GatherPlan, chunk, hq: int, hkv: int, cdt, device):
     keys = chunk.keys_on(device).view(1, c, 1, nk)
     geometry = getattr(bias, "geometry", None)
     if geometry is not None and hasattr(bias, "table_index"):
-        key = ("table index", geometry, str(device))
-        if key not in chunk._cache:
-            chunk._cache[key] = torch.broadcast_to(bias.table_index(qtok, keys), (1, c, size, nk))[0].contiguous()
-        vals = torch.broadcast_to(bias.gather(chunk._cache[key]), (hq, c, size, nk)).to(cdt)
+        index = _table_index(bias, chunk, qtok, keys, device)
+        c = index.shape[0]
+        vals = torch.broadcast_to(bias.gather(index), (hq, c, size, nk)).to(cdt)
     else:
         h = torch.arange(hq, device=device)[:, None, None, None]
         vals = torch.broadcast_to(bias(h, qtok, keys), (hq, c, size, nk)).to(cdt)
@@ -148,9 +162,9 @@ def _add_terms(s, vals, padding, chunk, b0, b1, hkv):
     """Add the chunk's score term and mask padded keys, for batch·head rows b0:b1 (row ``bh``: key head
     ``bh % Hkv``, batch element ``bh // Hkv``)."""
     nb = b1 - b0
-    if vals is not None:
+    if vals is not None:  # (Hkv, c or 1, rows, nk): one group's term broadcast over the chunk's groups
         rows = torch.arange(b0, b1, device=vals.device) % hkv
-        s.view(nb, *vals.shape[1:]).add_(vals[rows] if nb > 1 else vals[b0 % hkv][None])
+        s.view(nb, chunk.keys.shape[0], *vals.shape[2:]).add_(vals[rows] if nb > 1 else vals[b0 % hkv][None])
     if padding is not None:
         c, nk = chunk.keys.shape
         batch = torch.arange(b0, b1, device=padding.device) // hkv
@@ -223,8 +237,10 @@ def _backward(q, k, v, out_slots, dout, dlse, plan: GatherPlan, scale: float, bi
             doc = dos[b0:b1, chunk.slots].reshape(nb * c, rows, dv)
             p, ds_final, ds = backward_tile(s, doc, vc, delta[b0:b1, chunk.slots].reshape(nb * c, rows), deriv)
             dvf[b0:b1].index_add_(1, keys, torch.bmm(p.transpose(1, 2), doc).view(nb, c * nk, dv))
-            if dvals is not None:  # dL/d(term) = dL/d(final score), summed over the batch
-                dvals.index_add_(0, torch.arange(b0, b1, device=q.device) % hkv, ds_final.view(nb, c, rows, nk))
+            if dvals is not None:  # dL/d(term) = dL/d(final score), summed over the batch (and a shared term's groups)
+                dterm = ds_final.view(nb, c, rows, nk)
+                dvals.index_add_(0, torch.arange(b0, b1, device=q.device) % hkv,
+                                 dterm.sum(1, keepdim=True) if dvals.shape[1] == 1 and c > 1 else dterm)
             dqs[b0:b1, chunk.slots] = torch.bmm(ds, kc).view(nb, c * size, groups, d)
             dkc = torch.bmm(ds.transpose(1, 2), qc)
             if alpha != 1.0:
