@@ -268,6 +268,7 @@ def test_the_runner_writes_table_json_and_plots_for_a_decoder_and_an_encoder(tok
     assert get("tiny-bert", "dense", "embedding")["cos_min"] > 0.99999
     assert get("tiny-bert", "window", "embedding")["cos_mean"] < 0.999
     assert all(r["prefill_ratio"] > 0 for r in rows if r["status"] == "ok" and r["task"] in ("lm", "embedding"))
+    assert full["prefill_ratio"] == 1.0 and result["models"]["tiny-llama"]["prefill_rounds"] == QR.PREFILL_ROUNDS
     md = (tmp_path / "quality-real.md").read_text()
     assert "tiny Llama" in md and "tiny BERT" in md and "passkey@512" in md and "multi-key@640" in md
     assert json.loads((tmp_path / "quality-real.json").read_text())["rows"] == json.loads(json.dumps(rows))
@@ -327,9 +328,20 @@ def test_vertical_slash_pairs_are_counted_as_the_selection_counts_them(n, vertic
     assert QR.kept_pairs(sel) == int(sel.keys_kept().sum())
 
 
-def test_a_prefill_ratio_is_to_the_sdpa_timings_around_its_row():
-    timings = [(0, 1.0), (2.5, 3.0), (5.5, 2.0)]
-    assert QR._nearest(timings, 0) == 1.0
-    assert QR._nearest(timings, 1) == 2.0  # between the first and the second
-    assert QR._nearest(timings, 3) == 2.5
-    assert QR._nearest(timings, 9) == 2.0  # past the last: the last
+def test_prefill_is_timed_in_interleaved_rounds_under_each_recipe(tok):
+    """time_prefill: every contender's call runs under its own recipe, and the model is restored after each."""
+    from foveal.integrations.transformers import is_sparsified
+
+    model = tiny_llama(len(tok))
+    seen = []
+
+    def prefill():
+        seen.append(is_sparsified(model))
+        return torch.zeros(1)
+
+    recipes = {("window", 0.1): QR.FAMILIES["window"].make(8, 64), ("dense", 1.0): QR.FAMILIES["dense"].make(0, 64)}
+    times = QR.time_prefill(model, prefill, recipes, rounds=3)
+    assert set(times) == {"full", ("window", 0.1), ("dense", 1.0)} and all(t > 0 for t in times.values())
+    # 3 contenders × (an untimed call, the memory call, 3 rounds); sdpa's calls unsparsified, the others' not
+    assert len(seen) == 15 and seen.count(False) == 5 and not is_sparsified(model)
+    assert seen[6:] == [False, True, True] * 3  # the rounds go over all contenders in turn

@@ -8,9 +8,9 @@ at matched densities, and is compared with the model's own ``sdpa`` (full attent
 * language modelling on ``real_tasks.stdlib_text()`` (its first ``L`` tokens): perplexity, KL(full ‖ pattern)
   and top-1 agreement with full attention at every ``lm_stride``-th position of the second half (``L/2 ..
   L-2``, each predicting the next token: past every window at the suite's densities, where the patterns cut
-  context), and the prefill time of that forward as a ratio to the model's own sdpa timed in the same run
-  (one forward per pattern, over the mean of the sdpa forwards timed just before and after it: sdpa is
-  timed again every 3 rows; the density hook's own time subtracted);
+  context), and the prefill time of that forward (the first segment's) as a ratio to the model's own sdpa:
+  after a model's rows, every recipe and sdpa are timed in ``PREFILL_ROUNDS`` interleaved rounds
+  (``time_prefill``; medians, without the density hook);
 * passkey retrieval at several lengths × depths and RULER's multi-key needle (``real_tasks``): greedy
   generation through the model's KV cache (static patterns decode under their rows; content-selected ones
   select at prefill and decode densely), exact match of the first number generated;
@@ -42,7 +42,6 @@ import functools
 import json
 import math
 import platform
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -208,7 +207,7 @@ class DensityMeter:
 
     Static patterns count their allowed pairs (``num_allowed``, once per pattern); content-selected ones
     select on the layer's own q and k (``kept_pairs(select(q, k))``, scale ``1/sqrt(head_dim)``, the scale of
-    the models here). ``seconds`` is the time spent here, to be taken off a timed forward.
+    the models here).
     """
 
     def __init__(self, causal: bool):
@@ -218,10 +217,8 @@ class DensityMeter:
 
     def reset(self):
         self.kept = self.dense = 0
-        self.seconds = 0.0
 
     def __call__(self, layer, pattern, q, k):
-        start = time.perf_counter()
         b, h, n_q, _ = q.shape
         n_kv = k.shape[2]
         if n_q > 1:
@@ -233,7 +230,6 @@ class DensityMeter:
                 kept = self._static[pattern] * b * h
             self.kept += kept
             self.dense += dense_pairs(n_q, n_kv, self.causal) * b * h
-        self.seconds += time.perf_counter() - start
 
     @property
     def density(self) -> float:
@@ -367,8 +363,9 @@ class _Causal:
     def new_tokens(self, prompts):
         return max(len(RT.encode(self.tok, " " + p.answer)) for p in prompts) + 1
 
-    def time_sdpa(self) -> float:
-        return _timed(lambda: _forward_lm(self.model, self.segments[0], self.spec.lm_stride))[1]
+    def prefill(self):
+        """The timed forward: the LM forward of the first segment."""
+        return _forward_lm(self.model, self.segments[0], self.spec.lm_stride)
 
     def reference(self):
         """Full attention (the model's own sdpa): log-probabilities, and its own scores."""
@@ -381,15 +378,13 @@ class _Causal:
         if meter is not None:
             meter.reset()
         if kind == "lm":
-            sums, times = [], []
+            sums = []
             for ids, ref in zip(self.segments, self.ref):
-                before = meter.seconds if meter is not None else 0.0
-                got, t = _timed(lambda ids=ids: _forward_lm(self.model, ids, self.spec.lm_stride))
-                times.append(t - ((meter.seconds - before) if meter is not None else 0.0))
+                got = _forward_lm(self.model, ids, self.spec.lm_stride)
                 sums.append(_lm_metrics(ref, got, ids[0, lm_positions(ids.shape[1], self.spec.lm_stride) + 1]))
             count = sum(s["count"] for s in sums)
             return {"ppl": math.exp(sum(s["nll"] for s in sums) / count), "kl": sum(s["kl"] for s in sums) / count,
-                    "top1": sum(s["agree"] for s in sums) / count, "positions": count, "prefill_s": times[0]}
+                    "top1": sum(s["agree"] for s in sums) / count, "positions": count}
         prompts = self.prompts[task]
         texts = _generate(self.model, self.tok, prompts, self.new_tokens(prompts))
         hits = [RT.score(p, g) for p, g in zip(prompts, texts)]
@@ -428,8 +423,9 @@ class _Encoder:
         m = self.mask[..., None].to(h.dtype)
         return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)
 
-    def time_sdpa(self) -> float:
-        return _timed(self._embed)[1]
+    def prefill(self):
+        """The timed forward: the embeddings of every chunk."""
+        return self._embed()
 
     def reference(self):
         with torch.no_grad():
@@ -439,10 +435,9 @@ class _Encoder:
     def run(self, task, meter: DensityMeter | None) -> dict:
         if meter is not None:
             meter.reset()
-        emb, t = _timed(self._embed)
+        emb = self._embed()
         cos = (emb * self.ref).sum(-1)
-        return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()), "chunks": emb.shape[0],
-                "prefill_s": t - (meter.seconds if meter is not None else 0.0)}
+        return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()), "chunks": emb.shape[0]}
 
 
 def _capture(model, ids, **kwargs):
@@ -476,20 +471,16 @@ def _run_model(loaded, spec: RealSuite, text_ids, limit, step, out_rows, save):
     tasks = runner.tasks()
     jobs = _jobs(spec, limit)
     runner.reference()
-    sdpa = []  # (position in the jobs, seconds): the full row's, then again after every SDPA_EVERY rows
-    solutions = {}
-    for j, (fam, target) in enumerate(jobs):
+    solutions, timed = {}, {}  # timed: (family, target) -> recipe of the rows whose prefill is timed
+    for fam, target in jobs:
         for task in _row_tasks(fam, tasks):
             kind, n = task
             step(f"{loaded.name}: {fam} @ {target:g}, {kind} {n}")
-            row = {"model": loaded.name, "family": fam, "target_density": target, "task": kind, "length": n,
-                   "_job": j}
+            row = {"model": loaded.name, "family": fam, "target_density": target, "task": kind, "length": n}
             try:
                 if fam == "full":
                     row.update(recipe="the model's own sdpa", knob=None, density_solved=1.0, density=1.0,
                                **runner.run(task, None))
-                    if "prefill_s" in row:
-                        sdpa.append((j, row["prefill_s"]))
                 else:
                     if (fam, target, n) not in solutions:  # selections are solved on the model's q, k
                         qk = runner.qk(n) if fam in SELECTED else None
@@ -503,34 +494,56 @@ def _run_model(loaded, spec: RealSuite, text_ids, limit, step, out_rows, save):
                         restore(loaded.model)
                     row.update(recipe=repr(recipe), knob=knob, density_solved=solved, solve_s=solve_s,
                                density=meter.density, **result)
+                    if kind in ("lm", "embedding"):
+                        timed[fam, target] = recipe
                 row["status"] = "ok"
             except ValueError as e:  # a recipe without such a form, or one that refuses: a result, not a crash
                 row["status"] = f"skipped: {str(e).splitlines()[0][:160]}"
             except (RuntimeError, TypeError, IndexError) as e:  # a failing row must not end a 30-minute run
                 row["status"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-            if "prefill_s" not in row:
-                row.pop("_job")
             out_rows.append(row)
             save()
-        if j % SDPA_EVERY == SDPA_EVERY - 1 or j == len(jobs) - 1:
-            sdpa.append((j + 0.5, runner.time_sdpa()))
+    step(f"{loaded.name}: prefill of {len(timed)} recipes and sdpa, {PREFILL_ROUNDS} interleaved rounds")
+    times = time_prefill(loaded.model, runner.prefill, timed)
     for row in out_rows:
-        if row["model"] == loaded.name and "prefill_s" in row:
-            row["prefill_ratio"] = row["prefill_s"] / _nearest(sdpa, row.pop("_job"))
-    return {"title": loaded.title, "kind": loaded.kind, "sdpa_prefill_s": [t for _, t in sdpa],
-            "sparsified_layers": _sparsified_layers(loaded.model), "tasks": [list(t) for t in tasks]}
+        if row["model"] == loaded.name and row["task"] in ("lm", "embedding") and row["status"] == "ok":
+            key = "full" if row["family"] == "full" else (row["family"], row["target_density"])
+            row["prefill_s"] = times[key]
+            row["prefill_ratio"] = times[key] / times["full"]
+    return {"title": loaded.title, "kind": loaded.kind, "sdpa_prefill_s": times["full"],
+            "prefill_rounds": PREFILL_ROUNDS, "sparsified_layers": _sparsified_layers(loaded.model),
+            "tasks": [list(t) for t in tasks]}
 
 
-#: sdpa is timed again after every this many rows; a row's prefill ratio is to the timings around it
-SDPA_EVERY = 3
+#: timed forwards per recipe (and for the model's own sdpa), in rounds over all of them; the median is reported
+PREFILL_ROUNDS = 3
 
 
-def _nearest(timings, j) -> float:
-    """The mean of the sdpa timings just before and just after job ``j`` (the machine drifts over a run)."""
-    before = [t for pos, t in timings if pos <= j][-1:]
-    after = [t for pos, t in timings if pos >= j][:1]
-    around = before + after
-    return sum(around) / len(around)
+def time_prefill(model, prefill, recipes_by_key: dict, rounds: int = PREFILL_ROUNDS) -> dict:
+    """Median seconds of ``prefill()`` under the model's own attention (``"full"``) and under each recipe.
+
+    Every contender runs twice untimed (a cold call and one measuring memory), then once per round, the rounds
+    going over all contenders in turn, so that the machine's drift hits them alike (``foveal.bench.modules.time_interleaved``). A recipe is put on by
+    ``sparsify`` (no ``observe`` hook) and taken off by ``restore`` around each of its calls.
+    """
+    from foveal.bench.modules import time_interleaved
+    from foveal.integrations.transformers import restore, sparsify
+
+    def under(recipe):
+        def call():
+            sparsify(model, recipe)
+            try:
+                return prefill()
+            finally:
+                restore(model)
+
+        return call
+
+    fns = {"full": prefill, **{key: under(r) for key, r in recipes_by_key.items()}}
+    with torch.no_grad():
+        timed = time_interleaved(fns, torch.device("cpu"), min_runs=rounds, max_runs=rounds, min_seconds=0.0,
+                                 slow=float("inf"))
+    return {key: r["median_s"] for key, r in timed.items()}
 
 
 def _sparsified_layers(model) -> list[int]:
@@ -551,7 +564,7 @@ def _steps(spec: RealSuite, limit) -> int:
     for name in spec.models:
         s = spec.for_model(name)
         tasks = [0] if name in s.encoders else [0] * (1 + len(s.passkey_lengths) + (1 if s.multikey_length else 0))
-        total += sum(len(_row_tasks(fam, tasks)) for fam, _ in _jobs(s, limit))
+        total += sum(len(_row_tasks(fam, tasks)) for fam, _ in _jobs(s, limit)) + 1  # + the prefill timing
     return total
 
 
@@ -647,11 +660,10 @@ def report(result) -> str:
     for name, info in result["models"].items():
         rows = [r for r in result["rows"] if r["model"] == name]
         tasks = [tuple(t) for t in info["tasks"]]
-        sdpa = statistics.median(info["sdpa_prefill_s"])
         layers = info["sparsified_layers"]
         lines += [f"**{info['title']}** ({info['kind']}; patterns on layers {_ranges(layers)}; "
-                  f"{info['text_tokens']} text tokens; sdpa prefill {sdpa:.2f} s, median of "
-                  f"{len(info['sdpa_prefill_s'])})", ""]
+                  f"{info['text_tokens']} text tokens; sdpa prefill {info['sdpa_prefill_s']:.2f} s, median of "
+                  f"{info['prefill_rounds']} interleaved rounds)", ""]
         keys = list(dict.fromkeys((r["family"], r["target_density"]) for r in rows))
         first = tasks[0]
         if info["kind"] == "encoder":
@@ -685,8 +697,9 @@ def report(result) -> str:
               "sparsified layers (retrieval columns: the density at that length in parentheses); ppl, KL(full ‖ "
               "pattern) and top-1 agreement with full attention at the scored positions of the second half; "
               "retrieval: exact-match accuracy of greedy generation (3 depths or trials: 0, 0.33, 0.67, 1); "
-              "prefill × sdpa: the LM (embedding) forward's time over the model's own sdpa timed around it in "
-              "the same run; dense: foveal's Causal (Full), the LM forward only.", ""]
+              "prefill × sdpa: the median time of the LM (embedding) forward under the recipe over the model's own "
+              "sdpa's, every recipe and sdpa timed in the same interleaved rounds; dense: foveal's Causal (Full), "
+              "the LM forward only.", ""]
     return "\n".join(lines) + "\n"
 
 
