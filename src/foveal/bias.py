@@ -15,7 +15,7 @@ import torch
 
 from foveal._checks import as_shape, per_axis, positive_int
 
-__all__ = ["ALiBi", "RelativePositionBias", "bias_parameters", "WrappedBias"]
+__all__ = ["ALiBi", "RelativePositionBias", "bias_parameters", "table_geometry", "WrappedBias"]
 
 
 def bias_parameters(bias) -> list[torch.Tensor]:
@@ -24,6 +24,13 @@ def bias_parameters(bias) -> list[torch.Tensor]:
     if params is None:
         return []
     return [p for p in params() if isinstance(p, torch.Tensor) and p.requires_grad]
+
+
+def table_geometry(bias):
+    """The ``geometry`` of a score term read from a table (it has ``table_index`` and ``gather``, as
+    ``RelativePositionBias``): what its cached index is keyed by. None for any other term."""
+    geometry = getattr(bias, "geometry", None)
+    return geometry if geometry is not None and hasattr(bias, "table_index") else None
 
 
 class WrappedBias:

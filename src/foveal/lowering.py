@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from foveal.bias import WrappedBias
+from foveal.bias import WrappedBias, table_geometry
 
 from foveal.kernels.select import Call
 from foveal.patterns.dynamic import BlockSelection, DynamicPattern
@@ -127,7 +127,7 @@ class _HeadsBias(WrappedBias):
     @property
     def geometry(self):
         """The wrapped table term's geometry (its index does not depend on heads), or None."""
-        return getattr(self.bias, "geometry", None) if hasattr(self.bias, "table_index") else None
+        return table_geometry(self.bias)
 
     def table_index(self, q_idx, kv_idx):
         return self.bias.table_index(q_idx, kv_idx)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from foveal.bias import table_geometry
 from foveal.cache import LRU
 from foveal.inputs import check_qkv
 from foveal.kernels.core import backward_tile, cap, compute_dtype, delta_rows, softmax_tile
@@ -147,8 +148,7 @@ def _chunk_bias(bias, plan: GatherPlan, chunk, hq: int, hkv: int, cdt, device):
     slot_token, _ = plan.on(device)
     qtok = slot_token[chunk.slots].view(1, c, size, 1)
     keys = chunk.keys_on(device).view(1, c, 1, nk)
-    geometry = getattr(bias, "geometry", None)
-    if geometry is not None and hasattr(bias, "table_index"):
+    if table_geometry(bias) is not None:
         index = _table_index(bias, chunk, qtok, keys, device)
         c = index.shape[0]
         vals = torch.broadcast_to(bias.gather(index), (hq, c, size, nk)).to(cdt)

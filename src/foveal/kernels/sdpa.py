@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from foveal.bias import table_geometry
 from foveal.cache import LRU
 from foveal.merge import merge_attentions
 from foveal.patterns.global_ import Causal, Full
@@ -169,8 +170,8 @@ def score_term(bias, heads: int, pattern, dtype, device):
     """
     qi = torch.arange(pattern.n_q, device=device)[:, None]
     ki = torch.arange(pattern.n_kv, device=device)[None, :]
-    geometry = getattr(bias, "geometry", None)
-    if geometry is not None and hasattr(bias, "table_index"):
+    geometry = table_geometry(bias)
+    if geometry is not None:
         index = TERM_INDEX.get((pattern, geometry, str(device)),
                                lambda: torch.broadcast_to(bias.table_index(qi, ki), (pattern.n_q, pattern.n_kv))
                                .contiguous(), pattern.cacheable)

@@ -21,7 +21,7 @@ import numbers
 import torch
 
 from foveal._checks import as_shape, fmt_axes, per_axis
-from foveal.bias import WrappedBias
+from foveal.bias import WrappedBias, table_geometry
 from foveal.patterns.base import Pattern
 
 __all__ = ["raster", "tiles", "morton", "hilbert", "inverse", "Ordered", "ORDERS"]
@@ -267,8 +267,8 @@ class _OrderedBias(WrappedBias):
     @property
     def geometry(self):
         """The wrapped table term's geometry in this order (None when it is not read from a table)."""
-        inner = getattr(self.bias, "geometry", None)
-        return None if inner is None or not hasattr(self.bias, "table_index") else (inner, self.pattern)
+        inner = table_geometry(self.bias)
+        return None if inner is None else (inner, self.pattern)
 
     def table_index(self, q_idx, kv_idx):
         perm = self.pattern.perm(q_idx.device)
