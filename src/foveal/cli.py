@@ -168,7 +168,7 @@ def main(argv=None) -> int:
         "uncalibrated), real-quick (SmolLM2-135M at 1024 tokens, every recipe at density 0.1; about 2 minutes) or real "
         "(pretrained SmolLM2-135M, Gemma-3-270M and all-MiniLM-L6-v2 with every recipe at densities 0.05, 0.1, 0.2: "
         "perplexity, KL and top-1 agreement with full attention, passkey and multi-key retrieval, embedding cosine, "
-        "prefill time; about 25 minutes; needs `make bench-models`); cp: quick or full (default: quick)",
+        "prefill time; about 33 minutes; needs `make bench-models`); cp: quick or full (default: quick)",
     )
     b.add_argument("--out", default="bench-out", help="folder for the JSON, Markdown and PNG results")
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")

@@ -30,8 +30,8 @@ Suites (``SUITES``; times on a 2-core CPU with the machine to itself):
 
 * ``real-quick`` (about 2 minutes): SmolLM2 only, 1024 tokens, every recipe at density 0.1; passkey at
   1024 tokens × depths 0.1, 0.5, 0.9; multi-key (4 needles) at 1024, 3 trials.
-* ``real`` (about 25 minutes): SmolLM2, Gemma 3 and MiniLM, every recipe at densities 0.05, 0.1 and
-  0.2; LM at 2048 tokens (every 2nd scored position for SmolLM2, every 4th for Gemma: 512 and 256); passkey
+* ``real`` (about 33 minutes, 8 of them timing prefill): SmolLM2, Gemma 3 and MiniLM, every recipe at
+  densities 0.05, 0.1 and 0.2; LM at 2048 tokens (every 2nd scored position for SmolLM2, every 4th for Gemma: 512 and 256); passkey
   at 1024 and 2048 × 3 depths; multi-key at 2048, 3 trials; 8 MiniLM chunks of 512. No 4096-token tasks:
   three prompts of 4k per row would double the run.
 """
@@ -269,7 +269,7 @@ SUITES = {
     "real-quick": RealSuite(models=("smollm2-135m",), families=ALL, densities=(0.1,), lm_length=1024,
                             passkey_lengths=(1024,), depths=(0.1, 0.5, 0.9), multikey_length=1024,
                             multikey_trials=3),
-    # about 25 minutes on a 2-core CPU (2 more the first time, de-quantising the GGUF models)
+    # about 33 minutes on a 2-core CPU (2 more the first time, de-quantising the GGUF models)
     "real": RealSuite(models=("smollm2-135m", "gemma3-270m", "minilm-l6"), families=ALL,
                       densities=(0.05, 0.1, 0.2), lm_length=2048, lm_stride=2, passkey_lengths=(1024, 2048),
                       depths=(0.1, 0.5, 0.9), multikey_length=2048, multikey_trials=3,
