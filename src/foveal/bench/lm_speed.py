@@ -13,19 +13,17 @@ call on a 16-token cache. Every figure is a median of warm runs; ratios are what
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from foveal.bench.measure import matmul_rate, progress, target_line
+from foveal.bench.measure import matmul_rate, progress, target_line, write_report
 from foveal.decode import KVCache, Quest, SnapKV, attend_decode, snapkv_compress
 from foveal.functional import attend
 from foveal.patterns import DHSA, BlockTopK, Causal, Sinks, SlidingWindow, VerticalSlash
@@ -275,15 +273,7 @@ def run_lm(suite: str = "lm", out_dir: str = "bench-out", device: str | None = N
     result = {"suite": suite, "device": str(dev),
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
               "matmul_flops": rate, "rows": rows}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    text = report(result)
-    (out / "lm.json").write_text(json.dumps(result, indent=1))
-    (out / "lm.md").write_text(text)
-    plot(result, out / "lm.png")
-    print(text)
-    print(f"wrote {out / 'lm.json'}, {out / 'lm.md'}, {out / 'lm.png'}")
-    return result
+    return write_report(out_dir, "lm", result, report(result), lambda path: plot(result, path))
 
 
 def _base(rows, **where):

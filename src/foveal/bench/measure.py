@@ -6,15 +6,17 @@ others it is compared with, warm, as a median of several runs.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import statistics
 import threading
 import time
+from pathlib import Path
 
 import torch
 
-__all__ = ["time_call", "PeakMemory", "matmul_rate", "progress", "target_line", "steady_heap"]
+__all__ = ["time_call", "PeakMemory", "matmul_rate", "progress", "target_line", "steady_heap", "write_report"]
 
 
 def _sync(device):
@@ -142,3 +144,19 @@ def progress(i: int, total: int, text: str, start: float | None = None):
 def target_line(x: float, text: str, goal: float, digits: int = 2) -> str:
     """A report line for a ratio against its target: ``- text: 0.93× (target ≤ 1.05×) — met``."""
     return f"- {text}: {x:.{digits}f}× (target ≤ {goal}×) — {'met' if x <= goal else 'NOT met'}"
+
+
+def write_report(out_dir, name: str, result: dict, text: str, plot=None) -> dict:
+    """Write a benchmark's ``name.json`` (``result``), ``name.md`` (``text``) and, with ``plot``, ``name.png``
+    (``plot(path)``) into ``out_dir`` (created if needed); print the text and the paths; return ``result``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.json", out / f"{name}.md"]
+    paths[0].write_text(json.dumps(result, indent=1))
+    paths[1].write_text(text)
+    if plot is not None:
+        paths.append(out / f"{name}.png")
+        plot(paths[-1])
+    print(text)
+    print("wrote " + ", ".join(map(str, paths)))
+    return result

@@ -49,7 +49,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from foveal.bench.measure import PeakMemory, _sync, progress
+from foveal.bench.measure import PeakMemory, _sync, progress, write_report
 from foveal.bias import RelativePositionBias
 
 __all__ = ["ModuleCase", "MODULE_SUITES", "MODULE_CONTENDERS", "DENSE_CAP_BYTES", "dense_backends", "run_modules"]
@@ -582,12 +582,5 @@ def run_modules(suite: str = "modules-quick", out_dir: str = "bench-out", device
         "seconds": time.perf_counter() - start,
         "rows": rows,
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    text = _report(result)
-    (out / "modules.json").write_text(json.dumps(result, indent=1))
-    (out / "modules.md").write_text(text)
-    plot(rows, out / "modules.png", f"foveal bench speed --suite {suite}")
-    print(text)
-    print(f"wrote {out / 'modules.json'}, {out / 'modules.md'}, {out / 'modules.png'}")
-    return result
+    return write_report(out_dir, "modules", result, _report(result),
+                        lambda path: plot(rows, path, f"foveal bench speed --suite {suite}"))

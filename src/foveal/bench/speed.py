@@ -23,7 +23,7 @@ import torch
 
 from foveal.bench import modules as bench_modules
 from foveal.bench.contenders import CONTENDERS, Prepared
-from foveal.bench.measure import PeakMemory, matmul_rate, progress, target_line, time_call
+from foveal.bench.measure import PeakMemory, matmul_rate, progress, target_line, time_call, write_report
 from foveal.kernels.reference import reference_attention
 from foveal.patterns import Neighborhood, Sinks, SlidingWindow
 
@@ -311,12 +311,4 @@ def run_speed(suite: str = "quick", out_dir: str = "bench-out", device: str | No
         "matmul_flops": rate,
         "rows": rows,
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    text = _report(result)
-    (out / "speed.json").write_text(json.dumps(result, indent=1))
-    (out / "speed.md").write_text(text)
-    plot(rows, out / "speed.png", rate)
-    print(text)
-    print(f"wrote {out / 'speed.json'}, {out / 'speed.md'}, {out / 'speed.png'}")
-    return result
+    return write_report(out_dir, "speed", result, _report(result), lambda path: plot(rows, path, rate))

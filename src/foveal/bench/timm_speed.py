@@ -14,16 +14,14 @@ its row instead of numbers.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from foveal.bench.measure import progress
+from foveal.bench.measure import progress, write_report
 from foveal.bench.modules import time_interleaved
 
 __all__ = ["TIMM_SUITES", "TIMM_MODELS", "run_timm", "format_report"]
@@ -122,14 +120,7 @@ def run_timm(suite: str = "timm-quick", out_dir: str = "bench-out", device: str 
         "seconds": time.perf_counter() - start,
         "rows": rows,
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    text = format_report(result)
-    (out / "timm.json").write_text(json.dumps(result, indent=1))
-    (out / "timm.md").write_text(text)
-    print(text)
-    print(f"wrote {out / 'timm.json'}, {out / 'timm.md'}")
-    return result
+    return write_report(out_dir, "timm", result, format_report(result))
 
 
 def _cell(row, field):
