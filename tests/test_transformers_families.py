@@ -1,0 +1,145 @@
+"""Every family of the installed transformers that foveal drives, on a tiny random configuration built here (float64,
+no weights): ``recipes.dense()`` on every layer equals the model's own attention — its ``sdpa``, or its ``eager`` where
+sdpa cannot express the family (Gemma 2's softcap, gpt-oss' sink logits) — on a padded batch, native windows
+included; and a model's window, softcap or sinks do matter in these configurations (dropping one would be seen)."""
+
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import foveal.integrations.transformers as fi  # noqa: E402
+from foveal import recipes  # noqa: E402
+from foveal.integrations.transformers import restore, sparsify  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VOCAB = 97
+N = 24  # longer than every window below
+TOL = dict(atol=1e-10, rtol=1e-10)
+SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+             eos_token_id=2)
+
+
+def _decoder(config, model, **extra):
+    return lambda attn: model(config(**{**SMALL, **extra}, attn_implementation=attn))
+
+
+def _gpt_oss(attn):
+    model = transformers.GptOssForCausalLM(transformers.GptOssConfig(
+        **SMALL, sliding_window=8, layer_types=["sliding_attention", "full_attention"], num_local_experts=4,
+        num_experts_per_tok=2, attn_implementation=attn))
+    with torch.no_grad():
+        for m in fi.attention_layers(model):
+            m.sinks.normal_(0, 2)  # learned sink logits that matter
+    return model
+
+
+def _bert(attn):
+    return transformers.BertModel(transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, pad_token_id=0, attn_implementation=attn), add_pooling_layer=False)
+
+
+def _modernbert(attn):
+    return transformers.ModernBertModel(transformers.ModernBertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, local_attention=8, global_attn_every_n_layers=3, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, cls_token_id=1, sep_token_id=2, attn_implementation=attn))
+
+
+tf = transformers
+#: family -> (builder(attn_implementation), the model's own attention to compare with, what makes it differ)
+FAMILIES = {
+    "llama": (_decoder(tf.LlamaConfig, tf.LlamaForCausalLM), "sdpa", None),
+    "mistral": (_decoder(tf.MistralConfig, tf.MistralForCausalLM, sliding_window=8), "sdpa", "window"),
+    "qwen2": (_decoder(tf.Qwen2Config, tf.Qwen2ForCausalLM, use_sliding_window=True, sliding_window=8,
+                       max_window_layers=1), "sdpa", "window"),
+    "qwen3": (_decoder(tf.Qwen3Config, tf.Qwen3ForCausalLM, use_sliding_window=True, sliding_window=8,
+                       max_window_layers=1), "sdpa", "window"),
+    "phi3": (_decoder(tf.Phi3Config, tf.Phi3ForCausalLM, sliding_window=8), "sdpa", "window"),
+    "olmo2": (_decoder(tf.Olmo2Config, tf.Olmo2ForCausalLM), "sdpa", None),
+    "cohere2": (_decoder(tf.Cohere2Config, tf.Cohere2ForCausalLM, sliding_window=8,
+                         layer_types=["sliding_attention", "full_attention"]), "sdpa", "window"),
+    "gemma": (_decoder(tf.GemmaConfig, tf.GemmaForCausalLM), "sdpa", None),
+    "gemma2": (_decoder(tf.Gemma2Config, tf.Gemma2ForCausalLM, sliding_window=8, attn_logit_softcapping=0.5,
+                        query_pre_attn_scalar=8), "eager", "softcap"),
+    "gemma3": (_decoder(tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, sliding_window=8, query_pre_attn_scalar=8,
+                        layer_types=["sliding_attention", "full_attention"]), "sdpa", "window"),
+    "gpt_oss": (_gpt_oss, "eager", "s_aux"),
+    "bert": (_bert, "sdpa", None),
+    "modernbert": (_modernbert, "sdpa", "window"),
+}
+ENCODERS = {"bert", "modernbert"}
+
+
+def build(name, attn):
+    torch.manual_seed(0)
+    return FAMILIES[name][0](attn).to(torch.float64).eval()
+
+
+def tokens(b, n, seed=1):
+    return torch.randint(3, VOCAB, (b, n), generator=torch.Generator().manual_seed(seed))
+
+
+def out_of(model, ids, **kw):
+    with torch.no_grad():
+        o = model(ids, **kw)
+    return o.logits if hasattr(o, "logits") else o.last_hidden_state
+
+
+def own_out(model, ids, monkeypatch, **kw):
+    """The model's own output; in float64 throughout: Gemma 2's eager attention casts its softmax to float32 (the
+    cast is undone while the oracle runs, in float64 only)."""
+    softmax = torch.nn.functional.softmax
+
+    def float64_softmax(x, dim=None, _stacklevel=3, dtype=None):
+        return softmax(x, dim=dim, dtype=None if x.dtype == torch.float64 else dtype)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.nn.functional, "softmax", float64_softmax)
+        return out_of(model, ids, **kw)
+
+
+def padded_batch(name):
+    """Three rows: a left-padded (decoders) or right-padded (encoders) one, a right-padded one, a full one."""
+    am = torch.ones(3, N, dtype=torch.long)
+    if name in ENCODERS:
+        am[0, N - 3:] = 0
+    else:
+        am[0, :5] = 0
+    am[1, N - 6:] = 0
+    return tokens(3, N), am
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_dense_recipe_equals_the_models_own_attention_in_float64(name, monkeypatch):
+    _, own, matters = FAMILIES[name]
+    model = build(name, own)
+    ids, am = padded_batch(name)
+    real = am.bool()
+    want = own_out(model, ids, monkeypatch, attention_mask=am)
+    every = [m.layer_idx for m in fi.attention_layers(model)]
+    assert len(every) == model.config.num_hidden_layers
+    sparsify(model, recipes.dense(), layers=every)
+    torch.testing.assert_close(out_of(model, ids, attention_mask=am)[real], want[real], **TOL)
+    if matters == "window":  # the native windows are in force here: the pattern alone differs
+        sparsify(model, recipes.dense(), layers=every, windows="replace")
+        assert (out_of(model, ids, attention_mask=am) - want)[real].abs().max() > 1e-3
+    restore(model)
+    torch.testing.assert_close(own_out(model, ids, monkeypatch, attention_mask=am), want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gpt_oss"])
+def test_default_layers_leave_sliding_layers_to_the_model_and_still_equal_it(name, monkeypatch):
+    """``layers=None``: the sliding layers are left as the model has them; where sdpa cannot express them (softcap,
+    sinks) they run foveal's dense pattern in their window, and the whole equals the model's eager attention."""
+    model = build(name, "eager")
+    ids, am = padded_batch(name)
+    want = own_out(model, ids, monkeypatch, attention_mask=am)
+    sparsify(model, recipes.dense())
+    torch.testing.assert_close(out_of(model, ids, attention_mask=am)[am.bool()], want[am.bool()], **TOL)
