@@ -32,7 +32,7 @@ def _decoder(config, model, **extra):
 def _gpt_oss(attn):
     model = transformers.GptOssForCausalLM(transformers.GptOssConfig(
         **SMALL, sliding_window=8, layer_types=["sliding_attention", "full_attention"], num_local_experts=4,
-        num_experts_per_tok=2, attn_implementation=attn))
+        num_experts_per_tok=2, attn_implementation=attn, experts_implementation="eager"))
     with torch.no_grad():
         for m in fi.attention_layers(model):
             m.sinks.normal_(0, 2)  # learned sink logits that matter
@@ -67,7 +67,7 @@ FAMILIES = {
                          layer_types=["sliding_attention", "full_attention"]), "sdpa", "window"),
     "gemma": (_decoder(tf.GemmaConfig, tf.GemmaForCausalLM), "sdpa", None),
     "gemma2": (_decoder(tf.Gemma2Config, tf.Gemma2ForCausalLM, sliding_window=8, attn_logit_softcapping=0.5,
-                        query_pre_attn_scalar=8), "eager", "softcap"),
+                        initializer_range=0.3, query_pre_attn_scalar=8), "eager", "softcap"),
     "gemma3": (_decoder(tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, sliding_window=8, query_pre_attn_scalar=8,
                         layer_types=["sliding_attention", "full_attention"]), "sdpa", "window"),
     "gpt_oss": (_gpt_oss, "eager", "s_aux"),
@@ -143,3 +143,37 @@ def test_default_layers_leave_sliding_layers_to_the_model_and_still_equal_it(nam
     want = own_out(model, ids, monkeypatch, attention_mask=am)
     sparsify(model, recipes.dense())
     torch.testing.assert_close(out_of(model, ids, attention_mask=am)[am.bool()], want[am.bool()], **TOL)
+
+
+def _additive(mask):
+    """A (n, n) bool mask as the (1, 1, n, n) float mask an eager attention adds to its scores."""
+    return torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, torch.finfo(torch.float64).min)[None, None]
+
+
+def test_gpt_oss_sparse_recipe_equals_its_eager_attention_under_the_same_masks(monkeypatch):
+    """streaming_llm on both layers (the sliding one keeps its window of 8) against gpt-oss' own eager attention
+    under the same masks, one per layer type; its sinks matter here (dropping them would be seen)."""
+    import bruteforce as bf
+
+    model = build("gpt_oss", "eager")
+    ids = tokens(2, N)
+    streaming = bf.sinks(N, 2) | bf.sliding_window(N, 4, 0, 1)
+    masks = {"full_attention": _additive(streaming),
+             "sliding_attention": _additive(streaming & bf.sliding_window(N, 7, 0, 1))}
+    want = own_out(model, ids, monkeypatch, attention_mask=masks)
+    sparsify(model, recipes.streaming_llm(sinks=2, window=5), layers=[0, 1])
+    torch.testing.assert_close(out_of(model, ids), want, **TOL)
+    restore(model)
+    with torch.no_grad():
+        for m in fi.attention_layers(model):
+            m.sinks.fill_(-torch.inf)  # no sink: what dropping s_aux would compute
+    assert (own_out(model, ids, monkeypatch, attention_mask=masks) - want).abs().max() > 1e-3
+
+
+def test_gemma2_softcap_matters_in_this_configuration(monkeypatch):
+    model = build("gemma2", "eager")
+    ids, am = padded_batch("gemma2")
+    want = own_out(model, ids, monkeypatch, attention_mask=am)
+    for m in fi.attention_layers(model):
+        m.attn_logit_softcapping = None  # what dropping softcap would compute
+    assert (own_out(model, ids, monkeypatch, attention_mask=am) - want)[am.bool()].abs().max() > 1e-3

@@ -206,6 +206,12 @@ def _documents(plan: _Plan, call, info: MaskInfo, q, k):
         pos = call.position_ids
         docs = documents(pos.expand(b, -1) if pos.shape[0] == 1 else pos)
     if docs is None:
+        pos = call.position_ids
+        if pos is not None and info.q_offset and (info.padding is None or bool(info.padding.all())) \
+                and int(pos[0, 0]) != info.q_offset:
+            raise ValueError(f"layer {plan.layer}: position_ids start at {int(pos[0, 0])} but the cache holds "
+                             f"{info.q_offset} tokens before these queries (decoding after a packed prefill?); foveal "
+                             f"decodes one sequence per row and never attends across packed sequences")
         return None
     if info.q_offset or info.kv_offset or k.shape[2] != n or (info.padding is not None and not bool(info.padding.all())):
         raise ValueError(f"layer {plan.layer}: packed sequences (position_ids restarting, or cu_seq_lens_q/k) are read "
@@ -286,9 +292,8 @@ def _run(plan: _Plan, q, rows, call, pad):
     pattern, k, v = rows
     if plan.observe is not None:
         plan.observe(plan.layer, pattern, q, k)
-    extra = {} if call.sinks is None else {"sink_logits": call.sinks}
-    return attend(q, k, v, pattern, scale=call.scaling, softcap=call.softcap, key_padding_mask=pad,
-                  backend=plan.backend, **extra)
+    return attend(q, k, v, pattern, scale=call.scaling, softcap=call.softcap, sink_logits=call.sinks,
+                  key_padding_mask=pad, backend=plan.backend)
 
 
 def info_padding(info: MaskInfo, batch: int, end: int) -> torch.Tensor:
