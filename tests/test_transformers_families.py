@@ -71,6 +71,27 @@ FAMILIES = {
     "gemma3": (_decoder(tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, sliding_window=8, query_pre_attn_scalar=8,
                         layer_types=["sliding_attention", "full_attention"]), "sdpa", "window"),
     "gpt_oss": (_gpt_oss, "eager", "s_aux"),
+    # and others the installed transformers routes through its attention interface, cheap to build
+    "starcoder2": (_decoder(tf.Starcoder2Config, tf.Starcoder2ForCausalLM, sliding_window=8), "sdpa", "window"),
+    "olmo3": (_decoder(tf.Olmo3Config, tf.Olmo3ForCausalLM, sliding_window=8,
+                       layer_types=["sliding_attention", "full_attention"]), "sdpa", "window"),
+    "exaone4": (_decoder(tf.Exaone4Config, tf.Exaone4ForCausalLM, sliding_window=8,
+                         layer_types=["sliding_attention", "full_attention"]), "sdpa", "window"),
+    "ministral": (_decoder(tf.MinistralConfig, tf.MinistralForCausalLM, sliding_window=8,
+                           layer_types=["sliding_attention", "full_attention"]), "sdpa", "window"),
+    "mixtral": (_decoder(tf.MixtralConfig, tf.MixtralForCausalLM, sliding_window=8, num_local_experts=4,
+                         experts_implementation="eager"), "sdpa", "window"),
+    "qwen2_moe": (_decoder(tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM, num_experts=4, num_experts_per_tok=2,
+                           experts_implementation="eager"), "sdpa", None),
+    "vaultgemma": (_decoder(tf.VaultGemmaConfig, tf.VaultGemmaForCausalLM, sliding_window=8,
+                            attn_logit_softcapping=0.5, initializer_range=0.3, query_pre_attn_scalar=8,
+                            layer_types=["sliding_attention", "full_attention"]), "eager", "window"),
+    "smollm3": (_decoder(tf.SmolLM3Config, tf.SmolLM3ForCausalLM), "sdpa", None),
+    "granite": (_decoder(tf.GraniteConfig, tf.GraniteForCausalLM), "sdpa", None),
+    "glm4": (_decoder(tf.Glm4Config, tf.Glm4ForCausalLM), "sdpa", None),
+    "gpt_neox": (_decoder(tf.GPTNeoXConfig, tf.GPTNeoXForCausalLM), "sdpa", None),
+    "phi": (_decoder(tf.PhiConfig, tf.PhiForCausalLM), "sdpa", None),
+    "stablelm": (_decoder(tf.StableLmConfig, tf.StableLmForCausalLM), "sdpa", None),
     "bert": (_bert, "sdpa", None),
     "modernbert": (_modernbert, "sdpa", "window"),
 }
@@ -94,7 +115,10 @@ def out_of(model, ids, **kw):
 
 def own_out(model, ids, monkeypatch, **kw):
     """The model's own output; in float64 throughout: Gemma 2's eager attention casts its softmax to float32 (the
-    cast is undone while the oracle runs, in float64 only)."""
+    cast is undone while an eager oracle runs, in float64 only; an sdpa oracle runs as it is: a mixture-of-experts
+    router's own float32 softmax must stay as the foveal run has it)."""
+    if model.config._attn_implementation != "eager":
+        return out_of(model, ids, **kw)
     softmax = torch.nn.functional.softmax
 
     def float64_softmax(x, dim=None, _stacklevel=3, dtype=None):
