@@ -3,9 +3,15 @@
 ``sparsify`` registers the name ``"foveal"`` with transformers' ``AttentionInterface``
 and ``AttentionMaskInterface`` and switches the model to it: from then on the chosen
 attention layers attend under ``recipe(n_q, n_kv, layer_idx)`` (see ``foveal.recipes``)
-through ``foveal.attend``; the others run transformers' own ``sdpa`` exactly as before.
+through ``foveal.attend``; the others run transformers' own ``sdpa`` exactly as before,
+or foveal's dense pattern where sdpa cannot express the layer (a softcap, sink logits,
+packed sequences its mask does not separate).
 
-What a layer computes, per sequence of the batch:
+Nothing the model hands is dropped: every keyword of the attention call is honoured or
+refused by name (``KEYWORDS``, ``transformers_keywords``), and the mask function
+transformers builds is read (causal or bidirectional, sliding window, packed
+sequences) or refused by name (``transformers_masks``). What a layer computes, per
+sequence of the batch:
 
 * Positions are the sequence's own: a left-padded sequence's first real token is
   position 0, so it gets exactly what it gets alone (sinks included). The queries are
@@ -14,16 +20,21 @@ What a layer computes, per sequence of the batch:
 * Padding comes from the model's 2D ``attention_mask``. A sequence whose real tokens
   are not one contiguous run (padding inside it) is computed on the padded positions
   with the padding as ``key_padding_mask``. Rows of padding tokens are 0.
-* GQA as the model has it: keys are never repeated. ``scaling`` and a ``softcap``
-  (Gemma 2) are the model's.
+* Packed rows (positions restarting, as ``DataCollatorWithFlattening`` makes them, or
+  its ``cu_seq_lens_q/k``): each sequence attends within itself, as when alone, as
+  ``flash_attention_2`` does; decoding after a packed prefill is refused.
+* GQA as the model has it: keys are never repeated. ``scaling``, a ``softcap``
+  (Gemma 2) and learned sink logits (gpt-oss' ``s_aux``, as ``attend(sink_logits=)``)
+  are the model's. Attention dropout (training) is refused by name.
 * Causal layers (``module.is_causal``) ask the recipe for the causal form and refuse a
-  pattern under which a query sees a later key; encoders (BERT) ask for
+  pattern under which a query sees a later key; encoders (BERT, ModernBERT) ask for
   ``causal=False``.
-* A model's native sliding-window layers (Gemma 3's) keep their window: ``layers=None``
-  sparsifies only the other layers, and a sliding layer named in ``layers`` runs
-  ``pattern & its window`` (``windows="keep"``) or the pattern alone
-  (``windows="replace"``; refused while decoding when the model's sliding cache no
-  longer holds a key the pattern needs).
+* A model's native sliding windows (``sliding_window``: Mistral's and Phi-3's on every
+  layer, Gemma 2/3's, Qwen2's, Cohere 2's, gpt-oss' and ModernBERT's (bidirectional)
+  on their sliding layers) are kept: ``layers=None`` sparsifies only the other layers,
+  and a sliding layer named in ``layers`` runs ``pattern & its window``
+  (``windows="keep"``) or the pattern alone (``windows="replace"``; refused while
+  decoding when the model's sliding cache no longer holds a key the pattern needs).
 * Content-selected recipes select at prefill and decode densely (``foveal.recipes``).
   A recipe may return the ``(n_q, n_kv)`` pattern or its square self-attention
   pattern, whose last ``n_q`` rows are then taken (``foveal.decode.step_inputs``).
@@ -354,11 +365,13 @@ def sparsify(model, pattern, *, layers=None, windows: str = "keep", backend: str
     ``power``, ``vertical_slash``, ``block_topk``, ``dhsa``, ``dense``) or any callable
     ``(n_q, n_kv, layer_idx[, causal=])`` returning a foveal pattern (static, ``PerHead``
     or content-selected). ``layers``: the layer indices to sparsify (default: every
-    layer without a native sliding window). ``windows``: ``"keep"`` (a native sliding
+    layer without a native sliding window; refused when every layer has one, as in
+    Mistral: name them). ``windows``: ``"keep"`` (a native sliding
     layer named in ``layers`` runs ``pattern & its window``) or ``"replace"``.
     ``backend`` is ``attend``'s. ``observe(layer_idx, pattern, q, k)``, if given, sees
     every foveal call before it runs (e.g. to measure the density a content-selected
-    pattern keeps). The other layers run transformers' ``sdpa``. Returns the model
+    pattern keeps). The other layers run transformers' ``sdpa`` (foveal's dense pattern
+    where sdpa cannot express them). Returns the model
     (changed in place); ``restore(model)`` undoes it.
     """
     transformers = _transformers()
