@@ -201,3 +201,24 @@ def test_gemma2_softcap_matters_in_this_configuration(monkeypatch):
     for m in fi.attention_layers(model):
         m.attn_logit_softcapping = None  # what dropping softcap would compute
     assert (own_out(model, ids, monkeypatch, attention_mask=am) - want)[am.bool()].abs().max() > 1e-3
+
+
+def test_gpt_oss_sink_gradients_and_cached_decoding_equal_its_eager_attention():
+    """Training (no attention dropout): the gradient reaches the sink logits and equals eager's; one cached decoding
+    step (the sliding layer's cache holds its window) equals the full forward."""
+    ids = tokens(2, N)
+    grads = []
+    for foveal in (False, True):
+        model = build("gpt_oss", "eager").train()
+        if foveal:
+            sparsify(model, recipes.dense(), layers=[0, 1])
+        model(ids).logits.square().mean().backward()  # gpt-oss' eager softmax keeps float64
+        grads.append(torch.stack([a.sinks.grad for a in fi.attention_layers(model)]))
+    assert grads[0].abs().min() > 0
+    torch.testing.assert_close(grads[1], grads[0], **TOL)
+    model.eval()
+    with torch.no_grad():
+        full = model(ids).logits[:, -1]
+        pre = model(ids[:, :-1], use_cache=True)
+        step = model(ids[:, -1:], cache=pre.cache).logits[:, -1]
+    torch.testing.assert_close(step, full, **TOL)

@@ -195,36 +195,57 @@ def _packed_by_keywords(call, info, query) -> bool:
     """Whether the keywords say the rows are packed sequences that transformers' own mask does not separate."""
     if call.cu_seq_lens is not None:
         return True
-    if call.position_ids is None or not isinstance(info, MaskInfo) or info.spec is None or info.spec.packed is not None:
+    if not isinstance(info, MaskInfo) or info.spec is None or info.spec.packed is not None:
         return False
-    if info.q_offset or query.shape[2] == 1 or (info.padding is not None and not bool(info.padding.all())):
-        return False
+    return _positions(call, info, query.shape[0], query.shape[2])[0] == "packed"
+
+
+def _all_real(info: MaskInfo) -> bool:
+    if "all_real" not in info.memo:  # one look (a device sync) per forward, not per layer
+        info.memo["all_real"] = info.padding is None or bool(info.padding.all())
+    return info.memo["all_real"]
+
+
+def _positions(call, info: MaskInfo, b: int, n: int):
+    """What ``position_ids`` say about the rows: ("packed", ids (B, n)) at a prefill whose positions restart,
+    ("shifted", first position) while decoding when they do not follow the cache, or (None, None)."""
     pos = call.position_ids
-    return bool(documents(pos)[:, -1].any())
+    if pos is None or not _all_real(info):
+        return None, None
+    memo = info.memo.get("positions")
+    if memo is not None and memo[0] is pos:
+        return memo[1]
+    said = None, None
+    if not info.q_offset and n > 1:
+        ids = documents(pos.expand(b, -1) if pos.shape[0] == 1 else pos)
+        if bool(ids[:, -1].any()):
+            said = "packed", ids
+    elif info.q_offset and int(pos[0, 0]) != info.q_offset:
+        said = "shifted", int(pos[0, 0])
+    info.memo["positions"] = (pos, said)
+    return said
 
 
 def _documents(plan: _Plan, call, info: MaskInfo, q, k):
     """(B, n) packed-sequence ids of this prefill, or None when each row is one sequence."""
     b, n = q.shape[0], q.shape[2]
     docs = info.spec.packed
+    said, what = _positions(call, info, b, n)
+    if said == "shifted":
+        raise ValueError(f"layer {plan.layer}: position_ids start at {what} but the cache holds {info.q_offset} "
+                         f"tokens before these queries (decoding after a packed prefill?); foveal decodes one sequence "
+                         f"per row and never attends across packed sequences")
     if docs is None and call.cu_seq_lens is not None:
         cu = call.cu_seq_lens
         if b != 1 or cu[0] != 0 or cu[-1] != n:
             raise ValueError(f"layer {plan.layer}: cu_seq_lens_q={cu} must run from 0 to the {n} tokens of one packed "
                              f"row (batch 1), got a batch of {b}")
         docs = torch.repeat_interleave(torch.arange(len(cu) - 1), torch.tensor(cu).diff())[None]
-    elif docs is None and _packed_by_keywords(call, info, q):
-        pos = call.position_ids
-        docs = documents(pos.expand(b, -1) if pos.shape[0] == 1 else pos)
+    elif docs is None and said == "packed":
+        docs = what
     if docs is None:
-        pos = call.position_ids
-        if pos is not None and info.q_offset and (info.padding is None or bool(info.padding.all())) \
-                and int(pos[0, 0]) != info.q_offset:
-            raise ValueError(f"layer {plan.layer}: position_ids start at {int(pos[0, 0])} but the cache holds "
-                             f"{info.q_offset} tokens before these queries (decoding after a packed prefill?); foveal "
-                             f"decodes one sequence per row and never attends across packed sequences")
         return None
-    if info.q_offset or info.kv_offset or k.shape[2] != n or (info.padding is not None and not bool(info.padding.all())):
+    if info.q_offset or info.kv_offset or k.shape[2] != n or not _all_real(info):
         raise ValueError(f"layer {plan.layer}: packed sequences (position_ids restarting, or cu_seq_lens_q/k) are read "
                          f"at prefill only, without padding: got queries at {info.q_offset}.. over {k.shape[2]} keys")
     if tuple(docs.shape) != (b, n):

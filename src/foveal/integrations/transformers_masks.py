@@ -104,6 +104,8 @@ class MaskInfo:
     error: str | None = None
     sdpa_kwargs: dict = field(repr=False, default_factory=dict)
     _sdpa: list = field(repr=False, default_factory=list)
+    #: what the layers of one forward share (read once: a device sync per forward, not per layer)
+    memo: dict = field(repr=False, default_factory=dict)
     #: transformers reads ``attention_mask.ndim`` on anything that is not a 4D tensor
     ndim = 0
 
