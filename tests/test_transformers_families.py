@@ -222,3 +222,19 @@ def test_gpt_oss_sink_gradients_and_cached_decoding_equal_its_eager_attention():
         pre = model(ids[:, :-1], use_cache=True)
         step = model(ids[:, -1:], cache=pre.cache).logits[:, -1]
     torch.testing.assert_close(step, full, **TOL)
+
+
+@pytest.mark.parametrize("windows", ["keep", "replace"])
+def test_modernbert_sparse_recipe_equals_its_sdpa_under_the_same_masks(windows):
+    """ModernBERT's local layers (|i - j| <= 4 here) keep their window under a recipe, or the recipe replaces it;
+    its own sdpa under the same masks, one per layer type, is the oracle."""
+    import bruteforce as bf
+
+    model = build("modernbert", "sdpa")
+    ids = tokens(2, N)
+    recipe = bf.sliding_window(N, 2, 3, 1) | bf.global_tokens(N, 2)  # streaming_llm(2, 6)'s encoder form
+    local = recipe & bf.sliding_window(N, 4, 4, 1) if windows == "keep" else recipe
+    want = out_of(model, ids, attention_mask={"full_attention": recipe[None, None],
+                                              "sliding_attention": local[None, None]})
+    sparsify(model, recipes.streaming_llm(sinks=2, window=6), layers=[0, 1, 2], windows=windows)
+    torch.testing.assert_close(out_of(model, ids), want, **TOL)
