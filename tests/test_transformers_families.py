@@ -1,7 +1,8 @@
-"""Every family of the installed transformers that foveal drives, on a tiny random configuration built here (float64,
-no weights): ``recipes.dense()`` on every layer equals the model's own attention — its ``sdpa``, or its ``eager`` where
-sdpa cannot express the family (Gemma 2's softcap, gpt-oss' sink logits) — on a padded batch, native windows
-included; and a model's window, softcap or sinks do matter in these configurations (dropping one would be seen)."""
+"""Every family of the installed transformers that foveal drives, on a tiny random configuration built here
+(float64, no weights): ``recipes.dense()`` on every layer equals the model's own attention — its ``sdpa``, or its
+``eager`` where sdpa cannot express the family (Gemma 2's softcap, gpt-oss' sink logits) — on a padded batch, native
+windows included; and a model's window, softcap or sinks do matter in these configurations (dropping one would be
+seen)."""
 
 import os
 

@@ -417,7 +417,8 @@ def sparsify(model, pattern, *, layers=None, windows: str = "keep", backend: str
         chosen = [i for i, m in by_index.items() if native_window(m) is None]
         if not chosen:
             raise ValueError(f"every attention layer of {type(model).__name__} has a native sliding window "
-                             f"(sliding_window={native_window(modules[0])}) and layers=None sparsifies only the others: "
+                             f"(sliding_window={native_window(modules[0])}) and layers=None sparsifies only the "
+                             f"others: "
                              f"name the layers, e.g. layers={sorted(by_index)} (windows='keep' intersects the recipe "
                              f"with each window, 'replace' replaces it)")
     else:
