@@ -239,3 +239,14 @@ def test_modernbert_sparse_recipe_equals_its_sdpa_under_the_same_masks(windows):
                                               "sliding_attention": local[None, None]})
     sparsify(model, recipes.streaming_llm(sinks=2, window=6), layers=[0, 1, 2], windows=windows)
     torch.testing.assert_close(out_of(model, ids), want, **TOL)
+
+
+def test_default_layers_are_those_without_a_native_window_and_a_model_without_one_is_refused():
+    seen = set()
+    model = build("modernbert", "sdpa")  # layer 0 global, layers 1 and 2 local
+    sparsify(model, recipes.dense(), observe=lambda layer, pattern, q, k: seen.add(layer))
+    out_of(model, tokens(1, N))
+    assert seen == {0}
+    with pytest.raises(ValueError, match=r"every attention layer of MistralForCausalLM has a native sliding window "
+                                         r"\(sliding_window=8\).* name the layers, e.g. layers=\[0, 1\]"):
+        sparsify(build("mistral", "sdpa"), recipes.dense())
