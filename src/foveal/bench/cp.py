@@ -25,7 +25,12 @@ from pathlib import Path
 
 import torch
 
+from foveal.bench.report import write_report
+
 __all__ = ["run", "simulate", "MODEL"]
+
+#: the result's name: measured on CPU processes only
+NAME = "cp-cpu"
 
 #: the cost model of the simulation (every figure is an assumption, stated in the report)
 MODEL = {
@@ -192,7 +197,7 @@ def _measure_worker(rank, world, init_file, out_dir, quick):
 
     import torch.distributed as dist
 
-    from foveal.bench.measure import time_call
+    from foveal.bench.timing import time_call
     from foveal.distributed import ContextParallel, CPStats
     from foveal.functional import attend
 
@@ -326,7 +331,7 @@ def _report(measured, simulated) -> str:
 
 
 def run(out_dir="bench-out", quick: bool = True, progress=True, measured: bool = True, sizes=None, worlds=None) -> list[dict]:
-    """Measure (2–4 CPU processes) and simulate (P up to 1024, N up to 4M); write cp.json and cp.md; return rows.
+    """Measure (2–4 CPU processes) and simulate (P up to 1024, N up to 4M); write cp-cpu.json and .md; return rows.
 
     ``sizes`` and ``worlds`` override the simulated sequence lengths and rank counts.
     """
@@ -347,11 +352,6 @@ def run(out_dir="bench-out", quick: bool = True, progress=True, measured: bool =
                         row["kind"] = "simulated"
                         sim.append(row)
     rows += sim
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     result = {"model": MODEL, "rows": rows, "seconds": time.perf_counter() - start}
-    (out / "cp.json").write_text(json.dumps(result, indent=1))
-    (out / "cp.md").write_text(_report([r for r in rows if r["kind"] == "measured"], sim))
-    if progress:
-        print(f"foveal bench cp: wrote {out / 'cp.md'} and {out / 'cp.json'}", file=sys.stderr)
+    write_report(out_dir, NAME, result, _report([r for r in rows if r["kind"] == "measured"], sim))
     return rows

@@ -20,10 +20,12 @@ from typing import Callable
 import torch
 
 from foveal.bench import lm_tasks as T
-from foveal.bench.train import Budget, finish_report, fit, progress, save_partial
+from foveal.bench.density import allowed_pairs, solve_knob
+from foveal.bench.report import save_partial
+from foveal.bench.train import Budget, finish_report, fit, progress
 from foveal.models.lm import AttentionOnly, EncoderDecoder, TinyLM
 from foveal.patterns import BigBird, Causal, Dilated, Full, Power, Sinks, SlidingWindow, Strided
-from foveal.patterns.dynamic import DHSA, BlockTopK, DynamicPattern, VerticalSlash
+from foveal.patterns.dynamic import DHSA, BlockTopK, VerticalSlash
 
 __all__ = ["FAMILIES", "SUITES", "allowed_pairs", "match_density", "run_lm_quality"]
 
@@ -64,53 +66,22 @@ CAUSAL_CROSS = {
 FAMILIES = {"causal": CAUSAL, "noncausal": NONCAUSAL, "cross": CROSS, "causal-cross": CAUSAL_CROSS}
 
 
-def allowed_pairs(p) -> float:
-    """Allowed (query, key) pairs; for a content-selected pattern, as selected on random q and k."""
-    if isinstance(p, DynamicPattern):
-        gen = torch.Generator().manual_seed(0)
-        q, k = (torch.randn(1, 4, p.n, 16, generator=gen) for _ in range(2))
-        return p.select(q, k).density().mean().item() * p.n * p.n
-    return p.density() * p.n_q * p.n_kv
-
-
 def match_density(make: Callable, dense, target: float, lo: int = 1, hi: int = 4096):
     """``(pattern, knob, density)``: the knob in ``[lo, hi]`` whose relative density is closest to ``target``.
 
-    Relative density = allowed pairs / allowed pairs of ``dense``. Scans knobs on a
-    geometric grid and refines by bisection, assuming density grows with the knob
-    (window-like knobs) or shrinks (stride-like knobs): both are tried.
+    Relative density = allowed pairs / allowed pairs of ``dense``. Solved by ``density.solve_knob``
+    without assuming monotonicity (a stride and a window in one knob: ``strided+window``).
     """
     full = allowed_pairs(dense)
 
     def rel(k):
         try:
-            p = make(k)
+            return allowed_pairs(make(k)) / full
         except ValueError:
-            return None, None
-        return p, allowed_pairs(p) / full
+            return None
 
-    best = (None, None, math.inf)
-    k = lo
-    seen = set()
-    while k <= hi:
-        seen.add(k)
-        k = max(k + 1, int(k * 1.25))
-    for k in sorted(seen):
-        p, d = rel(k)
-        if p is not None and abs(d - target) < best[2]:
-            best = (p, k, abs(d - target))
-    p, k, _ = best
-    if p is None:
-        raise ValueError(f"no knob in [{lo}, {hi}] gives a valid pattern")
-    # refine between the neighbours of the best grid point
-    grid = sorted(seen)
-    i = grid.index(k)
-    for kk in range(grid[max(0, i - 1)], grid[min(len(grid) - 1, i + 1)] + 1):
-        pp, d = rel(kk)
-        if pp is not None and abs(d - target) < best[2]:
-            best = (pp, kk, abs(d - target))
-    p, k, _ = best
-    return p, k, allowed_pairs(p) / full
+    knob, density = solve_knob(rel, target, lo, hi, monotone=False)
+    return make(knob), knob, density
 
 
 # -- tasks ----------------------------------------------------------------------------------------------------------

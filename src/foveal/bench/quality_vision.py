@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from foveal.bench.train import Budget, finish_report, fit, progress, save_partial
+from foveal.bench.report import save_partial
+from foveal.bench.train import Budget, finish_report, fit, progress
 from foveal.bench.vision_tasks import TASKS
 from foveal.models import Classifier, Segmenter, mixer_names
 

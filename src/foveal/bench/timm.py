@@ -14,15 +14,15 @@ its row instead of numbers.
 from __future__ import annotations
 
 import copy
-import os
 import platform
 import sys
 import time
 
 import torch
 
-from foveal.bench.measure import progress, write_report
-from foveal.bench.modules import time_interleaved
+from foveal.bench.measure import progress
+from foveal.bench.report import result_name, write_report
+from foveal.bench.timing import load, time_interleaved
 
 __all__ = ["TIMM_SUITES", "TIMM_MODELS", "run_timm", "format_report"]
 
@@ -57,7 +57,7 @@ def _cases(suite, models):
 
 def run_timm(suite: str = "timm-quick", out_dir: str = "bench-out", device: str | None = None, contenders=None,
              *, min_seconds: float = 1.0) -> dict:
-    """Run a timm suite; print the report; write ``timm.json`` and ``timm.md`` into ``out_dir``.
+    """Run a timm suite; print the report; write ``timm-DEVICE.json`` and ``.md`` (``timm-cpu``) into ``out_dir``.
 
     ``contenders``: timm model names to run (default: all of ``TIMM_MODELS``).
     """
@@ -75,7 +75,7 @@ def run_timm(suite: str = "timm-quick", out_dir: str = "bench-out", device: str 
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cases = _cases(suite, models)
-    load_before = os.getloadavg()
+    load_before = load()
     rows, start, built = [], time.perf_counter(), {}
     for i, (name, side) in enumerate(cases):
         progress(i, len(cases), f"{name} {side}²", start)
@@ -115,12 +115,12 @@ def run_timm(suite: str = "timm-quick", out_dir: str = "bench-out", device: str 
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
                    f"timm {timm.__version__}",
         "load_before": load_before,
-        "load_after": os.getloadavg(),
+        "load_after": load(),
         "command": f"OMP_NUM_THREADS={torch.get_num_threads()} foveal bench speed --suite {suite} --out {out_dir}",
         "seconds": time.perf_counter() - start,
         "rows": rows,
     }
-    return write_report(out_dir, "timm", result, format_report(result))
+    return write_report(out_dir, result_name("timm", dev), result, format_report(result))
 
 
 def _cell(row, field):
