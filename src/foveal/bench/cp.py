@@ -27,7 +27,7 @@ import torch
 
 from foveal.bench.report import write_report
 
-__all__ = ["run", "simulate", "MODEL"]
+__all__ = ["run", "run_suite", "simulate", "MODEL", "SIZES"]
 
 #: the result's name: measured on CPU processes only
 NAME = "cp-cpu"
@@ -328,6 +328,19 @@ def _report(measured, simulated) -> str:
             f"{r['time_s'] * 1e3:.2f} ms | {r['dense_time_s'] * 1e3:.2f} ms |"
         )
     return "\n".join(lines) + "\n"
+
+
+#: registry sizes (``foveal bench run cp --size S``) → keyword arguments of ``run``
+SIZES = {"dry": dict(quick=True, measured=False, sizes=(4096,), worlds=(2, 8)), "quick": dict(quick=True),
+         "full": dict(quick=False)}
+
+
+def run_suite(size: str, out_dir: str = "bench-out", *, device=None, contenders=None, limit=None) -> dict:
+    """The registry's entry: ``run`` of a size (CPU processes only; dry: the simulation alone)."""
+    if device not in (None, "cpu") or contenders is not None:
+        raise ValueError("the cp suite runs on CPU processes with fixed methods: "
+                         "--device and --contenders do not apply")
+    return {"rows": run(out_dir, **SIZES[size])}
 
 
 def run(out_dir="bench-out", quick: bool = True, progress=True, measured: bool = True, sizes=None, worlds=None) -> list[dict]:

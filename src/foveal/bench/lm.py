@@ -29,7 +29,7 @@ from foveal.decode import KVCache, Quest, SnapKV, attend_decode, snapkv_compress
 from foveal.functional import attend
 from foveal.patterns import DHSA, BlockTopK, Causal, Sinks, SlidingWindow, VerticalSlash
 
-__all__ = ["LM_SUITES", "run_lm"]
+__all__ = ["LM_SUITES", "SIZES", "run_lm", "run_suite"]
 
 HEADS, KV_HEADS, HEAD_DIM = 8, 2, 64
 
@@ -105,7 +105,10 @@ def _suite(lengths, decode_lengths, min_seconds=1.0, calls=200):
 LM_SUITES = {
     "lm": _suite((4096, 16384), (1024, 4096, 16384)),
     "lm-quick": _suite((1024, 2048), (256, 1024)),
+    "lm-dry": _suite((128,), (64,), min_seconds=0.0, calls=3),
 }
+#: registry sizes (``foveal bench run lm --size S``) → ``LM_SUITES``
+SIZES = {"dry": "lm-dry", "quick": "lm-quick", "full": "lm"}
 
 
 def _tensors(n, gen, requires_grad=False):
@@ -230,8 +233,15 @@ def _overhead(device, calls: int = 200) -> list[dict]:
                             ("attend_decode, window + sinks, 16-token cache", stream))]
 
 
+def run_suite(size: str, out_dir: str = "bench-out", *, device=None, contenders=None, limit=None) -> dict:
+    """The registry's entry: ``run_lm`` of a size (its contenders are fixed)."""
+    if contenders is not None:
+        raise ValueError("the lm suite has fixed contenders: --contenders does not apply")
+    return run_lm(SIZES[size], out_dir, device)
+
+
 def run_lm(suite: str = "lm", out_dir: str = "bench-out", device: str | None = None) -> dict:
-    """Run an LM suite; print the table; write ``lm-DEVICE.json``, ``.md`` and ``.png`` (``lm-cpu``) into ``out_dir``."""
+    """Run an LM suite; print the table; write ``lm-DEVICE.json``, ``.md`` and ``.png`` (``lm-cpu``)."""
     if suite not in LM_SUITES:
         raise ValueError(f"suite must be one of {sorted(LM_SUITES)}, got {suite!r}")
     cfg = LM_SUITES[suite]

@@ -52,7 +52,8 @@ from foveal.bench.report import result_name, with_provenance, write_report
 from foveal.bench.timing import load, time_interleaved
 from foveal.bias import RelativePositionBias
 
-__all__ = ["ModuleCase", "MODULE_SUITES", "MODULE_CONTENDERS", "DENSE_CAP_BYTES", "dense_backends", "run_modules"]
+__all__ = ["ModuleCase", "MODULE_SUITES", "SIZES", "MODULE_CONTENDERS", "DENSE_CAP_BYTES", "dense_backends",
+           "run_modules", "run_suite"]
 
 #: a dense row is skipped when its estimated N×N working set exceeds this
 DENSE_CAP_BYTES = 2 * 2**30
@@ -302,7 +303,15 @@ def _quick():
     return _cases((14, 28))
 
 
-MODULE_SUITES = {"modules": _full, "modules-quick": _quick}
+def _dry():
+    from foveal.nn.neighborhood import NeighborhoodAttention2D
+
+    return [ModuleCase("NeighborhoodAttention2D 3x3", lambda: NeighborhoodAttention2D(16, 2, 3), (8, 8), 16, 1)]
+
+
+MODULE_SUITES = {"modules": _full, "modules-quick": _quick, "modules-dry": _dry}
+#: registry sizes (``foveal bench run modules --size S``) → ``MODULE_SUITES``
+SIZES = {"dry": "modules-dry", "quick": "modules-quick", "full": "modules"}
 
 
 # -- measuring ---------------------------------------------------------------------------
@@ -494,6 +503,11 @@ def rerender(json_path):
     path.with_suffix(".md").write_text(with_provenance(_report(result), result))
     plot(result["rows"], path.with_suffix(".png"), f"foveal bench speed --suite {result['suite']}")
     return path.with_suffix(".md"), path.with_suffix(".png")
+
+
+def run_suite(size: str, out_dir: str = "bench-out", *, device=None, contenders=None, limit=None) -> dict:
+    """The registry's entry: ``run_modules`` of a size (dry: no least time per contender)."""
+    return run_modules(SIZES[size], out_dir, device, contenders, min_seconds=0.0 if size == "dry" else None)
 
 
 def run_modules(suite: str = "modules-quick", out_dir: str = "bench-out", device: str | None = None,

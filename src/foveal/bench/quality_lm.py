@@ -27,7 +27,7 @@ from foveal.models.lm import AttentionOnly, EncoderDecoder, TinyLM
 from foveal.patterns import BigBird, Causal, Dilated, Full, Power, Sinks, SlidingWindow, Strided
 from foveal.patterns.dynamic import DHSA, BlockTopK, VerticalSlash
 
-__all__ = ["FAMILIES", "SUITES", "allowed_pairs", "match_density", "run_lm_quality"]
+__all__ = ["FAMILIES", "SUITES", "SIZES", "allowed_pairs", "match_density", "run_lm_quality", "run_suite"]
 
 
 # -- pattern families: name → (kind, make(n, knob) or make(n_q, n_kv, knob), knob range) --------------------------
@@ -222,7 +222,11 @@ SUITES = {
     # not calibrated: shorter sequences and four times the steps, for finding the budget MQAR and reverse need
     "lm-hard": LMSuite(_hard_tasks(48), {f: tuple(p) for f, p in FAMILIES.items()}, (0.35,), 9600, 256,
                        Budget(steps=600, batch=32, lr=3e-3)),
+    # one step of every task with full attention and a window: a check that the pipeline runs
+    "lm-dry": LMSuite(_tasks(64), {f: ("full", "window") for f in FAMILIES}, (0.25,), 16, 8, Budget(steps=1, batch=4)),
 }
+#: registry sizes (``foveal bench run quality-lm --size S``) → ``SUITES``
+SIZES = {"dry": "lm-dry", "quick": "lm-quick", "full": "lm", "hard": "lm-hard"}
 
 
 def format_table(rows) -> str:
@@ -262,6 +266,14 @@ def plot(rows, path: Path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def run_suite(size: str, out_dir: str = "bench-out", *, device=None, contenders=None, limit=None) -> dict:
+    """The registry's entry: ``run_lm_quality`` of a size (CPU, every pattern family of the size)."""
+    if device not in (None, "cpu") or contenders is not None:
+        raise ValueError("the quality-lm suite trains on CPU with its own patterns: "
+                         "--device and --contenders do not apply")
+    return run_lm_quality(SIZES[size], out_dir)
 
 
 def run_lm_quality(suite: str = "lm-quick", out_dir: str = "bench-out", progress_bar: bool = True) -> dict:

@@ -58,8 +58,8 @@ from foveal.bench.report import save_partial, write_report
 from foveal.bench.timing import time_interleaved, timed
 from foveal.patterns.dynamic import DynamicPattern
 
-__all__ = ["FAMILIES", "SUITES", "RealSuite", "solve_knob", "solve_recipe", "recipe_density", "QKCapture",
-           "DensityMeter", "run_real_quality"]
+__all__ = ["FAMILIES", "SUITES", "SIZES", "RealSuite", "run_suite", "solve_knob", "solve_recipe", "recipe_density",
+           "QKCapture", "DensityMeter", "run_real_quality"]
 
 NAME = "quality-real"
 
@@ -254,7 +254,12 @@ SUITES = {
                       densities=(0.05, 0.1, 0.2), lm_length=2048, lm_stride=2, passkey_lengths=(1024, 2048),
                       depths=(0.1, 0.5, 0.9), multikey_length=2048, multikey_trials=3,
                       per_model={"gemma3-270m": {"lm_stride": 4}}),
+    # seconds: a tiny random Llama (no weights), a static and a content-selected recipe, one passkey length
+    "real-dry": RealSuite(models=("tiny-llama",), families=("dense", "window", "block_topk"), densities=(0.2,),
+                          lm_length=256, passkey_lengths=(512,), depths=(0.5,), encoders=()),
 }
+#: registry sizes (``foveal bench run quality-real --size S``) → ``SUITES``
+SIZES = {"dry": "real-dry", "quick": "real-quick", "full": "real"}
 
 
 # -- running one model ---------------------------------------------------------------------------------------------
@@ -497,7 +502,8 @@ def time_prefill(model, prefill, recipes_by_key: dict, rounds: int = PREFILL_ROU
     """Median seconds of ``prefill()`` under the model's own attention (``"full"``) and under each recipe.
 
     Every contender runs twice untimed (a cold call and one measuring memory), then once per round, the rounds
-    going over all contenders in turn, so that the machine's drift hits them alike (``timing.time_interleaved``). A recipe is put on by
+    going over all contenders in turn, so that the machine's drift hits them alike
+    (``timing.time_interleaved``). A recipe is put on by
     ``sparsify`` (no ``observe`` hook) and taken off by ``restore`` around each of its calls.
     """
     from foveal.integrations.transformers import restore, sparsify
@@ -542,6 +548,14 @@ def _steps(spec: RealSuite, limit) -> int:
 
 
 # -- the run -------------------------------------------------------------------------------------------------------
+def run_suite(size: str, out_dir: str = "bench-out", *, device=None, contenders=None, limit=None) -> dict:
+    """The registry's entry: ``run_real_quality`` of a size; ``limit``: the first pattern rows of each model."""
+    if device not in (None, "cpu") or contenders is not None:
+        raise ValueError("the quality-real suite runs its models on CPU with every recipe: --device and --contenders "
+                         "do not apply (--limit runs the first rows)")
+    return run_real_quality(SIZES[size], out_dir, limit=limit)
+
+
 def run_real_quality(suite: str = "real-quick", out_dir: str = "bench-out", *, load=None, progress_bar: bool = True,
                      limit: int | None = None) -> dict:
     """Run a suite; write ``quality-real.{json,md}`` and ``quality-real-<model>.png`` into ``out_dir``.

@@ -28,7 +28,7 @@ from foveal.bench.timing import time_interleaved
 from foveal.kernels.reference import reference_attention
 from foveal.patterns import Neighborhood, Sinks, SlidingWindow
 
-__all__ = ["Case", "SUITES", "run_speed"]
+__all__ = ["Case", "SUITES", "SIZES", "run_speed", "run_suite"]
 
 
 @dataclass
@@ -79,7 +79,18 @@ def _full():
     return cases
 
 
-SUITES = {"quick": _quick, "full": _full}
+def _dry():
+    return [
+        Case("neighborhood 2-D 3x3", _na((8, 8), 3), heads=2, head_dim=16),
+        Case("causal window 32", _sw(256, 32), heads=2, head_dim=16, backward=True),
+    ]
+
+
+SUITES = {"quick": _quick, "full": _full, "dry": _dry}
+#: registry sizes (``foveal bench run speed --size S``) → ``SUITES``
+SIZES = {"dry": "dry", "quick": "quick", "full": "full"}
+#: the dry size's contenders (compiled flex alone would take a minute)
+DRY_CONTENDERS = ["foveal cpu", "foveal auto", "torch sdpa (dense)"]
 
 
 def _reference_rows(q, k, v, pattern, rows):
@@ -285,6 +296,13 @@ def _report(result: dict) -> str:
     return f"{header}\n{format_table(result['rows'])}\n\n{('Targets:' + chr(10) + summary) if summary else ''}\n"
 
 
+def run_suite(size: str, out_dir: str = "bench-out", *, device=None, contenders=None, limit=None) -> dict:
+    """The registry's entry: ``run_speed`` of a size (dry: ``DRY_CONTENDERS`` unless others are named)."""
+    if size == "dry" and contenders is None:
+        contenders = DRY_CONTENDERS
+    return run_speed(SIZES[size], out_dir, device, contenders)
+
+
 def rerender(json_path):
     """Rewrite the Markdown report and the plot of a saved run (``*.json``) without measuring again."""
     path = Path(json_path)
@@ -319,4 +337,5 @@ def run_speed(suite: str = "quick", out_dir: str = "bench-out", device: str | No
         "matmul_flops": rate,
         "rows": rows,
     }
-    return write_report(out_dir, result_name("speed", dev), result, _report(result), lambda path: plot(rows, path, rate))
+    return write_report(out_dir, result_name("speed", dev), result, _report(result),
+                        lambda path: plot(rows, path, rate))
