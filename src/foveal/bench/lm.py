@@ -152,7 +152,7 @@ def _time_group(n: int, backward: bool, device, min_seconds: float, on_row=None)
         infos.append(info)
         calls[i] = call
     timed = time_interleaved(calls, device, min_runs=3, max_runs=7, min_seconds=min_seconds, slow=float("inf"),
-                             memory=False, together=True, errors=(Exception,))
+                             memory=False, together=True, errors=(Exception,), keep=False)
     results = []
     for i, info in enumerate(infos):
         t = timed.get(i)

@@ -521,7 +521,7 @@ def time_prefill(model, prefill, recipes_by_key: dict, rounds: int = PREFILL_ROU
     fns = {"full": prefill, **{key: under(r) for key, r in recipes_by_key.items()}}
     with torch.no_grad():
         medians = time_interleaved(fns, torch.device("cpu"), min_runs=rounds, max_runs=rounds, min_seconds=0.0,
-                                   slow=float("inf"))
+                                   slow=float("inf"), keep=False)
     return {key: r["median_s"] for key, r in medians.items()}
 
 

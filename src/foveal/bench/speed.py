@@ -147,7 +147,7 @@ def _measure_case(case: Case, contenders, device, rate) -> list[dict]:
         else:
             fns[contender.name] = lambda p=p: _no_grad(p.forward)
     timed = time_interleaved(fns, device, min_runs=3, max_runs=10, min_seconds=0.5, slow=5.0, slow_runs=1,
-                             memory="cold", errors=(Exception,))
+                             memory="cold", errors=(Exception,), keep=False)
     want = None
     pairs = case.pattern.num_allowed() * case.batch * case.heads
     useful = 4 * case.head_dim * pairs * (3.5 if case.backward else 1.0)

@@ -45,7 +45,7 @@ def timed(fn, device=None):
 
 def time_interleaved(fns: dict, device, *, min_runs: int = 3, max_runs: int = 25, min_seconds: float = 0.5,
                      slow: float = 2.0, slow_runs: int = 2, memory="warm", together: bool = False,
-                     errors=(ValueError,)) -> dict:
+                     errors=(ValueError,), keep: bool = True) -> dict:
     """Time several functions in alternating rounds, so that a change of machine load hits them all alike.
 
     Each function is called once cold (``first_s``: compile, plan and mask building);
@@ -57,7 +57,7 @@ def time_interleaved(fns: dict, device, *, min_runs: int = 3, max_runs: int = 25
     every round until all are finished. A function whose cold call raises one of
     ``errors`` gets ``{"error": message, "exception": type name}``. Returns per name
     ``first_s``, ``median_s``, ``runs``, ``peak_bytes`` (with ``memory``) and ``value``
-    (the last result).
+    (the last result; None unless ``keep``: results are then freed as soon as they are made).
     """
     out = {}
     for name, fn in fns.items():
@@ -70,7 +70,8 @@ def time_interleaved(fns: dict, device, *, min_runs: int = 3, max_runs: int = 25
         except errors as e:
             out[name] = {"error": str(e), "exception": type(e).__name__}
             continue
-        entry = {"first_s": first, "times": [], "slow": first > slow, "value": value}
+        entry = {"first_s": first, "times": [], "slow": first > slow, "value": value if keep else None}
+        value = None
         if memory == "cold":
             entry["peak_bytes"] = mem.peak
         elif memory:
@@ -78,6 +79,7 @@ def time_interleaved(fns: dict, device, *, min_runs: int = 3, max_runs: int = 25
             with PeakMemory(device) as mem:
                 entry["value"], _ = timed(fn, device)
             entry["peak_bytes"] = mem.peak
+            entry["value"] = entry["value"] if keep else None
         out[name] = entry
 
     def done(r):
@@ -88,8 +90,10 @@ def time_interleaved(fns: dict, device, *, min_runs: int = 3, max_runs: int = 25
     while live:
         for name in live:
             out[name]["value"] = None  # free the previous result before the next call
-            out[name]["value"], t = timed(fns[name], device)
+            value, t = timed(fns[name], device)
+            out[name]["value"] = value if keep else None
             out[name]["times"].append(t)
+            value = None
         if together:
             live = live if not all(done(out[n]) for n in live) else []
         else:
