@@ -45,7 +45,9 @@ def test_list_prints_every_suite(capsys):
 @pytest.mark.parametrize("argv", [["bench"], ["bench", "run"], ["bench", "run", "nope"],
                                   ["bench", "run", "speed", "--size", "huge"], ["bench", "speed", "--size", "dry"],
                                   ["bench", "run", "speed", "--suite", "quick"], ["bench", "quality", "--suite", "x"],
-                                  ["bench", "run", "lm", "--size", "dry", "--contenders", "x"]])
+                                  ["bench", "run", "lm", "--size", "dry", "--contenders", "x"],
+                                  ["bench", "run", "speed", "--size", "dry", "--limit", "2"],
+                                  ["bench", "run", "quality-real", "--size", "dry", "--limit", "0"]])
 def test_bad_command_lines_are_refused_before_any_work(argv, tmp_path):
     assert main([*argv, "--out", str(tmp_path)]) == 2
     assert not list(tmp_path.iterdir())

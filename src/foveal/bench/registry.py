@@ -42,6 +42,8 @@ class Suite:
     device: str | None = None
     #: the files it writes besides NAME.json and NAME.md
     plots: str = "NAME.png"
+    #: what ``--limit N`` keeps (None: the suite takes no limit)
+    limit: str | None = None
 
     @property
     def module(self) -> str:
@@ -73,6 +75,10 @@ class Suite:
         size = size or self.default_size
         if size not in self.sizes:
             raise ValueError(f"suite {self.name}: size must be one of {list(self.sizes)}, got {size!r}")
+        if limit is not None and (self.limit is None or isinstance(limit, bool) or not isinstance(limit, int)
+                                  or limit < 1):
+            raise ValueError(f"suite {self.name}: " + (f"--limit must be a whole number >= 1, got {limit!r}"
+                                                       if self.limit else "takes no --limit"))
         begin(command)
         return importlib.import_module(self.module).run_suite(size, out_dir, device=device, contenders=contenders,
                                                               limit=limit)
@@ -110,13 +116,13 @@ SUITES = {s.name: s for s in [
     Suite("vision-calibration", "quality", "learning curves of full attention on the vision tasks: whether a task "
           "can rank mixers within a budget",
           {"dry": _DRY, "quick": "cue-seg 16², 300 steps", "full": "the runs behind BENCHMARKS.md's calibration table "
-           "(hours)"}),
+           "(hours)"}, limit="the first N runs"),
     Suite("quality-real", "quality", "every recipe inside pretrained SmolLM2-135M, Gemma-3-270M and MiniLM, "
           "training-free: perplexity, KL, top-1, passkey, multi-key, embedding cosine, prefill time",
           {"dry": "a tiny random Llama with a character tokenizer (no weights)",
            "quick": "SmolLM2 at 1024 tokens, density 0.1 (about 2 minutes)",
            "full": "three models, densities 0.05, 0.1, 0.2 (33 minutes; make bench-models)"},
-          needs=("transformers",), plots="NAME-MODEL.png"),
+          needs=("transformers",), plots="NAME-MODEL.png", limit="the first N pattern rows of each model"),
 ]}
 
 #: the older command lines: ``foveal bench WHAT --suite NAME`` → the (suite, size) pairs it runs
@@ -161,6 +167,8 @@ def listing() -> str:
         name = s.name if s.kind != "speed" else f"{s.name}-{s.device or 'DEVICE'}"
         files = ", ".join([f"{name}.json", f"{name}.md"] + ([s.plots.replace("NAME", name)] if s.plots else []))
         lines.append(f"{'':<20} result: {files}{need}")
+        if s.limit:
+            lines.append(f"{'':<20}   --limit N     {s.limit}")
         for size, text in s.sizes.items():
             lines.append(f"{'':<20}   --size {size:<6} {text}")
     return "\n".join(lines)
