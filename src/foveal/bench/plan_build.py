@@ -76,7 +76,8 @@ def report(result: dict) -> str:
     lines = [f"suite `plan-build` size `{result['size']}` on {result['device']}, one thread", "",
              "| pattern | tokens | plan build (median) | first build |", "|---|---|---|---|"]
     for r in (r for r in result["rows"] if r["kind"] == "build"):
-        lines.append(f"| `{r['pattern']}` | {r['tokens']} | {r['median_s'] * 1e3:.1f} ms | {r['first_s'] * 1e3:.1f} ms |")
+        lines.append(f"| `{r['pattern']}` | {r['tokens']} | {r['median_s'] * 1e3:.1f} ms | "
+                     f"{r['first_s'] * 1e3:.1f} ms |")
     lines += ["", "| attend, batch 1, 8/2 heads, head_dim 64 | tokens | cold (plan built) | warm (plan cached) | "
               "build alone | build ÷ cold |", "|---|---|---|---|---|---|"]
     for r in (r for r in result["rows"] if r["kind"] == "attend"):

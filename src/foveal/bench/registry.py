@@ -95,7 +95,8 @@ SUITES = {s.name: s for s in [
           {"dry": _DRY, "quick": "grids 14² and 28² (about 1 minute)", "full": "grids 14² to 112² (7 minutes)"}),
     Suite("lm", "speed", "language-model cases as ratios to SDPA: prefill (causal, window + sinks, vertical-slash, "
           "block top-k, DHSA), decoding over caches, per-call overhead",
-          {"dry": _DRY, "quick": "prefill at 1k and 2k (about 2 minutes)", "full": "prefill at 4k and 16k (6 minutes)"}),
+          {"dry": _DRY, "quick": "prefill at 1k and 2k (about 2 minutes)",
+           "full": "prefill at 4k and 16k (6 minutes)"}),
     Suite("timm", "speed", "timm models converted by foveal.integrations.timm against the originals (same weights)",
           {"dry": "a tiny Swin at 64²", "quick": "6 models at their native side and 2×",
            "full": "6 models at their native side and 4× (2.5 minutes)"}, needs=("timm",), plots=""),

@@ -89,7 +89,8 @@ def report(result: dict) -> str:
     """Markdown: one line per run, its curve's end on training and held-out examples."""
     lines = [f"suite `{NAME}` size `{result['size']}`: the tiny backbone with one mixer, batch 32, one thread; "
              "value at the end of each run on training / held-out examples (curve: five points)", "",
-             "| task | image | steps | training images | lr | seed | mixer | train / held-out | curve (step: held-out) |",
+             "| task | image | steps | training images | lr | seed | mixer | train / held-out "
+             "| curve (step: held-out) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         task = r["task"] + (f", scale {r['scale']}" if r["scale"] else "")
