@@ -1,4 +1,4 @@
-"""``foveal bench cp``: context parallelism, measured on CPU processes and simulated at scale.
+"""Suite ``cp`` (``foveal bench run cp``): context parallelism, measured on CPU processes and simulated at scale.
 
 Measured: ``ContextParallel.attend`` by every method on 2–4 gloo processes of this machine, forward
 and forward+backward, timed warm (median; the slowest rank counts) against

@@ -1,4 +1,4 @@
-"""``foveal bench speed --suite lm``: the cases a language-model user meets first, as ratios to SDPA.
+"""Suite ``lm`` (``foveal bench run lm``): the cases a language-model user meets first, as ratios to SDPA.
 
 Prefill (batch 1, 8 query heads over 2 key heads, head_dim 64, float32): causal,
 StreamingLLM's window + sinks (the same pattern object each call, and built anew each

@@ -1,4 +1,4 @@
-"""``foveal bench speed --suite modules``: foveal's attention modules against the same modules on dense attention.
+"""Suite ``modules``: foveal's attention modules against the same modules on dense attention.
 
 Each attention module of ``foveal.nn`` is timed on channels-last inputs of growing
 grids, forward and forward+backward (gradients of the input and of every parameter),

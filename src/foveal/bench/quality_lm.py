@@ -1,4 +1,4 @@
-"""``foveal bench quality --suite lm``: which sparse attention pattern keeps quality at equal density.
+"""Suite ``quality-lm``: which sparse attention pattern keeps quality at equal density.
 
 Every pattern family has one integer knob; the harness picks the knob whose density is
 closest to the target (for content-selected patterns, the density of their selection on

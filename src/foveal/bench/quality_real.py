@@ -1,4 +1,4 @@
-"""``foveal bench quality --suite real``: every pattern inside real pretrained models, training-free.
+"""Suite ``quality-real``: every pattern inside real pretrained models, training-free.
 
 Each recipe of ``foveal.recipes`` replaces the attention of a pretrained model through
 ``foveal.integrations.transformers.sparsify`` (SmolLM2: every layer; Gemma 3: its 3 global layers, the 15

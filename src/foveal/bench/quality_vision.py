@@ -1,4 +1,4 @@
-"""``foveal bench quality --suite vision``: which token mixer learns local + long-range tasks best.
+"""Suite ``quality-vision``: which token mixer learns local + long-range tasks best.
 
 The tiny backbone (``foveal.models``) is trained with each mixer under one fixed budget, once per seed,
 on the synthetic tasks of ``vision_tasks``; the report gives accuracy (mIoU for the dense task) as mean ±

@@ -1,4 +1,4 @@
-"""``foveal bench speed``: every contender on the same tensors, in one process.
+"""Suite ``speed`` (``foveal bench run speed``): every contender on the same tensors, in one process.
 
 For each case (a pattern, batch, heads, head_dim, dtype, forward or forward+backward)
 each contender is timed warm (median of several runs), with its one-off setup

@@ -1,4 +1,4 @@
-"""``foveal bench speed --suite timm`` / ``timm-quick``: timm models converted to foveal against the originals.
+"""Suite ``timm`` (``foveal bench run timm``): timm models converted to foveal against the originals.
 
 Per model and resolution: forward time (eval, ``no_grad``, batch 1, float32; median of warm
 runs, the two models timed in alternating rounds), peak memory during a forward, and the
