@@ -21,6 +21,18 @@ def test_every_suite_is_a_module_named_as_it_with_the_registry_sizes():
         assert callable(module.run_suite)
         assert list(module.SIZES) == list(suite.sizes) and "dry" in suite.sizes, name
         assert suite.default_size != "dry"
+        for size in suite.sizes:
+            assert suite.cases(size) and all(isinstance(c, str) for c in suite.cases(size)), (name, size)
+
+
+def test_cases_lists_what_a_command_would_run_and_runs_nothing(capsys, tmp_path):
+    assert main(["bench", "run", "quality-real", "--size", "full", "--cases", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "quality-real full: smollm2-135m: full @ 1" and "quality-real full: minilm-l6: dhsa @ 0.2" in out
+    assert main(["bench", "quality", "--suite", "quick", "--cases", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "quality-lm quick: passkey — window @ 0.25" in out and "quality-vision quick: cue-seg — global — seed 0" in out
+    assert not tmp_path.exists() or not list(tmp_path.iterdir())
 
 
 def test_the_older_command_lines_name_registered_suites_and_sizes():

@@ -88,6 +88,11 @@ def _bench(args) -> int:
                 raise ValueError(f"`foveal bench {what}` takes --suite, e.g. --suite quick; or use "
                                  "`foveal bench run NAME --size SIZE`")
             runs = registry.resolve(what, args.suite)
+        if args.cases:
+            for name, size in runs:
+                for line in registry.get(name).cases(size):
+                    print(f"{name} {size or registry.get(name).default_size}: {line}")
+            return 0
         for name, size in runs:
             registry.get(name).run(size, args.out, device=args.device, contenders=args.contenders, limit=args.limit,
                                    command=args.command_line)
@@ -124,6 +129,7 @@ def main(argv=None) -> int:
                    help="run NAME (a suite of the registry); speed, quality and cp take the older --suite names")
     b.add_argument("name", nargs="?", help="with run: the suite (foveal bench --list)")
     b.add_argument("--list", action="store_true", help="list every suite, its sizes and where its result goes")
+    b.add_argument("--cases", action="store_true", help="print the cases the command would run, and run nothing")
     b.add_argument("--size", default=None, help="with run: the suite's size, e.g. dry, quick or full (default: quick)")
     b.add_argument(
         "--suite",

@@ -29,7 +29,7 @@ from foveal.decode import KVCache, Quest, SnapKV, attend_decode, snapkv_compress
 from foveal.functional import attend
 from foveal.patterns import DHSA, BlockTopK, Causal, Sinks, SlidingWindow, VerticalSlash
 
-__all__ = ["LM_SUITES", "SIZES", "run_lm", "run_suite"]
+__all__ = ["LM_SUITES", "SIZES", "cases", "run_lm", "run_suite"]
 
 HEADS, KV_HEADS, HEAD_DIM = 8, 2, 64
 
@@ -233,6 +233,18 @@ def _overhead(device, calls: int = 200) -> list[dict]:
                             ("attend_decode, window + sinks, 16-token cache", stream))]
 
 
+def _groups(cfg) -> list[tuple[int, bool]]:
+    """The prefill groups of a suite: (tokens, backward), each timing every row of ``PREFILL_ROWS``."""
+    return [(n, bwd) for n in cfg["lengths"] for bwd in (False, True)]
+
+
+def cases(size: str) -> list[str]:
+    """The cases of a size: prefill groups (every row of ``PREFILL_ROWS`` each), decode lengths, the overhead."""
+    cfg = LM_SUITES[SIZES[size]]
+    return ([f"prefill n={n} {'fwd+bwd' if bwd else 'fwd'}: {len(PREFILL_ROWS)} rows" for n, bwd in _groups(cfg)]
+            + [f"decode over {n} cached tokens" for n in cfg["decode_lengths"]] + ["decode overhead"])
+
+
 def run_suite(size: str, out_dir: str = "bench-out", *, device=None, contenders=None, limit=None) -> dict:
     """The registry's entry: ``run_lm`` of a size (its contenders are fixed)."""
     if contenders is not None:
@@ -247,7 +259,7 @@ def run_lm(suite: str = "lm", out_dir: str = "bench-out", device: str | None = N
     cfg = LM_SUITES[suite]
     dev = torch.device(device or "cpu")
     rate = matmul_rate(dev, torch.float32)
-    groups = [(n, bwd) for n in cfg["lengths"] for bwd in (False, True)]
+    groups = _groups(cfg)
     total = len(groups) * len(PREFILL_ROWS) + len(cfg["decode_lengths"]) + 1
     rows, start = [], time.perf_counter()
     for g, (n, bwd) in enumerate(groups):

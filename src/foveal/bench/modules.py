@@ -53,7 +53,7 @@ from foveal.bench.timing import load, time_interleaved
 from foveal.bias import RelativePositionBias
 
 __all__ = ["ModuleCase", "MODULE_SUITES", "SIZES", "MODULE_CONTENDERS", "DENSE_CAP_BYTES", "dense_backends",
-           "run_modules", "run_suite"]
+           "cases", "run_modules", "run_suite"]
 
 #: a dense row is skipped when its estimated N×N working set exceeds this
 DENSE_CAP_BYTES = 2 * 2**30
@@ -503,6 +503,11 @@ def rerender(json_path):
     path.with_suffix(".md").write_text(with_provenance(_report(result), result))
     plot(result["rows"], path.with_suffix(".png"), f"foveal bench speed --suite {result['suite']}")
     return path.with_suffix(".md"), path.with_suffix(".png")
+
+
+def cases(size: str) -> list[str]:
+    """The cases of a size: module, grid and direction."""
+    return [f"{c.module} {'x'.join(map(str, c.grid))} {c.direction}" for c in MODULE_SUITES[SIZES[size]]()]
 
 
 def run_suite(size: str, out_dir: str = "bench-out", *, device=None, contenders=None, limit=None) -> dict:

@@ -22,7 +22,7 @@ from foveal.bench.report import result_name, write_report
 from foveal.bench.timing import time_interleaved
 from foveal.bench.train import threads
 
-__all__ = ["SIZES", "patterns", "run_suite"]
+__all__ = ["SIZES", "cases", "patterns", "run_suite"]
 
 #: registry sizes → (tokens of the patterns, tokens of the attend cases, timed rounds)
 SIZES = {"dry": (1024, (1024,), 1), "quick": (16384, (16384,), 3), "full": (65536, (16384, 65536), 3)}
@@ -84,6 +84,13 @@ def report(result: dict) -> str:
         lines.append(f"| `{r['pattern']}` | {r['tokens']} | {r['cold_s'] * 1e3:.1f} ms | {r['warm_s'] * 1e3:.1f} ms | "
                      f"{r['build_s'] * 1e3:.1f} ms | {r['build_s'] / r['cold_s']:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def cases(size: str) -> list[str]:
+    """The cases of a size: every pattern's plan build, then the window's attend at each length."""
+    n, attend_tokens, _ = SIZES[size]
+    return [f"plan build {p!r}" for p in patterns(n)] + [f"attend SlidingWindow({t}, 512), cold and warm"
+                                                          for t in attend_tokens]
 
 
 def run_suite(size: str, out_dir: str = "bench-out", *, device=None, contenders=None, limit=None) -> dict:

@@ -27,7 +27,7 @@ from foveal.models.lm import AttentionOnly, EncoderDecoder, TinyLM
 from foveal.patterns import BigBird, Causal, Dilated, Full, Power, Sinks, SlidingWindow, Strided
 from foveal.patterns.dynamic import DHSA, BlockTopK, VerticalSlash
 
-__all__ = ["FAMILIES", "SUITES", "SIZES", "allowed_pairs", "match_density", "run_lm_quality", "run_suite"]
+__all__ = ["FAMILIES", "SUITES", "SIZES", "allowed_pairs", "cases", "match_density", "run_lm_quality", "run_suite"]
 
 
 # -- pattern families: name → (kind, make(n, knob) or make(n_q, n_kv, knob), knob range) --------------------------
@@ -268,6 +268,17 @@ def plot(rows, path: Path):
     plt.close(fig)
 
 
+def _jobs(spec: LMSuite) -> list[tuple]:
+    """(task, pattern name, target density) of every model a suite trains."""
+    return [(task, name, target) for task in spec.tasks for name in spec.patterns[task.family]
+            for target in ((1.0,) if name == "full" else spec.densities)]
+
+
+def cases(size: str) -> list[str]:
+    """The cases of a size: task, pattern and target density."""
+    return [f"{task.name} — {name} @ {target:.2f}" for task, name, target in _jobs(SUITES[SIZES[size]])]
+
+
 def run_suite(size: str, out_dir: str = "bench-out", *, device=None, contenders=None, limit=None) -> dict:
     """The registry's entry: ``run_lm_quality`` of a size (CPU, every pattern family of the size)."""
     if device not in (None, "cpu") or contenders is not None:
@@ -281,11 +292,7 @@ def run_lm_quality(suite: str = "lm-quick", out_dir: str = "bench-out", progress
     if suite not in SUITES:
         raise ValueError(f"suite must be one of {sorted(SUITES)}, got {suite!r}")
     spec = SUITES[suite]
-    jobs = []
-    for task in spec.tasks:
-        for name in spec.patterns[task.family]:
-            for target in (1.0,) if name == "full" else spec.densities:
-                jobs.append((task, name, target))
+    jobs = _jobs(spec)
     rows, start = [], time.perf_counter()
     total = len(jobs) * spec.budget.steps
     out = Path(out_dir)

@@ -58,8 +58,8 @@ from foveal.bench.report import save_partial, write_report
 from foveal.bench.timing import time_interleaved, timed
 from foveal.patterns.dynamic import DynamicPattern
 
-__all__ = ["FAMILIES", "SUITES", "SIZES", "RealSuite", "run_suite", "solve_knob", "solve_recipe", "recipe_density",
-           "QKCapture", "DensityMeter", "run_real_quality"]
+__all__ = ["FAMILIES", "SUITES", "SIZES", "RealSuite", "cases", "run_suite", "solve_knob", "solve_recipe",
+           "recipe_density", "QKCapture", "DensityMeter", "run_real_quality"]
 
 NAME = "quality-real"
 
@@ -548,6 +548,12 @@ def _steps(spec: RealSuite, limit) -> int:
 
 
 # -- the run -------------------------------------------------------------------------------------------------------
+def cases(size: str) -> list[str]:
+    """The cases of a size: per model, the reference and every (recipe, target density) row."""
+    spec = SUITES[SIZES[size]]
+    return [f"{name}: {fam} @ {target:g}" for name in spec.models for fam, target in _jobs(spec.for_model(name), None)]
+
+
 def run_suite(size: str, out_dir: str = "bench-out", *, device=None, contenders=None, limit=None) -> dict:
     """The registry's entry: ``run_real_quality`` of a size; ``limit``: the first pattern rows of each model."""
     if device not in (None, "cpu") or contenders is not None:

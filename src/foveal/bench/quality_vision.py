@@ -22,7 +22,7 @@ from foveal.bench.train import Budget, finish_report, fit, progress
 from foveal.bench.vision_tasks import TASKS
 from foveal.models import Classifier, Segmenter, mixer_names
 
-__all__ = ["Suite", "SUITES", "SIZES", "CALIBRATION", "run_vision_quality", "run_suite", "evaluate",
+__all__ = ["Suite", "SUITES", "SIZES", "CALIBRATION", "cases", "run_vision_quality", "run_suite", "evaluate",
            "flops_per_image", "summarise", "calibration"]
 
 
@@ -217,6 +217,12 @@ def plot(rows, path: Path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def cases(size: str) -> list[str]:
+    """The cases of a size: task, mixer and seed."""
+    spec = SUITES[SIZES[size]]
+    return [f"{t} — {m} — seed {seed}" for t in spec.tasks for m in spec.mixers for seed in spec.seeds]
 
 
 def run_suite(size: str, out_dir: str = "bench-out", *, device=None, contenders=None, limit=None) -> dict:

@@ -6,6 +6,8 @@ A suite is a module of ``foveal.bench`` named as the suite (``quality-lm`` is
 * ``SIZES``: size → the module's own configuration of that size; every suite has a
   ``dry`` size (its smallest case, a round or a step: seconds, for the tests and for a
   check that a run starts), most a ``quick`` and a ``full`` one;
+* ``cases(size) -> list[str]``: what a size runs, one line per case, without running it
+  (``foveal bench run NAME --size SIZE --cases``);
 * ``run_suite(size, out_dir, *, device=None, contenders=None, limit=None) -> dict``:
   lists the size's cases, measures them with the one timer (``timing``: interleaved
   rounds on the same tensors) or trains them, turns them into rows and hands those to
@@ -66,6 +68,13 @@ class Suite:
         import torch
 
         return result_name(self.name, self.device or device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def cases(self, size: str | None = None) -> list[str]:
+        """What one size of the suite runs, one line per case (nothing is run)."""
+        size = size or self.default_size
+        if size not in self.sizes:
+            raise ValueError(f"suite {self.name}: size must be one of {list(self.sizes)}, got {size!r}")
+        return importlib.import_module(self.module).cases(size)
 
     def run(self, size: str | None = None, out_dir: str = "bench-out", *, device=None, contenders=None,
             limit=None, command: str | None = None) -> dict:

@@ -28,7 +28,7 @@ from foveal.bench.timing import time_interleaved
 from foveal.kernels.reference import reference_attention
 from foveal.patterns import Neighborhood, Sinks, SlidingWindow
 
-__all__ = ["Case", "SUITES", "SIZES", "run_speed", "run_suite"]
+__all__ = ["Case", "SUITES", "SIZES", "cases", "run_speed", "run_suite"]
 
 
 @dataclass
@@ -294,6 +294,11 @@ def _report(result: dict) -> str:
               f"dense float32 matmul in the same run: {rate / 1e9:.0f} GFLOP/s")
     summary = targets(result["rows"])
     return f"{header}\n{format_table(result['rows'])}\n\n{('Targets:' + chr(10) + summary) if summary else ''}\n"
+
+
+def cases(size: str) -> list[str]:
+    """The cases of a size, as the report labels them."""
+    return [c.label for c in SUITES[SIZES[size]]()]
 
 
 def run_suite(size: str, out_dir: str = "bench-out", *, device=None, contenders=None, limit=None) -> dict:

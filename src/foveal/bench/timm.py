@@ -24,7 +24,7 @@ from foveal.bench.measure import progress
 from foveal.bench.report import result_name, write_report
 from foveal.bench.timing import load, time_interleaved
 
-__all__ = ["TIMM_SUITES", "TIMM_MODELS", "SIZES", "run_timm", "run_suite", "format_report"]
+__all__ = ["TIMM_SUITES", "TIMM_MODELS", "SIZES", "cases", "run_timm", "run_suite", "format_report"]
 
 #: timm name -> (extra create_model kwargs, native side)
 TIMM_MODELS = {
@@ -58,6 +58,13 @@ def _refusing(fn):
 
 def _cases(suite, models, table):
     return [(name, table[name][1] * m) for name in models for m in TIMM_SUITES[suite]]
+
+
+def cases(size: str) -> list[str]:
+    """The cases of a size: model and input side."""
+    suite = SIZES[size]
+    table = DRY_MODELS if suite == "timm-dry" else TIMM_MODELS
+    return [f"{name} {side}²" for name, side in _cases(suite, list(table), table)]
 
 
 def run_suite(size: str, out_dir: str = "bench-out", *, device=None, contenders=None, limit=None) -> dict:

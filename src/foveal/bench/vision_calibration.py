@@ -25,7 +25,7 @@ from foveal.bench.report import save_partial, write_report
 from foveal.bench.train import Budget, fit
 from foveal.bench.vision_tasks import TASKS
 
-__all__ = ["Run", "SIZES", "run_suite"]
+__all__ = ["Run", "SIZES", "cases", "run_suite"]
 
 NAME = "vision-calibration"
 
@@ -126,6 +126,12 @@ def plot(rows, path: Path):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def cases(size: str) -> list[str]:
+    """The cases of a size: one learning curve each."""
+    return [f"{r.task} {r.size}² {r.mixer}, {r.steps} steps, {r.train} examples, lr {r.lr:g}, seed {r.seed}"
+            + (f", scale {r.scale}" if r.scale else "") for r in SIZES[size]]
 
 
 def run_suite(size: str, out_dir: str = "bench-out", *, device=None, contenders=None, limit=None) -> dict:
