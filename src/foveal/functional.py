@@ -39,7 +39,9 @@ def attend(q, k, v, pattern, *, bias=None, scale=None, key_padding_mask=None, so
     pattern's grid. Returns ``out`` (B, Hq, Nq, Dv), and with ``return_lse`` also the
     log-sum-exp of the allowed final scores (B, Hq, Nq): float64 for float64 inputs,
     float32 otherwise. A query with no allowed key gets a zero output and
-    ``lse = -inf``. Batch 0 gives empty results.
+    ``lse = -inf``. Batch 0 gives empty results. bfloat16 and float16 inputs accumulate in
+    float32 on every backend, forward and backward (a score term's table gradient too);
+    only the returned tensors are rounded to their dtype.
 
     The score of query ``i`` and key ``j`` is ``s = scale·q_i·k_j`` (``scale`` defaults
     to ``1/sqrt(D)``), then ``softcap·tanh(s / softcap)`` when ``softcap`` is given

@@ -10,7 +10,10 @@ the value given and what is allowed. The exception policy is one rule:
   count, a device, a number out of range, a combination a backend cannot run.
 
 The log-sum-exp rule: ``lse`` is float64 for float64 inputs and float32 otherwise
-(``lse_dtype``); every merge of partial results runs in that dtype.
+(``lse_dtype``); every merge of partial results runs in that dtype. The accumulation
+rule: inputs in a ``HALF`` dtype are computed in float32 — scores, score terms, softmax,
+lse and every sum of a gradient (a score term's table included) — and only the
+returned output and gradients are rounded to the inputs' dtype.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 
 __all__ = [
     "DTYPES",
+    "HALF",
     "lse_dtype",
     "check_tensor",
     "check_qkv",
@@ -34,6 +38,8 @@ __all__ = [
 
 #: the dtypes attention inputs may have
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: the dtypes computed in float32 (the accumulation rule)
+HALF = (torch.float16, torch.bfloat16)
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
