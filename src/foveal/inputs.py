@@ -140,8 +140,9 @@ def check_bias(bias, heads: int, device):
 
     It is probed on one (query, key) pair of every head before any work: a term for
     another number of heads (``num_heads`` attribute, or a result whose head axis is
-    neither 1 nor ``heads``) or one that returns something else than a floating tensor
-    is refused here rather than inside a kernel.
+    neither 1 nor ``heads``), one whose result does not broadcast to the (heads, 1, 1)
+    it was asked for (a constant of another shape), or one that returns something else
+    than a floating tensor is refused here rather than inside a kernel.
     """
     if bias is None:
         return None
@@ -160,13 +161,15 @@ def check_bias(bias, heads: int, device):
     if not isinstance(probe, torch.Tensor) or not probe.is_floating_point():
         got = probe.dtype if isinstance(probe, torch.Tensor) else type(probe).__name__
         raise TypeError(f"bias must return a floating tensor, got {got}")
+    asked = (heads, 1, 1)  # the pair shape the probe asks for: every head, one query, one key
     try:
-        torch.broadcast_shapes(probe.shape, (heads, 1, 1))
-        if probe.dim() > 3:
-            raise RuntimeError
+        fits = probe.dim() <= 3 and torch.broadcast_shapes(probe.shape, asked) == asked
     except RuntimeError:
+        fits = False
+    if not fits:
         raise ValueError(
-            f"bias(h, q_idx, kv_idx) with h of shape ({heads}, 1, 1) and one (query, key) pair returned shape "
-            f"{tuple(probe.shape)}: a term must broadcast to (heads, queries, keys)"
-        ) from None
+            f"bias(h, q_idx, kv_idx) with h of shape {asked} and one (query, key) pair returned shape "
+            f"{tuple(probe.shape)}: a term must broadcast to (heads, queries, keys), the shape it was asked for, "
+            f"here expected {asked}"
+        )
     return bias
