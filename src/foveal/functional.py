@@ -18,8 +18,9 @@ from foveal.inputs import (
     check_tokens,
     lse_dtype,
 )
-from foveal.kernels.select import Call, check_backend_name, select
-from foveal.lowering import assemble, lower
+from foveal.kernels.call import Call
+from foveal.kernels.select import check_backend_name, route
+from foveal.lowering import assemble
 from foveal.patterns.base import Pattern
 from foveal.patterns.dynamic import BlockSelection, DynamicPattern
 from foveal.patterns.perhead import PerHead
@@ -62,9 +63,9 @@ def attend(q, k, v, pattern, *, bias=None, scale=None, key_padding_mask=None, so
     call = _validate(q, k, v, pattern, bias, scale, key_padding_mask, softcap, backend, return_lse)
     if q.shape[0] == 0:
         return _empty(q, k, v, return_lse)
-    pieces = lower(call, backend)
-    results = [select(piece.call, backend).run(piece.call) for piece in pieces]
-    out, lse = assemble(pieces, results, q.shape[1])
+    routed = route(call, backend)  # lowered pieces, each with its backend (``why_not`` asks the same)
+    results = [runner.run(piece.call) for piece, runner in routed]
+    out, lse = assemble([piece for piece, _ in routed], results, q.shape[1])
     return (out, lse) if return_lse else out
 
 

@@ -293,7 +293,7 @@ class _GatherAttention(torch.autograd.Function):
         return (dq, dk, dv, None, None, None, None, None, *dparams)
 
 
-def gather_attention(q, k, v, pattern, scale: float, tile=None, need_lse: bool = True, bias=None,
+def gather_attention(q, k, v, pattern, scale: float, tile=None, *, need_lse: bool = True, bias=None,
                      key_padding_mask=None, softcap=None):
     """Exact attention over ``pattern`` by the gather kernel; returns ``(out, lse)``.
 

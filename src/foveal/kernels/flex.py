@@ -90,7 +90,8 @@ def _score_mod(bias, padding, softcap):
     return score_mod
 
 
-def flex_block_mask_run(q, k, v, bm, scale: float, need_lse: bool, bias=None, key_padding_mask=None, softcap=None):
+def flex_block_mask_run(q, k, v, bm, scale: float, *, need_lse: bool, bias=None, key_padding_mask=None,
+                        softcap=None):
     """Run compiled FlexAttention under the ``BlockMask`` ``bm``; returns ``(out, lse or None)``.
 
     The cap, the score term and the key padding go into one ``score_mod`` (padding as
@@ -99,8 +100,8 @@ def flex_block_mask_run(q, k, v, bm, scale: float, need_lse: bool, bias=None, ke
     dtype), the output is rounded back.
     """
     if q.device.type == "cpu" and q.dtype in HALF:
-        out, lse = flex_block_mask_run(q.float(), k.float(), v.float(), bm, scale, need_lse, bias, key_padding_mask,
-                                       softcap)
+        out, lse = flex_block_mask_run(q.float(), k.float(), v.float(), bm, scale, need_lse=need_lse, bias=bias,
+                                       key_padding_mask=key_padding_mask, softcap=softcap)
         return out.to(q.dtype), lse
     from torch.nn.attention.flex_attention import AuxRequest
 

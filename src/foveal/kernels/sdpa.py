@@ -213,7 +213,7 @@ def is_small(pattern, device) -> bool:
     return torch.device(device).type == "cpu" and pattern.n_q * pattern.n_kv <= SMALL_PAIRS
 
 
-def sdpa_attention(q, k, v, pattern, scale: float, need_lse: bool = True, key_padding_mask=None, bias=None):
+def sdpa_attention(q, k, v, pattern, scale: float, *, need_lse: bool = True, key_padding_mask=None, bias=None):
     """Exact attention by the fused kernel; returns ``(out, lse)``.
 
     ``Full`` or (bottom-right) ``Causal`` without a mask; on CPU, any static pattern with
@@ -225,7 +225,8 @@ def sdpa_attention(q, k, v, pattern, scale: float, need_lse: bool = True, key_pa
     float32's), the output is rounded back.
     """
     if q.device.type == "cpu" and q.dtype in HALF:
-        out, lse = sdpa_attention(q.float(), k.float(), v.float(), pattern, scale, need_lse, key_padding_mask, bias)
+        out, lse = sdpa_attention(q.float(), k.float(), v.float(), pattern, scale, need_lse=need_lse,
+                                  key_padding_mask=key_padding_mask, bias=bias)
         return out.to(q.dtype), lse
     pad = key_padding_mask
     kind = dense_kind(pattern)
