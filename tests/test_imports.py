@@ -3,6 +3,8 @@
 import ast
 from pathlib import Path
 
+import torch
+
 import foveal
 import foveal.patterns
 
@@ -71,3 +73,35 @@ def test_no_import_circle_between_modules_not_even_inside_functions():
 
 def test_the_circle_finder_finds_a_circle():
     assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_one_export_list_every_pattern_name_is_exported_at_the_top():
+    assert set(foveal.__all__) >= set(foveal.patterns.__all__) | set(foveal.patterns.DYNAMIC)
+    assert "PaddedHalo" in foveal.__all__
+    assert len(foveal.__all__) == len(set(foveal.__all__))
+    for name in foveal.__all__:
+        assert getattr(foveal, name) is not None, name
+    for name in foveal.patterns.__all__:
+        assert getattr(foveal, name) is getattr(foveal.patterns, name)
+
+
+def test_one_copy_of_the_mlp_the_backend_check_and_a_shapes_defaults():
+    import inspect
+
+    from foveal import recipes
+    from foveal.kernels.select import check_backend_name
+    from foveal.models.backbone import Block
+    from foveal.nn._common import check_backend
+    from foveal.nn.davit import SpatialBlock
+    from foveal.nn.maxvit import MaxViTBlock
+    from foveal.nn.mlp import Mlp
+
+    assert check_backend is check_backend_name
+    assert isinstance(Block(8, torch.nn.Identity()).mlp, Mlp)
+    assert isinstance(SpatialBlock(8, 2, window_size=2).mlp, Mlp)
+    assert any(isinstance(m, Mlp) for m in MaxViTBlock(8, 2, partition_size=2).modules())
+    shape = inspect.signature(foveal.patterns.a_shape).parameters
+    recipe = inspect.signature(recipes.a_shape).parameters
+    assert (shape["sinks"].default, shape["local"].default) == (recipe["sinks"].default, recipe["local"].default)
+    sources = [p.read_text() for p in SRC.rglob("*.py") if p.name != "mlp.py"]
+    assert not any("class _Mlp" in s or "class Mlp" in s for s in sources)

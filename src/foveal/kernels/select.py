@@ -204,8 +204,11 @@ def backend_names() -> list[str]:
 
 
 def check_backend_name(backend) -> str:
-    """``backend`` if it is ``"auto"`` or a registered name, else a ``ValueError`` listing them."""
-    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
+    """``backend`` if it is ``"auto"`` or a registered name: the one check of a backend name (``attend``, the
+    modules, the integrations). ``TypeError`` for a non-string, ``ValueError`` listing the names otherwise."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str ('auto' or one of {sorted(BACKENDS)}), got {backend!r}")
+    if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
     return backend
 
