@@ -100,3 +100,14 @@ def test_why_not_names_every_backend_and_auto():
     assert set(backend_names()) == {"auto", *BACKENDS}
     with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
         why_not(call, "triton")
+
+
+def test_lowering_reads_the_backends_capability_not_its_name(monkeypatch):
+    from foveal.kernels.select import route
+
+    q, k, v = (torch.randn(1, 2, N, 16) for _ in range(3))
+    call = Call(q, k, v, PerHead([Causal(N), SlidingWindow(N, left=5)]), 0.25)
+    assert [b.name for _, b in route(call, "reference")] == ["reference"]  # the exact mask, unlowered
+    assert [b.name for _, b in route(call, "blocksparse")] == ["blocksparse"] * 2  # one piece per part
+    monkeypatch.setattr(BACKENDS["reference"], "takes_exact_masks", False)
+    assert [b.name for _, b in route(call, "reference")] == ["reference"] * 2

@@ -49,6 +49,8 @@ def lower(call: Call, backend=None) -> list[Piece]:
 
     What is lowered depends only on the backend's capability ``takes_exact_masks``.
     """
+    if isinstance(backend, str):  # a name would read as no capability: refuse it rather than lower differently
+        raise TypeError(f"lower takes a backend object (foveal.kernels.select.BACKENDS[name]) or None, got {backend!r}")
     p, exact_mask = call.pattern, bool(getattr(backend, "takes_exact_masks", False))
     if isinstance(p, PerHead) and not (exact_mask and not p.dynamic):
         return [piece for sub, heads in _split_heads(call) for piece in _within(lower(sub, backend), heads)]
