@@ -65,6 +65,7 @@ def _cases(world):
             add(method=m, order="zigzag", pattern="causal", dtype="bfloat16", tag="-bf16")
             add(method=m, order="contiguous", pattern="document-full", shape=(2, 4, 1, 8, 6), tag="-mqa-dv6")
             add(method=m, order="zigzag", pattern="causal", dtype="float64", tag="-f64")
+            add(method=m, order="balanced", pattern="window2", dtype="float64", sinks=True, tag="-sinks-f64")
     else:
         for m in METHODS:
             for o in ORDERS:
@@ -100,7 +101,7 @@ def _check_close(world, case, per_rank):
     for r, res in enumerate(per_rank):
         assert "error" not in res, f"{case['id']} rank {r}:\n{res['error']}"
         e = res["errs"]
-        for name in [n for n in ("out", "lse", "dq", "dk", "dv", "dtable") if n in e]:
+        for name in [n for n in ("out", "lse", "dq", "dk", "dv", "dtable", "dsinks") if n in e]:
             tol = base * max(1.0, e[name + "_scale"])
             assert e[name] <= tol, f"{case['id']} rank {r}: {name} differs by {e[name]:.3g} (tolerance {tol:.3g})"
 
@@ -371,7 +372,7 @@ def test_bench_cp_simulation_counts_bytes_and_balance(tmp_path):
     causal = {o: simulate(n, p, Causal(n), Order(o))[0]["load_max_over_mean"] for o in ("contiguous", "zigzag")}
     assert causal["contiguous"] > 1.5 and causal["zigzag"] < 1.05
     out = run(tmp_path, quick=True, progress=False, measured=False, sizes=(1024,), worlds=(2, 4))
-    assert out and (tmp_path / "cp.md").read_text().startswith("# foveal bench cp")
+    assert out and (tmp_path / "cp-cpu.md").read_text().startswith("# foveal bench cp")
 
 
 def test_init_refuses_a_bad_timeout():

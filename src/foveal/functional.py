@@ -7,6 +7,8 @@ into kernel calls (``foveal.lowering``) → select a backend for each
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from foveal.inputs import (
@@ -14,6 +16,7 @@ from foveal.inputs import (
     check_key_padding_mask,
     check_qkv,
     check_scale,
+    check_sink_logits,
     check_softcap,
     check_tokens,
     lse_dtype,
@@ -21,6 +24,7 @@ from foveal.inputs import (
 from foveal.kernels.call import Call
 from foveal.kernels.select import check_backend_name, route
 from foveal.lowering import assemble
+from foveal.merge import add_sink
 from foveal.patterns.base import Pattern
 from foveal.patterns.dynamic import BlockSelection, DynamicPattern
 from foveal.patterns.perhead import PerHead
@@ -30,8 +34,8 @@ __all__ = ["attend", "na_av"]
 _PATTERNS = (Pattern, DynamicPattern, BlockSelection, PerHead)
 
 
-def attend(q, k, v, pattern, *, bias=None, scale=None, key_padding_mask=None, softcap=None, backend: str = "auto",
-           return_lse: bool = False):
+def attend(q, k, v, pattern, *, bias=None, scale=None, key_padding_mask=None, softcap=None, sink_logits=None,
+           backend: str = "auto", return_lse: bool = False):
     """Softmax attention of each query over the keys ``pattern`` allows.
 
     ``q`` is (B, Hq, Nq, D), ``k`` (B, Hkv, Nk, D), ``v`` (B, Hkv, Nk, Dv), as in
@@ -51,6 +55,14 @@ def attend(q, k, v, pattern, *, bias=None, scale=None, key_padding_mask=None, so
     function; gradients reach the tensors its ``parameters()`` returns); pairs the
     pattern forbids, and keys marked True in ``key_padding_mask`` (B, Nk) bool — the
     ``torch.nn.MultiheadAttention`` convention, True = ignore — get ``-inf``.
+    ``sink_logits`` (Hq,), a learned logit per query head, joins every row's softmax as
+    one extra key whose value is zero (gpt-oss's ``s_aux``, FlashAttention 4's
+    ``learnable_sink``; ``foveal.merge.add_sink``): it takes probability mass and adds to
+    the lse, and its gradient reaches the tensor. It is not the ``Sinks`` pattern, which
+    keeps the first tokens as keys. A row with no allowed key then gets a zero output
+    and ``lse = sink_logits[h]``. The backend computes the row's softmax without it and
+    the sink is joined from the output and lse (an exact rescaling, in float32 for half
+    inputs).
 
     ``pattern`` is a static ``Pattern``; a ``PerHead`` (one pattern per query head); a
     content-selected pattern (``foveal.patterns.dynamic``: its blocks are selected from
@@ -61,11 +73,16 @@ def attend(q, k, v, pattern, *, bias=None, scale=None, key_padding_mask=None, so
     ``blocksparse``, ``flex``); a backend that cannot run the call says why.
     """
     call = _validate(q, k, v, pattern, bias, scale, key_padding_mask, softcap, backend, return_lse)
+    sink_logits = check_sink_logits(sink_logits, q.shape[1], q.device)
     if q.shape[0] == 0:
         return _empty(q, k, v, return_lse)
+    if sink_logits is not None:
+        call = replace(call, need_lse=True)
     routed = route(call, backend)  # lowered pieces, each with its backend (``why_not`` asks the same)
     results = [runner.run(piece.call) for piece, runner in routed]
     out, lse = assemble([piece for piece, _ in routed], results, q.shape[1])
+    if sink_logits is not None:
+        out, lse = add_sink(out, lse, sink_logits)
     return (out, lse) if return_lse else out
 
 
