@@ -52,7 +52,7 @@ from foveal.decode import step_inputs
 from foveal.functional import attend
 from foveal.patterns.base import Pattern
 from foveal.patterns.dynamic import DynamicPattern
-from foveal.patterns.global_ import is_causal
+from foveal.patterns.causality import is_causal
 from foveal.patterns.local import SlidingWindow
 from foveal.patterns.perhead import PerHead
 from foveal.integrations.transformers_keywords import KEYWORDS, check_dropout, read_keywords
