@@ -34,3 +34,17 @@ def assert_rounding_like_peer(got32, peer32, truth64, factor: float = 4.0, what:
     peer_err = float((peer32.double() - truth64).abs().max())
     bound = factor * peer_err + 4 * EPS32 * scale(truth64)
     assert err <= bound, f"{what}: float32 error {err:.3g} from the float64 truth, peer's {peer_err:.3g}, bound {bound:.3g}"
+
+
+def attention_tol32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_keys: int, scale: float | None = None) -> float:
+    """Rounding of one float32 attention call, for comparing two float32 implementations of it.
+
+    A score ``q·k·scale`` over ``d`` terms carries ~eps·sqrt(d)·max|q|·max|k|·scale; softmax turns a
+    score error δ into at most ~δ·max|v| in the output; the weighted sum over ``n_keys`` adds
+    ~eps·sqrt(n_keys)·max|v|. Random-walk (sqrt) growth, not the worst case: measured errors sit
+    10-30x below it, whatever the summation order (threads, ISA, BLAS).
+    """
+    d = q.shape[-1]
+    scale = d**-0.5 if scale is None else scale
+    score = d**0.5 * scale * float(q.abs().max()) * float(k.abs().max())
+    return EPS32 * (score + n_keys**0.5) * float(v.abs().max())
