@@ -18,6 +18,7 @@ from foveal.inputs import (
     check_tokens,
     lse_dtype,
 )
+from foveal.custom_op import trace_constant
 from foveal.kernels.select import Call, check_backend_name, select
 from foveal.lowering import assemble, lower
 from foveal.patterns.base import Pattern
@@ -60,6 +61,12 @@ def attend(q, k, v, pattern, *, bias=None, scale=None, key_padding_mask=None, so
     call = _validate(q, k, v, pattern, bias, scale, key_padding_mask, softcap, backend, return_lse)
     if q.shape[0] == 0:
         return _empty(q, k, v, return_lse)
+    if torch.compiler.is_compiling():  # one opaque op in the graph (foveal.custom_op): it runs the lines below
+        from foveal.custom_op import attend_traced
+
+        return attend_traced(q, k, v, call.pattern, bias=call.bias, scale=call.scale,
+                             key_padding_mask=call.key_padding_mask, softcap=call.softcap, sink_logits=None,
+                             backend=backend, return_lse=return_lse)
     pieces = lower(call, backend)
     results = [select(piece.call, backend).run(piece.call) for piece in pieces]
     out, lse = assemble(pieces, results, q.shape[1])
@@ -69,14 +76,10 @@ def attend(q, k, v, pattern, *, bias=None, scale=None, key_padding_mask=None, so
 def _validate(q, k, v, pattern, bias, scale, key_padding_mask, softcap, backend, return_lse) -> Call:
     """Every check of ``attend``, before any work: the ``Call`` to lower."""
     check_qkv(q, k, v)
-    if not isinstance(pattern, _PATTERNS):
-        raise TypeError(
-            f"pattern must be a foveal Pattern, got {type(pattern).__name__} "
-            "(a PerHead, a content-selected pattern or a BlockSelection is accepted too)"
-        )
-    check_tokens(q, k, pattern.n_q, pattern.n_kv, pattern)
-    if isinstance(pattern, PerHead) and pattern.num_heads != q.shape[1]:
-        raise ValueError(f"the PerHead pattern has {pattern.num_heads} parts but q has {q.shape[1]} query heads")
+    n_q, n_kv, parts = _pattern_facts(pattern)
+    check_tokens(q, k, n_q, n_kv, pattern)
+    if parts is not None and parts != q.shape[1]:
+        raise ValueError(f"the PerHead pattern has {parts} parts but q has {q.shape[1]} query heads")
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
     check_backend_name(backend)
@@ -86,6 +89,17 @@ def _validate(q, k, v, pattern, bias, scale, key_padding_mask, softcap, backend,
         key_padding_mask=check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2], q.device),
         softcap=check_softcap(softcap),
     )
+
+
+@trace_constant
+def _pattern_facts(pattern) -> tuple[int, int, int | None]:
+    """``(n_q, n_kv, PerHead parts or None)`` of a pattern, after checking it is one (a constant under compile)."""
+    if not isinstance(pattern, _PATTERNS):
+        raise TypeError(
+            f"pattern must be a foveal Pattern, got {type(pattern).__name__} "
+            "(a PerHead, a content-selected pattern or a BlockSelection is accepted too)"
+        )
+    return pattern.n_q, pattern.n_kv, pattern.num_heads if isinstance(pattern, PerHead) else None
 
 
 def _empty(q, k, v, return_lse):

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from foveal._checks import positive_int
 from foveal.nn._common import (
-    attend_opaque,
+    attend,
     cached_pattern,
     check_backend,
     check_bool,
@@ -187,7 +187,7 @@ class GraphLocalGlobalAttention(nn.Module):
             def bias(h, q_idx, kv_idx):
                 return log_count[kv_idx]
 
-        o = attend_opaque(q, k, v, self.pattern(n), bias=bias, scale=self.scale, backend=self.backend)
+        o = attend(q, k, v, self.pattern(n), bias=bias, scale=self.scale, backend=self.backend)
         return o[0].transpose(0, 1)
 
     def forward(self, x: torch.Tensor, neighbors: torch.Tensor, context: torch.Tensor | None = None):
