@@ -19,8 +19,11 @@ import torch
 import torch.distributed as dist
 
 
-def dense_attention(q, k, v, pattern, scale, bias=None):
-    """softmax(q·kᵀ·scale + bias over allowed keys)·v in float64, GQA by repeating key heads; (out, lse)."""
+def dense_attention(q, k, v, pattern, scale, bias=None, sinks=None):
+    """softmax(q·kᵀ·scale + bias over allowed keys)·v in float64, GQA by repeating key heads; (out, lse).
+
+    ``sinks`` (Hq,): one more key per head with that score and a zero value (learned sink logits).
+    """
     g = q.shape[1] // k.shape[1]
     qd, kd, vd = q.double(), k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
     n = q.shape[2]
@@ -31,6 +34,9 @@ def dense_attention(q, k, v, pattern, scale, bias=None):
         h = torch.arange(q.shape[1])[:, None, None]
         s = s + bias(h, idx[None, :, None], idx[None, None, :]).double()
     s = s.masked_fill(~allowed, float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.double()[None, :, None, None].expand(*s.shape[:3], 1)], -1)
+        vd = torch.cat([vd, vd.new_zeros(*vd.shape[:2], 1, vd.shape[-1])], 2)
     lse = torch.logsumexp(s, -1)
     p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
     return p @ vd, lse
@@ -84,8 +90,13 @@ def run_case(case, rank, world, group):
         table = torch.randn(hq, *(2 * min(3, g - 1) + 1 for g in grid), generator=gen)
         bias = RelativePositionBias(grid, tuple(min(3, g - 1) for g in grid), table.clone().requires_grad_())
         ref_bias = RelativePositionBias(grid, tuple(min(3, g - 1) for g in grid), table.double().requires_grad_())
+    sinks = ref_sinks = None
+    if case.get("sinks"):
+        sinks = torch.randn(hq, generator=gen)
+        ref_sinks = sinks.double().requires_grad_()
+        sinks = sinks.to(dtype).requires_grad_()
     qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
-    ref_out, ref_lse = dense_attention(qr, kr, vr, pattern, scale, ref_bias)
+    ref_out, ref_lse = dense_attention(qr, kr, vr, pattern, scale, ref_bias, ref_sinks)
     fin = torch.isfinite(ref_lse)
     ((ref_out * go.double()).sum() + (torch.where(fin, ref_lse, 0.0) * gl.double()).sum()).backward()
     cp = ContextParallel(
@@ -94,7 +105,7 @@ def run_case(case, rank, world, group):
     )
     ql, kl, vl = (cp.shard(t.to(dtype)).requires_grad_() for t in (q, k, v))
     stats = CPStats()
-    out, lse = cp.attend(ql, kl, vl, return_lse=True, stats=stats, bias=bias)
+    out, lse = cp.attend(ql, kl, vl, return_lse=True, stats=stats, bias=bias, sink_logits=sinks)
     fwd_sent = {str(p): b for p, b in stats.bytes_sent.items()}
     gol, gll = cp.shard(go), cp.shard(gl[:, :, :, None])[..., 0]
     lfin = torch.isfinite(lse)
@@ -122,6 +133,11 @@ def run_case(case, rank, world, group):
         dist.all_reduce(g, group=group)
         errs["dtable"] = float((g.double() - ref_bias.table.grad).abs().max())
         errs["dtable_scale"] = float(ref_bias.table.grad.abs().max())
+    if sinks is not None:  # each rank holds its rows' share of the sink's gradient
+        g = sinks.grad.clone()
+        dist.all_reduce(g, group=group)
+        errs["dsinks"] = float((g.double() - ref_sinks.grad).abs().max())
+        errs["dsinks_scale"] = float(ref_sinks.grad.abs().max())
     return {
         "errs": errs,
         "stats": {

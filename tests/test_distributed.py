@@ -65,6 +65,7 @@ def _cases(world):
             add(method=m, order="zigzag", pattern="causal", dtype="bfloat16", tag="-bf16")
             add(method=m, order="contiguous", pattern="document-full", shape=(2, 4, 1, 8, 6), tag="-mqa-dv6")
             add(method=m, order="zigzag", pattern="causal", dtype="float64", tag="-f64")
+            add(method=m, order="balanced", pattern="window2", dtype="float64", sinks=True, tag="-sinks-f64")
     else:
         for m in METHODS:
             for o in ORDERS:
@@ -100,7 +101,7 @@ def _check_close(world, case, per_rank):
     for r, res in enumerate(per_rank):
         assert "error" not in res, f"{case['id']} rank {r}:\n{res['error']}"
         e = res["errs"]
-        for name in [n for n in ("out", "lse", "dq", "dk", "dv", "dtable") if n in e]:
+        for name in [n for n in ("out", "lse", "dq", "dk", "dv", "dtable", "dsinks") if n in e]:
             tol = base * max(1.0, e[name + "_scale"])
             assert e[name] <= tol, f"{case['id']} rank {r}: {name} differs by {e[name]:.3g} (tolerance {tol:.3g})"
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from foveal._checks import positive_int
 from foveal.functional import attend
-from foveal.inputs import DTYPES, check_scale, check_tensor
+from foveal.inputs import DTYPES, check_scale, check_sink_logits, check_tensor
 from foveal.patterns import Causal, Full, MaskPattern, Pattern
 from foveal.patterns.global_ import is_causal
 
@@ -308,7 +308,7 @@ def quest_pages(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, num_pages: 
     return torch.sort(top, dim=-1).values
 
 
-def _quest_decode(q, cache, quest, scale, backend, return_lse):
+def _quest_decode(q, cache, quest, scale, backend, sink_logits=None):
     b, hq, nq, d = q.shape
     groups = hq // cache.kv_heads
     p = quest.page_size
@@ -335,8 +335,8 @@ def _quest_decode(q, cache, quest, scale, backend, return_lse):
         n_keys = slots.shape[2]
         ks = kf.index_select(0, flat).view(b, hq, n_keys, d)
         vs = vf.index_select(0, flat).view(b, hq, n_keys, cache.value_dim)
-        out, lse = attend(q[:, :, i : i + 1], ks, vs, Full(1, n_kv=n_keys), scale=scale, backend=backend,
-                          return_lse=True)
+        out, lse = attend(q[:, :, i : i + 1], ks, vs, Full(1, n_kv=n_keys), scale=scale, sink_logits=sink_logits,
+                          backend=backend, return_lse=True)
         outs.append(out)
         lses.append(lse)
         kept.append({"position": pos, "pages": pages, "current_page": cur, "num_keys": n_keys})
@@ -526,8 +526,8 @@ def step_inputs(pattern, qpos, kpos, k, v, fresh: bool = False):
     return _decode_pattern(pattern, qpos, kpos, m, s), k, v
 
 
-def attend_decode(q, cache: KVCache, pattern=None, *, select=None, scale=None, backend: str = "auto",
-                  return_lse: bool = False, return_kept: bool = False):
+def attend_decode(q, cache: KVCache, pattern=None, *, select=None, scale=None, sink_logits=None,
+                  backend: str = "auto", return_lse: bool = False, return_kept: bool = False):
     """Attention of the newest queries to the cached keys.
 
     ``q`` (B, Hq, m, D) are the queries at the last ``m`` positions appended to ``cache``
@@ -538,7 +538,8 @@ def attend_decode(q, cache: KVCache, pattern=None, *, select=None, scale=None, b
     must match it when the cache evicts. ``q`` of another dtype than the cache is a
     ``TypeError``, on another device a ``ValueError`` (``foveal.inputs``' policy). With
     ``select=Quest(...)`` each query attends exactly over its Quest pages (causal cache
-    only). Returns ``out`` (B, Hq, m, Dv); with ``return_lse`` the log-sum-exp (float64 for
+    only). ``sink_logits`` (Hq,) joins every query's softmax as one zero-value key, as in
+    ``attend``. Returns ``out`` (B, Hq, m, Dv); with ``return_lse`` the log-sum-exp (float64 for
     float64 inputs, float32 otherwise)
     (B, Hq, m); with ``return_kept`` what Quest kept per query (a list of dicts with
     ``pages`` (B, Hq, k), ``current_page`` and ``num_keys``), or for a static pattern the
@@ -557,6 +558,7 @@ def attend_decode(q, cache: KVCache, pattern=None, *, select=None, scale=None, b
         raise TypeError(f"q must have the cache's dtype {cache.dtype}, got {q.dtype}")
     if q.device != cache.device:
         raise ValueError(f"q must be on the cache's device {cache.device}, got {q.device}")
+    check_sink_logits(sink_logits, hq, q.device)
     if pattern is None:
         pattern = cache.pattern
     else:
@@ -581,13 +583,13 @@ def attend_decode(q, cache: KVCache, pattern=None, *, select=None, scale=None, b
     if cache.compressed and not _never_evicts(pattern):
         raise ValueError(f"a compressed (SnapKV) cache decodes with Causal only, got pattern {pattern!r}")
     if select is not None:
-        out, lse, kept = _quest_decode(q, cache, select, scale, backend, return_lse)
+        out, lse, kept = _quest_decode(q, cache, select, scale, backend, sink_logits)
     else:
         qpos = torch.arange(first, cache.length, device=q.device)
         fresh = cache._evicted_for == first and m == 1
         decode, k, v = step_inputs(pattern, qpos, cache._pos[: cache.size], cache.k, cache.v, fresh)
-        out, lse = attend(q, k, v, decode, scale=scale, backend=backend, return_lse=True) \
-            if return_lse else (attend(q, k, v, decode, scale=scale, backend=backend), None)
+        out, lse = attend(q, k, v, decode, scale=scale, sink_logits=sink_logits, backend=backend, return_lse=True) \
+            if return_lse else (attend(q, k, v, decode, scale=scale, sink_logits=sink_logits, backend=backend), None)
         kept = cache.size
     result = (out,)
     if return_lse:

@@ -7,6 +7,8 @@ into kernel calls (``foveal.lowering``) → select a backend for each
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from foveal.inputs import (
@@ -14,6 +16,7 @@ from foveal.inputs import (
     check_key_padding_mask,
     check_qkv,
     check_scale,
+    check_sink_logits,
     check_softcap,
     check_tokens,
     lse_dtype,
@@ -21,6 +24,7 @@ from foveal.inputs import (
 from foveal.custom_op import trace_constant
 from foveal.kernels.select import Call, check_backend_name, select
 from foveal.lowering import assemble, lower
+from foveal.merge import add_sink
 from foveal.patterns.base import Pattern
 from foveal.patterns.dynamic import BlockSelection, DynamicPattern
 from foveal.patterns.perhead import PerHead
@@ -30,8 +34,8 @@ __all__ = ["attend", "na_av"]
 _PATTERNS = (Pattern, DynamicPattern, BlockSelection, PerHead)
 
 
-def attend(q, k, v, pattern, *, bias=None, scale=None, key_padding_mask=None, softcap=None, backend: str = "auto",
-           return_lse: bool = False):
+def attend(q, k, v, pattern, *, bias=None, scale=None, key_padding_mask=None, softcap=None, sink_logits=None,
+           backend: str = "auto", return_lse: bool = False):
     """Softmax attention of each query over the keys ``pattern`` allows.
 
     ``q`` is (B, Hq, Nq, D), ``k`` (B, Hkv, Nk, D), ``v`` (B, Hkv, Nk, Dv), as in
@@ -49,6 +53,14 @@ def attend(q, k, v, pattern, *, bias=None, scale=None, key_padding_mask=None, so
     function; gradients reach the tensors its ``parameters()`` returns); pairs the
     pattern forbids, and keys marked True in ``key_padding_mask`` (B, Nk) bool — the
     ``torch.nn.MultiheadAttention`` convention, True = ignore — get ``-inf``.
+    ``sink_logits`` (Hq,), a learned logit per query head, joins every row's softmax as
+    one extra key whose value is zero (gpt-oss's ``s_aux``, FlashAttention 4's
+    ``learnable_sink``; ``foveal.merge.add_sink``): it takes probability mass and adds to
+    the lse, and its gradient reaches the tensor. It is not the ``Sinks`` pattern, which
+    keeps the first tokens as keys. A row with no allowed key then gets a zero output
+    and ``lse = sink_logits[h]``. The backend computes the row's softmax without it and
+    the sink is joined from the output and lse (an exact rescaling, in float32 for half
+    inputs).
 
     ``pattern`` is a static ``Pattern``; a ``PerHead`` (one pattern per query head); a
     content-selected pattern (``foveal.patterns.dynamic``: its blocks are selected from
@@ -59,17 +71,22 @@ def attend(q, k, v, pattern, *, bias=None, scale=None, key_padding_mask=None, so
     ``blocksparse``, ``flex``); a backend that cannot run the call says why.
     """
     call = _validate(q, k, v, pattern, bias, scale, key_padding_mask, softcap, backend, return_lse)
+    sink_logits = check_sink_logits(sink_logits, q.shape[1], q.device)
     if q.shape[0] == 0:
         return _empty(q, k, v, return_lse)
     if torch.compiler.is_compiling():  # one opaque op in the graph (foveal.custom_op): it runs the lines below
         from foveal.custom_op import attend_traced
 
         return attend_traced(q, k, v, call.pattern, bias=call.bias, scale=call.scale,
-                             key_padding_mask=call.key_padding_mask, softcap=call.softcap, sink_logits=None,
+                             key_padding_mask=call.key_padding_mask, softcap=call.softcap, sink_logits=sink_logits,
                              backend=backend, return_lse=return_lse)
+    if sink_logits is not None:
+        call = replace(call, need_lse=True)
     pieces = lower(call, backend)
     results = [select(piece.call, backend).run(piece.call) for piece in pieces]
     out, lse = assemble(pieces, results, q.shape[1])
+    if sink_logits is not None:
+        out, lse = add_sink(out, lse, sink_logits)
     return (out, lse) if return_lse else out
 
 

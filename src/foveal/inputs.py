@@ -29,6 +29,7 @@ __all__ = [
     "check_softcap",
     "check_key_padding_mask",
     "check_bias",
+    "check_sink_logits",
     "check_tokens",
 ]
 
@@ -127,6 +128,28 @@ def check_key_padding_mask(mask, batch: int, n_kv: int, device) -> torch.Tensor 
     if mask.device != torch.device(device):
         raise ValueError(f"key_padding_mask must be on the inputs' device {device}, got {mask.device}")
     return mask
+
+
+def check_sink_logits(sink_logits, heads: int, device) -> torch.Tensor | None:
+    """``sink_logits`` as a floating (Hq,) tensor on the inputs' device (one logit per query head); or None.
+
+    Values are not read here (no device sync, traceable): ``+inf`` or NaN give NaN
+    rows, as they would in the models that learn them.
+    """
+    if sink_logits is None:
+        return None
+    if not isinstance(sink_logits, torch.Tensor):
+        raise TypeError(f"sink_logits must be None or a float tensor (query_heads,), got {type(sink_logits).__name__}")
+    if not sink_logits.is_floating_point():
+        raise TypeError(f"sink_logits must be a floating tensor, got {sink_logits.dtype}")
+    if tuple(sink_logits.shape) != (heads,):
+        raise ValueError(
+            f"sink_logits must have shape (query_heads,) = ({heads},), one logit per query head, "
+            f"got {tuple(sink_logits.shape)}"
+        )
+    if sink_logits.device != torch.device(device):
+        raise ValueError(f"sink_logits must be on the inputs' device {device}, got {sink_logits.device}")
+    return sink_logits
 
 
 def check_bias(bias, heads: int, device):

@@ -33,7 +33,8 @@ from foveal.distributed.ring import RingConfig, ring_attention
 from foveal.distributed.shardbias import shard_bias
 from foveal.distributed.ulysses import ulysses_attention
 from foveal.functional import attend
-from foveal.inputs import check_bias, check_qkv, check_scale
+from foveal.inputs import check_bias, check_qkv, check_scale, check_sink_logits
+from foveal.merge import add_sink
 from foveal.patterns.base import Pattern
 
 __all__ = ["METHODS", "ContextParallel", "check_call"]
@@ -197,10 +198,10 @@ class ContextParallel:
 
     # -- attend -----------------------------------------------------------------------
 
-    def _signature(self, q, k, v, scale, bias, return_lse) -> tuple:
+    def _signature(self, q, k, v, scale, bias, return_lse, sink_logits=None) -> tuple:
         text = (
             f"{self.pattern!r}|{self.method}|{self.order}|{self.u}|{scale!r}|{q.dtype}|{torch.is_grad_enabled()}|"
-            f"{type(bias).__name__}|{bool(return_lse)}"
+            f"{type(bias).__name__}|{bool(return_lse)}|{sink_logits is not None}"
         )
         return (
             self.world,
@@ -211,8 +212,8 @@ class ContextParallel:
             zlib.crc32(text.encode()),
         )
 
-    def attend(self, q, k, v, *, scale=None, bias=None, return_lse: bool = False, stats: CPStats | None = None,
-               check: bool = True):
+    def attend(self, q, k, v, *, scale=None, bias=None, sink_logits=None, return_lse: bool = False,
+               stats: CPStats | None = None, check: bool = True):
         """This rank's rows of ``attend(q_full, k_full, v_full, pattern)``, from this rank's shards.
 
         ``q`` (B, Hq, N/P, D), ``k`` (B, Hkv, N/P, D) and ``v`` (B, Hkv, N/P, Dv) are this
@@ -221,6 +222,8 @@ class ContextParallel:
         differentiable in q, k and v. ``bias`` is an additive score term on global
         indices, as in ``attend``; the gradients of its parameters on each rank are that
         rank's share (sum them over ranks, as data parallelism's all-reduce does).
+        ``sink_logits`` (Hq,) joins every row's softmax once, after the partial results are
+        merged (``foveal.merge.add_sink``); its gradient on each rank is that rank's share too.
         ``stats`` (a ``CPStats``) counts bytes and skipped steps. ``check`` makes every
         rank confirm with the others that they agree on shapes and arguments first (a
         rank whose own checks failed tells the others), and that every rank finished
@@ -235,16 +238,19 @@ class ContextParallel:
             for name, t in (("q", q), ("k", k), ("v", v)):
                 self._check_mark(name, t)
             scale = check_call(q, k, v, self.pattern, world, self.method, self.u, scale, bias)
+            sink_logits = check_sink_logits(sink_logits, q.shape[1], q.device)
         except Exception as e:  # told to the others by the handshake, then raised here
             if not check:  # no handshake to tell them: shut the group down so that nobody waits for this rank
                 with fail_fast(group, what):
                     raise
             error = e
         if check:
-            sig = None if error is not None else self._signature(q, k, v, scale, bias, return_lse)
+            sig = None if error is not None else self._signature(q, k, v, scale, bias, return_lse, sink_logits)
             handshake(group, sig, what, error=error)
         with fail_fast(group, what):
-            out, lse = self._run(q, k, v, scale, bias, return_lse, stats)
+            out, lse = self._run(q, k, v, scale, bias, return_lse or sink_logits is not None, stats)
+            if sink_logits is not None:
+                out, lse = add_sink(out, lse, sink_logits)
         if check:
             confirm(group, what)
         self._tag(out)
