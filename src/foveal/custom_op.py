@@ -113,8 +113,8 @@ def trace_constant(fn):
 _traced_key = trace_constant(key_of)
 
 
-def _build_key(build, args, kwargs) -> str:
-    return key_of(build(*args, **dict(kwargs)))
+def _build_key(build, *args, **kwargs) -> str:
+    return key_of(build(*args, **kwargs))
 
 
 _traced_build_key = trace_constant(_build_key)
@@ -128,7 +128,7 @@ def built(build, *args, **kwargs):
     graph reads by identity and ``attend`` passes to the op by its key. Eager calls just build.
     """
     if torch.compiler.is_compiling():
-        return getattr(_VALUES, _traced_build_key(build, args, tuple(sorted(kwargs.items()))))
+        return getattr(_VALUES, _traced_build_key(build, *args, **kwargs))
     return build(*args, **kwargs)
 
 

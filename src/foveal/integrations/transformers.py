@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from foveal.cache import LRU
+from foveal.custom_op import built
 from foveal.decode import step_inputs
 from foveal.functional import attend
 from foveal.patterns.base import Pattern
@@ -134,7 +135,7 @@ class _Plan:
 
     def pattern(self, n_q: int, n_kv: int):
         """The recipe's pattern for n_q queries, the newest of n_kv tokens: (n_q, n_kv) or square (n_kv, n_kv)."""
-        return PATTERNS.get((self, n_q, n_kv), lambda: self._build(n_q, n_kv))  # a plan hashes by identity
+        return built(_plan_pattern, self, n_q, n_kv)  # under torch.compile: a constant, built at trace time
 
     def _build(self, n_q, n_kv):
         p = call_recipe(self.recipe, n_q, n_kv, self.layer, self.causal)
@@ -156,6 +157,10 @@ class _Plan:
                                  f"static pattern to intersect with it; pass windows='replace' or other layers")
             p = p & SlidingWindow(p.n_q, left=self.window - 1, n_kv=p.n_kv)
         return p
+
+
+def _plan_pattern(plan: _Plan, n_q: int, n_kv: int):
+    return PATTERNS.get((plan, n_q, n_kv), lambda: plan._build(n_q, n_kv))  # a plan hashes by identity
 
 
 def _causal(p) -> bool:
@@ -209,7 +214,7 @@ def _attend_layer(plan: _Plan, q, k, v, info: MaskInfo, scale, softcap):
         if lo_q >= hi_q:
             continue  # every query is padding: 0
         lo_k = max(info.kv_offset, first)
-        whole = len(batch) == b  # one run covers the batch (no padding, or the same for all): views, no copy
+        whole = batch is None or len(batch) == b  # one run covers the batch (no padding, or the same for all)
         idx = None if whole else torch.tensor(batch, device=q.device)
         qs, ks, vs = (t if whole else t.index_select(0, idx) for t in (q, k, v))
         qs = qs[:, :, lo_q - info.q_offset:hi_q - info.q_offset]
@@ -259,9 +264,10 @@ def info_padding(info: MaskInfo, batch: int, end: int) -> torch.Tensor:
 
 
 def _real_runs(info: MaskInfo, batch: int, end: int):
-    """{(first, stop): [batch indices]} of sequences whose real tokens are one run first .. stop - 1, or None."""
+    """{(first, stop): [batch indices] (None: all)} of sequences whose real tokens are one run first .. stop - 1, or
+    None."""
     if info.padding is None:
-        return {(0, end): list(range(batch))}
+        return {(0, end): None}  # None: the whole batch (no list of a batch size torch.compile keeps symbolic)
     real = info_padding(info, batch, end).cpu()
     runs: dict = {}
     for b in range(batch):
