@@ -18,6 +18,8 @@ from foveal.custom_op import key_of, value_of
 from foveal.models.backbone import Backbone
 from foveal.patterns import Neighborhood, SlidingWindow
 
+import test_nn_api as nn_api  # its EXAMPLES: one small call of every foveal.nn module
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -141,9 +143,11 @@ def test_keys_are_one_per_value():
         value_of("Neighborhood_0")
 
 
-def test_a_term_the_op_cannot_carry_still_compiles_with_a_graph_break():
-    # a score term with a parameter and no compile_spec(): attend runs eagerly outside the graph (as before
-    # compile support), so fullgraph refuses it by name and a plain compile gives eager's numbers
+@pytest.mark.parametrize("kind", ["parameters", "closure"])
+def test_a_term_the_op_cannot_carry_still_compiles_with_a_graph_break(kind):
+    # a score term with a parameter and no compile_spec(), or a closure made in the traced code: attend runs
+    # eagerly outside the graph (as before compile support), so fullgraph refuses it by name and a plain compile
+    # gives eager's numbers and gradients
     class Slope:
         def __init__(self):
             self.w = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
@@ -154,15 +158,33 @@ def test_a_term_the_op_cannot_carry_still_compiles_with_a_graph_break():
         def parameters(self):
             return [self.w]
 
-    term, pattern = Slope(), SlidingWindow(12, left=4)
+    slope, pattern = Slope(), SlidingWindow(12, left=4)
     q, k, v = (torch.randn(1, 2, 12, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
 
     def run(q, k, v):
+        if kind == "closure":
+            w = q.mean()
+
+            def term(h, q_idx, kv_idx):
+                return -w * (q_idx - kv_idx).abs()
+        else:
+            term = slope
         return attend(q * 2, k, v, pattern, bias=term).sum()
 
     with pytest.raises(Exception, match="foveal.attend runs eagerly outside the graph"):
         torch.compile(run, backend="aot_eager", fullgraph=True)(q, k, v)
     torch._dynamo.reset()
-    got = torch.compile(run, backend="aot_eager")(q, k, v)
-    torch.testing.assert_close(got, run(q, k, v), **TOL)
-    torch.testing.assert_close(torch.autograd.grad(got, term.w), torch.autograd.grad(run(q, k, v), term.w), **TOL)
+    got, want = torch.compile(run, backend="aot_eager")(q, k, v), run(q, k, v)
+    torch.testing.assert_close(got, want, **TOL)
+    leaves = (q, slope.w) if kind == "parameters" else (q,)
+    for a, w in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, leaves)):
+        torch.testing.assert_close(a, w, **TOL)
+
+
+@pytest.mark.parametrize("name", nn_api.NAMES)
+def test_every_nn_module_traces_without_a_graph_break(name):
+    # backend="eager": dynamo's tracing only (a graph break is an error under fullgraph), no AOT compile
+    module = nn_api._build(name).eval()
+    args, kwargs = nn_api.EXAMPLES[name][1]()
+    got = torch.compile(module, backend="eager", fullgraph=True)(*args, **kwargs)
+    torch.testing.assert_close(got, module(*args, **kwargs))

@@ -28,15 +28,17 @@ activations beyond the inputs, whatever the backend.
 
 Score terms under compile: a term with ``compile_spec()`` (``RelativePositionBias``,
 ``ALiBi``) passes its tensors as op inputs and rebuilds itself inside the op with
-``spec[0].from_spec(spec[1:], tensors)``; a plain function (or any hashable term without
-tensors that require grad) is passed by key as it is. Others run ``attend`` eagerly
-outside the graph (a graph break, as before compile support); so do ``BlockSelection``
-patterns made beforehand (they hold tensors).
+``spec[0].from_spec(spec[1:], tensors)``; a plain function that is not a closure (or any
+hashable term without tensors that require grad) is passed by key as it is. Others
+(closures, terms with parameters but no ``compile_spec``) run ``attend`` eagerly outside
+the graph (a graph break, as before compile support: ``fullgraph=True`` refuses it with
+that reason); so do ``BlockSelection`` patterns made beforehand (they hold tensors).
 """
 
 from __future__ import annotations
 
 import threading
+import types
 from collections import OrderedDict
 from typing import Optional
 
@@ -145,6 +147,8 @@ def _bias_parts(bias):
 
     if bias_parameters(bias):
         return None
+    if isinstance(bias, types.FunctionType) and bias.__code__.co_freevars:
+        return None  # a closure: what it captured (perhaps a tensor of this very graph) cannot be a constant
     return (_Identity, bias), []
 
 
@@ -296,7 +300,8 @@ def _eager_outside_graph(q, k, v, pattern, **kwargs):
 _eager_outside_graph = torch._dynamo.disable(
     _eager_outside_graph,
     reason="foveal.attend runs eagerly outside the graph: its pattern (a BlockSelection) or its score term "
-    "(tensors that require grad and no compile_spec()) cannot be passed to the custom op foveal::attend",
+    "(a closure, or tensors that require grad and no compile_spec()) cannot be passed to the custom op "
+    "foveal::attend",
 )
 
 

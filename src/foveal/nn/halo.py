@@ -57,6 +57,7 @@ class HaloRelativeLogits:
         self.radius = (table_h.shape[-1] - 1) // 2
         self.low = -self.radius if low is None else low
         self.tile = tile
+        self._spec = (tuple(grid), tuple(kv_grid), kv_offset, low, tile)
 
     def _query(self, c):
         if self.tile is None:
@@ -75,6 +76,16 @@ class HaloRelativeLogits:
 
     def parameters(self):
         return [self.table_h, self.table_w]
+
+    def compile_spec(self):
+        """``((HaloRelativeLogits, grid, kv_grid, kv_offset, low, tile), [table_h, table_w])`` for
+        ``foveal.custom_op``: the tables go to the compiled op as tensors, their gradients flow."""
+        return (HaloRelativeLogits, *self._spec), [self.table_h, self.table_w]
+
+    @staticmethod
+    def from_spec(rest, tensors):
+        grid, kv_grid, kv_offset, low, tile = rest
+        return HaloRelativeLogits(tensors[0], tensors[1], grid, kv_grid, kv_offset, low=low, tile=tile)
 
     def __repr__(self):
         return f"HaloRelativeLogits(heads={self.table_h.shape[0]}, radius={self.radius})"
