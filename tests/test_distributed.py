@@ -372,7 +372,7 @@ def test_bench_cp_simulation_counts_bytes_and_balance(tmp_path):
     causal = {o: simulate(n, p, Causal(n), Order(o))[0]["load_max_over_mean"] for o in ("contiguous", "zigzag")}
     assert causal["contiguous"] > 1.5 and causal["zigzag"] < 1.05
     out = run(tmp_path, quick=True, progress=False, measured=False, sizes=(1024,), worlds=(2, 4))
-    assert out and (tmp_path / "cp.md").read_text().startswith("# foveal bench cp")
+    assert out and (tmp_path / "cp-cpu.md").read_text().startswith("# foveal bench cp")
 
 
 def test_init_refuses_a_bad_timeout():

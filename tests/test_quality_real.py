@@ -23,17 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def tok():
     """A character-level tokenizer over the text's characters (ids 0-3 are special)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
-    for c in sorted(set(RT.stdlib_text()) | set("0123456789")):
-        vocab.setdefault(c, len(vocab))
-    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    t.decoder = decoders.Fuse()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>",
-                                                pad_token="<pad>", unk_token="<unk>", cls_token="<s>",
-                                                sep_token="</s>")
+    return RM.char_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +31,7 @@ def text_ids(tok):
     return RT.encode(tok, RT.stdlib_text())
 
 
-def tiny_llama(vocab):
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=1024, pad_token_id=3, bos_token_id=1,
-        eos_token_id=2, attn_implementation="sdpa")).eval()
+tiny_llama = RM.tiny_llama
 
 
 def tiny_bert(vocab):
@@ -289,10 +274,11 @@ def test_the_limit_runs_the_first_rows_only(tok, tmp_path, monkeypatch):
 
 
 def test_the_cli_knows_the_real_suites():
-    from foveal import cli
+    from foveal.bench import registry
 
-    assert cli.QUALITY_SUITES["real"] == ("real",) and cli.QUALITY_SUITES["real-quick"] == ("real-quick",)
-    assert set(QR.SUITES) >= {"real", "real-quick"}
+    assert registry.resolve("quality", "real") == [("quality-real", "full")]
+    assert registry.resolve("quality", "real-quick") == [("quality-real", "quick")]
+    assert set(QR.SUITES) >= {"real", "real-quick"} and QR.SIZES["full"] == "real"
     quick = QR.SUITES["real-quick"]
     assert quick.models == ("smollm2-135m",) and len(quick.densities) == 1
     assert dataclasses.asdict(QR.SUITES["real"])["models"] == ("smollm2-135m", "gemma3-270m", "minilm-l6")

@@ -236,19 +236,19 @@ def test_errors():
 
 def test_timm_speed_suite_writes_its_report(tmp_path, monkeypatch):
     # `foveal bench speed --suite timm` with a tiny Swin in place of its models: rows, ratios, equal logits
-    from foveal.bench import speed, timm_speed
+    from foveal.bench import timm as timm_speed
 
     tiny = dict(img_size=64, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2), strict_img_size=False)
     monkeypatch.setattr(timm_speed, "TIMM_MODELS", {"swin_tiny_patch4_window7_224": (tiny, 64)})
     monkeypatch.setitem(timm_speed.TIMM_SUITES, "timm-tiny", (1, 2))
-    result = speed.run_speed("timm-tiny", str(tmp_path), "cpu")
+    result = timm_speed.run_timm("timm-tiny", str(tmp_path), "cpu")
     rows = result["rows"]
     assert [(r["side"], r["contender"]) for r in rows] == [(64, "timm"), (64, "foveal"), (128, "timm"), (128, "foveal")]
     assert all(r["median_s"] > 0 and r["peak_bytes"] >= 0 and r["max_abs_diff"] < 1e-5 for r in rows)
-    md = (tmp_path / "timm.md").read_text()
+    md = (tmp_path / "timm-cpu.md").read_text()
     assert "| swin_tiny_patch4_window7_224 | 128² |" in md and "foveal / timm" in md
     with pytest.raises(ValueError, match="contenders must be among"):
-        speed.run_speed("timm-tiny", str(tmp_path), "cpu", ["resnet50"])
+        timm_speed.run_timm("timm-tiny", str(tmp_path), "cpu", ["resnet50"])
 
 
 def test_davit_windows_swap_for_a_neighbourhood_without_padding():

@@ -1,8 +1,10 @@
-"""The ``foveal`` command: ``foveal show`` (mask pictures) and ``foveal check`` (exactness check)."""
+"""The ``foveal`` command: ``foveal show`` (mask pictures), ``foveal check`` (exactness check) and ``foveal bench``
+(the benchmark registry: ``foveal bench --list``, ``foveal bench run NAME``)."""
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 
@@ -66,70 +68,37 @@ def _check(args) -> int:
 
 
 def _bench(args) -> int:
-    if args.what == "speed":
-        from foveal.bench.speed import run_speed
+    from foveal.bench import registry
+    from foveal.bench.real_models import ModelMissing
 
-        try:
-            run_speed(args.suite or "quick", args.out, args.device, args.contenders)
-        except ValueError as e:
-            print(f"foveal bench speed: {e}", file=sys.stderr)
-            return 2
+    if args.list:
+        print(registry.listing())
         return 0
-    if args.what == "quality":
-        return _quality(args)
-    if args.what == "cp":
-        from foveal.bench.cp import run
-
-        suite = args.suite or "quick"
-        if suite not in ("quick", "full"):
-            print(f"foveal bench cp: --suite must be quick or full, got {suite!r}", file=sys.stderr)
-            return 2
-        run(args.out, quick=suite == "quick")
-        return 0
-    print(f"foveal bench: unknown benchmark {args.what!r}", file=sys.stderr)
-    return 2
-
-
-#: ``--suite`` of ``foveal bench quality``: which suites of which benchmark it runs
-QUALITY_SUITES = {
-    "quick": ("lm-quick", "vision-quick"),
-    "full": ("lm", "vision"),
-    "lm-quick": ("lm-quick",),
-    "lm": ("lm",),
-    "lm-hard": ("lm-hard",),
-    "vision-quick": ("vision-quick",),
-    "vision": ("vision",),
-    "vision-hard": ("vision-hard",),
-    "real-quick": ("real-quick",),
-    "real": ("real",),
-}
-
-
-def _quality(args) -> int:
-    suite = args.suite or "quick"
-    if suite not in QUALITY_SUITES:
-        print(f"foveal bench quality: --suite must be one of {list(QUALITY_SUITES)}, got {suite!r}", file=sys.stderr)
-        return 2
-    for part in QUALITY_SUITES[suite]:
-        if part.startswith("real"):
-            from foveal.bench.quality_real import run_real_quality
-            from foveal.bench.real_models import ModelMissing
-
-            try:
-                run_real_quality(part, args.out, limit=args.limit)
-            except (ValueError, ModelMissing) as e:
-                print(f"foveal bench quality: {e}", file=sys.stderr)
-                return 2
-            continue
-        if part.startswith("vision"):
-            from foveal.bench.quality_vision import run_vision_quality as run
+    what = args.what
+    try:
+        if what is None:
+            raise ValueError("give `run NAME` (names: foveal bench --list) or `speed`, `quality`, `cp` with --suite")
+        if what == "run":
+            if args.name is None or args.suite is not None:
+                raise ValueError("give the suite's name after run, e.g. `foveal bench run speed --size quick` "
+                                 "(names: foveal bench --list)")
+            runs = [(registry.get(args.name).name, args.size)]
         else:
-            from foveal.bench.quality_lm import run_lm_quality as run
-        try:
-            run(part, args.out)
-        except ValueError as e:
-            print(f"foveal bench quality: {e}", file=sys.stderr)
-            return 2
+            if args.name is not None or args.size is not None:
+                raise ValueError(f"`foveal bench {what}` takes --suite, e.g. --suite quick; or use "
+                                 "`foveal bench run NAME --size SIZE`")
+            runs = registry.resolve(what, args.suite)
+        if args.cases:
+            for name, size in runs:
+                for line in registry.get(name).cases(size):
+                    print(f"{name} {size or registry.get(name).default_size}: {line}")
+            return 0
+        for name, size in runs:
+            registry.get(name).run(size, args.out, device=args.device, contenders=args.contenders, limit=args.limit,
+                                   command=args.command_line)
+    except (ValueError, ModelMissing) as e:
+        print(f"foveal bench{' ' + what if what else ''}: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -154,30 +123,34 @@ def main(argv=None) -> int:
     c.add_argument("--tolerance", type=float, default=1e-5)
     c.set_defaults(func=_check)
 
-    b = sub.add_parser("bench", help="benchmarks: speed, quality, cp (context parallelism)")
-    b.add_argument("what", choices=["speed", "quality", "cp"])
+    b = sub.add_parser("bench", help="benchmarks: `foveal bench --list` shows every suite, `foveal bench run NAME` "
+                       "runs one")
+    b.add_argument("what", nargs="?", choices=["run", "speed", "quality", "cp"],
+                   help="run NAME (a suite of the registry); speed, quality and cp take the older --suite names")
+    b.add_argument("name", nargs="?", help="with run: the suite (foveal bench --list)")
+    b.add_argument("--list", action="store_true", help="list every suite, its sizes and where its result goes")
+    b.add_argument("--cases", action="store_true", help="print the cases the command would run, and run nothing")
+    b.add_argument("--size", default=None, help="with run: the suite's size, e.g. dry, quick or full (default: quick)")
     b.add_argument(
         "--suite",
         default=None,
-        help="speed: quick (about 2 minutes on a 2-core CPU), full, timm-quick or timm (timm models converted by "
-        "foveal.integrations.timm against the originals), modules-quick (about 1 minute) or modules "
-        "(foveal.nn modules against the same modules on dense masked SDPA), lm-quick (about 2 minutes) or lm (the "
-        "language-model cases as ratios to SDPA: prefill at 4k and 16k, decoding; 15-20 minutes); quality: quick (a few minutes), full, "
-        "lm-quick, lm, lm-hard (MQAR and reverse, uncalibrated), vision-quick, vision (tiny models trained under "
-        "each mixer, 3 seeds, the calibrated cue-seg task) or vision-hard (pathfinder and glyph matching, "
-        "uncalibrated), real-quick (SmolLM2-135M at 1024 tokens, every recipe at density 0.1; about 2 minutes) or real "
-        "(pretrained SmolLM2-135M, Gemma-3-270M and all-MiniLM-L6-v2 with every recipe at densities 0.05, 0.1, 0.2: "
-        "perplexity, KL and top-1 agreement with full attention, passkey and multi-key retrieval, embedding cosine, "
-        "prefill time; about 33 minutes; needs `make bench-models`); cp: quick or full (default: quick)",
+        help="older names (each is a suite and a size of `foveal bench --list`): speed: quick, full, modules-quick, "
+        "modules, lm-quick, lm, timm-quick, timm; quality: quick (lm-quick + vision-quick), full (lm + vision), "
+        "lm-quick, lm, lm-hard, vision-quick, vision, vision-hard, real-quick, real; cp: quick, full (default: quick)",
     )
     b.add_argument("--out", default="bench-out", help="folder for the JSON, Markdown and PNG results")
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    b.add_argument("--contenders", nargs="+", default=None, help="run only these contenders (names as in the table)")
+    b.add_argument("--contenders", nargs="+", default=None,
+                   help="run only these contenders (names as in the table; timm: model names; quality-vision and "
+                   "vision-calibration: mixers)")
     b.add_argument("--limit", type=int, default=None,
-                   help="quality real suites: run only the first N pattern rows of each model (to check a run starts)")
+                   help="quality-real: only the first N pattern rows of each model (to check a run starts); "
+                   "vision-calibration: the first N runs")
     b.set_defaults(func=_bench)
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.command_line = shlex.join(["foveal", *argv])
     return args.func(args)
 
 

@@ -7,7 +7,6 @@ a string saying why it does not run this case.
 
 from __future__ import annotations
 
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -15,6 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from foveal.bench.timing import timed
 from foveal.functional import attend
 from foveal.patterns import Neighborhood, SlidingWindow
 
@@ -31,12 +31,6 @@ class Prepared:
     forward: Callable[[], torch.Tensor]  # returns out (B, H, N, Dv)
     setup_seconds: float = 0.0  # layout / mask / plan built before the first call
     comparable: bool = True  # computes the case's pattern exactly (else: a different mask)
-
-
-def _timed(fn):
-    start = time.perf_counter()
-    value = fn()
-    return value, time.perf_counter() - start
 
 
 def _quiet(fn):
@@ -67,16 +61,16 @@ class FoveaBackend:
         if chosen == "cpu":
             from foveal.kernels.cpu import plan_for
 
-            _, setup = _timed(lambda: plan_for(pattern))
+            _, setup = timed(lambda: plan_for(pattern), q.device)
         elif chosen == "blocksparse":
             from foveal.kernels.blocksparse import layout_tables
             from foveal.kernels.select import BACKENDS
 
-            _, setup = _timed(lambda: layout_tables(pattern, BACKENDS["blocksparse"].block))
+            _, setup = timed(lambda: layout_tables(pattern, BACKENDS["blocksparse"].block), q.device)
         elif chosen == "flex":
             from foveal.kernels.flex import block_mask_for
 
-            _, setup = _timed(lambda: block_mask_for(pattern, q.device))
+            _, setup = timed(lambda: block_mask_for(pattern, q.device), q.device)
         else:
             setup = 0.0
         return Prepared(lambda: attend(q, k, v, pattern, backend=self.backend), setup)
@@ -99,7 +93,7 @@ class MaskedSDPA:
         n = case.pattern.n
         if n * n > MASK_MAX_PAIRS or n * n * q.shape[0] * q.shape[1] * q.shape[-1] > DENSE_MAX_WORK:
             return f"an N×N mask of {n}² entries is too large"
-        mask, setup = _timed(lambda: case.pattern.dense_mask(device=q.device))
+        mask, setup = timed(lambda: case.pattern.dense_mask(device=q.device), q.device)
         return Prepared(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), setup)
 
 
@@ -169,7 +163,7 @@ class FlexCreateBlockMask:
         mask_mod = user_mask_mod(p) if self.user else p.mask_mod
         if mask_mod is None:
             return "no simpler user mask known for this pattern (the row without '(user mask)' runs foveal's)"
-        bm, setup = _timed(_quiet(lambda: create_block_mask(mask_mod, 1, 1, p.n, p.n, device=q.device)))
+        bm, setup = timed(_quiet(lambda: create_block_mask(mask_mod, 1, 1, p.n, p.n, device=q.device)), q.device)
         fn = torch.compile(flex_attention, dynamic=False)
         return Prepared(_quiet(lambda: fn(q, k, v, block_mask=bm)), setup)
 

@@ -1,4 +1,4 @@
-"""``foveal bench cp``: context parallelism, measured on CPU processes and simulated at scale.
+"""Suite ``cp`` (``foveal bench run cp``): context parallelism, measured on CPU processes and simulated at scale.
 
 Measured: ``ContextParallel.attend`` by every method on 2–4 gloo processes of this machine, forward
 and forward+backward, timed warm (median; the slowest rank counts) against
@@ -25,7 +25,12 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["run", "simulate", "MODEL"]
+from foveal.bench.report import write_report
+
+__all__ = ["run", "run_suite", "cases", "simulate", "MODEL", "SIZES"]
+
+#: the result's name: measured on CPU processes only
+NAME = "cp-cpu"
 
 #: the cost model of the simulation (every figure is an assumption, stated in the report)
 MODEL = {
@@ -192,7 +197,7 @@ def _measure_worker(rank, world, init_file, out_dir, quick):
 
     import torch.distributed as dist
 
-    from foveal.bench.measure import time_call
+    from foveal.bench.timing import time_call
     from foveal.distributed import ContextParallel, CPStats
     from foveal.functional import attend
 
@@ -257,7 +262,7 @@ def _measure_worker(rank, world, init_file, out_dir, quick):
 def measure(quick: bool, worlds=None, progress=True) -> list[dict]:
     import torch.multiprocessing as mp
 
-    worlds = worlds or ((2,) if quick else (2, 4))
+    worlds = worlds or MEASURED_WORLDS[quick]
     rows = []
     for world in worlds:
         if progress:
@@ -325,33 +330,56 @@ def _report(measured, simulated) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: processes measured, sequence lengths and ranks simulated: by ``quick``
+MEASURED_WORLDS = {True: (2,), False: (2, 4)}
+SIM_SIZES = {True: (1 << 16,), False: (1 << 16, 1 << 20, 1 << 22)}
+SIM_WORLDS = {True: (2, 8, 64), False: (2, 8, 64, 256, 1024)}
+#: registry sizes (``foveal bench run cp --size S``) → keyword arguments of ``run``
+SIZES = {"dry": dict(quick=True, measured=False, sizes=(4096,), worlds=(2, 8)), "quick": dict(quick=True),
+         "full": dict(quick=False)}
+
+
+def _simulated(sizes, worlds):
+    """(n, pattern name, pattern, ranks, order) of every simulated case."""
+    return [(n, name, pattern, p, order) for n in sizes for name, pattern in _sim_patterns(n) for p in worlds
+            for order in ("contiguous", "zigzag", "balanced")]
+
+
+def cases(size: str) -> list[str]:
+    """The cases of a size: measured (pattern on P processes) and simulated (pattern, N, P, order)."""
+    kw = SIZES[size]
+    quick = kw["quick"]
+    measured = [f"measured {name} on {w} processes" for w in MEASURED_WORLDS[quick]
+                for name, _, _ in _measure_cases(quick)] if kw.get("measured", True) else []
+    sizes, worlds = kw.get("sizes") or SIM_SIZES[quick], kw.get("worlds") or SIM_WORLDS[quick]
+    return measured + [f"simulated {name}, N={n}, P={p}, {order}" for n, name, _, p, order in _simulated(sizes, worlds)]
+
+
+def run_suite(size: str, out_dir: str = "bench-out", *, device=None, contenders=None, limit=None) -> dict:
+    """The registry's entry: ``run`` of a size (CPU processes only; dry: the simulation alone)."""
+    if device not in (None, "cpu") or contenders is not None:
+        raise ValueError("the cp suite runs on CPU processes with fixed methods: "
+                         "--device and --contenders do not apply")
+    return {"rows": run(out_dir, **SIZES[size])}
+
+
 def run(out_dir="bench-out", quick: bool = True, progress=True, measured: bool = True, sizes=None, worlds=None) -> list[dict]:
-    """Measure (2–4 CPU processes) and simulate (P up to 1024, N up to 4M); write cp.json and cp.md; return rows.
+    """Measure (2–4 CPU processes) and simulate (P up to 1024, N up to 4M); write cp-cpu.json and .md; return rows.
 
     ``sizes`` and ``worlds`` override the simulated sequence lengths and rank counts.
     """
     start = time.perf_counter()
     rows = measure(quick, progress=progress) if measured else []
-    sizes = sizes or ((1 << 16,) if quick else (1 << 16, 1 << 20, 1 << 22))
-    worlds = worlds or ((2, 8, 64) if quick else (2, 8, 64, 256, 1024))
-    orders = ("contiguous", "zigzag", "balanced")
+    sizes, worlds = sizes or SIM_SIZES[quick], worlds or SIM_WORLDS[quick]
     sim = []
-    for n in sizes:
-        for name, pattern in _sim_patterns(n):
-            for p in worlds:
-                for order in orders:
-                    if progress:
-                        print(f"foveal bench cp: simulating {name}, N={n}, P={p}, {order}", file=sys.stderr, flush=True)
-                    for row in simulate(n, p, pattern, _sim_order(order, n, p)):
-                        row["pattern"] = name
-                        row["kind"] = "simulated"
-                        sim.append(row)
+    for n, name, pattern, p, order in _simulated(sizes, worlds):
+        if progress:
+            print(f"foveal bench cp: simulating {name}, N={n}, P={p}, {order}", file=sys.stderr, flush=True)
+        for row in simulate(n, p, pattern, _sim_order(order, n, p)):
+            row["pattern"] = name
+            row["kind"] = "simulated"
+            sim.append(row)
     rows += sim
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     result = {"model": MODEL, "rows": rows, "seconds": time.perf_counter() - start}
-    (out / "cp.json").write_text(json.dumps(result, indent=1))
-    (out / "cp.md").write_text(_report([r for r in rows if r["kind"] == "measured"], sim))
-    if progress:
-        print(f"foveal bench cp: wrote {out / 'cp.md'} and {out / 'cp.json'}", file=sys.stderr)
+    write_report(out_dir, NAME, result, _report([r for r in rows if r["kind"] == "measured"], sim))
     return rows

@@ -1,4 +1,4 @@
-"""``foveal bench speed --suite modules``: foveal's attention modules against the same modules on dense attention.
+"""Suite ``modules``: foveal's attention modules against the same modules on dense attention.
 
 Each attention module of ``foveal.nn`` is timed on channels-last inputs of growing
 grids, forward and forward+backward (gradients of the input and of every parameter),
@@ -37,9 +37,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import platform
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -49,10 +47,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from foveal.bench.measure import PeakMemory, _sync, progress, write_report
+from foveal.bench.measure import progress
+from foveal.bench.report import result_name, with_provenance, write_report
+from foveal.bench.timing import load, time_interleaved
 from foveal.bias import RelativePositionBias
 
-__all__ = ["ModuleCase", "MODULE_SUITES", "MODULE_CONTENDERS", "DENSE_CAP_BYTES", "dense_backends", "run_modules"]
+__all__ = ["ModuleCase", "MODULE_SUITES", "SIZES", "MODULE_CONTENDERS", "DENSE_CAP_BYTES", "dense_backends",
+           "cases", "run_modules", "run_suite"]
 
 #: a dense row is skipped when its estimated N×N working set exceeds this
 DENSE_CAP_BYTES = 2 * 2**30
@@ -302,7 +303,15 @@ def _quick():
     return _cases((14, 28))
 
 
-MODULE_SUITES = {"modules": _full, "modules-quick": _quick}
+def _dry():
+    from foveal.nn.neighborhood import NeighborhoodAttention2D
+
+    return [ModuleCase("NeighborhoodAttention2D 3x3", lambda: NeighborhoodAttention2D(16, 2, 3), (8, 8), 16, 1)]
+
+
+MODULE_SUITES = {"modules": _full, "modules-quick": _quick, "modules-dry": _dry}
+#: registry sizes (``foveal bench run modules --size S``) → ``MODULE_SUITES``
+SIZES = {"dry": "modules-dry", "quick": "modules-quick", "full": "modules"}
 
 
 # -- measuring ---------------------------------------------------------------------------
@@ -310,56 +319,6 @@ MODULE_SUITES = {"modules": _full, "modules-quick": _quick}
 
 def _max_diff(a, b) -> float:
     return max((x.detach().float() - y.detach().float()).abs().max().item() for x, y in zip(a, b))
-
-
-def _call(fn, device) -> tuple[float, object]:
-    _sync(device)
-    start = time.perf_counter()
-    value = fn()
-    _sync(device)
-    return time.perf_counter() - start, value
-
-
-def time_interleaved(fns: dict, device, *, min_runs: int = 3, max_runs: int = 25, min_seconds: float = 0.5,
-                     slow: float = 2.0) -> dict:
-    """Time several functions in alternating rounds, so that a change of machine load hits them all alike.
-
-    Each function is called once cold (``first_s``; compile, plan and mask building),
-    once warm under ``PeakMemory`` (``peak_bytes``, not timed), then once per round
-    until it has ``min_runs`` warm runs summing to ``min_seconds`` (at most ``max_runs``;
-    2 runs when the cold call took over ``slow`` seconds). A function that raises
-    ``ValueError`` gets ``{"error": message}``. Returns per name ``first_s``,
-    ``median_s``, ``runs``, ``peak_bytes`` and ``value`` (the last result).
-    """
-    out = {}
-    for name, fn in fns.items():
-        try:
-            first, value = _call(fn, device)
-        except ValueError as e:
-            out[name] = {"error": str(e)}
-            continue
-        del value
-        with PeakMemory(device) as mem:
-            _, value = _call(fn, device)
-        slow_fn = first > slow
-        out[name] = {"first_s": first, "peak_bytes": mem.peak, "times": [], "slow": slow_fn, "value": value}
-
-    def done(r):
-        n = len(r["times"])
-        return n >= (2 if r["slow"] else max_runs) or (n >= min_runs and sum(r["times"]) >= min_seconds)
-
-    live = [n for n in out if "error" not in out[n]]
-    while live:
-        for name in live:
-            out[name]["value"] = None  # free the previous result before the next call
-            t, out[name]["value"] = _call(fns[name], device)
-            out[name]["times"].append(t)
-        live = [n for n in live if not done(out[n])]
-    for r in out.values():
-        if "error" not in r:
-            times = r.pop("times")
-            r["median_s"], r["runs"] = statistics.median(times), len(times)
-    return out
 
 
 def _measure_case(case: ModuleCase, device, names, min_seconds: float) -> list[dict]:
@@ -541,14 +500,24 @@ def rerender(json_path):
     """Rewrite the Markdown report and the plot of a saved run without measuring again."""
     path = Path(json_path)
     result = json.loads(path.read_text())
-    path.with_suffix(".md").write_text(_report(result))
+    path.with_suffix(".md").write_text(with_provenance(_report(result), result))
     plot(result["rows"], path.with_suffix(".png"), f"foveal bench speed --suite {result['suite']}")
     return path.with_suffix(".md"), path.with_suffix(".png")
 
 
+def cases(size: str) -> list[str]:
+    """The cases of a size: module, grid and direction."""
+    return [f"{c.module} {'x'.join(map(str, c.grid))} {c.direction}" for c in MODULE_SUITES[SIZES[size]]()]
+
+
+def run_suite(size: str, out_dir: str = "bench-out", *, device=None, contenders=None, limit=None) -> dict:
+    """The registry's entry: ``run_modules`` of a size (dry: no least time per contender)."""
+    return run_modules(SIZES[size], out_dir, device, contenders, min_seconds=0.0 if size == "dry" else None)
+
+
 def run_modules(suite: str = "modules-quick", out_dir: str = "bench-out", device: str | None = None,
                 contenders=None, *, min_seconds: float | None = None, cap_bytes: int | None = None) -> dict:
-    """Run a module suite; print the report; write ``modules.json``, ``modules.md`` and ``modules.png``."""
+    """Run a module suite; print the report; write ``modules-DEVICE.json``, ``.md`` and ``.png`` (``modules-cpu``)."""
     if suite not in MODULE_SUITES:
         raise ValueError(f"suite must be one of {sorted(MODULE_SUITES)}, got {suite!r}")
     names = list(MODULE_CONTENDERS) if contenders is None else list(dict.fromkeys(contenders))
@@ -562,7 +531,7 @@ def run_modules(suite: str = "modules-quick", out_dir: str = "bench-out", device
             raise ValueError(f"{name} must be a number >= 0, got {value!r}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cases = MODULE_SUITES[suite]()
-    load_before = os.getloadavg()
+    load_before = load()
     rows, start = [], time.perf_counter()
     for i, case in enumerate(cases):
         progress(i, len(cases), f"{case.module} {case.grid} {case.direction}")
@@ -575,12 +544,12 @@ def run_modules(suite: str = "modules-quick", out_dir: str = "bench-out", device
         "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "load_before": load_before,
-        "load_after": os.getloadavg(),
+        "load_after": load(),
         "cap_bytes": cap_bytes,
         "setup": SETUP if suite in ("modules", "modules-quick") else None,
         "command": f"OMP_NUM_THREADS={torch.get_num_threads()} foveal bench speed --suite {suite} --out {out_dir}",
         "seconds": time.perf_counter() - start,
         "rows": rows,
     }
-    return write_report(out_dir, "modules", result, _report(result),
+    return write_report(out_dir, result_name("modules", dev), result, _report(result),
                         lambda path: plot(rows, path, f"foveal bench speed --suite {suite}"))

@@ -1,4 +1,4 @@
-"""``foveal bench quality --suite lm``: which sparse attention pattern keeps quality at equal density.
+"""Suite ``quality-lm``: which sparse attention pattern keeps quality at equal density.
 
 Every pattern family has one integer knob; the harness picks the knob whose density is
 closest to the target (for content-selected patterns, the density of their selection on
@@ -20,12 +20,14 @@ from typing import Callable
 import torch
 
 from foveal.bench import lm_tasks as T
-from foveal.bench.train import Budget, finish_report, fit, progress, save_partial
+from foveal.bench.density import allowed_pairs, solve_knob
+from foveal.bench.report import save_partial
+from foveal.bench.train import Budget, finish_report, fit, progress
 from foveal.models.lm import AttentionOnly, EncoderDecoder, TinyLM
 from foveal.patterns import BigBird, Causal, Dilated, Full, Power, Sinks, SlidingWindow, Strided
-from foveal.patterns.dynamic import DHSA, BlockTopK, DynamicPattern, VerticalSlash
+from foveal.patterns.dynamic import DHSA, BlockTopK, VerticalSlash
 
-__all__ = ["FAMILIES", "SUITES", "allowed_pairs", "match_density", "run_lm_quality"]
+__all__ = ["FAMILIES", "SUITES", "SIZES", "allowed_pairs", "cases", "match_density", "run_lm_quality", "run_suite"]
 
 
 # -- pattern families: name → (kind, make(n, knob) or make(n_q, n_kv, knob), knob range) --------------------------
@@ -64,53 +66,22 @@ CAUSAL_CROSS = {
 FAMILIES = {"causal": CAUSAL, "noncausal": NONCAUSAL, "cross": CROSS, "causal-cross": CAUSAL_CROSS}
 
 
-def allowed_pairs(p) -> float:
-    """Allowed (query, key) pairs; for a content-selected pattern, as selected on random q and k."""
-    if isinstance(p, DynamicPattern):
-        gen = torch.Generator().manual_seed(0)
-        q, k = (torch.randn(1, 4, p.n, 16, generator=gen) for _ in range(2))
-        return p.select(q, k).density().mean().item() * p.n * p.n
-    return p.density() * p.n_q * p.n_kv
-
-
 def match_density(make: Callable, dense, target: float, lo: int = 1, hi: int = 4096):
     """``(pattern, knob, density)``: the knob in ``[lo, hi]`` whose relative density is closest to ``target``.
 
-    Relative density = allowed pairs / allowed pairs of ``dense``. Scans knobs on a
-    geometric grid and refines by bisection, assuming density grows with the knob
-    (window-like knobs) or shrinks (stride-like knobs): both are tried.
+    Relative density = allowed pairs / allowed pairs of ``dense``. Solved by ``density.solve_knob``
+    without assuming monotonicity (a stride and a window in one knob: ``strided+window``).
     """
     full = allowed_pairs(dense)
 
     def rel(k):
         try:
-            p = make(k)
+            return allowed_pairs(make(k)) / full
         except ValueError:
-            return None, None
-        return p, allowed_pairs(p) / full
+            return None
 
-    best = (None, None, math.inf)
-    k = lo
-    seen = set()
-    while k <= hi:
-        seen.add(k)
-        k = max(k + 1, int(k * 1.25))
-    for k in sorted(seen):
-        p, d = rel(k)
-        if p is not None and abs(d - target) < best[2]:
-            best = (p, k, abs(d - target))
-    p, k, _ = best
-    if p is None:
-        raise ValueError(f"no knob in [{lo}, {hi}] gives a valid pattern")
-    # refine between the neighbours of the best grid point
-    grid = sorted(seen)
-    i = grid.index(k)
-    for kk in range(grid[max(0, i - 1)], grid[min(len(grid) - 1, i + 1)] + 1):
-        pp, d = rel(kk)
-        if pp is not None and abs(d - target) < best[2]:
-            best = (pp, kk, abs(d - target))
-    p, k, _ = best
-    return p, k, allowed_pairs(p) / full
+    knob, density = solve_knob(rel, target, lo, hi, monotone=False)
+    return make(knob), knob, density
 
 
 # -- tasks ----------------------------------------------------------------------------------------------------------
@@ -251,7 +222,11 @@ SUITES = {
     # not calibrated: shorter sequences and four times the steps, for finding the budget MQAR and reverse need
     "lm-hard": LMSuite(_hard_tasks(48), {f: tuple(p) for f, p in FAMILIES.items()}, (0.35,), 9600, 256,
                        Budget(steps=600, batch=32, lr=3e-3)),
+    # one step of every task with full attention and a window: a check that the pipeline runs
+    "lm-dry": LMSuite(_tasks(64), {f: ("full", "window") for f in FAMILIES}, (0.25,), 16, 8, Budget(steps=1, batch=4)),
 }
+#: registry sizes (``foveal bench run quality-lm --size S``) → ``SUITES``
+SIZES = {"dry": "lm-dry", "quick": "lm-quick", "full": "lm", "hard": "lm-hard"}
 
 
 def format_table(rows) -> str:
@@ -293,16 +268,31 @@ def plot(rows, path: Path):
     plt.close(fig)
 
 
+def _jobs(spec: LMSuite) -> list[tuple]:
+    """(task, pattern name, target density) of every model a suite trains."""
+    return [(task, name, target) for task in spec.tasks for name in spec.patterns[task.family]
+            for target in ((1.0,) if name == "full" else spec.densities)]
+
+
+def cases(size: str) -> list[str]:
+    """The cases of a size: task, pattern and target density."""
+    return [f"{task.name} — {name} @ {target:.2f}" for task, name, target in _jobs(SUITES[SIZES[size]])]
+
+
+def run_suite(size: str, out_dir: str = "bench-out", *, device=None, contenders=None, limit=None) -> dict:
+    """The registry's entry: ``run_lm_quality`` of a size (CPU, every pattern family of the size)."""
+    if device not in (None, "cpu") or contenders is not None:
+        raise ValueError("the quality-lm suite trains on CPU with its own patterns: "
+                         "--device and --contenders do not apply")
+    return run_lm_quality(SIZES[size], out_dir)
+
+
 def run_lm_quality(suite: str = "lm-quick", out_dir: str = "bench-out", progress_bar: bool = True) -> dict:
     """Train every pattern on every task of the suite; write ``quality-lm.{json,md,png}`` into ``out_dir``."""
     if suite not in SUITES:
         raise ValueError(f"suite must be one of {sorted(SUITES)}, got {suite!r}")
     spec = SUITES[suite]
-    jobs = []
-    for task in spec.tasks:
-        for name in spec.patterns[task.family]:
-            for target in (1.0,) if name == "full" else spec.densities:
-                jobs.append((task, name, target))
+    jobs = _jobs(spec)
     rows, start = [], time.perf_counter()
     total = len(jobs) * spec.budget.steps
     out = Path(out_dir)

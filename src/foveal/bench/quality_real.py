@@ -1,4 +1,4 @@
-"""``foveal bench quality --suite real``: every pattern inside real pretrained models, training-free.
+"""Suite ``quality-real``: every pattern inside real pretrained models, training-free.
 
 Each recipe of ``foveal.recipes`` replaces the attention of a pretrained model through
 ``foveal.integrations.transformers.sparsify`` (SmolLM2: every layer; Gemma 3: its 3 global layers, the 15
@@ -39,7 +39,6 @@ Suites (``SUITES``; times on a 2-core CPU with the machine to itself):
 from __future__ import annotations
 
 import functools
-import json
 import math
 import platform
 import sys
@@ -52,13 +51,15 @@ import torch
 
 from foveal import recipes
 from foveal.bench import real_tasks as RT
-from foveal.bench.measure import progress, steady_heap
-from foveal.bench.quality_lm import allowed_pairs
-from foveal.bench.train import save_partial
+from foveal.bench.measure import progress
+from foveal.bench.memory import steady_heap
+from foveal.bench.density import allowed_pairs, solve_knob
+from foveal.bench.report import save_partial, write_report
+from foveal.bench.timing import time_interleaved, timed
 from foveal.patterns.dynamic import DynamicPattern
 
-__all__ = ["FAMILIES", "SUITES", "RealSuite", "solve_knob", "solve_recipe", "recipe_density", "QKCapture",
-           "DensityMeter", "run_real_quality"]
+__all__ = ["FAMILIES", "SUITES", "SIZES", "RealSuite", "cases", "run_suite", "solve_knob", "solve_recipe",
+           "recipe_density", "QKCapture", "DensityMeter", "run_real_quality"]
 
 NAME = "quality-real"
 
@@ -139,27 +140,6 @@ def recipe_density(recipe, n: int, causal: bool, qk=None) -> float:
         kept = sum(kept_pairs(p.select(q, k)) for q, k in qk)
         return kept / sum(dense_pairs(n, n, causal) * q.shape[0] * q.shape[1] for q, _ in qk)
     return allowed_pairs(p) / dense_pairs(n, n, causal)
-
-
-def solve_knob(density: Callable[[int], float], target: float, lo: int, hi: int):
-    """``(knob, density)``: the integer in ``[lo, hi]`` whose density is nearest ``target``, by bisection.
-
-    ``density`` must not decrease with the knob; at most about ``log2(hi - lo) + 2`` evaluations.
-    """
-    d_lo = density(lo)
-    if d_lo >= target or lo == hi:
-        return lo, d_lo
-    d_hi = density(hi)
-    if d_hi <= target:
-        return hi, d_hi
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        d = density(mid)
-        if d < target:
-            lo, d_lo = mid, d
-        else:
-            hi, d_hi = mid, d
-    return (lo, d_lo) if target - d_lo <= d_hi - target else (hi, d_hi)
 
 
 def solve_recipe(family: str, target: float, n: int, causal: bool = True, qk=None):
@@ -274,16 +254,15 @@ SUITES = {
                       densities=(0.05, 0.1, 0.2), lm_length=2048, lm_stride=2, passkey_lengths=(1024, 2048),
                       depths=(0.1, 0.5, 0.9), multikey_length=2048, multikey_trials=3,
                       per_model={"gemma3-270m": {"lm_stride": 4}}),
+    # seconds: a tiny random Llama (no weights), a static and a content-selected recipe, one passkey length
+    "real-dry": RealSuite(models=("tiny-llama",), families=("dense", "window", "block_topk"), densities=(0.2,),
+                          lm_length=256, passkey_lengths=(512,), depths=(0.5,), encoders=()),
 }
+#: registry sizes (``foveal bench run quality-real --size S``) → ``SUITES``
+SIZES = {"dry": "real-dry", "quick": "real-quick", "full": "real"}
 
 
 # -- running one model ---------------------------------------------------------------------------------------------
-def _timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
-
-
 def _lm_segments(tok, text_ids, spec):
     start = RT.start_tokens(tok)
     m = spec.lm_length - len(start)
@@ -471,7 +450,7 @@ def _run_model(loaded, spec: RealSuite, text_ids, limit, step, out_rows, save):
     tasks = runner.tasks()
     jobs = _jobs(spec, limit)
     runner.reference()
-    solutions, timed = {}, {}  # timed: (family, target) -> recipe of the rows whose prefill is timed
+    solutions, to_time = {}, {}  # (family, target) -> recipe of the rows whose prefill is timed
     for fam, target in jobs:
         for task in _row_tasks(fam, tasks):
             kind, n = task
@@ -484,7 +463,7 @@ def _run_model(loaded, spec: RealSuite, text_ids, limit, step, out_rows, save):
                 else:
                     if (fam, target, n) not in solutions:  # selections are solved on the model's q, k
                         qk = runner.qk(n) if fam in SELECTED else None
-                        solutions[fam, target, n] = _timed(lambda: solve_recipe(fam, target, n, causal, qk))
+                        solutions[fam, target, n] = timed(lambda: solve_recipe(fam, target, n, causal, qk))
                     (recipe, knob, solved), solve_s = solutions[fam, target, n]
                     meter = DensityMeter(causal)
                     sparsify(loaded.model, recipe, observe=meter)
@@ -495,7 +474,7 @@ def _run_model(loaded, spec: RealSuite, text_ids, limit, step, out_rows, save):
                     row.update(recipe=repr(recipe), knob=knob, density_solved=solved, solve_s=solve_s,
                                density=meter.density, **result)
                     if kind in ("lm", "embedding"):
-                        timed[fam, target] = recipe
+                        to_time[fam, target] = recipe
                 row["status"] = "ok"
             except ValueError as e:  # a recipe without such a form, or one that refuses: a result, not a crash
                 row["status"] = f"skipped: {str(e).splitlines()[0][:160]}"
@@ -503,8 +482,8 @@ def _run_model(loaded, spec: RealSuite, text_ids, limit, step, out_rows, save):
                 row["status"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
             out_rows.append(row)
             save()
-    step(f"{loaded.name}: prefill of {len(timed)} recipes and sdpa, {PREFILL_ROUNDS} interleaved rounds")
-    times = time_prefill(loaded.model, runner.prefill, timed)
+    step(f"{loaded.name}: prefill of {len(to_time)} recipes and sdpa, {PREFILL_ROUNDS} interleaved rounds")
+    times = time_prefill(loaded.model, runner.prefill, to_time)
     for row in out_rows:
         if row["model"] == loaded.name and row["task"] in ("lm", "embedding") and row["status"] == "ok":
             key = "full" if row["family"] == "full" else (row["family"], row["target_density"])
@@ -523,10 +502,10 @@ def time_prefill(model, prefill, recipes_by_key: dict, rounds: int = PREFILL_ROU
     """Median seconds of ``prefill()`` under the model's own attention (``"full"``) and under each recipe.
 
     Every contender runs twice untimed (a cold call and one measuring memory), then once per round, the rounds
-    going over all contenders in turn, so that the machine's drift hits them alike (``foveal.bench.modules.time_interleaved``). A recipe is put on by
+    going over all contenders in turn, so that the machine's drift hits them alike
+    (``timing.time_interleaved``). A recipe is put on by
     ``sparsify`` (no ``observe`` hook) and taken off by ``restore`` around each of its calls.
     """
-    from foveal.bench.modules import time_interleaved
     from foveal.integrations.transformers import restore, sparsify
 
     def under(recipe):
@@ -541,9 +520,9 @@ def time_prefill(model, prefill, recipes_by_key: dict, rounds: int = PREFILL_ROU
 
     fns = {"full": prefill, **{key: under(r) for key, r in recipes_by_key.items()}}
     with torch.no_grad():
-        timed = time_interleaved(fns, torch.device("cpu"), min_runs=rounds, max_runs=rounds, min_seconds=0.0,
-                                 slow=float("inf"))
-    return {key: r["median_s"] for key, r in timed.items()}
+        medians = time_interleaved(fns, torch.device("cpu"), min_runs=rounds, max_runs=rounds, min_seconds=0.0,
+                                   slow=float("inf"), keep=False)
+    return {key: r["median_s"] for key, r in medians.items()}
 
 
 def _sparsified_layers(model) -> list[int]:
@@ -569,6 +548,20 @@ def _steps(spec: RealSuite, limit) -> int:
 
 
 # -- the run -------------------------------------------------------------------------------------------------------
+def cases(size: str) -> list[str]:
+    """The cases of a size: per model, the reference and every (recipe, target density) row."""
+    spec = SUITES[SIZES[size]]
+    return [f"{name}: {fam} @ {target:g}" for name in spec.models for fam, target in _jobs(spec.for_model(name), None)]
+
+
+def run_suite(size: str, out_dir: str = "bench-out", *, device=None, contenders=None, limit=None) -> dict:
+    """The registry's entry: ``run_real_quality`` of a size; ``limit``: the first pattern rows of each model."""
+    if device not in (None, "cpu") or contenders is not None:
+        raise ValueError("the quality-real suite runs its models on CPU with every recipe: --device and --contenders "
+                         "do not apply (--limit runs the first rows)")
+    return run_real_quality(SIZES[size], out_dir, limit=limit)
+
+
 def run_real_quality(suite: str = "real-quick", out_dir: str = "bench-out", *, load=None, progress_bar: bool = True,
                      limit: int | None = None) -> dict:
     """Run a suite; write ``quality-real.{json,md}`` and ``quality-real-<model>.png`` into ``out_dir``.
@@ -602,7 +595,7 @@ def run_real_quality(suite: str = "real-quick", out_dir: str = "bench-out", *, l
 
     for name in spec.models:
         s = spec.for_model(name)
-        loaded, load_s = _timed(lambda name=name: load(name))
+        loaded, load_s = timed(lambda name=name: load(name))
         if (loaded.kind == "encoder") != (name in s.encoders):
             raise ValueError(f"model {name} is a {loaded.kind} model; the suite's encoders are {s.encoders}")
         text_ids = RT.encode(loaded.tokenizer, text)
@@ -623,17 +616,8 @@ def run_real_quality(suite: str = "real-quick", out_dir: str = "bench-out", *, l
         "seconds": time.perf_counter() - start,
         "rows": rows,
     }
-    (out / f"{NAME}.partial.json").unlink(missing_ok=True)
-    (out / f"{NAME}.json").write_text(json.dumps(result, indent=1, default=str))
-    text_md = report(result)
-    (out / f"{NAME}.md").write_text(text_md)
-    paths = [out / f"{NAME}.json", out / f"{NAME}.md"]
-    for name in models:
-        path = out / f"{NAME}-{name}.png"
-        plot(result, name, path)
-        paths.append(path)
-    print(text_md)
-    print("wrote " + ", ".join(map(str, paths)))
+    plots = {name: functools.partial(plot, result, name) for name in models}
+    write_report(out, NAME, result, report(result), plots)
     return result
 
 

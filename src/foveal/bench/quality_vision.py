@@ -1,4 +1,4 @@
-"""``foveal bench quality --suite vision``: which token mixer learns local + long-range tasks best.
+"""Suite ``quality-vision``: which token mixer learns local + long-range tasks best.
 
 The tiny backbone (``foveal.models``) is trained with each mixer under one fixed budget, once per seed,
 on the synthetic tasks of ``vision_tasks``; the report gives accuracy (mIoU for the dense task) as mean ±
@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 
-from foveal.bench.train import Budget, finish_report, fit, progress, save_partial
+from foveal.bench.report import save_partial
+from foveal.bench.train import Budget, finish_report, fit, progress
 from foveal.bench.vision_tasks import TASKS
 from foveal.models import Classifier, Segmenter, mixer_names
 
-__all__ = ["Suite", "SUITES", "CALIBRATION", "run_vision_quality", "evaluate", "flops_per_image", "summarise",
-           "calibration"]
+__all__ = ["Suite", "SUITES", "SIZES", "CALIBRATION", "cases", "run_vision_quality", "run_suite", "evaluate",
+           "flops_per_image", "summarise", "calibration"]
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,12 @@ SUITES = {
     # not calibrated: full attention stayed at chance on these (1,000 to 6,000 steps, 16² and 32², BENCHMARKS.md)
     "vision-hard": Suite(("pathfinder", "match"), tuple(mixer_names()), 8000, 500,
                          Budget(steps=2000, batch=32, lr=3e-3), _SMALL, seeds=(0, 1, 2)),
+    # two steps of two mixers on 16² images: a check that the pipeline runs
+    "vision-dry": Suite(("cue-seg",), ("neighborhood", "global"), 16, 8, Budget(steps=2, batch=4),
+                        dict(img_size=16, dims=(8, 16), depths=(1, 1), heads=(2, 2))),
 }
+#: registry sizes (``foveal bench run quality-vision --size S``) → ``SUITES``
+SIZES = {"dry": "vision-dry", "quick": "vision-quick", "full": "vision", "hard": "vision-hard"}
 
 
 def _build(task, mixer: str, model: dict):
@@ -211,6 +217,19 @@ def plot(rows, path: Path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def cases(size: str) -> list[str]:
+    """The cases of a size: task, mixer and seed."""
+    spec = SUITES[SIZES[size]]
+    return [f"{t} — {m} — seed {seed}" for t in spec.tasks for m in spec.mixers for seed in spec.seeds]
+
+
+def run_suite(size: str, out_dir: str = "bench-out", *, device=None, contenders=None, limit=None) -> dict:
+    """The registry's entry: ``run_vision_quality`` of a size; ``contenders``: mixers (default: the size's)."""
+    if device not in (None, "cpu"):
+        raise ValueError("the quality-vision suite trains on CPU: --device does not apply")
+    return run_vision_quality(SIZES[size], out_dir, mixers=contenders)
 
 
 def run_vision_quality(suite: str = "vision-quick", out_dir: str = "bench-out", mixers=None, progress_bar=True) -> dict:

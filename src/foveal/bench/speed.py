@@ -1,4 +1,4 @@
-"""``foveal bench speed``: every contender on the same tensors, in one process.
+"""Suite ``speed`` (``foveal bench run speed``): every contender on the same tensors, in one process.
 
 For each case (a pattern, batch, heads, head_dim, dtype, forward or forward+backward)
 each contender is timed warm (median of several runs), with its one-off setup
@@ -21,13 +21,14 @@ from pathlib import Path
 
 import torch
 
-from foveal.bench import modules as bench_modules
 from foveal.bench.contenders import CONTENDERS, Prepared
-from foveal.bench.measure import PeakMemory, matmul_rate, progress, target_line, time_call, write_report
+from foveal.bench.measure import matmul_rate, progress, target_line
+from foveal.bench.report import result_name, with_provenance, write_report
+from foveal.bench.timing import time_interleaved
 from foveal.kernels.reference import reference_attention
 from foveal.patterns import Neighborhood, Sinks, SlidingWindow
 
-__all__ = ["Case", "SUITES", "run_speed"]
+__all__ = ["Case", "SUITES", "SIZES", "cases", "run_speed", "run_suite"]
 
 
 @dataclass
@@ -78,7 +79,18 @@ def _full():
     return cases
 
 
-SUITES = {"quick": _quick, "full": _full}
+def _dry():
+    return [
+        Case("neighborhood 2-D 3x3", _na((8, 8), 3), heads=2, head_dim=16),
+        Case("causal window 32", _sw(256, 32), heads=2, head_dim=16, backward=True),
+    ]
+
+
+SUITES = {"quick": _quick, "full": _full, "dry": _dry}
+#: registry sizes (``foveal bench run speed --size S``) → ``SUITES``
+SIZES = {"dry": "dry", "quick": "quick", "full": "full"}
+#: the dry size's contenders (compiled flex alone would take a minute)
+DRY_CONTENDERS = ["foveal cpu", "foveal auto", "torch sdpa (dense)"]
 
 
 def _reference_rows(q, k, v, pattern, rows):
@@ -98,49 +110,74 @@ def _fresh(case: Case) -> Case:
     return dataclasses.replace(case, pattern=pattern)
 
 
-def _measure(case: Case, contender, device, rate) -> dict:
-    case = _fresh(case)
+def _failed(e: Exception) -> str:
+    return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+
+
+def _measure_case(case: Case, contenders, device, rate) -> list[dict]:
+    """Every contender on the same tensors, timed in interleaved rounds (``timing.time_interleaved``).
+
+    Each contender prepares its call on its own copy of the pattern (``_fresh``), so that
+    none finds another's cached layout or plan; its peak memory is that of its cold call.
+    """
     gen = torch.Generator(device="cpu").manual_seed(0)
     shape = (case.batch, case.heads, case.pattern.n, case.head_dim)
     q, k, v = (torch.randn(shape, generator=gen, dtype=case.dtype).to(device) for _ in range(3))
-    row = {"case": case.label, "family": case.family, "tokens": case.pattern.n, "pattern": repr(case.pattern),
-           "direction": "fwd+bwd" if case.backward else "fwd", "contender": contender.name}
-    try:
+    grad = torch.randn(shape, generator=gen, dtype=case.dtype).to(device)
+    check = torch.randperm(case.pattern.n, generator=gen)[:256].to(device)
+    if case.backward:
+        for t in (q, k, v):
+            t.requires_grad_(True)
+    base = {"case": case.label, "family": case.family, "tokens": case.pattern.n, "pattern": repr(case.pattern),
+            "direction": "fwd+bwd" if case.backward else "fwd"}
+    rows, prepared, fns = {}, {}, {}
+    for contender in contenders:
+        rows[contender.name] = {**base, "contender": contender.name}
+        try:
+            p = contender.prepare(_fresh(case), q, k, v)
+        except Exception as e:  # a contender failing is a result, not a crash of the benchmark
+            rows[contender.name]["status"] = _failed(e)
+            continue
+        if not isinstance(p, Prepared):
+            rows[contender.name]["status"] = f"skipped: {p}"
+            continue
+        prepared[contender.name] = p
         if case.backward:
-            for t in (q, k, v):
-                t.requires_grad_(True)
-        prepared = contender.prepare(case, q, k, v)
-        if not isinstance(prepared, Prepared):
-            return {**row, "status": f"skipped: {prepared}"}
-        if case.backward:
-            grad = torch.randn(shape, generator=gen, dtype=case.dtype).to(device)
-
-            def fn():
-                out = prepared.forward()
-                return torch.autograd.grad(out, (q, k, v), grad)
+            fns[contender.name] = lambda p=p: torch.autograd.grad(p.forward(), (q, k, v), grad)
         else:
-
-            def fn():
-                with torch.no_grad():
-                    return prepared.forward()
-
-        with PeakMemory(device) as mem:
-            first, median, runs = time_call(fn, device)
+            fns[contender.name] = lambda p=p: _no_grad(p.forward)
+    timed = time_interleaved(fns, device, min_runs=3, max_runs=10, min_seconds=0.5, slow=5.0, slow_runs=1,
+                             memory="cold", errors=(Exception,), keep=False)
+    want = None
+    pairs = case.pattern.num_allowed() * case.batch * case.heads
+    useful = 4 * case.head_dim * pairs * (3.5 if case.backward else 1.0)
+    for name, t in timed.items():
+        row = rows[name]
+        if "error" in t:
+            row["status"] = f"failed: {t['exception']}: {t['error'].splitlines()[0][:120] if t['error'] else ''}"
+            continue
         err = None
-        if prepared.comparable:
-            rows = torch.randperm(case.pattern.n, generator=gen)[:256].to(device)
-            with torch.no_grad():
-                out = prepared.forward()
-                want = _reference_rows(q.detach(), k.detach(), v.detach(), case.pattern, rows)
-            err = (out[:, :, rows].float() - want.float()).abs().max().item()
-        pairs = case.pattern.num_allowed() * case.batch * case.heads
-        useful = 4 * case.head_dim * pairs * (3.5 if case.backward else 1.0)
-        return {**row, "status": "ok", "median_s": median, "first_s": first, "runs": runs,
-                "setup_s": prepared.setup_seconds, "compile_s": max(first - median, 0.0),
-                "peak_bytes": mem.peak, "useful_flops": useful / median,
-                "share_of_matmul": useful / median / rate, "max_abs_err": err}
-    except Exception as e:  # a contender failing is a result, not a crash of the benchmark
-        return {**row, "status": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"}
+        try:
+            if prepared[name].comparable:
+                with torch.no_grad():
+                    out = prepared[name].forward()
+                    if want is None:
+                        want = _reference_rows(q.detach(), k.detach(), v.detach(), case.pattern, check)
+                err = (out[:, :, check].float() - want.float()).abs().max().item()
+        except Exception as e:
+            row["status"] = _failed(e)
+            continue
+        median = t["median_s"]
+        row.update(status="ok", median_s=median, first_s=t["first_s"], runs=t["runs"],
+                   setup_s=prepared[name].setup_seconds, compile_s=max(t["first_s"] - median, 0.0),
+                   peak_bytes=t["peak_bytes"], useful_flops=useful / median, share_of_matmul=useful / median / rate,
+                   max_abs_err=err)
+    return list(rows.values())
+
+
+def _no_grad(fn):
+    with torch.no_grad():
+        return fn()
 
 
 def _fmt_time(s):
@@ -259,37 +296,32 @@ def _report(result: dict) -> str:
     return f"{header}\n{format_table(result['rows'])}\n\n{('Targets:' + chr(10) + summary) if summary else ''}\n"
 
 
+def cases(size: str) -> list[str]:
+    """The cases of a size, as the report labels them."""
+    return [c.label for c in SUITES[SIZES[size]]()]
+
+
+def run_suite(size: str, out_dir: str = "bench-out", *, device=None, contenders=None, limit=None) -> dict:
+    """The registry's entry: ``run_speed`` of a size (dry: ``DRY_CONTENDERS`` unless others are named)."""
+    if size == "dry" and contenders is None:
+        contenders = DRY_CONTENDERS
+    return run_speed(SIZES[size], out_dir, device, contenders)
+
+
 def rerender(json_path):
     """Rewrite the Markdown report and the plot of a saved run (``*.json``) without measuring again."""
     path = Path(json_path)
     result = json.loads(path.read_text())
-    path.with_suffix(".md").write_text(_report(result))
+    path.with_suffix(".md").write_text(with_provenance(_report(result), result))
     plot(result["rows"], path.with_suffix(".png"), result["matmul_flops"])
     return path.with_suffix(".md"), path.with_suffix(".png")
 
 
 def run_speed(suite: str = "quick", out_dir: str = "bench-out", device: str | None = None, contenders=None) -> dict:
-    """Run a suite; print the table; write ``speed.json``, ``speed.md`` and ``speed.png`` into ``out_dir``.
-
-    The module suites (``modules``, ``modules-quick``: ``foveal.bench.modules``) time
-    whole ``foveal.nn`` modules against the same modules on dense masked SDPA and
-    write ``modules.json``, ``modules.md`` and ``modules.png`` instead; the LM suites
-    (``lm``, ``lm-quick``: ``foveal.bench.lm_speed``) write ``lm.json``, ``lm.md`` and
-    ``lm.png``; the timm suites (``timm``, ``timm-quick``: ``foveal.bench.timm_speed``) write
-    ``timm.json`` and ``timm.md``.
-    """
-    from foveal.bench.lm_speed import LM_SUITES, run_lm
-    from foveal.bench.timm_speed import TIMM_SUITES, run_timm
-
-    if suite in bench_modules.MODULE_SUITES:
-        return bench_modules.run_modules(suite, out_dir, device, contenders)
-    if suite in LM_SUITES:
-        return run_lm(suite, out_dir, device)
-    if suite in TIMM_SUITES:
-        return run_timm(suite, out_dir, device, contenders)
+    """Run a size of the ``speed`` suite (``SUITES``: quick, full); print the table; write ``speed-DEVICE.json``,
+    ``.md`` and ``.png`` (``speed-cpu``) into ``out_dir``."""
     if suite not in SUITES:
-        known = sorted(SUITES) + sorted(bench_modules.MODULE_SUITES) + sorted(LM_SUITES) + sorted(TIMM_SUITES)
-        raise ValueError(f"suite must be one of {known}, got {suite!r}")
+        raise ValueError(f"suite must be one of {sorted(SUITES)}, got {suite!r}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     chosen = [c for c in CONTENDERS if contenders is None or c.name in contenders]
     if contenders is not None and len(chosen) != len(set(contenders)):
@@ -297,12 +329,11 @@ def run_speed(suite: str = "quick", out_dir: str = "bench-out", device: str | No
         raise ValueError(f"contenders must be among {known}, got {sorted(contenders)}")
     cases = SUITES[suite]()
     rate = matmul_rate(dev, torch.float32)
-    rows, total, start = [], len(cases) * len(chosen), time.perf_counter()
+    rows, start = [], time.perf_counter()
     for i, case in enumerate(cases):
-        for j, contender in enumerate(chosen):
-            progress(i * len(chosen) + j, total, f"{case.label} — {contender.name}")
-            rows.append(_measure(case, contender, dev, rate))
-    progress(total, total, f"done in {time.perf_counter() - start:.0f}s")
+        progress(i, len(cases), f"{case.label} — {len(chosen)} contenders in interleaved rounds")
+        rows += _measure_case(case, chosen, dev, rate)
+    progress(len(cases), len(cases), f"done in {time.perf_counter() - start:.0f}s")
     sys.stderr.write("\n")
     result = {
         "suite": suite,
@@ -311,4 +342,5 @@ def run_speed(suite: str = "quick", out_dir: str = "bench-out", device: str | No
         "matmul_flops": rate,
         "rows": rows,
     }
-    return write_report(out_dir, "speed", result, _report(result), lambda path: plot(rows, path, rate))
+    return write_report(out_dir, result_name("speed", dev), result, _report(result),
+                        lambda path: plot(rows, path, rate))

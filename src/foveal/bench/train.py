@@ -8,7 +8,6 @@ differs. Seeds are fixed, so a repeated run gives the same numbers on one machin
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import platform
 import sys
@@ -19,8 +18,9 @@ from pathlib import Path
 import torch
 
 from foveal.bench.measure import progress
+from foveal.bench.report import write_report
 
-__all__ = ["Budget", "fit", "progress", "threads", "save_partial", "finish_report"]
+__all__ = ["Budget", "fit", "progress", "threads", "finish_report"]
 
 
 @dataclass(frozen=True)
@@ -91,15 +91,10 @@ def threads(count: int):
         torch.set_num_threads(before)
 
 
-def save_partial(out: Path, name: str, rows: list) -> None:
-    """The rows so far, as ``name.partial.json`` in ``out`` (for long runs); ``finish_report`` removes it."""
-    (out / f"{name}.partial.json").write_text(json.dumps(rows, indent=1))
-
-
 def finish_report(out: Path, name: str, suite: str, budget: Budget, data: str, rows: list, start: float, *,
                   table, plot, progress_total: int | None = None, **extra) -> dict:
-    """Close a quality run: write ``name.json``, ``name.md`` (``table(rows)``) and ``name.png``
-    (``plot(rows, path)``) into ``out``, print the table, and return the result.
+    """Close a quality run: hand its result, ``table(rows)`` and ``plot(rows, path)`` to ``report.write_report``
+    (``name.json``, ``name.md``, ``name.png`` in ``out``) and return the result.
 
     ``data`` says what was trained on (for the header); ``extra`` goes into the JSON, with
     ``budget_extra`` merged into its ``budget``; ``progress_total`` completes the progress bar.
@@ -115,12 +110,6 @@ def finish_report(out: Path, name: str, suite: str, budget: Budget, data: str, r
         "seconds": time.perf_counter() - start,
         "rows": rows,
     }
-    (out / f"{name}.partial.json").unlink(missing_ok=True)
     text = (f"suite `{suite}` ({result['machine']}), {budget.steps} steps × batch {budget.batch}, "
             f"{data}, {result['seconds']:.0f} s in all\n\n{table(rows)}\n")
-    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{name}.md").write_text(text)
-    plot(rows, out / f"{name}.png")
-    print(text)
-    print(f"wrote {out / (name + '.json')}, {out / (name + '.md')}, {out / (name + '.png')}")
-    return result
+    return write_report(out, name, result, text, lambda path: plot(rows, path))

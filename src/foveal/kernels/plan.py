@@ -16,7 +16,7 @@ step per group) for the built-in progression patterns and their unions and
 intersections, and evaluates each distinct mask once; other patterns fall back to one
 ``pattern.key_set`` call per group, with their masks still evaluated for many groups
 per ``pattern.mask`` call. 64k tokens of a causal sliding window build in ~0.07 s on one
-core (0.7 s before); see ``benchmarks/plan_build.py``.
+core (0.7 s before); see ``foveal bench run plan-build``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``foveal bench speed --suite lm``: the cases a language-model user meets first, as ratios to SDPA.
+"""Suite ``lm`` (``foveal bench run lm``): the cases a language-model user meets first, as ratios to SDPA.
 
 Prefill (batch 1, 8 query heads over 2 key heads, head_dim 64, float32): causal,
 StreamingLLM's window + sinks (the same pattern object each call, and built anew each
@@ -14,7 +14,6 @@ call on a 16-token cache. Every figure is a median of warm runs; ratios are what
 from __future__ import annotations
 
 import platform
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -23,12 +22,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from foveal.bench.measure import matmul_rate, progress, target_line, write_report
+from foveal.bench.measure import matmul_rate, progress, target_line
+from foveal.bench.report import result_name, write_report
+from foveal.bench.timing import per_call, time_interleaved, timed
 from foveal.decode import KVCache, Quest, SnapKV, attend_decode, snapkv_compress
 from foveal.functional import attend
 from foveal.patterns import DHSA, BlockTopK, Causal, Sinks, SlidingWindow, VerticalSlash
 
-__all__ = ["LM_SUITES", "run_lm"]
+__all__ = ["LM_SUITES", "SIZES", "cases", "run_lm", "run_suite"]
 
 HEADS, KV_HEADS, HEAD_DIM = 8, 2, 64
 
@@ -66,9 +67,7 @@ def _selected(make_pattern, beforehand: bool):
     def make(q, k, v):
         p = make_pattern(q.shape[2])
         with torch.no_grad():
-            start = time.perf_counter()
-            sel = p.select(q, k)
-            select_s = time.perf_counter() - start
+            sel, select_s = timed(lambda: p.select(q, k), q.device)
         info = {"density": float(sel.density().mean()), "select_s": select_s}
         if beforehand:
             return (lambda: attend(q, k, v, sel)), info
@@ -106,7 +105,10 @@ def _suite(lengths, decode_lengths, min_seconds=1.0, calls=200):
 LM_SUITES = {
     "lm": _suite((4096, 16384), (1024, 4096, 16384)),
     "lm-quick": _suite((1024, 2048), (256, 1024)),
+    "lm-dry": _suite((128,), (64,), min_seconds=0.0, calls=3),
 }
+#: registry sizes (``foveal bench run lm --size S``) → ``LM_SUITES``
+SIZES = {"dry": "lm-dry", "quick": "lm-quick", "full": "lm"}
 
 
 def _tensors(n, gen, requires_grad=False):
@@ -124,58 +126,45 @@ def _time_group(n: int, backward: bool, device, min_seconds: float, on_row=None)
     """Every prefill row at ``n`` tokens on the same tensors, timed in interleaved rounds.
 
     Each row is called once first (plans, selections, compile), then the rows take turns,
-    round after round (at least 3, until each row has had ``min_seconds`` or 7 rounds), so
-    that the machine's drift falls on every row alike; each row's figure is its median.
+    round after round (at least 3, until each row has had ``min_seconds`` or 7 rounds; every
+    row in every round: ``time_interleaved(together=True)``), so that the machine's drift
+    falls on every row alike; each row's figure is its median.
     """
     gen = torch.Generator().manual_seed(n)
     q, k, v = (t.to(device).requires_grad_(backward) for t in _tensors(n, gen))
     grad = torch.randn(1, HEADS, n, HEAD_DIM, generator=gen).to(device)
-    results, calls = [], []
+    infos, calls = [], {}
     for i, row in enumerate(PREFILL_ROWS):
         if on_row is not None:
             on_row(i, row)
         try:
             fn, info = row.make(q, k, v)
-
-            def call(fn=fn):
-                if backward:
-                    return torch.autograd.grad(fn(), (q, k, v), grad)
-                with torch.no_grad():
-                    return fn()
-
-            start = time.perf_counter()
-            call()
-            results.append({"status": "ok", "first_s": time.perf_counter() - start, "times": [], **info})
-            calls.append(call)
         except Exception as e:  # a failing row is a result, not a crash of the benchmark
-            results.append(_failed(e))
-            calls.append(None)
-    for r in range(7):
-        for res, call in zip(results, calls):
-            if call is not None:
-                start = time.perf_counter()
-                call()
-                res["times"].append(time.perf_counter() - start)
-        done = [sum(res["times"]) for res in results if "times" in res]
-        if r >= 2 and min(done, default=min_seconds) >= min_seconds:
-            break
-    for res in results:
-        if "times" in res:
-            times = res.pop("times")
-            res.update(median_s=statistics.median(times), runs=len(times))
+            infos.append(_failed(e))
+            continue
+
+        def call(fn=fn):
+            if backward:
+                return torch.autograd.grad(fn(), (q, k, v), grad)
+            with torch.no_grad():
+                return fn()
+
+        infos.append(info)
+        calls[i] = call
+    timed = time_interleaved(calls, device, min_runs=3, max_runs=7, min_seconds=min_seconds, slow=float("inf"),
+                             memory=False, together=True, errors=(Exception,), keep=False)
+    results = []
+    for i, info in enumerate(infos):
+        t = timed.get(i)
+        if t is None:
+            results.append(info)
+        elif "error" in t:
+            text = t["error"].splitlines()[0][:120] if t["error"] else ""
+            results.append({"status": f"failed: {t['exception']}: {text}"})
+        else:
+            results.append({"status": "ok", "first_s": t["first_s"], **info, "median_s": t["median_s"],
+                            "runs": t["runs"]})
     return results
-
-
-def _per_call(fn, calls: int = 200) -> float:
-    """Median seconds of one call of a fast ``fn`` over ``calls`` calls (after a few warm-up calls)."""
-    for _ in range(min(20, calls)):
-        fn()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _decode_rows(length: int, device, calls: int = 50) -> list[dict]:
@@ -212,7 +201,7 @@ def _decode_rows(length: int, device, calls: int = 50) -> list[dict]:
         for name, fn in contenders.items():
             try:
                 rows.append({"kind": "decode", "context": length, "contender": name, "status": "ok",
-                             "median_s": _per_call(fn, calls), "cached_keys": {
+                             "median_s": per_call(fn, calls), "cached_keys": {
                                  "attend_decode, window 1024 + 4 sinks": window.size,
                                  "attend_decode, SnapKV-compressed (1024 kept)": snap.size}.get(name, n)})
             except Exception as e:
@@ -236,22 +225,41 @@ def _overhead(device, calls: int = 200) -> list[dict]:
     wcache.append(k[:, :, :-1].to(device), v[:, :, :-1].to(device))
     wcache.append(k[:, :, -1:].to(device), v[:, :, -1:].to(device))
     with torch.no_grad():
-        sdpa = _per_call(lambda: F.scaled_dot_product_attention(q1, cache.k, cache.v, enable_gqa=True), calls)
-        dense = _per_call(lambda: attend_decode(q1, cache), calls)
-        stream = _per_call(lambda: attend_decode(q1, wcache, window), calls)
+        sdpa = per_call(lambda: F.scaled_dot_product_attention(q1, cache.k, cache.v, enable_gqa=True), calls)
+        dense = per_call(lambda: attend_decode(q1, cache), calls)
+        stream = per_call(lambda: attend_decode(q1, wcache, window), calls)
     return [{"kind": "overhead", "contender": name, "status": "ok", "median_s": t}
             for name, t in (("sdpa, 16-token cache", sdpa), ("attend_decode, dense, 16-token cache", dense),
                             ("attend_decode, window + sinks, 16-token cache", stream))]
 
 
+def _groups(cfg) -> list[tuple[int, bool]]:
+    """The prefill groups of a suite: (tokens, backward), each timing every row of ``PREFILL_ROWS``."""
+    return [(n, bwd) for n in cfg["lengths"] for bwd in (False, True)]
+
+
+def cases(size: str) -> list[str]:
+    """The cases of a size: prefill groups (every row of ``PREFILL_ROWS`` each), decode lengths, the overhead."""
+    cfg = LM_SUITES[SIZES[size]]
+    return ([f"prefill n={n} {'fwd+bwd' if bwd else 'fwd'}: {len(PREFILL_ROWS)} rows" for n, bwd in _groups(cfg)]
+            + [f"decode over {n} cached tokens" for n in cfg["decode_lengths"]] + ["decode overhead"])
+
+
+def run_suite(size: str, out_dir: str = "bench-out", *, device=None, contenders=None, limit=None) -> dict:
+    """The registry's entry: ``run_lm`` of a size (its contenders are fixed)."""
+    if contenders is not None:
+        raise ValueError("the lm suite has fixed contenders: --contenders does not apply")
+    return run_lm(SIZES[size], out_dir, device)
+
+
 def run_lm(suite: str = "lm", out_dir: str = "bench-out", device: str | None = None) -> dict:
-    """Run an LM suite; print the table; write ``lm.json``, ``lm.md`` and ``lm.png`` into ``out_dir``."""
+    """Run an LM suite; print the table; write ``lm-DEVICE.json``, ``.md`` and ``.png`` (``lm-cpu``)."""
     if suite not in LM_SUITES:
         raise ValueError(f"suite must be one of {sorted(LM_SUITES)}, got {suite!r}")
     cfg = LM_SUITES[suite]
     dev = torch.device(device or "cpu")
     rate = matmul_rate(dev, torch.float32)
-    groups = [(n, bwd) for n in cfg["lengths"] for bwd in (False, True)]
+    groups = _groups(cfg)
     total = len(groups) * len(PREFILL_ROWS) + len(cfg["decode_lengths"]) + 1
     rows, start = [], time.perf_counter()
     for g, (n, bwd) in enumerate(groups):
@@ -273,7 +281,7 @@ def run_lm(suite: str = "lm", out_dir: str = "bench-out", device: str | None = N
     result = {"suite": suite, "device": str(dev),
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
               "matmul_flops": rate, "rows": rows}
-    return write_report(out_dir, "lm", result, report(result), lambda path: plot(result, path))
+    return write_report(out_dir, result_name("lm", dev), result, report(result), lambda path: plot(result, path))
 
 
 def _base(rows, **where):

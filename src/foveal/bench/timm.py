@@ -1,4 +1,4 @@
-"""``foveal bench speed --suite timm`` / ``timm-quick``: timm models converted to foveal against the originals.
+"""Suite ``timm`` (``foveal bench run timm``): timm models converted to foveal against the originals.
 
 Per model and resolution: forward time (eval, ``no_grad``, batch 1, float32; median of warm
 runs, the two models timed in alternating rounds), peak memory during a forward, and the
@@ -14,17 +14,17 @@ its row instead of numbers.
 from __future__ import annotations
 
 import copy
-import os
 import platform
 import sys
 import time
 
 import torch
 
-from foveal.bench.measure import progress, write_report
-from foveal.bench.modules import time_interleaved
+from foveal.bench.measure import progress
+from foveal.bench.report import result_name, write_report
+from foveal.bench.timing import load, time_interleaved
 
-__all__ = ["TIMM_SUITES", "TIMM_MODELS", "run_timm", "format_report"]
+__all__ = ["TIMM_SUITES", "TIMM_MODELS", "SIZES", "cases", "run_timm", "run_suite", "format_report"]
 
 #: timm name -> (extra create_model kwargs, native side)
 TIMM_MODELS = {
@@ -36,7 +36,12 @@ TIMM_MODELS = {
     "davit_tiny": ({}, 224),
 }
 #: suite -> side multipliers of the native resolution
-TIMM_SUITES = {"timm-quick": (1, 2), "timm": (1, 4)}
+TIMM_SUITES = {"timm-quick": (1, 2), "timm": (1, 4), "timm-dry": (1,)}
+#: the dry size's model: a tiny Swin (random weights) at 64²
+DRY_MODELS = {"swin_tiny_patch4_window7_224": (dict(img_size=64, window_size=4, embed_dim=16, depths=(2, 2),
+                                                    num_heads=(1, 2), strict_img_size=False), 64)}
+#: registry sizes (``foveal bench run timm --size S``) → ``TIMM_SUITES``
+SIZES = {"dry": "timm-dry", "quick": "timm-quick", "full": "timm"}
 
 
 def _refusing(fn):
@@ -51,22 +56,35 @@ def _refusing(fn):
     return call
 
 
-def _cases(suite, models):
-    return [(name, TIMM_MODELS[name][1] * m) for name in models for m in TIMM_SUITES[suite]]
+def _cases(suite, models, table):
+    return [(name, table[name][1] * m) for name in models for m in TIMM_SUITES[suite]]
+
+
+def cases(size: str) -> list[str]:
+    """The cases of a size: model and input side."""
+    suite = SIZES[size]
+    table = DRY_MODELS if suite == "timm-dry" else TIMM_MODELS
+    return [f"{name} {side}²" for name, side in _cases(suite, list(table), table)]
+
+
+def run_suite(size: str, out_dir: str = "bench-out", *, device=None, contenders=None, limit=None) -> dict:
+    """The registry's entry: ``run_timm`` of a size (dry: ``DRY_MODELS``, no least time)."""
+    return run_timm(SIZES[size], out_dir, device, contenders, min_seconds=0.0 if size == "dry" else 1.0)
 
 
 def run_timm(suite: str = "timm-quick", out_dir: str = "bench-out", device: str | None = None, contenders=None,
              *, min_seconds: float = 1.0) -> dict:
-    """Run a timm suite; print the report; write ``timm.json`` and ``timm.md`` into ``out_dir``.
+    """Run a timm suite; print the report; write ``timm-DEVICE.json`` and ``.md`` (``timm-cpu``) into ``out_dir``.
 
-    ``contenders``: timm model names to run (default: all of ``TIMM_MODELS``).
+    ``contenders``: timm model names to run (default: all of ``TIMM_MODELS``; ``timm-dry``: ``DRY_MODELS``).
     """
     if suite not in TIMM_SUITES:
         raise ValueError(f"suite must be one of {sorted(TIMM_SUITES)}, got {suite!r}")
-    models = list(TIMM_MODELS) if contenders is None else list(dict.fromkeys(contenders))
-    unknown = [m for m in models if m not in TIMM_MODELS]
+    table = DRY_MODELS if suite == "timm-dry" else TIMM_MODELS
+    models = list(table) if contenders is None else list(dict.fromkeys(contenders))
+    unknown = [m for m in models if m not in table]
     if unknown or not models:
-        raise ValueError(f"contenders must be among {list(TIMM_MODELS)} for the timm suites, got {contenders!r}")
+        raise ValueError(f"contenders must be among {list(table)} for the timm suites, got {contenders!r}")
     try:
         import timm
     except ImportError as e:
@@ -74,15 +92,15 @@ def run_timm(suite: str = "timm-quick", out_dir: str = "bench-out", device: str 
     from foveal.integrations.timm import convert
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cases = _cases(suite, models)
-    load_before = os.getloadavg()
+    cases = _cases(suite, models, table)
+    load_before = load()
     rows, start, built = [], time.perf_counter(), {}
     for i, (name, side) in enumerate(cases):
         progress(i, len(cases), f"{name} {side}²", start)
         if name not in built:
             built.clear()  # one model pair in memory at a time
             torch.manual_seed(0)
-            original = timm.create_model(name, pretrained=False, **TIMM_MODELS[name][0]).eval().to(dev)
+            original = timm.create_model(name, pretrained=False, **table[name][0]).eval().to(dev)
             built[name] = (original, convert(copy.deepcopy(original)))
         original, converted = built[name]
         x = torch.randn(1, 3, side, side, device=dev)
@@ -115,12 +133,12 @@ def run_timm(suite: str = "timm-quick", out_dir: str = "bench-out", device: str 
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
                    f"timm {timm.__version__}",
         "load_before": load_before,
-        "load_after": os.getloadavg(),
+        "load_after": load(),
         "command": f"OMP_NUM_THREADS={torch.get_num_threads()} foveal bench speed --suite {suite} --out {out_dir}",
         "seconds": time.perf_counter() - start,
         "rows": rows,
     }
-    return write_report(out_dir, "timm", result, format_report(result))
+    return write_report(out_dir, result_name("timm", dev), result, format_report(result))
 
 
 def _cell(row, field):
