@@ -9,7 +9,7 @@ custom op ``foveal::attend`` (FlashAttention's ``torch.library`` wrappers are th
   that their gradients flow;
 * everything else is a constant: ``scale``, ``softcap``, ``backend``, ``return_lse``, and
   the pattern and the score term's remaining description as *keys*: short strings
-  (``"Neighborhood#3"``) that the registry here maps back to the values. A key is
+  (``"Neighborhood_3"``) that the registry here maps back to the values. A key is
   given per distinct value (patterns are values: equal patterns get the same key, so a
   pattern built anew does not recompile anything), deterministic within a process.
   The registry is bounded (``MAX_KEYS`` values, least recently used dropped first); a
@@ -297,12 +297,13 @@ def _eager_outside_graph(q, k, v, pattern, **kwargs):
     return attend(q, k, v, pattern, **kwargs)
 
 
-_eager_outside_graph = torch._dynamo.disable(
-    _eager_outside_graph,
-    reason="foveal.attend runs eagerly outside the graph: its pattern (a BlockSelection) or its score term "
-    "(a closure, or tensors that require grad and no compile_spec()) cannot be passed to the custom op "
-    "foveal::attend",
-)
+_OUTSIDE = ("foveal.attend runs eagerly outside the graph: its pattern (a BlockSelection) or its score term "
+            "(a closure, or tensors that require grad and no compile_spec()) cannot be passed to the custom op "
+            "foveal::attend")
+try:
+    _eager_outside_graph = torch._dynamo.disable(_eager_outside_graph, reason=_OUTSIDE)
+except TypeError:  # torch < 2.8: no reason
+    _eager_outside_graph = torch._dynamo.disable(_eager_outside_graph)
 
 
 def attend_traced(q, k, v, pattern, *, bias, scale, key_padding_mask, softcap, sink_logits, backend, return_lse):
