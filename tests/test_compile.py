@@ -143,11 +143,11 @@ def test_keys_are_one_per_value():
         value_of("Neighborhood_0")
 
 
-@pytest.mark.parametrize("kind", ["parameters", "closure"])
-def test_a_term_the_op_cannot_carry_still_compiles_with_a_graph_break(kind):
-    # a score term with a parameter and no compile_spec(), or a closure made in the traced code: attend runs
-    # eagerly outside the graph (as before compile support), so fullgraph refuses it by name and a plain compile
-    # gives eager's numbers and gradients
+@pytest.mark.parametrize("kind", ["parameters", "closure", "pattern"])
+def test_what_the_op_cannot_carry_still_compiles_with_a_graph_break(kind):
+    # a score term with a parameter and no compile_spec(), a closure made in the traced code, or a pattern built
+    # in the traced code: attend runs eagerly outside the graph (as before compile support), so fullgraph refuses
+    # it by name and a plain compile gives eager's numbers and gradients
     class Slope:
         def __init__(self):
             self.w = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
@@ -168,8 +168,9 @@ def test_a_term_the_op_cannot_carry_still_compiles_with_a_graph_break(kind):
             def term(h, q_idx, kv_idx):
                 return -w * (q_idx - kv_idx).abs()
         else:
-            term = slope
-        return attend(q * 2, k, v, pattern, bias=term).sum()
+            term = slope if kind == "parameters" else None
+        inside = SlidingWindow(q.shape[2], left=4) if kind == "pattern" else pattern
+        return attend(q * 2, k, v, inside, bias=term).sum()
 
     with pytest.raises(Exception, match="foveal.attend runs eagerly outside the graph"):
         torch.compile(run, backend="aot_eager", fullgraph=True)(q, k, v)

@@ -32,7 +32,9 @@ Score terms under compile: a term with ``compile_spec()`` (``RelativePositionBia
 hashable term without tensors that require grad) is passed by key as it is. Others
 (closures, terms with parameters but no ``compile_spec``) run ``attend`` eagerly outside
 the graph (a graph break, as before compile support: ``fullgraph=True`` refuses it with
-that reason); so do ``BlockSelection`` patterns made beforehand (they hold tensors).
+that reason); so do ``BlockSelection`` patterns made beforehand (they hold tensors) and
+patterns built inside the compiled code (build them outside, e.g. in ``__init__``, or
+through ``built(cls, *args)``, which builds them once at trace time).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["attend_traced", "built", "key_of", "value_of", "trace_constant", "MAX_KEYS"]
+__all__ = ["attend_traced", "attend_outside_graph", "built", "key_of", "value_of", "trace_constant", "MAX_KEYS"]
 
 #: how many distinct patterns and score-term descriptions the key registry holds
 MAX_KEYS = 4096
@@ -291,19 +293,22 @@ def _backward(ctx, grad_out, grad_lse):
 _attend_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _eager_outside_graph(q, k, v, pattern, **kwargs):
+def attend_outside_graph(q, k, v, pattern, *, sink_logits=None, **kwargs):
+    """``attend`` run eagerly outside the compiled graph (a graph break): for what the op cannot carry."""
     from foveal.functional import attend
 
-    return attend(q, k, v, pattern, **kwargs)
+    extra = {} if sink_logits is None else {"sink_logits": sink_logits}
+    return attend(q, k, v, pattern, **kwargs, **extra)
 
 
-_OUTSIDE = ("foveal.attend runs eagerly outside the graph: its pattern (a BlockSelection) or its score term "
-            "(a closure, or tensors that require grad and no compile_spec()) cannot be passed to the custom op "
-            "foveal::attend")
+_OUTSIDE = ("foveal.attend runs eagerly outside the graph: its pattern (one built inside the compiled code, or a "
+            "BlockSelection) or its score term (a closure, or tensors that require grad and no compile_spec()) "
+            "cannot be passed to the custom op foveal::attend; build patterns outside the compiled code or "
+            "through foveal.custom_op.built(cls, *args)")
 try:
-    _eager_outside_graph = torch._dynamo.disable(_eager_outside_graph, reason=_OUTSIDE)
+    attend_outside_graph = torch._dynamo.disable(attend_outside_graph, reason=_OUTSIDE)
 except TypeError:  # torch < 2.8: no reason
-    _eager_outside_graph = torch._dynamo.disable(_eager_outside_graph)
+    attend_outside_graph = torch._dynamo.disable(attend_outside_graph)
 
 
 def attend_traced(q, k, v, pattern, *, bias, scale, key_padding_mask, softcap, sink_logits, backend, return_lse):
@@ -312,9 +317,8 @@ def attend_traced(q, k, v, pattern, *, bias, scale, key_padding_mask, softcap, s
 
     parts = None if isinstance(pattern, BlockSelection) else _bias_parts(bias)
     if parts is None:
-        extra = {} if sink_logits is None else {"sink_logits": sink_logits}
-        return _eager_outside_graph(q, k, v, pattern, bias=bias, scale=scale, key_padding_mask=key_padding_mask,
-                                    softcap=softcap, backend=backend, return_lse=return_lse, **extra)
+        return attend_outside_graph(q, k, v, pattern, bias=bias, scale=scale, key_padding_mask=key_padding_mask,
+                                    softcap=softcap, sink_logits=sink_logits, backend=backend, return_lse=return_lse)
     spec, tensors = parts
     pattern_key = _traced_key(pattern)
     bias_key = "" if spec is None else _traced_key(spec)

@@ -70,6 +70,11 @@ def attend(q, k, v, pattern, *, bias=None, scale=None, key_padding_mask=None, so
     ``foveal.kernels.select.BACKENDS`` (``reference``, ``sdpa``, ``cpu``,
     ``blocksparse``, ``flex``); a backend that cannot run the call says why.
     """
+    if torch.compiler.is_compiling() and _built_while_tracing(pattern):
+        from foveal.custom_op import attend_outside_graph
+
+        return attend_outside_graph(q, k, v, pattern, bias=bias, scale=scale, key_padding_mask=key_padding_mask,
+                                    softcap=softcap, sink_logits=sink_logits, backend=backend, return_lse=return_lse)
     call = _validate(q, k, v, pattern, bias, scale, key_padding_mask, softcap, backend, return_lse)
     sink_logits = check_sink_logits(sink_logits, q.shape[1], q.device)
     if q.shape[0] == 0:
@@ -117,6 +122,19 @@ def _pattern_facts(pattern) -> tuple[int, int, int | None]:
             "(a PerHead, a content-selected pattern or a BlockSelection is accepted too)"
         )
     return pattern.n_q, pattern.n_kv, pattern.num_heads if isinstance(pattern, PerHead) else None
+
+
+@trace_constant
+def _built_while_tracing(pattern) -> bool:
+    """Whether torch.compile hands over a pattern that its traced code is still building (its fields not yet
+    set on the object): such a pattern cannot be a constant of the graph, and attend runs outside it."""
+    if not isinstance(pattern, _PATTERNS):
+        return False
+    try:
+        pattern.n_q, pattern.n_kv
+    except AttributeError:
+        return True
+    return False
 
 
 def _empty(q, k, v, return_lse):
