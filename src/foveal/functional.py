@@ -22,8 +22,9 @@ from foveal.inputs import (
     lse_dtype,
 )
 from foveal.custom_op import trace_constant
-from foveal.kernels.select import Call, check_backend_name, select
-from foveal.lowering import assemble, lower
+from foveal.kernels.call import Call
+from foveal.kernels.select import check_backend_name, route
+from foveal.lowering import assemble
 from foveal.merge import add_sink
 from foveal.patterns.base import Pattern
 from foveal.patterns.dynamic import BlockSelection, DynamicPattern
@@ -44,7 +45,9 @@ def attend(q, k, v, pattern, *, bias=None, scale=None, key_padding_mask=None, so
     pattern's grid. Returns ``out`` (B, Hq, Nq, Dv), and with ``return_lse`` also the
     log-sum-exp of the allowed final scores (B, Hq, Nq): float64 for float64 inputs,
     float32 otherwise. A query with no allowed key gets a zero output and
-    ``lse = -inf``. Batch 0 gives empty results.
+    ``lse = -inf``. Batch 0 gives empty results. bfloat16 and float16 inputs accumulate in
+    float32 on every backend, forward and backward (a score term's table gradient too);
+    only the returned tensors are rounded to their dtype.
 
     The score of query ``i`` and key ``j`` is ``s = scale·q_i·k_j`` (``scale`` defaults
     to ``1/sqrt(D)``), then ``softcap·tanh(s / softcap)`` when ``softcap`` is given
@@ -87,9 +90,9 @@ def attend(q, k, v, pattern, *, bias=None, scale=None, key_padding_mask=None, so
                              backend=backend, return_lse=return_lse)
     if sink_logits is not None:
         call = replace(call, need_lse=True)
-    pieces = lower(call, backend)
-    results = [select(piece.call, backend).run(piece.call) for piece in pieces]
-    out, lse = assemble(pieces, results, q.shape[1])
+    routed = route(call, backend)  # lowered pieces, each with its backend (``why_not`` asks the same)
+    results = [runner.run(piece.call) for piece, runner in routed]
+    out, lse = assemble([piece for piece, _ in routed], results, q.shape[1])
     if sink_logits is not None:
         out, lse = add_sink(out, lse, sink_logits)
     return (out, lse) if return_lse else out

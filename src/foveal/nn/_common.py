@@ -20,6 +20,7 @@ from foveal._checks import positive_int
 from foveal.cache import LRU
 from foveal.custom_op import built
 from foveal.functional import attend
+from foveal.kernels.select import check_backend_name
 
 __all__ = [
     "attend",
@@ -101,15 +102,8 @@ def check_heads(dim, num_heads, dim_name: str = "dim") -> tuple[int, int]:
     return dim, num_heads
 
 
-def check_backend(backend) -> str:
-    """``"auto"`` or the name of a registered ``attend`` backend."""
-    from foveal.kernels.select import BACKENDS
-
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str ('auto' or one of {sorted(BACKENDS)}), got {backend!r}")
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
-    return backend
+#: ``"auto"`` or the name of a registered ``attend`` backend: the one check, ``foveal.kernels.select``'s
+check_backend = check_backend_name
 
 
 def check_bool(name: str, value) -> bool:
