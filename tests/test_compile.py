@@ -69,6 +69,11 @@ def test_backbone_compiles_to_one_graph_equal_to_eager(mixer):
                    lambda x: model(x)[-1])
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "since main's f40230c, foveal.integrations.transformers_masks.mask_info reads transformers' mask function by "
+    "its __qualname__ and closure cells; under torch.compile transformers hands it an and_masks(causal, "
+    "packed_sequence_mask_function(...)) closure made in the traced code, which dynamo cannot read "
+    "(ObservedAttributeError on __qualname__, no __closure__ cells): this passed before that merge"))
 def test_sparsified_llama_compiles_to_one_graph_equal_to_eager():
     transformers = pytest.importorskip("transformers")
     from foveal import recipes
