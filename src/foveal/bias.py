@@ -5,6 +5,12 @@ integer tensors (query head, query token, key token), FlexAttention's ``score_mo
 contract for an additive term; ``attend(..., bias=...)`` adds it to the scaled scores
 before the mask and the softmax. If it has ``parameters()``, gradients flow to those
 that require grad, on every backend. Plain functions work too (no parameters).
+
+Under ``torch.compile`` a term reaches the custom op ``foveal::attend`` through
+``compile_spec() -> (spec, tensors)``: ``spec`` a hashable tuple whose first item is a
+class with ``from_spec(spec[1:], tensors)`` that rebuilds the term, ``tensors`` the
+tensors it reads (their gradients flow). Terms without it and without parameters that
+require grad (plain functions) are passed as they are; see ``foveal.custom_op``.
 """
 
 from __future__ import annotations
@@ -104,6 +110,14 @@ class ALiBi:
     def parameters(self):
         return []
 
+    def compile_spec(self):
+        """``((ALiBi, num_heads), [])``: the slopes follow from the head count (``foveal.custom_op``)."""
+        return (ALiBi, self.num_heads), []
+
+    @staticmethod
+    def from_spec(rest, tensors):
+        return ALiBi(rest[0])
+
     def __repr__(self):
         return f"ALiBi(num_heads={self.num_heads})"
 
@@ -172,6 +186,15 @@ class RelativePositionBias:
 
     def parameters(self):
         return [self.table]
+
+    def compile_spec(self):
+        """``((RelativePositionBias, grid, max_offset, step), [table])`` for ``foveal.custom_op``."""
+        return (RelativePositionBias, self.grid, self.max_offset, self.step), [self.table]
+
+    @staticmethod
+    def from_spec(rest, tensors):
+        grid, max_offset, step = rest
+        return RelativePositionBias(grid, max_offset, tensors[0], step=step)
 
     def with_float32_tables(self):
         """This term over a float32 copy of a half table that requires grad (``float32_term``)."""

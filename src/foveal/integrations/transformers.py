@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from foveal.cache import LRU
+from foveal.custom_op import built
 from foveal.decode import step_inputs
 from foveal.functional import attend
 from foveal.patterns.base import Pattern
@@ -102,8 +103,7 @@ class _Plan:
 
         ``window`` is the layer's native window ``(left, right)`` in key distances, or None.
         """
-        key = (self, n_q, n_kv, causal, window)  # a plan hashes by identity
-        return PATTERNS.get(key, lambda: self._build(n_q, n_kv, causal, window))
+        return built(_plan_pattern, self, n_q, n_kv, causal, window)  # under torch.compile: built at trace time
 
     def _build(self, n_q, n_kv, causal, window):
         recipe = dense() if self.recipe is None else self.recipe
@@ -127,6 +127,11 @@ class _Plan:
                                  f"layers")
             p = p & SlidingWindow(p.n_q, left=window[0], right=window[1], n_kv=p.n_kv)
         return p
+
+
+def _plan_pattern(plan: _Plan, n_q: int, n_kv: int, causal: bool, window):
+    key = (plan, n_q, n_kv, causal, window)  # a plan hashes by identity
+    return PATTERNS.get(key, lambda: plan._build(n_q, n_kv, causal, window))
 
 
 def _causal(p) -> bool:
@@ -276,7 +281,7 @@ def _attend_layer(plan: _Plan, q, k, v, info: MaskInfo, call, causal, window, do
         if lo_q >= hi_q:
             continue  # every query is padding: 0
         lo_k = max(info.kv_offset, first)
-        whole = len(batch) == b  # one run covers the batch (no padding, or the same for all): views, no copy
+        whole = batch is None or len(batch) == b  # one run covers the batch (no padding, or the same for all)
         idx = None if whole else torch.tensor(batch, device=q.device)
         qs, ks, vs = (t if whole else t.index_select(0, idx) for t in (q, k, v))
         qs = qs[:, :, lo_q - info.q_offset:hi_q - info.q_offset]
@@ -339,9 +344,10 @@ def info_padding(info: MaskInfo, batch: int, end: int) -> torch.Tensor:
 
 
 def _real_runs(info: MaskInfo, batch: int, end: int):
-    """{(first, stop): [batch indices]} of sequences whose real tokens are one run first .. stop - 1, or None."""
+    """{(first, stop): [batch indices] (None: all)} of sequences whose real tokens are one run first .. stop - 1, or
+    None."""
     if info.padding is None:
-        return {(0, end): list(range(batch))}
+        return {(0, end): None}  # None: the whole batch (no list of a batch size torch.compile keeps symbolic)
     real = info_padding(info, batch, end).cpu()
     runs: dict = {}
     for b in range(batch):

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from foveal._checks import positive_int
 from foveal.nn._common import (
-    attend_opaque,
+    attend,
     cached_pattern,
     check_backend,
     check_bool,
@@ -153,7 +153,7 @@ class _WindowAttention(nn.Module):
             x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
         hp, wp = x.shape[1:3]
         q, k, v = self.qkv(x).reshape(b, hp * wp, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = attend_opaque(q, k, v, self.pattern((h, w)), scale=self.scale, backend=self.backend)
+        out = attend(q, k, v, self.pattern((h, w)), scale=self.scale, backend=self.backend)
         out = self.proj(out.transpose(1, 2).reshape(b, hp, wp, c))
         return out[:, :h, :w] if pad_b or pad_r else out
 
