@@ -69,25 +69,58 @@ def test_backbone_compiles_to_one_graph_equal_to_eager(mixer):
                    lambda x: model(x)[-1])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "since main's f40230c, foveal.integrations.transformers_masks.mask_info reads transformers' mask function by "
-    "its __qualname__ and closure cells; under torch.compile transformers hands it an and_masks(causal, "
-    "packed_sequence_mask_function(...)) closure made in the traced code, which dynamo cannot read "
-    "(ObservedAttributeError on __qualname__, no __closure__ cells): this passed before that merge"))
+def _tiny_llama(transformers):
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, attn_implementation="sdpa")).double()
+
+
 def test_sparsified_llama_compiles_to_one_graph_equal_to_eager():
+    # under compile transformers makes the mask function (and_masks(causal, packed ids) of the traced positions) in
+    # the traced forward, whose closure cells dynamo cannot read: each layer derives the mask and probes it at run time
     transformers = pytest.importorskip("transformers")
     from foveal import recipes
     from foveal.integrations.transformers import restore, sparsify
 
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2, attn_implementation="sdpa")).double()
+    model = _tiny_llama(transformers)
     sparsify(model, recipes.streaming_llm(sinks=2, window=4))  # 12 tokens: the window and sinks leave keys out
     try:
         _check_batches(model, lambda b: torch.randint(3, 97, (b, 12)),
                        lambda ids: model(input_ids=ids, use_cache=False).logits)
+    finally:
+        restore(model)
+
+
+@pytest.mark.parametrize("piece", ["chunked", "or_masks", "or_masks_padded"])
+def test_a_foreign_mask_piece_is_still_refused_under_compile(piece, monkeypatch):
+    # transformers' causal mask function replaced by one with a piece foveal cannot honour (chunked attention; an
+    # or_masks overlay letting each token see the next, as image-token overlays do): eager refuses it by name; under
+    # fullgraph compile the mask function is made in the traced code, wrapped in and_masks with the traced packed ids,
+    # so the run-time probe refuses it, or, with a 2D attention_mask (no packed ids), its name at trace time
+    transformers = pytest.importorskip("transformers")
+    from transformers import masking_utils
+    from foveal import recipes
+    from foveal.integrations.transformers import restore, sparsify
+
+    if piece == "chunked":
+        fn = masking_utils.chunked_causal_mask_function(4, torch.zeros(8, dtype=torch.long))
+    else:
+        fn = masking_utils.or_masks(masking_utils.causal_mask_function, lambda b, h, q, kv: kv == q + 1)
+    model = _tiny_llama(transformers)
+    sparsify(model, recipes.streaming_llm(sinks=2, window=4))
+    monkeypatch.setattr(masking_utils, "causal_mask_function", fn)
+    ids = torch.randint(3, 97, (2, 12))
+    kwargs = dict(attention_mask=torch.ones_like(ids)) if piece == "or_masks_padded" else {}
+    try:
+        with pytest.raises(ValueError, match="chunked_overlay|or_masks.<locals>.or_mask"):
+            model(input_ids=ids, use_cache=False, **kwargs)
+        compiled = torch.compile(lambda x: model(input_ids=x, use_cache=False, **kwargs).logits, backend="aot_eager",
+                                 fullgraph=True)
+        said = "or_masks.<locals>.or_mask" if piece == "or_masks_padded" else "is not the causal mask with window None"
+        with pytest.raises(Exception, match=said):
+            compiled(ids)
     finally:
         restore(model)
 
@@ -194,3 +227,21 @@ def test_every_nn_module_traces_without_a_graph_break(name):
     args, kwargs = nn_api.EXAMPLES[name][1]()
     got = torch.compile(module, backend="eager", fullgraph=True)(*args, **kwargs)
     torch.testing.assert_close(got, module(*args, **kwargs))
+
+
+def test_sparsified_llama_with_padding_compiles_equal_to_eager():
+    # a 2D attention_mask (left padding, a hole): foveal reads the padding's values, so the graph breaks there
+    # (no fullgraph), and the compiled model gives eager's logits
+    transformers = pytest.importorskip("transformers")
+    from foveal import recipes
+    from foveal.integrations.transformers import restore, sparsify
+
+    model = sparsify(_tiny_llama(transformers), recipes.streaming_llm(sinks=2, window=4))
+    ids = torch.randint(3, 97, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = mask[1, 5] = 0
+    try:
+        run = lambda x: model(input_ids=x, attention_mask=mask, use_cache=False).logits  # noqa: E731
+        torch.testing.assert_close(torch.compile(run, backend="aot_eager")(ids), run(ids), **TOL)
+    finally:
+        restore(model)

@@ -57,7 +57,7 @@ from foveal.patterns.causality import is_causal
 from foveal.patterns.local import SlidingWindow
 from foveal.patterns.perhead import PerHead
 from foveal.integrations.transformers_keywords import KEYWORDS, check_dropout, read_keywords
-from foveal.integrations.transformers_masks import MaskInfo, documents, mask_info
+from foveal.integrations.transformers_masks import MaskInfo, documents, mask_info, traced_spec
 from foveal.recipes import call_recipe, dense
 
 __all__ = ["NAME", "register", "sparsify", "restore", "is_sparsified", "MaskInfo", "KEYWORDS"]
@@ -169,23 +169,35 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
             f"layer {layer} on foveal got a {type(info).__name__} attention mask; foveal builds each "
             f"layer's pattern from the 2D attention_mask (1 = token, 0 = padding): pass that, not a prepared 4D mask"
         )
-    if info.spec is None:
+    if info.spec is None and info.traced is None:
         raise ValueError(f"layer {layer}: {info.error}")
-    causal, window = _geometry(plan, call, info)
-    docs = _documents(plan, call, info, query, key)
+    spec = _spec(plan, call, info, module, query.shape[0])
+    causal, window = _geometry(plan, call, spec)
+    docs = _documents(plan, call, info, spec, query, key)
     out = _attend_layer(plan, query, key, value, info, call, causal, window, docs)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _geometry(plan: _Plan, call, info: MaskInfo):
-    """(causal, native window) of this call: the module's is_causal and the ``sliding_window`` keyword, each checked
-    against the model's own mask."""
+def _spec(plan: _Plan, call, info: MaskInfo, module, batch: int):
+    """The model's mask as read (eager), or, while torch.compile traces, as this layer derives it from its causality
+    and native window (every row one sequence), checked at run time on a probe of the real mask function."""
+    if info.spec is not None:
+        return info.spec
     causal = plan.causal if call.is_causal is None else call.is_causal
-    if info.spec.causal != causal:
+    w = call.sliding_window if call.sliding_window is not None else native_window(module)
+    window = None if w is None else (w - 1, 0) if causal else (w - 1, w - 1)
+    return traced_spec(info, causal, window, batch)
+
+
+def _geometry(plan: _Plan, call, spec):
+    """(causal, native window) of this call: the module's is_causal and the ``sliding_window`` keyword, each checked
+    against the model's own mask (``spec``)."""
+    causal = plan.causal if call.is_causal is None else call.is_causal
+    if spec.causal != causal:
         raise ValueError(f"layer {plan.layer} is_causal={causal} (the module's, or the is_causal keyword) but the "
-                         f"model's mask is {'causal' if info.spec.causal else 'bidirectional'}; foveal follows neither "
+                         f"model's mask is {'causal' if spec.causal else 'bidirectional'}; foveal follows neither "
                          f"silently")
-    window = info.spec.window
+    window = spec.window
     if call.sliding_window is not None:  # FlashAttention's convention: w - 1 keys back (and forward, bidirectional)
         w = call.sliding_window - 1
         said = (w, 0) if causal else (w, w)
@@ -201,7 +213,7 @@ def _packed_by_keywords(call, info, query) -> bool:
     if call.cu_seq_lens is not None:
         return True
     if not isinstance(info, MaskInfo) or info.spec is None or info.spec.packed is not None:
-        return False
+        return False  # under compile (spec None, traced): transformers' own mask, as sdpa runs it when compiled
     return _positions(call, info, query.shape[0], query.shape[2])[0] == "packed"
 
 
@@ -221,6 +233,16 @@ def _positions(call, info: MaskInfo, b: int, n: int):
     if memo is not None and memo[0] is pos:
         return memo[1]
     said = None, None
+    if torch.compiler.is_compiling():  # no Python branch on values while tracing: both refused at run time
+        if not info.q_offset and n > 1:
+            ids = documents(pos.expand(b, -1) if pos.shape[0] == 1 else pos)
+            torch._assert_async((ids[:, -1] == 0).all(), "foveal: position_ids restart in a row (packed sequences); "
+                                "under torch.compile foveal attends one sequence per row: run packed rows eagerly")
+        elif info.q_offset:
+            torch._assert_async(pos[0, 0] == info.q_offset, f"foveal: position_ids do not start at the {info.q_offset} "
+                                f"tokens the cache holds (decoding after a packed prefill?)")
+        info.memo["positions"] = (pos, said)
+        return said
     if not info.q_offset and n > 1:
         ids = documents(pos.expand(b, -1) if pos.shape[0] == 1 else pos)
         if bool(ids[:, -1].any()):
@@ -231,10 +253,10 @@ def _positions(call, info: MaskInfo, b: int, n: int):
     return said
 
 
-def _documents(plan: _Plan, call, info: MaskInfo, q, k):
+def _documents(plan: _Plan, call, info: MaskInfo, spec, q, k):
     """(B, n) packed-sequence ids of this prefill, or None when each row is one sequence."""
     b, n = q.shape[0], q.shape[2]
-    docs = info.spec.packed
+    docs = spec.packed
     said, what = _positions(call, info, b, n)
     if said == "shifted":
         raise ValueError(f"layer {plan.layer}: position_ids start at {what} but the cache holds {info.q_offset} "
