@@ -245,3 +245,23 @@ def test_sparsified_llama_with_padding_compiles_equal_to_eager():
         torch.testing.assert_close(torch.compile(run, backend="aot_eager")(ids), run(ids), **TOL)
     finally:
         restore(model)
+
+
+def test_packed_rows_under_fullgraph_compile_are_refused_at_run_time():
+    # position_ids restarting in a row (packed sequences): eager attends each sequence on its own; under fullgraph
+    # foveal cannot branch on their values and attends one sequence per row, so the run-time checks refuse them
+    transformers = pytest.importorskip("transformers")
+    from foveal import recipes
+    from foveal.integrations.transformers import restore, sparsify
+
+    model = sparsify(_tiny_llama(transformers), recipes.streaming_llm(sinks=2, window=4))
+    ids, pos = torch.randint(3, 97, (2, 12)), torch.arange(6).repeat(2)[None].expand(2, -1)
+    try:
+        model(input_ids=ids, position_ids=pos, use_cache=False)  # eager: packed sequences, honoured
+        compiled = torch.compile(lambda x, p: model(input_ids=x, position_ids=p, use_cache=False).logits,
+                                 backend="aot_eager", fullgraph=True)
+        compiled(ids, torch.arange(12)[None].expand(2, -1))  # one sequence per row: runs
+        with pytest.raises(Exception, match="foveal: "):
+            compiled(ids, pos)
+    finally:
+        restore(model)
