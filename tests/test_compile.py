@@ -265,3 +265,24 @@ def test_packed_rows_under_fullgraph_compile_are_refused_at_run_time():
             compiled(ids, pos)
     finally:
         restore(model)
+
+
+def test_sparsified_mistral_keeps_its_native_window_under_fullgraph():
+    # every Mistral layer slides (6 tokens): under compile the layer derives its window from the config and the
+    # run-time probe checks it against transformers' traced sliding-window mask function
+    transformers = pytest.importorskip("transformers")
+    from foveal import recipes
+    from foveal.integrations.transformers import restore, sparsify
+
+    torch.manual_seed(0)
+    model = transformers.MistralForCausalLM(transformers.MistralConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, sliding_window=6, pad_token_id=0,
+        attn_implementation="sdpa")).double()
+    sparsify(model, recipes.streaming_llm(sinks=2, window=4), layers=[0, 1])
+    ids = torch.randint(3, 97, (2, 12))
+    try:
+        run = lambda x: model(input_ids=x, use_cache=False).logits  # noqa: E731
+        torch.testing.assert_close(torch.compile(run, backend="aot_eager", fullgraph=True)(ids), run(ids), **TOL)
+    finally:
+        restore(model)

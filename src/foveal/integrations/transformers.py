@@ -35,6 +35,10 @@ sequence of the batch:
   and a sliding layer named in ``layers`` runs ``pattern & its window``
   (``windows="keep"``) or the pattern alone (``windows="replace"``; refused while
   decoding when the model's sliding cache no longer holds a key the pattern needs).
+* Under ``torch.compile`` (``fullgraph=True`` without an ``attention_mask``) the mask
+  function is made in the traced code and cannot be read: each layer derives causal
+  and window from itself, one sequence per row, checked on a run-time probe of the
+  real mask function (``transformers_masks.traced_spec``); packed rows are refused there.
 * Content-selected recipes select at prefill and decode densely (``foveal.recipes``).
   A recipe may return the ``(n_q, n_kv)`` pattern or its square self-attention
   pattern, whose last ``n_q`` rows are then taken (``foveal.decode.step_inputs``).
@@ -171,14 +175,14 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
         )
     if info.spec is None and info.traced is None:
         raise ValueError(f"layer {layer}: {info.error}")
-    spec = _spec(plan, call, info, module, query.shape[0])
+    spec = _spec(plan, call, info, module, query)
     causal, window = _geometry(plan, call, spec)
     docs = _documents(plan, call, info, spec, query, key)
     out = _attend_layer(plan, query, key, value, info, call, causal, window, docs)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _spec(plan: _Plan, call, info: MaskInfo, module, batch: int):
+def _spec(plan: _Plan, call, info: MaskInfo, module, query):
     """The model's mask as read (eager), or, while torch.compile traces, as this layer derives it from its causality
     and native window (every row one sequence), checked at run time on a probe of the real mask function."""
     if info.spec is not None:
@@ -186,7 +190,7 @@ def _spec(plan: _Plan, call, info: MaskInfo, module, batch: int):
     causal = plan.causal if call.is_causal is None else call.is_causal
     w = call.sliding_window if call.sliding_window is not None else native_window(module)
     window = None if w is None else (w - 1, 0) if causal else (w - 1, w - 1)
-    return traced_spec(info, causal, window, batch)
+    return traced_spec(info, causal, window, query.shape[0], query.device)
 
 
 def _geometry(plan: _Plan, call, spec):

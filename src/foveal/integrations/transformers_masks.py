@@ -186,18 +186,17 @@ def _traced_refusal(fn) -> str | None:
     return None
 
 
-def traced_spec(info: MaskInfo, causal: bool, window, batch: int) -> MaskSpec:
+def traced_spec(info: MaskInfo, causal: bool, window, batch: int, device=None) -> MaskSpec:
     """Under compile: the spec a layer derives from its own ``causal`` and native ``window`` (``(left, right)`` key
     distances or None), every row one sequence, checked at run time against ``info.traced`` on an O(N) probe."""
     key = ("probe", causal, window)
     if key not in info.memo:  # one probe per forward and geometry, not per layer
         info.memo[key] = True
-        _probe(info, causal, window, batch)
+        _probe(info, causal, window, batch, device)
     return MaskSpec(causal, window, None)
 
 
-def _probe(info: MaskInfo, causal: bool, window, batch: int) -> None:
-    device = info.padding.device if info.padding is not None else None
+def _probe(info: MaskInfo, causal: bool, window, batch: int, device) -> None:
     n_q, n_kv, q0, k0 = info.q_length, info.kv_length, info.q_offset, info.kv_offset
     keys = torch.arange(k0, k0 + n_kv, device=device)
     first, last = torch.full_like(keys, q0), torch.full_like(keys, q0 + n_q - 1)
@@ -205,7 +204,7 @@ def _probe(info: MaskInfo, causal: bool, window, batch: int) -> None:
     q = torch.cat([first, last, diag, diag, diag])
     k = torch.cat([keys, keys, diag - 1, diag, diag + 1]).clamp(k0, k0 + n_kv - 1)
     b = torch.arange(batch, device=device)[:, None]
-    got = torch.as_tensor(info.traced(b, 0, q[None, :], k[None, :]), device=device).expand(batch, q.shape[0])
+    got = torch.as_tensor(info.traced(b, 0, q[None, :], k[None, :])).to(device).expand(batch, q.shape[0])
     want = k <= q if causal else torch.ones_like(q, dtype=torch.bool)
     if window is not None:
         want = want & (q - k <= window[0]) & (k - q <= window[1])
