@@ -10,7 +10,7 @@ bidirectional, the native window and the packed-sequence ids. A piece it cannot 
 is refused with its name, never dropped.
 
 Under ``torch.compile`` the mask function is made inside the traced forward and dynamo
-cannot read its closure cells (its ``__qualname__`` and ``__module__`` it can). There
+cannot read its closure cells (its ``__module__`` and code object's ``co_qualname`` it can). There
 ``mask_info`` keeps the function itself (``MaskInfo.traced``) and refuses by name what
 is not one of transformers' own pieces at the top; each layer then derives the spec
 from what it knows (its causality, its native window: ``traced_spec``), treats every
