@@ -9,7 +9,7 @@ custom op ``foveal::attend`` (FlashAttention's ``torch.library`` wrappers are th
   that their gradients flow;
 * everything else is a constant: ``scale``, ``softcap``, ``backend``, ``return_lse``, and
   the pattern and the score term's remaining description as *keys*: short strings
-  (``"Neighborhood_3"``) that the registry here maps back to the values. A key is
+  (``"Neighborhood_3"``) that the registry of ``foveal.tracing`` maps back to the values. A key is
   given per distinct value (patterns are values: equal patterns get the same key, so a
   pattern built anew does not recompile anything), deterministic within a process.
   The registry is bounded (``MAX_KEYS`` values, least recently used dropped first); a
@@ -39,102 +39,15 @@ through ``built(cls, *args)``, which builds them once at trace time).
 
 from __future__ import annotations
 
-import threading
 import types
-from collections import OrderedDict
 from typing import Optional
 
 import torch
 
+from foveal.eager import attend_eager
+from foveal.tracing import MAX_KEYS, built, key_of, trace_constant, traced_key, value_of  # noqa: F401 (re-exported)
+
 __all__ = ["attend_traced", "attend_outside_graph", "built", "key_of", "value_of", "trace_constant", "MAX_KEYS"]
-
-#: how many distinct patterns and score-term descriptions the key registry holds
-MAX_KEYS = 4096
-
-_LOCK = threading.Lock()
-_KEYS: "OrderedDict[object, str]" = OrderedDict()
-_COUNT = [0]
-
-
-class _Values:
-    """The registry's values, one attribute per key: dynamo reads (and guards) one attribute at a time."""
-
-
-_VALUES = _Values()
-
-
-def _register(value) -> str:
-    with _LOCK:
-        key = _KEYS.get(value)
-        if key is not None:
-            _KEYS.move_to_end(value)
-            return key
-        _COUNT[0] += 1
-        name = value[0].__name__ if isinstance(value, tuple) and isinstance(value[0], type) else type(value).__name__
-        key = f"{name}_{_COUNT[0]}"
-        _KEYS[value] = key
-        setattr(_VALUES, key, value)
-        while len(_KEYS) > MAX_KEYS:
-            _, old = _KEYS.popitem(last=False)
-            delattr(_VALUES, old)
-        return key
-
-
-def key_of(value) -> str:
-    """The registry key of a hashable value (a pattern, a score term's spec): the same for equal values."""
-    try:
-        hash(value)
-    except Exception as e:  # a pattern built while tracing reaches here as an empty shell
-        raise TypeError(
-            f"under torch.compile, attend takes a pattern (and score term) built outside the traced code "
-            f"(e.g. in __init__, or through foveal.custom_op.trace_constant / foveal.nn._common.cached_pattern); "
-            f"{type(value).__name__} could not be read: {e}"
-        ) from None
-    return _register(value)
-
-
-def value_of(key: str):
-    """The value registered under ``key`` (raises if it was dropped from the bounded registry)."""
-    try:
-        return getattr(_VALUES, key)
-    except AttributeError:
-        raise RuntimeError(
-            f"foveal's compiled attend lost the value of key {key!r}: more than {MAX_KEYS} distinct patterns were "
-            f"used since this graph was compiled; call torch._dynamo.reset() (or raise foveal.custom_op.MAX_KEYS)"
-        ) from None
-
-
-def trace_constant(fn):
-    """``fn`` evaluated once at trace time under ``torch.compile`` and its result kept as a constant.
-
-    For pure functions of Python values (ints, tuples, classes) that build patterns: the
-    arguments must be constants under tracing (shapes that are not dynamic), and ``fn``
-    must return the same value for the same arguments. Eager calls run ``fn`` as usual.
-    """
-    return torch.compiler.assume_constant_result(fn)
-
-
-_traced_key = trace_constant(key_of)
-
-
-def _build_key(build, *args, **kwargs) -> str:
-    return key_of(build(*args, **kwargs))
-
-
-_traced_build_key = trace_constant(_build_key)
-
-
-def built(build, *args, **kwargs):
-    """``build(*args, **kwargs)``; under ``torch.compile``, built once at trace time and kept as a constant.
-
-    For pure builders of values (patterns) from Python constants (ints of static shapes,
-    tuples, classes): equal arguments give the registry's one value for them, which the
-    graph reads by identity and ``attend`` passes to the op by its key. Eager calls just build.
-    """
-    if torch.compiler.is_compiling():
-        return getattr(_VALUES, _traced_build_key(build, *args, **kwargs))
-    return build(*args, **kwargs)
-
 
 # -- score terms ----------------------------------------------------------------------------------
 def _bias_parts(bias):
@@ -172,12 +85,10 @@ def _bias_from(bias_key: str, tensors):
 # -- the op ---------------------------------------------------------------------------------------
 def _eager(q, k, v, key_padding_mask, sink_logits, bias_tensors, pattern_key, bias_key, scale, softcap, backend,
            return_lse):
-    from foveal.functional import attend
-
     kwargs = {}
     if sink_logits is not None:
         kwargs["sink_logits"] = sink_logits
-    return attend(q, k, v, value_of(pattern_key), bias=_bias_from(bias_key, bias_tensors), scale=scale,
+    return attend_eager(q, k, v, value_of(pattern_key), bias=_bias_from(bias_key, bias_tensors), scale=scale,
                   key_padding_mask=key_padding_mask, softcap=softcap, backend=backend, return_lse=return_lse, **kwargs)
 
 
@@ -295,10 +206,8 @@ _attend_op.register_autograd(_backward, setup_context=_setup_context)
 
 def attend_outside_graph(q, k, v, pattern, *, sink_logits=None, **kwargs):
     """``attend`` run eagerly outside the compiled graph (a graph break): for what the op cannot carry."""
-    from foveal.functional import attend
-
     extra = {} if sink_logits is None else {"sink_logits": sink_logits}
-    return attend(q, k, v, pattern, **kwargs, **extra)
+    return attend_eager(q, k, v, pattern, **kwargs, **extra)
 
 
 _OUTSIDE = ("foveal.attend runs eagerly outside the graph: its pattern (one built inside the compiled code, or a "
@@ -320,8 +229,8 @@ def attend_traced(q, k, v, pattern, *, bias, scale, key_padding_mask, softcap, s
         return attend_outside_graph(q, k, v, pattern, bias=bias, scale=scale, key_padding_mask=key_padding_mask,
                                     softcap=softcap, sink_logits=sink_logits, backend=backend, return_lse=return_lse)
     spec, tensors = parts
-    pattern_key = _traced_key(pattern)
-    bias_key = "" if spec is None else _traced_key(spec)
+    pattern_key = traced_key(pattern)
+    bias_key = "" if spec is None else traced_key(spec)
     out, lse = _attend_op(q, k, v, key_padding_mask, sink_logits, tensors, pattern_key, bias_key, scale, softcap,
                           backend, return_lse)
     return (out, lse) if return_lse else out

@@ -2,37 +2,19 @@
 
 One straight line: validate the inputs once (``foveal.inputs``) → lower the pattern
 into kernel calls (``foveal.lowering``) → select a backend for each
-(``foveal.kernels.select``) → run → put the pieces back together.
+(``foveal.kernels.select``) → run → put the pieces back together (``foveal.eager``).
+Under ``torch.compile`` the same validation runs in the traced code and the work is
+one opaque custom op (``foveal.custom_op``).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
-from foveal.inputs import (
-    check_bias,
-    check_key_padding_mask,
-    check_qkv,
-    check_scale,
-    check_sink_logits,
-    check_softcap,
-    check_tokens,
-    lse_dtype,
-)
-from foveal.custom_op import trace_constant
-from foveal.kernels.call import Call
-from foveal.kernels.select import check_backend_name, route
-from foveal.lowering import assemble
-from foveal.merge import add_sink
-from foveal.patterns.base import Pattern
-from foveal.patterns.dynamic import BlockSelection, DynamicPattern
-from foveal.patterns.perhead import PerHead
+from foveal.eager import PATTERNS, empty, run, validate
+from foveal.tracing import trace_constant
 
 __all__ = ["attend", "na_av"]
-
-_PATTERNS = (Pattern, DynamicPattern, BlockSelection, PerHead)
 
 
 def attend(q, k, v, pattern, *, bias=None, scale=None, key_padding_mask=None, softcap=None, sink_logits=None,
@@ -78,74 +60,30 @@ def attend(q, k, v, pattern, *, bias=None, scale=None, key_padding_mask=None, so
 
         return attend_outside_graph(q, k, v, pattern, bias=bias, scale=scale, key_padding_mask=key_padding_mask,
                                     softcap=softcap, sink_logits=sink_logits, backend=backend, return_lse=return_lse)
-    call = _validate(q, k, v, pattern, bias, scale, key_padding_mask, softcap, backend, return_lse)
-    sink_logits = check_sink_logits(sink_logits, q.shape[1], q.device)
+    call, sink_logits = validate(q, k, v, pattern, bias, scale, key_padding_mask, softcap, sink_logits, backend,
+                                 return_lse)
     if q.shape[0] == 0:
-        return _empty(q, k, v, return_lse)
-    if torch.compiler.is_compiling():  # one opaque op in the graph (foveal.custom_op): it runs the lines below
+        return empty(q, k, v, return_lse)
+    if torch.compiler.is_compiling():  # one opaque op in the graph (foveal.custom_op): it runs ``eager.run``
         from foveal.custom_op import attend_traced
 
         return attend_traced(q, k, v, call.pattern, bias=call.bias, scale=call.scale,
                              key_padding_mask=call.key_padding_mask, softcap=call.softcap, sink_logits=sink_logits,
                              backend=backend, return_lse=return_lse)
-    if sink_logits is not None:
-        call = replace(call, need_lse=True)
-    routed = route(call, backend)  # lowered pieces, each with its backend (``why_not`` asks the same)
-    results = [runner.run(piece.call) for piece, runner in routed]
-    out, lse = assemble([piece for piece, _ in routed], results, q.shape[1])
-    if sink_logits is not None:
-        out, lse = add_sink(out, lse, sink_logits)
-    return (out, lse) if return_lse else out
-
-
-def _validate(q, k, v, pattern, bias, scale, key_padding_mask, softcap, backend, return_lse) -> Call:
-    """Every check of ``attend``, before any work: the ``Call`` to lower."""
-    check_qkv(q, k, v)
-    n_q, n_kv, parts = _pattern_facts(pattern)
-    check_tokens(q, k, n_q, n_kv, pattern)
-    if parts is not None and parts != q.shape[1]:
-        raise ValueError(f"the PerHead pattern has {parts} parts but q has {q.shape[1]} query heads")
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
-    check_backend_name(backend)
-    return Call(
-        q, k, v, pattern, check_scale(scale, q.shape[-1]), need_lse=return_lse,
-        bias=check_bias(bias, q.shape[1], q.device),
-        key_padding_mask=check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2], q.device),
-        softcap=check_softcap(softcap),
-    )
-
-
-@trace_constant
-def _pattern_facts(pattern) -> tuple[int, int, int | None]:
-    """``(n_q, n_kv, PerHead parts or None)`` of a pattern, after checking it is one (a constant under compile)."""
-    if not isinstance(pattern, _PATTERNS):
-        raise TypeError(
-            f"pattern must be a foveal Pattern, got {type(pattern).__name__} "
-            "(a PerHead, a content-selected pattern or a BlockSelection is accepted too)"
-        )
-    return pattern.n_q, pattern.n_kv, pattern.num_heads if isinstance(pattern, PerHead) else None
+    return run(call, sink_logits, backend, return_lse)
 
 
 @trace_constant
 def _built_while_tracing(pattern) -> bool:
     """Whether torch.compile hands over a pattern that its traced code is still building (its fields not yet
     set on the object): such a pattern cannot be a constant of the graph, and attend runs outside it."""
-    if not isinstance(pattern, _PATTERNS):
+    if not isinstance(pattern, PATTERNS):
         return False
     try:
         pattern.n_q, pattern.n_kv
     except AttributeError:
         return True
     return False
-
-
-def _empty(q, k, v, return_lse):
-    """Batch 0: empty results that still take part in autograd (zero-size gradients)."""
-    b, h, n, _ = q.shape
-    out = q.new_zeros(b, h, n, v.shape[-1]) + 0 * (q.sum() + k.sum() + v.sum())
-    lse = torch.full((b, h, n), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
-    return (out, lse) if return_lse else out
 
 
 from foveal.functional_na import na_av  # noqa: E402  (re-exported: NATTEN's weights × values op)

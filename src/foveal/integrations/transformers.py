@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import torch
 
 from foveal.cache import LRU
-from foveal.custom_op import built
+from foveal.tracing import built
 from foveal.decode import step_inputs
 from foveal.functional import attend
 from foveal.patterns.base import Pattern

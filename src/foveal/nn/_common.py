@@ -18,7 +18,7 @@ import torch
 
 from foveal._checks import positive_int
 from foveal.cache import LRU
-from foveal.custom_op import built
+from foveal.tracing import built
 from foveal.functional import attend
 from foveal.kernels.select import check_backend_name
 
