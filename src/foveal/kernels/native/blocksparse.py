@@ -1,0 +1,253 @@
+"""Block-sparse flash attention on the native extension: ``torch.ops.foveal_native.blocksparse_fwd`` / ``_bwd``.
+
+The C++ kernel (``csrc/blocksparse.cpp``) walks, for every (batch, query heads, query
+block), the key blocks of a padded table, with the online softmax fused into the tile
+loop; the backward recomputes P from the saved lse (FlashAttention-2), dQ per query
+block and dK/dV per key block through the *transposed* table, without atomics. This
+module builds the tables it reads:
+
+* ``kv_blocks`` (Bt, Ht, nqb, S) int64, -1 unused: one table for every batch element
+  and head (``Bt = Ht = 1``: static patterns; the kernel then stacks a key head's query
+  heads as the rows of one tile) or per (batch, query head) (content selections);
+* ``mask_index`` (same shape) -1 for a full tile, else a row of ``masks`` (M, block, W):
+  the tile's elementwise mask as bits, one uint64 per query row per 64 keys,
+  deduplicated (a causal pattern has one diagonal tile shape, a window two);
+* the transposed table (CSR over key blocks: the (query instance, slot) pairs reading
+  each), built once per table.
+
+Static patterns' tables are cached by pattern value (``foveal.cache.LRU``, as every
+plan); a selection's are built per call. Inputs are computed in float32 (float64 for
+float64): bfloat16/float16 q, k, v are converted to float32 here and the output back,
+the lse stays float32. Key padding, soft-cap and sink logits (a per-head logit joining
+every row's softmax as a zero-value key, fused into the kernel's final normaliser) run
+in the kernel. Not yet: score terms (``bias``) and a selection's single key tokens
+(``kv_tokens``, vertical-slash's columns) — ``unsupported`` says so and ``auto`` falls
+back to the eager kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from foveal.cache import LRU
+from foveal.inputs import lse_dtype
+from foveal.kernels import native
+
+__all__ = ["NativeTables", "static_tables", "selection_tables", "native_blocksparse_attention", "unsupported",
+           "BLOCK"]
+
+#: the tile of static patterns' tables (keys and queries)
+BLOCK = 64
+#: mask elements evaluated at once while building the bit masks
+_MASK_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class NativeTables:
+    """Everything the kernel reads besides q, k, v: the block table, the tiles' bit masks, the transposed table."""
+
+    block: int
+    kv_blocks: torch.Tensor  # (Bt, Ht, nqb, S) int64
+    mask_index: torch.Tensor  # (Bt, Ht, nqb, S) int64, -1 = full tile
+    masks: torch.Tensor  # (M, block, W) int64 bits
+    t_indptr: torch.Tensor  # (Bt·Htk·nkb + 1,) int64
+    t_inst: torch.Tensor  # (E,) int64: flat (bt, ht, qb) instance reading the key block
+    t_slot: torch.Tensor  # (E,) int64: its slot
+
+
+def _pack_bits(tiles: torch.Tensor) -> torch.Tensor:
+    """(P, rows, cols) bool -> (P, rows, ceil(cols / 64)) int64: bit j % 64 of word j // 64 is column j."""
+    p, rows, cols = tiles.shape
+    w = -(-cols // 64)
+    if w * 64 != cols:
+        tiles = torch.nn.functional.pad(tiles, (0, w * 64 - cols))
+    weights = (1 << torch.arange(8, dtype=torch.int16)).to(torch.uint8)
+    byts = (tiles.reshape(p, rows, w * 8, 8).to(torch.uint8) * weights).sum(-1, dtype=torch.uint8)
+    return byts.contiguous().view(torch.int64)  # little-endian: byte i holds bits 8i .. 8i+7
+
+
+def _masks_of(tiles_fn, count: int, block: int):
+    """Bits of ``count`` tiles made by ``tiles_fn(start, stop) -> (stop - start, block, block) bool``, deduplicated:
+    ``(masks (M, block, W), index (count,))``."""
+    w = -(-block // 64)
+    if count == 0:
+        return torch.zeros(0, block, w, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+    step = max(1, _MASK_ELEMENTS // (block * block))
+    bits = torch.cat([_pack_bits(tiles_fn(s, min(s + step, count)).cpu()) for s in range(0, count, step)])
+    masks, index = torch.unique(bits.reshape(count, -1), dim=0, return_inverse=True)
+    return masks.reshape(-1, block, w).contiguous(), index
+
+
+def _transpose(kv_blocks: torch.Tensor, nkb: int, hkv: int, group: int):
+    """CSR over key blocks (bt, key head of the table or 0, kb) of the (instance, slot) pairs that read them."""
+    bt, ht, nqb, s = kv_blocks.shape
+    flat = kv_blocks.reshape(-1)
+    pos = (flat >= 0).nonzero().squeeze(1)
+    inst, slot, kb = pos // s, pos % s, flat[pos]
+    htk = hkv if ht > 1 else 1
+    tk = (inst // nqb) % ht // group if ht > 1 else torch.zeros_like(inst)
+    key = ((inst // (ht * nqb)) * htk + tk) * nkb + kb
+    order = torch.argsort(key, stable=True)
+    indptr = torch.zeros(bt * htk * nkb + 1, dtype=torch.int64)
+    indptr[1:] = torch.cumsum(torch.bincount(key, minlength=bt * htk * nkb), 0)
+    return indptr, inst[order].contiguous(), slot[order].contiguous()
+
+
+def _finish(block, kv, partial_index, masks, nkb, hkv, group):
+    mask_index = torch.full_like(kv, -1)
+    if partial_index is not None:
+        mask_index.view(-1)[partial_index[0]] = partial_index[1]
+    return NativeTables(block, kv.contiguous(), mask_index.contiguous(), masks, *_transpose(kv, nkb, hkv, group))
+
+
+#: tables of static patterns by (pattern value, block, key heads, group)
+TABLES = LRU("native blocksparse tables", maxsize=64)
+
+
+def static_tables(pattern, hkv: int, group: int, block: int = BLOCK) -> NativeTables:
+    """A static pattern's tables (one for every batch element and head), cached by its value."""
+
+    def build():
+        from foveal.kernels.blocksparse import layout_tables
+
+        kv, partial = layout_tables(pattern, block)
+        kv = kv.to(torch.int64)
+        where = (partial & (kv >= 0)).reshape(-1).nonzero().squeeze(1)
+        s = kv.shape[1]
+        qb, kb = where // max(s, 1), kv.reshape(-1)[where]
+        ar = torch.arange(block)
+
+        def tiles(a, b):
+            qi = (qb[a:b, None, None] * block + ar[None, :, None]).clamp(max=pattern.n_q - 1)
+            kj = (kb[a:b, None, None] * block + ar[None, None, :]).clamp(max=pattern.n_kv - 1)
+            return torch.broadcast_to(pattern.mask(qi, kj), (b - a, block, block))
+
+        masks, index = _masks_of(tiles, where.numel(), block)
+        nkb = -(-pattern.n_kv // block)
+        return _finish(block, kv[None, None], (where, index), masks, nkb, hkv, group)
+
+    return TABLES.get((pattern, block, hkv, group), build, pattern.cacheable)
+
+
+def selection_tables(sel, hkv: int) -> NativeTables:
+    """A ``BlockSelection``'s per-(batch, query head) tables; partial tiles' masks from its ``mask_fn``."""
+    kv = sel.kv_blocks.to(device="cpu", dtype=torch.int64)
+    b, hq, nqb, s = kv.shape
+    block = sel.block
+    used = kv >= 0
+    if sel.mask_fn is None:
+        part = torch.zeros_like(used)
+    elif sel.partial is None:
+        part = used
+    else:
+        part = sel.partial.to("cpu") & used
+    where = part.reshape(-1).nonzero().squeeze(1)
+    inst = where // max(s, 1)
+    bi, hi, qb = inst // (hq * nqb), (inst // nqb) % hq, inst % nqb
+    kb = kv.reshape(-1)[where]
+    fast = getattr(sel.mask_fn, "block_tiles", None)
+    dev = sel.kv_blocks.device
+    ar = torch.arange(block, device=dev)
+
+    def tiles(a, c):
+        bb, hh, qq, kk = (t[a:c].to(dev) for t in (bi, hi, qb, kb))
+        if fast is not None:
+            return fast(bb, hh, qq, kk, block)
+        qi = (qq[:, None, None] * block + ar[None, :, None]).clamp(max=sel.n - 1)
+        kj = (kk[:, None, None] * block + ar[None, None, :]).clamp(max=sel.n - 1)
+        return torch.broadcast_to(sel.mask_fn(bb[:, None, None], hh[:, None, None], qi, kj), (c - a, block, block))
+
+    masks, index = _masks_of(tiles, where.numel(), block)
+    return _finish(block, kv, (where, index), masks, -(-sel.n // block), hkv, hq // hkv)
+
+
+class _Native(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, tabs, scale, softcap, padding):
+        out, lse = native.ops().blocksparse_fwd(
+            q=q, k=k, v=v, kv_blocks=tabs.kv_blocks, mask_index=tabs.mask_index, masks=tabs.masks,
+            key_padding=padding, sinks=sinks, block=tabs.block, scale=scale, softcap=softcap,
+        )
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
+        ctx.tabs, ctx.scale, ctx.softcap, ctx.padding = tabs, scale, softcap, padding
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, sinks = ctx.saved_tensors
+        tabs = ctx.tabs
+        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+        delta = (dout * out).sum(-1)
+        if dlse is not None:
+            delta = delta - dlse
+        dq, dk, dv = native.ops().blocksparse_bwd(
+            q=q, k=k, v=v, dout=dout, lse=lse, delta=delta.contiguous(), kv_blocks=tabs.kv_blocks,
+            mask_index=tabs.mask_index, masks=tabs.masks, t_indptr=tabs.t_indptr, t_inst=tabs.t_inst,
+            t_slot=tabs.t_slot, key_padding=ctx.padding, block=tabs.block, scale=ctx.scale, softcap=ctx.softcap,
+        )
+        dsinks = None
+        if sinks is not None and ctx.needs_input_grad[3]:
+            # the sink's probability exp(sink − lse) times its score gradient (0 − delta): its value is zero
+            p = torch.where(lse == float("-inf"), torch.zeros_like(lse), torch.exp(sinks[None, :, None] - lse))
+            dsinks = -(p * delta).sum((0, 2))
+        return dq, dk, dv, dsinks, None, None, None, None
+
+
+def native_blocksparse_attention(q, k, v, tables: NativeTables, scale: float, *, key_padding_mask=None,
+                                 softcap=None, sink_logits=None):
+    """``(out, lse)`` of q over the key blocks of ``tables`` on the native kernel; differentiable in q, k, v and
+    ``sink_logits``. ``out`` has q's dtype, ``lse`` float32 (float64 for float64 inputs)."""
+    cdt = lse_dtype(q.dtype)
+    qc, kc, vc = (t.to(cdt).contiguous() for t in (q, k, v))
+    sinks = None if sink_logits is None else sink_logits.to(cdt).contiguous()
+    pad = None if key_padding_mask is None else key_padding_mask.to(torch.bool).contiguous()
+    cap = 0.0 if softcap is None else float(softcap)
+    args = (qc, kc, vc, sinks, tables, float(scale), cap, pad)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sink_logits)):
+        out, lse = _Native.apply(*args)
+    else:
+        with torch.no_grad():
+            out, lse = _Native.forward(_NoCtx(), *args)
+    return out.to(q.dtype), lse
+
+
+class _NoCtx:
+    """A stand-in for autograd's ctx when no gradient is wanted (nothing is kept)."""
+
+    def save_for_backward(self, *tensors):
+        pass
+
+
+def tables_for(pattern, q, k) -> NativeTables:
+    """The tables of a static pattern or a ``BlockSelection`` for these q and k."""
+    from foveal.patterns.dynamic import BlockSelection
+
+    hkv, group = k.shape[1], q.shape[1] // k.shape[1]
+    if isinstance(pattern, BlockSelection):
+        return selection_tables(pattern, hkv)
+    return static_tables(pattern, hkv, group)
+
+
+def unsupported(q, pattern, *, bias=None, kv_tokens=None) -> list[str]:
+    """Why the native kernel cannot run this (empty: it can)."""
+    from foveal.patterns.dynamic import BlockSelection
+
+    reasons = []
+    why = native.why_unavailable()
+    if why is not None:
+        reasons.append(why)
+    if q.device.type != "cpu":
+        reasons.append(f"native runs on CPU tensors, got {q.device.type}")
+    if q.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        reasons.append(f"native computes float32/float64 (half inputs in float32), got {q.dtype}")
+    if bias is not None:
+        reasons.append("native does not take score terms yet")
+    if isinstance(pattern, BlockSelection):
+        if pattern.kv_tokens is not None and pattern.kv_tokens.shape[-1]:
+            reasons.append("native does not take a selection's single key tokens (kv_tokens, vertical-slash's "
+                           "columns) yet")
+    elif not hasattr(pattern, "layout"):
+        reasons.append(f"native runs static patterns and BlockSelections, got {type(pattern).__name__}")
+    return reasons
