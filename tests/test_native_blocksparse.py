@@ -214,11 +214,45 @@ def test_vertical_slash_selection_without_single_tokens(dtype):
     _compare(q, k, v, sel)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n, hq, hkv", [(500, 4, 2), (512, 2, 2)])
+def test_vertical_slash_with_single_key_tokens(n, hq, hkv, dtype):
+    q, k, v, g = _inputs(2, hq, hkv, n, 16, 8, dtype, 15)
+    sel = VerticalSlash(n, vertical=8, slash=64, last_q=16).select(q, k)
+    assert sel.kv_tokens.shape[-1] > 0
+    assert selection_tables(sel, hkv).tokens_causal  # kept columns: the rule is j <= i
+    padding = torch.rand(2, n, generator=g) < 0.1
+    _compare(q, k, v, sel, padding=padding, softcap=2.0)
+
+
+def test_single_key_tokens_under_a_general_mask_fn_with_sinks():
+    n, block = 150, 32
+    q, k, v, g = _inputs(2, 2, 1, n, 8, 8, torch.float64, 16)
+    nb = -(-n // block)
+    kv = torch.full((2, 2, nb, 2), -1, dtype=torch.int64)
+    tokens = torch.full((2, 2, nb, 70), -1, dtype=torch.int64)  # more than 64: two chunks
+    for b in range(2):
+        for h in range(2):
+            for qb in range(nb):
+                blocks = torch.randperm(nb, generator=g)[:2]
+                kv[b, h, qb, :2] = blocks
+                outside = torch.tensor([j for j in range(n) if j // block not in blocks.tolist()])
+                pick = outside[torch.randperm(outside.numel(), generator=g)[: 40 + 7 * qb]]
+                tokens[b, h, qb, : pick.numel()] = pick
+
+    def mask_fn(b, h, q_idx, kv_idx):
+        return ((q_idx * 3 + kv_idx + h) % 4) != 1
+
+    sel = BlockSelection(n, block, kv, None, mask_fn, "test", kv_tokens=tokens)
+    t = selection_tables(sel, 1)
+    assert not t.tokens_causal and t.token_bits.shape == (2, 2, nb, block, 2)
+    sinks = torch.randn(2, generator=g, dtype=torch.float64).requires_grad_()
+    _compare(q, k, v, sel, sinks=sinks)
+
+
 def test_unsupported_says_why():
     n = 512
     q, k, _, _ = _inputs(1, 2, 2, n, 8, 8, torch.float32, 13)
     assert unsupported(q, Causal(n)) == []
     assert "native does not take score terms yet" in unsupported(q, Causal(n), bias=lambda h, i, j: i - j)
-    sel = VerticalSlash(n, vertical=8, slash=64, last_q=16).select(q, k)
-    assert sel.kv_tokens.shape[-1] > 0
-    assert any("kv_tokens" in r for r in unsupported(q, sel))
+    assert any("CPU" in r for r in unsupported(q.to("meta"), Causal(n)))

@@ -20,9 +20,10 @@ plan); a selection's are built per call. Inputs are computed in float32 (float64
 float64): bfloat16/float16 q, k, v are converted to float32 here and the output back,
 the lse stays float32. Key padding, soft-cap and sink logits (a per-head logit joining
 every row's softmax as a zero-value key, fused into the kernel's final normaliser) run
-in the kernel. Not yet: score terms (``bias``) and a selection's single key tokens
-(``kv_tokens``, vertical-slash's columns) — ``unsupported`` says so and ``auto`` falls
-back to the eager kernels.
+in the kernel, and a selection's single key tokens (``kv_tokens``, vertical-slash's
+columns: gathered 64 at a time, masked by bits from ``mask_fn`` or, where the rule
+reduces to it, causally). Not yet: score terms (``bias``) — ``unsupported`` says so and
+``auto`` falls back to the eager kernels.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 from foveal.cache import LRU
 from foveal.inputs import lse_dtype
 from foveal.kernels import native
+from foveal.patterns.dynamic import _causal, _ColumnsOffsets
 
 __all__ = ["NativeTables", "static_tables", "selection_tables", "native_blocksparse_attention", "unsupported",
            "BLOCK"]
@@ -55,6 +57,9 @@ class NativeTables:
     t_indptr: torch.Tensor  # (Bt·Htk·nkb + 1,) int64
     t_inst: torch.Tensor  # (E,) int64: flat (bt, ht, qb) instance reading the key block
     t_slot: torch.Tensor  # (E,) int64: its slot
+    kv_tokens: torch.Tensor | None = None  # (B, Hq, nqb, T) int64 single key tokens, -1 unused
+    token_bits: torch.Tensor | None = None  # (B, Hq, nqb, block, ceil(T / 64)) int64: which rows see which token
+    tokens_causal: bool = False  # instead of token_bits: a token is seen by the queries at or after it
 
 
 def _pack_bits(tiles: torch.Tensor) -> torch.Tensor:
@@ -95,11 +100,12 @@ def _transpose(kv_blocks: torch.Tensor, nkb: int, hkv: int, group: int):
     return indptr, inst[order].contiguous(), slot[order].contiguous()
 
 
-def _finish(block, kv, partial_index, masks, nkb, hkv, group):
+def _finish(block, kv, partial_index, masks, nkb, hkv, group, tokens=(None, None, False)):
     mask_index = torch.full_like(kv, -1)
     if partial_index is not None:
         mask_index.view(-1)[partial_index[0]] = partial_index[1]
-    return NativeTables(block, kv.contiguous(), mask_index.contiguous(), masks, *_transpose(kv, nkb, hkv, group))
+    return NativeTables(block, kv.contiguous(), mask_index.contiguous(), masks, *_transpose(kv, nkb, hkv, group),
+                        *tokens)
 
 
 #: tables of static patterns by (pattern value, block, key heads, group)
@@ -159,8 +165,52 @@ def selection_tables(sel, hkv: int) -> NativeTables:
         kj = (kk[:, None, None] * block + ar[None, None, :]).clamp(max=sel.n - 1)
         return torch.broadcast_to(sel.mask_fn(bb[:, None, None], hh[:, None, None], qi, kj), (c - a, block, block))
 
-    masks, index = _masks_of(tiles, where.numel(), block)
-    return _finish(block, kv, (where, index), masks, -(-sel.n // block), hkv, hq // hkv)
+    if sel.mask_fn is _causal:
+        # the pooled selectors' rule kv <= q: a tile is empty, a triangle or full by the sign of qb − kb alone
+        tri = torch.ones(block, block, dtype=torch.bool).tril_()
+        masks = _pack_bits(torch.stack([torch.zeros_like(tri), tri, torch.ones_like(tri)]))
+        index = (qb - kb).sign() + 1
+        full = index == 2
+        where, index = where[~full], index[~full]  # below the diagonal: full tiles, no mask
+    else:
+        masks, index = _masks_of(tiles, where.numel(), block)
+    return _finish(block, kv, (where, index), masks, -(-sel.n // block), hkv, hq // hkv, _token_tables(sel))
+
+
+def _token_tables(sel):
+    """A selection's single key tokens: ``(kv_tokens, token_bits, tokens_causal)`` for the kernel."""
+    if sel.kv_tokens is None or not sel.kv_tokens.shape[-1]:
+        return None, None, False
+    tok = sel.kv_tokens.to(device="cpu", dtype=torch.int64).contiguous()
+    fn, block = sel.mask_fn, sel.block
+    if fn is _causal:
+        return tok, None, True
+    if isinstance(fn, _ColumnsOffsets):
+        b, h, nqb, t = tok.shape
+        bi = torch.arange(b)[:, None, None, None]
+        hi = torch.arange(h)[None, :, None, None]
+        if bool((fn.columns.cpu()[bi, hi, tok.clamp(min=0)] | (tok < 0)).all()):
+            # vertical-slash: its tokens are kept columns, whose rule j <= i and (column or diagonal) is j <= i
+            return tok, None, True
+    b, h, nqb, t = tok.shape
+    rows = b * h * nqb
+    flat = tok.reshape(rows, t)
+    inst = torch.arange(rows)
+    ar = torch.arange(block)
+    dev = sel.kv_blocks.device
+    step = max(1, _MASK_ELEMENTS // (block * t))
+    parts = []
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        tk, ii = flat[r0:r1], inst[r0:r1]
+        ok = (tk >= 0)[:, None, :].expand(r1 - r0, block, t)
+        if fn is not None:
+            qi = (ii % nqb)[:, None, None] * block + ar[None, :, None]
+            m = fn((ii // (h * nqb))[:, None, None].to(dev), ((ii // nqb) % h)[:, None, None].to(dev),
+                   qi.clamp(max=sel.n - 1).to(dev), tk.clamp(0, sel.n - 1)[:, None, :].to(dev))
+            ok = ok & torch.broadcast_to(m.cpu(), ok.shape)
+        parts.append(_pack_bits(ok))
+    return tok, torch.cat(parts).reshape(b, h, nqb, block, -1).contiguous(), False
 
 
 class _Native(torch.autograd.Function):
@@ -168,7 +218,8 @@ class _Native(torch.autograd.Function):
     def forward(ctx, q, k, v, sinks, tabs, scale, softcap, padding):
         out, lse = native.ops().blocksparse_fwd(
             q=q, k=k, v=v, kv_blocks=tabs.kv_blocks, mask_index=tabs.mask_index, masks=tabs.masks,
-            key_padding=padding, sinks=sinks, block=tabs.block, scale=scale, softcap=softcap,
+            key_padding=padding, sinks=sinks, kv_tokens=tabs.kv_tokens, token_bits=tabs.token_bits,
+            tokens_causal=tabs.tokens_causal, block=tabs.block, scale=scale, softcap=softcap,
         )
         ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.tabs, ctx.scale, ctx.softcap, ctx.padding = tabs, scale, softcap, padding
@@ -185,7 +236,8 @@ class _Native(torch.autograd.Function):
         dq, dk, dv = native.ops().blocksparse_bwd(
             q=q, k=k, v=v, dout=dout, lse=lse, delta=delta.contiguous(), kv_blocks=tabs.kv_blocks,
             mask_index=tabs.mask_index, masks=tabs.masks, t_indptr=tabs.t_indptr, t_inst=tabs.t_inst,
-            t_slot=tabs.t_slot, key_padding=ctx.padding, block=tabs.block, scale=ctx.scale, softcap=ctx.softcap,
+            t_slot=tabs.t_slot, key_padding=ctx.padding, kv_tokens=tabs.kv_tokens, token_bits=tabs.token_bits,
+            tokens_causal=tabs.tokens_causal, block=tabs.block, scale=ctx.scale, softcap=ctx.softcap,
         )
         dsinks = None
         if sinks is not None and ctx.needs_input_grad[3]:
@@ -230,7 +282,7 @@ def tables_for(pattern, q, k) -> NativeTables:
     return static_tables(pattern, hkv, group)
 
 
-def unsupported(q, pattern, *, bias=None, kv_tokens=None) -> list[str]:
+def unsupported(q, pattern, *, bias=None) -> list[str]:
     """Why the native kernel cannot run this (empty: it can)."""
     from foveal.patterns.dynamic import BlockSelection
 
@@ -244,10 +296,6 @@ def unsupported(q, pattern, *, bias=None, kv_tokens=None) -> list[str]:
         reasons.append(f"native computes float32/float64 (half inputs in float32), got {q.dtype}")
     if bias is not None:
         reasons.append("native does not take score terms yet")
-    if isinstance(pattern, BlockSelection):
-        if pattern.kv_tokens is not None and pattern.kv_tokens.shape[-1]:
-            reasons.append("native does not take a selection's single key tokens (kv_tokens, vertical-slash's "
-                           "columns) yet")
-    elif not hasattr(pattern, "layout"):
+    if not isinstance(pattern, BlockSelection) and not hasattr(pattern, "layout"):
         reasons.append(f"native runs static patterns and BlockSelections, got {type(pattern).__name__}")
     return reasons

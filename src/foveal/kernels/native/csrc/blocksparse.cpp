@@ -7,6 +7,10 @@
 //   mask_index (Bt, Ht, nqb, S) int64: -1 for a full tile (no mask), else a row of `masks`.
 //   masks      (M, block, W) int64: bit j%64 of word j/64 of row i says whether query i of the tile may see key j.
 //   key_padding (B, Nk) bool, True = ignore;  sinks (Hq,) a logit per query head joining every row's softmax.
+//   kv_tokens  (B, Hq, nqb, T) int64, optional (per-(batch, head) tables only): single key tokens attended besides
+//              the blocks (vertical-slash's columns), -1 unused; allowed where token_bits (B, Hq, nqb, block,
+//              ceil(T / 64)) has bit t set for the row, or, with tokens_causal, where the token is <= the query.
+//              They are gathered 64 at a time into one tile; their dK/dV go to per-thread buffers summed at the end.
 // A ragged last key block is cut to its Nk − kb·block keys, a ragged last query block to its rows: no mask needed.
 //
 // Forward: per item (batch, stacked query heads, query block) a tile loop over its key blocks with the online
@@ -26,7 +30,10 @@ using namespace foveal::tile;
 
 struct Geo {
   int64_t B, Hq, Hkv, G, Nq, Nk, D, Dv, block, nqb, nkb, Bt, Ht, S, W, SG, groups;
+  int64_t T = 0, WT = 0, lds = 0;  // single key tokens per instance, their bit words per row; score tile width
 };
+
+constexpr int64_t kTokenChunk = 64;
 
 template <typename T>
 struct Args {
@@ -37,6 +44,9 @@ struct Args {
   const bool* pad;
   const T* sinks;
   T scale, softcap;
+  const int64_t* tokens = nullptr;
+  const uint64_t* token_bits = nullptr;
+  bool tokens_causal = false;
 };
 
 static Geo geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& table,
@@ -69,7 +79,34 @@ static Geo geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
               "masks must be a contiguous int64 (M, block, ceil(block / 64)) tensor");
   g.SG = g.Ht == 1 ? g.G : 1;
   g.groups = g.Hq / g.SG;
+  g.lds = block;
   return g;
+}
+
+// The single key tokens: (B, Hq, nqb, T) with per-(batch, head) tables, and their masks.
+static void add_tokens(Geo& g, const std::optional<at::Tensor>& tokens, const std::optional<at::Tensor>& bits,
+                       bool causal) {
+  if (!tokens.has_value() || !tokens->defined() || tokens->size(-1) == 0) return;
+  TORCH_CHECK(g.Bt == g.B && g.Ht == g.Hq, "kv_tokens need per-(batch, head) tables");
+  TORCH_CHECK(tokens->scalar_type() == at::kLong && tokens->is_contiguous() && tokens->dim() == 4 &&
+                  tokens->size(0) == g.B && tokens->size(1) == g.Hq && tokens->size(2) == g.nqb,
+              "kv_tokens must be a contiguous int64 (B, Hq, nqb, T) tensor");
+  g.T = tokens->size(3);
+  g.WT = (g.T + 63) / 64;
+  if (!causal)
+    TORCH_CHECK(bits.has_value() && bits->defined() && bits->scalar_type() == at::kLong && bits->is_contiguous() &&
+                    bits->numel() == g.B * g.Hq * g.nqb * g.block * g.WT,
+                "token_bits must be a contiguous int64 (B, Hq, nqb, block, ceil(T / 64)) tensor");
+  g.lds = std::max(g.block, kTokenChunk);
+}
+
+template <typename T>
+static void set_tokens(Args<T>& a, const std::optional<at::Tensor>& tokens, const std::optional<at::Tensor>& bits,
+                       bool causal) {
+  if (a.g.T == 0) return;
+  a.tokens = tokens->data_ptr<int64_t>();
+  a.tokens_causal = causal;
+  if (!causal) a.token_bits = reinterpret_cast<const uint64_t*>(bits->data_ptr<int64_t>());
 }
 
 template <typename T>
@@ -139,7 +176,7 @@ template <typename T>
 static void scores(const Args<T>& a, const Rows& r, const T* qs, const T* kp, int64_t kn, int64_t mi,
                    const bool* pad, T* s, T* deriv) {
   const Geo& g = a.g;
-  const int64_t ld = g.block;
+  const int64_t ld = g.lds;
   gemm<T>(false, true, r.R, kn, g.D, T(1), qs, g.D, kp, g.D, T(0), s, ld);
   if (a.softcap > T(0))
     for (int64_t i = 0; i < r.R; ++i) softcap_row(s + i * ld, kn, a.softcap, deriv ? deriv + i * ld : nullptr);
@@ -155,14 +192,82 @@ static void scores(const Args<T>& a, const Rows& r, const T* qs, const T* kp, in
   }
 }
 
+// The instance's valid single key tokens from table position `pos` on, at most kTokenChunk: their key indices into
+// idx, their table positions into tpos; returns how many (0: none left).
+template <typename T>
+static int64_t token_chunk(const Args<T>& a, int64_t inst, int64_t& pos, int64_t* idx, int64_t* tpos) {
+  const int64_t* row = a.tokens + inst * a.g.T;
+  int64_t c = 0;
+  for (; pos < a.g.T && c < kTokenChunk; ++pos)
+    if (row[pos] >= 0) idx[c] = row[pos], tpos[c] = pos, ++c;
+  return c;
+}
+
+// Key (or value) rows idx[0:c] of key head base row `head0` gathered into buf (c×e)
+template <typename T>
+static void gather_rows(const T* x, int64_t head0, const int64_t* idx, int64_t c, int64_t e, T* buf) {
+  for (int64_t j = 0; j < c; ++j) std::copy(x + (head0 + idx[j]) * e, x + (head0 + idx[j] + 1) * e, buf + j * e);
+}
+
+// Final scores of the rows (one head: per-(batch, head) tables) against c gathered tokens into s (R × lds)
+template <typename T>
+static void token_scores(const Args<T>& a, const Rows& r, int64_t inst, const T* qs, const T* kbuf, int64_t c,
+                         const int64_t* idx, const int64_t* tpos, T* s, T* deriv) {
+  const Geo& g = a.g;
+  const int64_t ld = g.lds;
+  gemm<T>(false, true, r.R, c, g.D, T(1), qs, g.D, kbuf, g.D, T(0), s, ld);
+  if (a.softcap > T(0))
+    for (int64_t i = 0; i < r.R; ++i) softcap_row(s + i * ld, c, a.softcap, deriv ? deriv + i * ld : nullptr);
+  const T ninf = neg_inf<T>();
+  const bool* pad = a.pad ? a.pad + r.b * g.Nk : nullptr;
+  for (int64_t i = 0; i < r.R; ++i) {
+    const int64_t qtok = r.qb * g.block + i;
+    const uint64_t* bits = a.token_bits ? a.token_bits + (inst * g.block + i) * g.WT : nullptr;
+    for (int64_t j = 0; j < c; ++j) {
+      const bool ok = (a.tokens_causal ? idx[j] <= qtok : ((bits[tpos[j] >> 6] >> (tpos[j] & 63)) & 1u)) &&
+                      !(pad && pad[idx[j]]);
+      if (!ok) s[i * ld + j] = ninf;
+    }
+  }
+}
+
 template <typename T>
 struct FwdScratch {
-  std::vector<T> qs, s, acc, m, l;
+  std::vector<T> qs, s, acc, m, l, kbuf, vbuf;
+  std::vector<int64_t> idx, tpos;
   FwdScratch(const Geo& g) {
     const int64_t R = g.SG * g.block;
-    qs.resize(R * g.D), s.resize(R * g.block), acc.resize(R * g.Dv), m.resize(R), l.resize(R);
+    qs.resize(R * g.D), s.resize(R * g.lds), acc.resize(R * g.Dv), m.resize(R), l.resize(R);
+    if (g.T) kbuf.resize(kTokenChunk * g.D), vbuf.resize(kTokenChunk * g.Dv), idx.resize(kTokenChunk),
+        tpos.resize(kTokenChunk);
   }
 };
+
+// The online softmax takes one tile's final scores s (R × kn): running max m and sum l per row, the accumulator
+// rescaled where a row's max grows; s becomes P (zero rows where nothing is allowed). False: nothing allowed.
+template <typename T>
+static bool absorb(const Geo& g, int64_t R, T* s, int64_t kn, T* m, T* l, T* acc) {
+  bool any = false;
+  for (int64_t i = 0; i < R; ++i) {
+    T* row = s + i * g.lds;
+    const T mx = row_max(row, kn);
+    if (mx == neg_inf<T>()) {
+      std::fill(row, row + kn, T(0));
+      continue;
+    }
+    any = true;
+    if (mx > m[i]) {
+      if (m[i] != neg_inf<T>()) {
+        const T alpha = std::exp(m[i] - mx);
+        l[i] *= alpha;
+        scale_to(acc + i * g.Dv, acc + i * g.Dv, g.Dv, alpha);
+      }
+      m[i] = mx;
+    }
+    l[i] += exp_sum(row, kn, m[i]);
+  }
+  return any;
+}
 
 template <typename T>
 static void forward_item(const Args<T>& a, int64_t item, FwdScratch<T>& w, T* out, T* lse) {
@@ -173,8 +278,8 @@ static void forward_item(const Args<T>& a, int64_t item, FwdScratch<T>& w, T* ou
   r.b = item / (g.nqb * g.groups);
   r.h0 = hg * g.SG, r.sg = g.SG;
   r.bq = std::min(g.block, g.Nq - r.qb * g.block), r.R = r.sg * r.bq;
-  const int64_t kh = r.h0 / g.G, ld = g.block;
-  const int64_t trow = (((g.Bt > 1 ? r.b : 0) * g.Ht + (g.Ht > 1 ? hg : 0)) * g.nqb + r.qb) * g.S;
+  const int64_t kh = r.h0 / g.G, head0 = (r.b * g.Hkv + kh) * g.Nk;
+  const int64_t inst = ((g.Bt > 1 ? r.b : 0) * g.Ht + (g.Ht > 1 ? hg : 0)) * g.nqb + r.qb, trow = inst * g.S;
   T *qs = w.qs.data(), *s = w.s.data(), *acc = w.acc.data(), *m = w.m.data(), *l = w.l.data();
   load_q(a, r, qs);
   std::fill(m, m + r.R, neg_inf<T>());
@@ -184,28 +289,21 @@ static void forward_item(const Args<T>& a, int64_t item, FwdScratch<T>& w, T* ou
     const int64_t kb = a.table[trow + slot];
     if (kb < 0) continue;
     const int64_t kv0 = kb * g.block, kn = std::min(g.block, g.Nk - kv0);
-    const int64_t base = (r.b * g.Hkv + kh) * g.Nk + kv0;
-    scores(a, r, qs, a.k + base * g.D, kn, a.midx[trow + slot], padding_of(a, r.b, kv0, kn), s, (T*)nullptr);
-    bool any = false;
-    for (int64_t i = 0; i < r.R; ++i) {
-      T* row = s + i * ld;
-      const T mx = row_max(row, kn);
-      if (mx == neg_inf<T>()) {  // nothing allowed in this tile's row: it adds nothing
-        std::fill(row, row + kn, T(0));
-        continue;
+    scores(a, r, qs, a.k + (head0 + kv0) * g.D, kn, a.midx[trow + slot], padding_of(a, r.b, kv0, kn), s,
+           (T*)nullptr);
+    if (absorb(g, r.R, s, kn, m, l, acc))
+      gemm<T>(false, false, r.R, g.Dv, kn, T(1), s, g.lds, a.v + (head0 + kv0) * g.Dv, g.Dv, T(1), acc, g.Dv);
+  }
+  if (g.T) {
+    int64_t pos = 0, c;
+    while ((c = token_chunk(a, inst, pos, w.idx.data(), w.tpos.data())) > 0) {
+      gather_rows(a.k, head0, w.idx.data(), c, g.D, w.kbuf.data());
+      token_scores(a, r, inst, qs, w.kbuf.data(), c, w.idx.data(), w.tpos.data(), s, (T*)nullptr);
+      if (absorb(g, r.R, s, c, m, l, acc)) {
+        gather_rows(a.v, head0, w.idx.data(), c, g.Dv, w.vbuf.data());
+        gemm<T>(false, false, r.R, g.Dv, c, T(1), s, g.lds, w.vbuf.data(), g.Dv, T(1), acc, g.Dv);
       }
-      any = true;
-      if (mx > m[i]) {
-        if (m[i] != neg_inf<T>()) {
-          const T alpha = std::exp(m[i] - mx);
-          l[i] *= alpha;
-          scale_to(acc + i * g.Dv, acc + i * g.Dv, g.Dv, alpha);
-        }
-        m[i] = mx;
-      }
-      l[i] += exp_sum(row, kn, m[i]);
     }
-    if (any) gemm<T>(false, false, r.R, g.Dv, kn, T(1), s, ld, a.v + base * g.Dv, g.Dv, T(1), acc, g.Dv);
   }
   for (int64_t i = 0; i < r.R; ++i) {
     const int64_t h = r.h0 + i / r.bq, tok = r.qb * g.block + i % r.bq;
@@ -237,19 +335,22 @@ std::tuple<at::Tensor, at::Tensor> blocksparse_fwd(const at::Tensor& q, const at
                                                    const at::Tensor& kv_blocks, const at::Tensor& mask_index,
                                                    const at::Tensor& masks,
                                                    const std::optional<at::Tensor>& key_padding,
-                                                   const std::optional<at::Tensor>& sinks, int64_t block,
-                                                   double scale, double softcap) {
-  const Geo g = geometry(q, k, v, kv_blocks, mask_index, masks, block);
+                                                   const std::optional<at::Tensor>& sinks,
+                                                   const std::optional<at::Tensor>& kv_tokens,
+                                                   const std::optional<at::Tensor>& token_bits, bool tokens_causal,
+                                                   int64_t block, double scale, double softcap) {
+  Geo g = geometry(q, k, v, kv_blocks, mask_index, masks, block);
+  add_tokens(g, kv_tokens, token_bits, tokens_causal);
   auto out = at::empty({g.B, g.Hq, g.Nq, g.Dv}, q.options());
   auto lse = at::empty({g.B, g.Hq, g.Nq}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "foveal_native::blocksparse_fwd", [&] {
-    const Args<scalar_t> a = args<scalar_t>(g, q, k, v, kv_blocks, mask_index, masks, key_padding, sinks, scale,
-                                            softcap);
+    Args<scalar_t> a = args<scalar_t>(g, q, k, v, kv_blocks, mask_index, masks, key_padding, sinks, scale, softcap);
+    set_tokens(a, kv_tokens, token_bits, tokens_causal);
     scalar_t *o = out.data_ptr<scalar_t>(), *ls = lse.data_ptr<scalar_t>();
     const int64_t n = g.B * g.groups * g.nqb;
     // last query blocks first: under a causal pattern they have the most key blocks
     parallel_items(
-        n, [&] { return FwdScratch<scalar_t>(g); },
+        n, [&](int64_t) { return FwdScratch<scalar_t>(g); },
         [&](int64_t i, FwdScratch<scalar_t>& w) { forward_item(a, n - 1 - i, w, o, ls); });
   });
   return {out, lse};
@@ -260,12 +361,16 @@ std::tuple<at::Tensor, at::Tensor> blocksparse_fwd(const at::Tensor& q, const at
 
 template <typename T>
 struct BwdScratch {
-  std::vector<T> qs, dO, lse, delta, s, dp, deriv, acc, acc2;
+  std::vector<T> qs, dO, lse, delta, s, dp, deriv, acc, acc2, kbuf, vbuf, tk, tv;
+  std::vector<int64_t> idx, tpos;
+  T *tok_dk = nullptr, *tok_dv = nullptr;  // this worker's dK/dV of single tokens (B·Hkv·Nk rows)
   BwdScratch(const Geo& g, bool cap) {
     const int64_t R = g.SG * g.block;
-    qs.resize(R * g.D), dO.resize(R * g.Dv), lse.resize(R), delta.resize(R), s.resize(R * g.block),
-        dp.resize(R * g.block), deriv.resize(cap ? R * g.block : 0);
+    qs.resize(R * g.D), dO.resize(R * g.Dv), lse.resize(R), delta.resize(R), s.resize(R * g.lds),
+        dp.resize(R * g.lds), deriv.resize(cap ? R * g.lds : 0);
     acc.resize(std::max(R, g.block) * g.D), acc2.resize(g.block * g.Dv);
+    if (g.T) kbuf.resize(kTokenChunk * g.D), vbuf.resize(kTokenChunk * g.Dv), tk.resize(kTokenChunk * g.D),
+        tv.resize(kTokenChunk * g.Dv), idx.resize(kTokenChunk), tpos.resize(kTokenChunk);
   }
 };
 
@@ -273,14 +378,12 @@ struct BwdTensors {
   const void *dout, *lse, *delta;
 };
 
-// The rows' P (into w.s) and dS (into w.dp) against kn keys at kp / vp.
+// From the rows' final scores in w.s (R × kn): P into w.s, dS into w.dp (values at vp, kn rows).
 template <typename T>
-static void probs_and_dscores(const Args<T>& a, const Rows& r, BwdScratch<T>& w, const T* kp, const T* vp,
-                              int64_t kn, int64_t mi, const bool* pad) {
+static void probs_and_dscores(const Args<T>& a, const Rows& r, BwdScratch<T>& w, const T* vp, int64_t kn) {
   const Geo& g = a.g;
-  const int64_t ld = g.block;
+  const int64_t ld = g.lds;
   T* deriv = w.deriv.empty() ? nullptr : w.deriv.data();
-  scores(a, r, w.qs.data(), kp, kn, mi, pad, w.s.data(), deriv);
   gemm<T>(false, true, r.R, kn, g.Dv, T(1), w.dO.data(), g.Dv, vp, g.Dv, T(0), w.dp.data(), ld);
   for (int64_t i = 0; i < r.R; ++i) {
     T* p = w.s.data() + i * ld;
@@ -310,8 +413,9 @@ static void dq_item(const Args<T>& a, int64_t item, BwdScratch<T>& w, const BwdT
   r.b = item / (g.nqb * g.groups);
   r.h0 = hg * g.SG, r.sg = g.SG;
   r.bq = std::min(g.block, g.Nq - r.qb * g.block), r.R = r.sg * r.bq;
-  const int64_t kh = r.h0 / g.G;
-  const int64_t trow = (((g.Bt > 1 ? r.b : 0) * g.Ht + (g.Ht > 1 ? hg : 0)) * g.nqb + r.qb) * g.S;
+  const int64_t kh = r.h0 / g.G, head0 = (r.b * g.Hkv + kh) * g.Nk;
+  const int64_t inst = ((g.Bt > 1 ? r.b : 0) * g.Ht + (g.Ht > 1 ? hg : 0)) * g.nqb + r.qb, trow = inst * g.S;
+  T* deriv = w.deriv.empty() ? nullptr : w.deriv.data();
   load_bwd_rows(a, r, t, w);
   T* acc = w.acc.data();
   std::fill(acc, acc + r.R * g.D, T(0));
@@ -319,10 +423,28 @@ static void dq_item(const Args<T>& a, int64_t item, BwdScratch<T>& w, const BwdT
     const int64_t kb = a.table[trow + slot];
     if (kb < 0) continue;
     const int64_t kv0 = kb * g.block, kn = std::min(g.block, g.Nk - kv0);
-    const int64_t base = (r.b * g.Hkv + kh) * g.Nk + kv0;
-    const T* kp = a.k + base * g.D;
-    probs_and_dscores(a, r, w, kp, a.v + base * g.Dv, kn, a.midx[trow + slot], padding_of(a, r.b, kv0, kn));
-    gemm<T>(false, false, r.R, g.D, kn, T(1), w.dp.data(), g.block, kp, g.D, T(1), acc, g.D);
+    const T* kp = a.k + (head0 + kv0) * g.D;
+    scores(a, r, w.qs.data(), kp, kn, a.midx[trow + slot], padding_of(a, r.b, kv0, kn), w.s.data(), deriv);
+    probs_and_dscores(a, r, w, a.v + (head0 + kv0) * g.Dv, kn);
+    gemm<T>(false, false, r.R, g.D, kn, T(1), w.dp.data(), g.lds, kp, g.D, T(1), acc, g.D);
+  }
+  if (g.T) {  // single tokens: dQ here, and their dK/dV into this worker's buffers
+    int64_t pos = 0, c;
+    while ((c = token_chunk(a, inst, pos, w.idx.data(), w.tpos.data())) > 0) {
+      gather_rows(a.k, head0, w.idx.data(), c, g.D, w.kbuf.data());
+      gather_rows(a.v, head0, w.idx.data(), c, g.Dv, w.vbuf.data());
+      token_scores(a, r, inst, w.qs.data(), w.kbuf.data(), c, w.idx.data(), w.tpos.data(), w.s.data(), deriv);
+      probs_and_dscores(a, r, w, w.vbuf.data(), c);
+      gemm<T>(false, false, r.R, g.D, c, T(1), w.dp.data(), g.lds, w.kbuf.data(), g.D, T(1), acc, g.D);
+      gemm<T>(true, false, c, g.Dv, r.R, T(1), w.s.data(), g.lds, w.dO.data(), g.Dv, T(0), w.tv.data(), g.Dv);
+      gemm<T>(true, false, c, g.D, r.R, T(1), w.dp.data(), g.lds, w.qs.data(), g.D, T(0), w.tk.data(), g.D);
+      for (int64_t j = 0; j < c; ++j) {
+        T* dkr = w.tok_dk + (head0 + w.idx[j]) * g.D;
+        T* dvr = w.tok_dv + (head0 + w.idx[j]) * g.Dv;
+        for (int64_t e = 0; e < g.D; ++e) dkr[e] += w.tk[j * g.D + e];
+        for (int64_t e = 0; e < g.Dv; ++e) dvr[e] += w.tv[j * g.Dv + e];
+      }
+    }
   }
   for (int64_t s = 0; s < r.sg; ++s) {
     T* dst = dq + ((r.b * g.Hq + r.h0 + s) * g.Nq + r.qb * g.block) * g.D;
@@ -341,6 +463,7 @@ static void dkv_item(const Args<T>& a, int64_t item, BwdScratch<T>& w, const Bwd
   const int64_t htk = g.Ht > 1 ? g.Hkv : 1;
   const int64_t key = ((g.Bt > 1 ? b : 0) * htk + (g.Ht > 1 ? kh : 0)) * g.nkb + kb;
   T *dka = w.acc.data(), *dva = w.acc2.data();
+  T* deriv = w.deriv.empty() ? nullptr : w.deriv.data();
   std::fill(dka, dka + kn * g.D, T(0));
   std::fill(dva, dva + kn * g.Dv, T(0));
   const bool* pad = padding_of(a, b, kv0, kn);
@@ -353,9 +476,10 @@ static void dkv_item(const Args<T>& a, int64_t item, BwdScratch<T>& w, const Bwd
     r.h0 = g.Ht > 1 ? th : kh * g.G, r.sg = g.SG;
     r.bq = std::min(g.block, g.Nq - r.qb * g.block), r.R = r.sg * r.bq;
     load_bwd_rows(a, r, t, w);
-    probs_and_dscores(a, r, w, kp, vp, kn, a.midx[in * g.S + slots[e]], pad);
-    gemm<T>(true, false, kn, g.Dv, r.R, T(1), w.s.data(), g.block, w.dO.data(), g.Dv, T(1), dva, g.Dv);
-    gemm<T>(true, false, kn, g.D, r.R, T(1), w.dp.data(), g.block, w.qs.data(), g.D, T(1), dka, g.D);
+    scores(a, r, w.qs.data(), kp, kn, a.midx[in * g.S + slots[e]], pad, w.s.data(), deriv);
+    probs_and_dscores(a, r, w, vp, kn);
+    gemm<T>(true, false, kn, g.Dv, r.R, T(1), w.s.data(), g.lds, w.dO.data(), g.Dv, T(1), dva, g.Dv);
+    gemm<T>(true, false, kn, g.D, r.R, T(1), w.dp.data(), g.lds, w.qs.data(), g.D, T(1), dka, g.D);
   }
   std::copy(dka, dka + kn * g.D, dk + base * g.D);
   std::copy(dva, dva + kn * g.Dv, dv + base * g.Dv);
@@ -365,8 +489,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blocksparse_bwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout, const at::Tensor& lse,
     const at::Tensor& delta, const at::Tensor& kv_blocks, const at::Tensor& mask_index, const at::Tensor& masks,
     const at::Tensor& t_indptr, const at::Tensor& t_inst, const at::Tensor& t_slot,
-    const std::optional<at::Tensor>& key_padding, int64_t block, double scale, double softcap) {
-  const Geo g = geometry(q, k, v, kv_blocks, mask_index, masks, block);
+    const std::optional<at::Tensor>& key_padding, const std::optional<at::Tensor>& kv_tokens,
+    const std::optional<at::Tensor>& token_bits, bool tokens_causal, int64_t block, double scale, double softcap) {
+  Geo g = geometry(q, k, v, kv_blocks, mask_index, masks, block);
+  add_tokens(g, kv_tokens, token_bits, tokens_causal);
   TORCH_CHECK(dout.is_contiguous() && dout.scalar_type() == q.scalar_type() && dout.size(3) == g.Dv &&
                   dout.numel() == g.B * g.Hq * g.Nq * g.Dv,
               "dout must be contiguous (B, Hq, Nq, Dv) of q's dtype");
@@ -381,24 +507,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blocksparse_bwd(
                   t_slot.is_contiguous() && t_inst.numel() == t_slot.numel(),
               "t_inst and t_slot must be int64 of one length");
   auto dq = at::empty_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+  const int64_t nq = g.B * g.groups * g.nqb;
+  at::Tensor tok_dk, tok_dv;  // per worker: the single tokens' dK/dV (no two threads add into one buffer)
+  if (g.T) {
+    tok_dk = at::zeros({workers(nq), g.B * g.Hkv * g.Nk * g.D}, q.options());
+    tok_dv = at::zeros({workers(nq), g.B * g.Hkv * g.Nk * g.Dv}, q.options());
+  }
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "foveal_native::blocksparse_bwd", [&] {
-    const Args<scalar_t> a = args<scalar_t>(g, q, k, v, kv_blocks, mask_index, masks, key_padding,
-                                            std::optional<at::Tensor>(), scale, softcap);
+    Args<scalar_t> a = args<scalar_t>(g, q, k, v, kv_blocks, mask_index, masks, key_padding,
+                                      std::optional<at::Tensor>(), scale, softcap);
+    set_tokens(a, kv_tokens, token_bits, tokens_causal);
     const BwdTensors t{dout.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>()};
     const bool cap = softcap > 0;
     scalar_t* dqp = dq.data_ptr<scalar_t>();
-    const int64_t nq = g.B * g.groups * g.nqb;
     parallel_items(
-        nq, [&] { return BwdScratch<scalar_t>(g, cap); },
+        nq,
+        [&](int64_t worker) {
+          BwdScratch<scalar_t> w(g, cap);
+          if (g.T) {
+            w.tok_dk = tok_dk.data_ptr<scalar_t>() + worker * tok_dk.size(1);
+            w.tok_dv = tok_dv.data_ptr<scalar_t>() + worker * tok_dv.size(1);
+          }
+          return w;
+        },
         [&](int64_t i, BwdScratch<scalar_t>& w) { dq_item(a, nq - 1 - i, w, t, dqp); });
     const int64_t *ip = t_indptr.data_ptr<int64_t>(), *in = t_inst.data_ptr<int64_t>(),
                   *sl = t_slot.data_ptr<int64_t>();
     scalar_t *dkp = dk.data_ptr<scalar_t>(), *dvp = dv.data_ptr<scalar_t>();
     const int64_t nk = g.B * g.Hkv * g.nkb;
     parallel_items(
-        nk, [&] { return BwdScratch<scalar_t>(g, cap); },
+        nk, [&](int64_t) { return BwdScratch<scalar_t>(g, cap); },
         [&](int64_t i, BwdScratch<scalar_t>& w) { dkv_item(a, i, w, t, ip, in, sl, dkp, dvp); });
   });
+  if (g.T) {
+    dk.add_(tok_dk.sum(0).view_as(dk));
+    dv.add_(tok_dv.sum(0).view_as(dv));
+  }
   return {dq, dk, dv};
 }
 
@@ -408,11 +552,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blocksparse_bwd(
 TORCH_LIBRARY_FRAGMENT(foveal_native, m) {
   m.def(
       "blocksparse_fwd(Tensor q, Tensor k, Tensor v, Tensor kv_blocks, Tensor mask_index, Tensor masks, "
-      "Tensor? key_padding, Tensor? sinks, int block, float scale, float softcap) -> (Tensor out, Tensor lse)");
+      "Tensor? key_padding, Tensor? sinks, Tensor? kv_tokens, Tensor? token_bits, bool tokens_causal, int block, "
+      "float scale, float softcap) -> (Tensor out, Tensor lse)");
   m.def(
       "blocksparse_bwd(Tensor q, Tensor k, Tensor v, Tensor dout, Tensor lse, Tensor delta, Tensor kv_blocks, "
       "Tensor mask_index, Tensor masks, Tensor t_indptr, Tensor t_inst, Tensor t_slot, Tensor? key_padding, "
-      "int block, float scale, float softcap) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "Tensor? kv_tokens, Tensor? token_bits, bool tokens_causal, int block, float scale, float softcap) "
+      "-> (Tensor dq, Tensor dk, Tensor dv)");
 }
 
 TORCH_LIBRARY_IMPL(foveal_native, CPU, m) {

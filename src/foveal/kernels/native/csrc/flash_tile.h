@@ -204,15 +204,17 @@ inline void apply_bits(T* x, int64_t n, const uint64_t* words) {
   }
 }
 
-// Runs body(item) for item in [0, n) on torch's threads, items handed out one at a time (dynamic schedule: a
-// causal pattern's query blocks differ in cost), each thread with its own scratch made by make_scratch().
+// Runs body(item, scratch) for item in [0, n) on torch's threads, items handed out one at a time (dynamic schedule:
+// a causal pattern's query blocks differ in cost), each thread with its own scratch made by make_scratch(worker);
+// make_scratch(worker) gets the worker's number in [0, workers(n)).
+inline int64_t workers(int64_t n) { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n)); }
+
 template <typename MakeScratch, typename Body>
 inline void parallel_items(int64_t n, MakeScratch make_scratch, Body body) {
   if (n <= 0) return;
   std::atomic<int64_t> next{0};
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    auto scratch = make_scratch();
+  at::parallel_for(0, workers(n), 1, [&](int64_t worker, int64_t) {
+    auto scratch = make_scratch(worker);
     for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) body(i, scratch);
   });
 }
