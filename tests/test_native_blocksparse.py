@@ -21,6 +21,7 @@ from foveal.kernels.native.blocksparse import (  # noqa: E402
     tables_for,
     unsupported,
 )
+from foveal.bias import ALiBi, RelativePositionBias  # noqa: E402
 from foveal.patterns.documents import Document  # noqa: E402
 from foveal.patterns.dynamic import BlockSelection, BlockTopK, VerticalSlash  # noqa: E402
 from foveal.patterns.global_ import Causal, Full, Sinks  # noqa: E402
@@ -38,16 +39,16 @@ def _inputs(b, hq, hkv, n, d, dv, dtype, seed, n_kv=None):
     return q, k, v, g
 
 
-def _native(q, k, v, pattern, scale, **kw):
-    return native_blocksparse_attention(q, k, v, tables_for(pattern, q, k), scale, **kw)
+def _native(q, k, v, pattern, scale, bias=None, **kw):
+    return native_blocksparse_attention(q, k, v, tables_for(pattern, q, k), scale, bias=bias, pattern=pattern, **kw)
 
 
-def _compare(q, k, v, pattern, *, scale=0.3, padding=None, softcap=None, sinks=None, seed=0):
+def _compare(q, k, v, pattern, *, scale=0.3, padding=None, softcap=None, sinks=None, bias=None, seed=0):
     """Forward and backward of the native kernel and of the reference, with random gradients on out and lse."""
     tol = TOL[q.dtype]
     kw = dict(key_padding_mask=padding, softcap=softcap, sink_logits=sinks)
-    out, lse = _native(q, k, v, pattern, scale, **kw)
-    ref_out, ref_lse = attend(q, k, v, pattern, scale=scale, backend="reference", return_lse=True, **kw)
+    out, lse = _native(q, k, v, pattern, scale, bias=bias, **kw)
+    ref_out, ref_lse = attend(q, k, v, pattern, scale=scale, backend="reference", return_lse=True, bias=bias, **kw)
     assert out.dtype == q.dtype and lse.dtype == ref_lse.dtype
     torch.testing.assert_close(out, ref_out, atol=tol, rtol=tol)
     torch.testing.assert_close(lse, ref_lse, atol=tol, rtol=tol)
@@ -55,14 +56,16 @@ def _compare(q, k, v, pattern, *, scale=0.3, padding=None, softcap=None, sinks=N
     g_out = torch.randn(out.shape, generator=g, dtype=q.dtype)
     g_lse = torch.randn(lse.shape, generator=g, dtype=lse.dtype)
     live = torch.isfinite(ref_lse)  # -inf rows: the lse has no gradient to give
-    wrt = [t for t in (q, k, v, sinks) if t is not None and t.requires_grad]
+    table = None if bias is None else bias.table
+    wrt = [t for t in (q, k, v, sinks, table) if t is not None and t.requires_grad]
 
     def loss(o, l):
         return (o * g_out).sum() + torch.where(live, l * g_lse, torch.zeros_like(l)).sum()
 
     got = torch.autograd.grad(loss(out, lse), wrt)
     want = torch.autograd.grad(loss(ref_out, ref_lse), wrt)
-    for name, a, b in zip("q k v sinks".split(), got, want):
+    for name, a, b in zip([n for n, t in zip("q k v sinks table".split(), (q, k, v, sinks, table))
+                           if t is not None and t.requires_grad], got, want):
         torch.testing.assert_close(a, b, atol=tol * 10, rtol=tol * 10, msg=lambda m: f"d{name}: {m}")
     return out, lse
 
@@ -254,5 +257,35 @@ def test_unsupported_says_why():
     n = 512
     q, k, _, _ = _inputs(1, 2, 2, n, 8, 8, torch.float32, 13)
     assert unsupported(q, Causal(n)) == []
-    assert "native does not take score terms yet" in unsupported(q, Causal(n), bias=lambda h, i, j: i - j)
+    assert any("native does not take score terms yet" in r for r in unsupported(q, Causal(n), bias=ALiBi(2)))
+    sel = BlockTopK(n, topk=2).select(q, k)
+    rpb = RelativePositionBias((n,), 8, heads=2)
+    assert unsupported(q, Causal(n), bias=rpb) == []
+    assert any("native does not take score terms yet" in r for r in unsupported(q, sel, bias=rpb))
     assert any("CPU" in r for r in unsupported(q.to("meta"), Causal(n)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("softcap", [None, 1.3])
+def test_relative_position_bias_table_and_its_gradient(dtype, softcap):
+    grid, kernel = (11, 13), 5
+    n = grid[0] * grid[1]
+    q, k, v, g = _inputs(2, 4, 2, n, 16, 8, dtype, 17)
+    table = torch.randn(4, 2 * kernel - 1, 2 * kernel - 1, generator=g, dtype=dtype).requires_grad_()
+    bias = RelativePositionBias(grid, kernel - 1, table=table)
+    _compare(q, k, v, Neighborhood(grid, kernel), bias=bias, softcap=softcap)
+
+
+def test_relative_position_bias_1d_through_attend():
+    n = 170
+    q, k, v, g = _inputs(1, 2, 1, n, 8, 8, torch.float64, 18)
+    table = torch.randn(2, 2 * 40 + 1, generator=g, dtype=torch.float64).requires_grad_()
+    bias = RelativePositionBias((n,), 40, table=table)
+    p = SlidingWindow(n, left=40, right=40)
+    out = attend(q, k, v, p, bias=bias, backend="native")
+    ref = attend(q, k, v, p, bias=bias, backend="reference")
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    a = torch.autograd.grad(out.square().sum(), (q, table))
+    b = torch.autograd.grad(ref.square().sum(), (q, table))
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=1e-11, rtol=1e-11)

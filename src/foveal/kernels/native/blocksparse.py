@@ -22,8 +22,12 @@ the lse stays float32. Key padding, soft-cap and sink logits (a per-head logit j
 every row's softmax as a zero-value key, fused into the kernel's final normaliser) run
 in the kernel, and a selection's single key tokens (``kv_tokens``, vertical-slash's
 columns: gathered 64 at a time, masked by bits from ``mask_fn`` or, where the rule
-reduces to it, causally). Not yet: score terms (``bias``) — ``unsupported`` says so and
-``auto`` falls back to the eager kernels.
+reduces to it, causally). A score term read from a table (``RelativePositionBias``, and
+the wrappers the lowering puts around it) runs on static patterns: each slot's tile of
+``table_index`` is precomputed and deduplicated (cached with the pattern), the kernel
+adds ``table[h, index]`` after the cap and returns the table's gradient. Not yet: other
+score terms (``ALiBi``, callables) and terms on content selections — ``unsupported``
+says so and ``auto`` falls back to the eager kernels.
 """
 
 from __future__ import annotations
@@ -37,8 +41,8 @@ from foveal.inputs import lse_dtype
 from foveal.kernels import native
 from foveal.patterns.dynamic import _causal, _ColumnsOffsets
 
-__all__ = ["NativeTables", "static_tables", "selection_tables", "native_blocksparse_attention", "unsupported",
-           "BLOCK"]
+__all__ = ["NativeTables", "NativeBackend", "static_tables", "selection_tables", "tables_for",
+           "native_blocksparse_attention", "unsupported", "BLOCK"]
 
 #: the tile of static patterns' tables (keys and queries)
 BLOCK = 64
@@ -213,51 +217,99 @@ def _token_tables(sel):
     return tok, torch.cat(parts).reshape(b, h, nqb, block, -1).contiguous(), False
 
 
+#: index tiles of score terms read from a table, by (pattern value, block, the term's geometry)
+TERMS = LRU("native blocksparse term index", maxsize=32)
+
+
+def _table_length(bias) -> int | None:
+    """Entries per head of the table a term reads (following wrappers' ``.bias``), or None."""
+    b = bias
+    while not hasattr(b, "table") and hasattr(b, "bias"):
+        b = b.bias
+    t = getattr(b, "table", None)
+    return t[0].numel() if isinstance(t, torch.Tensor) else None
+
+
+def term_index(pattern, bias, tabs: NativeTables):
+    """``(index (U, block, block) int32, slot (1, 1, nqb, S) int64)``: each slot's tile of ``bias.table_index``,
+    deduplicated (a window's tiles repeat), cached by the pattern's value and the term's geometry."""
+    from foveal.bias import table_geometry
+
+    def build():
+        kv = tabs.kv_blocks[0, 0]
+        block = tabs.block
+        where = (kv >= 0).reshape(-1).nonzero().squeeze(1)
+        qb, kb = where // kv.shape[1], kv.reshape(-1)[where]
+        ar = torch.arange(block)
+        qi = (qb[:, None, None] * block + ar[None, :, None]).clamp(max=pattern.n_q - 1)
+        kj = (kb[:, None, None] * block + ar[None, None, :]).clamp(max=pattern.n_kv - 1)
+        idx = torch.broadcast_to(bias.table_index(qi, kj), (where.numel(), block, block)).to(torch.int32)
+        uniq, inverse = torch.unique(idx.reshape(where.numel(), -1), dim=0, return_inverse=True)
+        slot = torch.zeros(kv.numel(), dtype=torch.int64)
+        slot[where] = inverse
+        return uniq.reshape(-1, block, block).contiguous(), slot.view(tabs.kv_blocks.shape)
+
+    return TERMS.get((pattern, tabs.block, table_geometry(bias)), build, pattern.cacheable)
+
+
 class _Native(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, sinks, tabs, scale, softcap, padding):
+    def forward(ctx, q, k, v, sinks, term, tabs, scale, softcap, padding, term_idx):
+        t_index, t_slot = term_idx if term_idx is not None else (None, None)
         out, lse = native.ops().blocksparse_fwd(
             q=q, k=k, v=v, kv_blocks=tabs.kv_blocks, mask_index=tabs.mask_index, masks=tabs.masks,
             key_padding=padding, sinks=sinks, kv_tokens=tabs.kv_tokens, token_bits=tabs.token_bits,
-            tokens_causal=tabs.tokens_causal, block=tabs.block, scale=scale, softcap=softcap,
+            tokens_causal=tabs.tokens_causal, term_table=term, term_index=t_index, term_slot=t_slot,
+            block=tabs.block, scale=scale, softcap=softcap,
         )
-        ctx.save_for_backward(q, k, v, out, lse, sinks)
-        ctx.tabs, ctx.scale, ctx.softcap, ctx.padding = tabs, scale, softcap, padding
+        ctx.save_for_backward(q, k, v, out, lse, sinks, term)
+        ctx.tabs, ctx.scale, ctx.softcap, ctx.padding, ctx.term_idx = tabs, scale, softcap, padding, term_idx
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, sinks = ctx.saved_tensors
+        q, k, v, out, lse, sinks, term = ctx.saved_tensors
         tabs = ctx.tabs
+        t_index, t_slot = ctx.term_idx if ctx.term_idx is not None else (None, None)
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
         delta = (dout * out).sum(-1)
         if dlse is not None:
             delta = delta - dlse
-        dq, dk, dv = native.ops().blocksparse_bwd(
+        dq, dk, dv, dterm = native.ops().blocksparse_bwd(
             q=q, k=k, v=v, dout=dout, lse=lse, delta=delta.contiguous(), kv_blocks=tabs.kv_blocks,
             mask_index=tabs.mask_index, masks=tabs.masks, t_indptr=tabs.t_indptr, t_inst=tabs.t_inst,
             t_slot=tabs.t_slot, key_padding=ctx.padding, kv_tokens=tabs.kv_tokens, token_bits=tabs.token_bits,
-            tokens_causal=tabs.tokens_causal, block=tabs.block, scale=ctx.scale, softcap=ctx.softcap,
+            tokens_causal=tabs.tokens_causal, term_table=term, term_index=t_index, term_slot=t_slot,
+            block=tabs.block, scale=ctx.scale, softcap=ctx.softcap,
         )
         dsinks = None
         if sinks is not None and ctx.needs_input_grad[3]:
             # the sink's probability exp(sink − lse) times its score gradient (0 − delta): its value is zero
             p = torch.where(lse == float("-inf"), torch.zeros_like(lse), torch.exp(sinks[None, :, None] - lse))
             dsinks = -(p * delta).sum((0, 2))
-        return dq, dk, dv, dsinks, None, None, None, None
+        return dq, dk, dv, dsinks, (dterm if term is not None else None), None, None, None, None, None
 
 
 def native_blocksparse_attention(q, k, v, tables: NativeTables, scale: float, *, key_padding_mask=None,
-                                 softcap=None, sink_logits=None):
-    """``(out, lse)`` of q over the key blocks of ``tables`` on the native kernel; differentiable in q, k, v and
-    ``sink_logits``. ``out`` has q's dtype, ``lse`` float32 (float64 for float64 inputs)."""
+                                 softcap=None, sink_logits=None, bias=None, pattern=None):
+    """``(out, lse)`` of q over the key blocks of ``tables`` on the native kernel; differentiable in q, k, v,
+    ``sink_logits`` and the table of a ``bias`` read from a table (``RelativePositionBias``; static ``pattern``
+    only, whose tables these are). ``out`` has q's dtype, ``lse`` float32 (float64 for float64 inputs)."""
     cdt = lse_dtype(q.dtype)
     qc, kc, vc = (t.to(cdt).contiguous() for t in (q, k, v))
     sinks = None if sink_logits is None else sink_logits.to(cdt).contiguous()
     pad = None if key_padding_mask is None else key_padding_mask.to(torch.bool).contiguous()
     cap = 0.0 if softcap is None else float(softcap)
-    args = (qc, kc, vc, sinks, tables, float(scale), cap, pad)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sink_logits)):
+    term = term_idx = None
+    if bias is not None:
+        length = _table_length(bias)
+        term = bias.gather(torch.arange(length, device=q.device)).to(cdt)
+        if term.shape[0] != q.shape[1]:
+            term = term.expand(q.shape[1], -1)
+        term = term.contiguous()
+        term_idx = term_index(pattern, bias, tables)
+    args = (qc, kc, vc, sinks, term, tables, float(scale), cap, pad, term_idx)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sink_logits, term)):
         out, lse = _Native.apply(*args)
     else:
         with torch.no_grad():
@@ -295,7 +347,28 @@ def unsupported(q, pattern, *, bias=None) -> list[str]:
     if q.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         reasons.append(f"native computes float32/float64 (half inputs in float32), got {q.dtype}")
     if bias is not None:
-        reasons.append("native does not take score terms yet")
+        from foveal.bias import table_geometry
+
+        if table_geometry(bias) is None or _table_length(bias) is None:
+            reasons.append("native does not take score terms yet, other than a table's (RelativePositionBias)")
+        elif isinstance(pattern, BlockSelection):
+            reasons.append("native does not take score terms yet on content selections (a table's: static patterns)")
     if not isinstance(pattern, BlockSelection) and not hasattr(pattern, "layout"):
         reasons.append(f"native runs static patterns and BlockSelections, got {type(pattern).__name__}")
     return reasons
+
+
+class NativeBackend:
+    """The native C++ block-sparse flash kernel: static patterns through their block layout, content selections
+    through their tables; exact, forward and backward, CPU. Unsupported calls say why (``why_not``)."""
+
+    name = "native"
+
+    def why_not(self, call) -> list[str]:
+        return unsupported(call.q, call.pattern, bias=call.bias)
+
+    def run(self, call):
+        tabs = tables_for(call.pattern, call.q, call.k)
+        return native_blocksparse_attention(call.q, call.k, call.v, tabs, call.scale,
+                                            key_padding_mask=call.key_padding_mask, softcap=call.softcap,
+                                            bias=call.bias, pattern=call.pattern)

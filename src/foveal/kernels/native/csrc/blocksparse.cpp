@@ -11,6 +11,9 @@
 //              the blocks (vertical-slash's columns), -1 unused; allowed where token_bits (B, Hq, nqb, block,
 //              ceil(T / 64)) has bit t set for the row, or, with tokens_causal, where the token is <= the query.
 //              They are gathered 64 at a time into one tile; their dK/dV go to per-thread buffers summed at the end.
+//   term_table (Hq, L), term_index (U, block, block) int32, term_slot (Bt, Ht, nqb, S) int64, optional: a score
+//              term read from a table (relative-position bias): score += term_table[h, term_index[term_slot][i][j]]
+//              after the cap; its gradient (Hq, L) is summed from per-thread buffers in the dQ pass.
 // A ragged last key block is cut to its Nk − kb·block keys, a ragged last query block to its rows: no mask needed.
 //
 // Forward: per item (batch, stacked query heads, query block) a tile loop over its key blocks with the online
@@ -47,7 +50,31 @@ struct Args {
   const int64_t* tokens = nullptr;
   const uint64_t* token_bits = nullptr;
   bool tokens_causal = false;
+  const T* term = nullptr;  // (Hq, L)
+  const int32_t* term_index = nullptr;  // (U, block, block)
+  const int64_t* term_slot = nullptr;  // like the table
+  int64_t L = 0;
 };
+
+template <typename T>
+static void set_term(Args<T>& a, const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& index,
+                     const std::optional<at::Tensor>& slot, const at::Tensor& kv_blocks) {
+  if (!table.has_value() || !table->defined()) return;
+  const Geo& g = a.g;
+  TORCH_CHECK(table->dim() == 2 && table->size(0) == g.Hq && table->is_contiguous() &&
+                  table->scalar_type() == c10::CppTypeToScalarType<T>::value,
+              "term_table must be a contiguous (Hq, L) tensor of q's dtype");
+  TORCH_CHECK(index.has_value() && index->defined() && index->scalar_type() == at::kInt && index->is_contiguous() &&
+                  index->dim() == 3 && index->size(1) == g.block && index->size(2) == g.block,
+              "term_index must be a contiguous int32 (U, block, block) tensor");
+  TORCH_CHECK(slot.has_value() && slot->defined() && slot->sizes() == kv_blocks.sizes() &&
+                  slot->scalar_type() == at::kLong && slot->is_contiguous(),
+              "term_slot must be int64 shaped like kv_blocks");
+  a.term = table->data_ptr<T>();
+  a.term_index = index->data_ptr<int32_t>();
+  a.term_slot = slot->data_ptr<int64_t>();
+  a.L = table->size(1);
+}
 
 static Geo geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& table,
                     const at::Tensor& midx, const at::Tensor& masks, int64_t block) {
@@ -174,12 +201,20 @@ static const bool* padding_of(const Args<T>& a, int64_t b, int64_t kv0, int64_t 
 // when given), the tile's bit mask (mask index mi, -1 none) and key padding as -inf.
 template <typename T>
 static void scores(const Args<T>& a, const Rows& r, const T* qs, const T* kp, int64_t kn, int64_t mi,
-                   const bool* pad, T* s, T* deriv) {
+                   const bool* pad, T* s, T* deriv, const int32_t* tidx = nullptr) {
   const Geo& g = a.g;
   const int64_t ld = g.lds;
   gemm<T>(false, true, r.R, kn, g.D, T(1), qs, g.D, kp, g.D, T(0), s, ld);
   if (a.softcap > T(0))
     for (int64_t i = 0; i < r.R; ++i) softcap_row(s + i * ld, kn, a.softcap, deriv ? deriv + i * ld : nullptr);
+  if (tidx) {
+    for (int64_t i = 0; i < r.R; ++i) {
+      const T* tab = a.term + (r.h0 + i / r.bq) * a.L;
+      const int32_t* ix = tidx + (i % r.bq) * g.block;
+      T* row = s + i * ld;
+      for (int64_t j = 0; j < kn; ++j) row[j] += tab[ix[j]];
+    }
+  }
   if (mi >= 0) {
     const uint64_t* bits = a.masks + mi * g.block * g.W;
     for (int64_t i = 0; i < r.R; ++i) apply_bits(s + i * ld, kn, bits + (i % r.bq) * g.W);
@@ -190,6 +225,12 @@ static void scores(const Args<T>& a, const Rows& r, const T* qs, const T* kp, in
       for (int64_t j = 0; j < kn; ++j)
         if (pad[j]) s[i * ld + j] = ninf;
   }
+}
+
+// The score term's index tile of a slot (null without a term)
+template <typename T>
+static const int32_t* term_tile(const Args<T>& a, int64_t at) {
+  return a.term ? a.term_index + a.term_slot[at] * a.g.block * a.g.block : nullptr;
 }
 
 // The instance's valid single key tokens from table position `pos` on, at most kTokenChunk: their key indices into
@@ -290,7 +331,7 @@ static void forward_item(const Args<T>& a, int64_t item, FwdScratch<T>& w, T* ou
     if (kb < 0) continue;
     const int64_t kv0 = kb * g.block, kn = std::min(g.block, g.Nk - kv0);
     scores(a, r, qs, a.k + (head0 + kv0) * g.D, kn, a.midx[trow + slot], padding_of(a, r.b, kv0, kn), s,
-           (T*)nullptr);
+           (T*)nullptr, term_tile(a, trow + slot));
     if (absorb(g, r.R, s, kn, m, l, acc))
       gemm<T>(false, false, r.R, g.Dv, kn, T(1), s, g.lds, a.v + (head0 + kv0) * g.Dv, g.Dv, T(1), acc, g.Dv);
   }
@@ -338,7 +379,10 @@ std::tuple<at::Tensor, at::Tensor> blocksparse_fwd(const at::Tensor& q, const at
                                                    const std::optional<at::Tensor>& sinks,
                                                    const std::optional<at::Tensor>& kv_tokens,
                                                    const std::optional<at::Tensor>& token_bits, bool tokens_causal,
-                                                   int64_t block, double scale, double softcap) {
+                                                   const std::optional<at::Tensor>& term_table,
+                                                   const std::optional<at::Tensor>& term_index,
+                                                   const std::optional<at::Tensor>& term_slot, int64_t block,
+                                                   double scale, double softcap) {
   Geo g = geometry(q, k, v, kv_blocks, mask_index, masks, block);
   add_tokens(g, kv_tokens, token_bits, tokens_causal);
   auto out = at::empty({g.B, g.Hq, g.Nq, g.Dv}, q.options());
@@ -346,6 +390,7 @@ std::tuple<at::Tensor, at::Tensor> blocksparse_fwd(const at::Tensor& q, const at
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "foveal_native::blocksparse_fwd", [&] {
     Args<scalar_t> a = args<scalar_t>(g, q, k, v, kv_blocks, mask_index, masks, key_padding, sinks, scale, softcap);
     set_tokens(a, kv_tokens, token_bits, tokens_causal);
+    set_term(a, term_table, term_index, term_slot, kv_blocks);
     scalar_t *o = out.data_ptr<scalar_t>(), *ls = lse.data_ptr<scalar_t>();
     const int64_t n = g.B * g.groups * g.nqb;
     // last query blocks first: under a causal pattern they have the most key blocks
@@ -364,6 +409,7 @@ struct BwdScratch {
   std::vector<T> qs, dO, lse, delta, s, dp, deriv, acc, acc2, kbuf, vbuf, tk, tv;
   std::vector<int64_t> idx, tpos;
   T *tok_dk = nullptr, *tok_dv = nullptr;  // this worker's dK/dV of single tokens (B·Hkv·Nk rows)
+  T* dterm = nullptr;  // this worker's gradient of the term table (Hq, L)
   BwdScratch(const Geo& g, bool cap) {
     const int64_t R = g.SG * g.block;
     qs.resize(R * g.D), dO.resize(R * g.Dv), lse.resize(R), delta.resize(R), s.resize(R * g.lds),
@@ -379,11 +425,32 @@ struct BwdTensors {
 };
 
 // From the rows' final scores in w.s (R × kn): P into w.s, dS into w.dp (values at vp, kn rows).
+// With tidx and a term-gradient buffer: the gradient of the final scores also goes to the term table.
 template <typename T>
-static void probs_and_dscores(const Args<T>& a, const Rows& r, BwdScratch<T>& w, const T* vp, int64_t kn) {
+static void probs_and_dscores(const Args<T>& a, const Rows& r, BwdScratch<T>& w, const T* vp, int64_t kn,
+                              const int32_t* tidx = nullptr, T* dterm = nullptr) {
   const Geo& g = a.g;
   const int64_t ld = g.lds;
   T* deriv = w.deriv.empty() ? nullptr : w.deriv.data();
+  if (tidx && dterm) {  // dS before the cap's derivative is what the term receives
+    gemm<T>(false, true, r.R, kn, g.Dv, T(1), w.dO.data(), g.Dv, vp, g.Dv, T(0), w.dp.data(), ld);
+    for (int64_t i = 0; i < r.R; ++i) {
+      T* p = w.s.data() + i * ld;
+      if (w.lse[i] == neg_inf<T>()) {
+        std::fill(p, p + kn, T(0));
+      } else {
+        exp_shift(p, kn, w.lse[i]);
+      }
+      T* ds = w.dp.data() + i * ld;
+      dscore_row(ds, p, kn, w.delta[i], (const T*)nullptr);
+      T* dt = dterm + (r.h0 + i / r.bq) * a.L;
+      const int32_t* ix = tidx + (i % r.bq) * g.block;
+      for (int64_t j = 0; j < kn; ++j) dt[ix[j]] += ds[j];
+      if (deriv)
+        for (int64_t j = 0; j < kn; ++j) ds[j] *= deriv[i * ld + j];
+    }
+    return;
+  }
   gemm<T>(false, true, r.R, kn, g.Dv, T(1), w.dO.data(), g.Dv, vp, g.Dv, T(0), w.dp.data(), ld);
   for (int64_t i = 0; i < r.R; ++i) {
     T* p = w.s.data() + i * ld;
@@ -424,8 +491,9 @@ static void dq_item(const Args<T>& a, int64_t item, BwdScratch<T>& w, const BwdT
     if (kb < 0) continue;
     const int64_t kv0 = kb * g.block, kn = std::min(g.block, g.Nk - kv0);
     const T* kp = a.k + (head0 + kv0) * g.D;
-    scores(a, r, w.qs.data(), kp, kn, a.midx[trow + slot], padding_of(a, r.b, kv0, kn), w.s.data(), deriv);
-    probs_and_dscores(a, r, w, a.v + (head0 + kv0) * g.Dv, kn);
+    const int32_t* tidx = term_tile(a, trow + slot);
+    scores(a, r, w.qs.data(), kp, kn, a.midx[trow + slot], padding_of(a, r.b, kv0, kn), w.s.data(), deriv, tidx);
+    probs_and_dscores(a, r, w, a.v + (head0 + kv0) * g.Dv, kn, tidx, w.dterm);
     gemm<T>(false, false, r.R, g.D, kn, T(1), w.dp.data(), g.lds, kp, g.D, T(1), acc, g.D);
   }
   if (g.T) {  // single tokens: dQ here, and their dK/dV into this worker's buffers
@@ -476,7 +544,8 @@ static void dkv_item(const Args<T>& a, int64_t item, BwdScratch<T>& w, const Bwd
     r.h0 = g.Ht > 1 ? th : kh * g.G, r.sg = g.SG;
     r.bq = std::min(g.block, g.Nq - r.qb * g.block), r.R = r.sg * r.bq;
     load_bwd_rows(a, r, t, w);
-    scores(a, r, w.qs.data(), kp, kn, a.midx[in * g.S + slots[e]], pad, w.s.data(), deriv);
+    scores(a, r, w.qs.data(), kp, kn, a.midx[in * g.S + slots[e]], pad, w.s.data(), deriv,
+           term_tile(a, in * g.S + slots[e]));
     probs_and_dscores(a, r, w, vp, kn);
     gemm<T>(true, false, kn, g.Dv, r.R, T(1), w.s.data(), g.lds, w.dO.data(), g.Dv, T(1), dva, g.Dv);
     gemm<T>(true, false, kn, g.D, r.R, T(1), w.dp.data(), g.lds, w.qs.data(), g.D, T(1), dka, g.D);
@@ -485,12 +554,14 @@ static void dkv_item(const Args<T>& a, int64_t item, BwdScratch<T>& w, const Bwd
   std::copy(dva, dva + kn * g.Dv, dv + base * g.Dv);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> blocksparse_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blocksparse_bwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout, const at::Tensor& lse,
     const at::Tensor& delta, const at::Tensor& kv_blocks, const at::Tensor& mask_index, const at::Tensor& masks,
     const at::Tensor& t_indptr, const at::Tensor& t_inst, const at::Tensor& t_slot,
     const std::optional<at::Tensor>& key_padding, const std::optional<at::Tensor>& kv_tokens,
-    const std::optional<at::Tensor>& token_bits, bool tokens_causal, int64_t block, double scale, double softcap) {
+    const std::optional<at::Tensor>& token_bits, bool tokens_causal, const std::optional<at::Tensor>& term_table,
+    const std::optional<at::Tensor>& term_index, const std::optional<at::Tensor>& term_slot, int64_t block,
+    double scale, double softcap) {
   Geo g = geometry(q, k, v, kv_blocks, mask_index, masks, block);
   add_tokens(g, kv_tokens, token_bits, tokens_causal);
   TORCH_CHECK(dout.is_contiguous() && dout.scalar_type() == q.scalar_type() && dout.size(3) == g.Dv &&
@@ -513,10 +584,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blocksparse_bwd(
     tok_dk = at::zeros({workers(nq), g.B * g.Hkv * g.Nk * g.D}, q.options());
     tok_dv = at::zeros({workers(nq), g.B * g.Hkv * g.Nk * g.Dv}, q.options());
   }
+  const bool has_term = term_table.has_value() && term_table->defined();
+  at::Tensor dterm = has_term ? at::zeros({workers(nq), term_table->numel()}, q.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "foveal_native::blocksparse_bwd", [&] {
     Args<scalar_t> a = args<scalar_t>(g, q, k, v, kv_blocks, mask_index, masks, key_padding,
                                       std::optional<at::Tensor>(), scale, softcap);
     set_tokens(a, kv_tokens, token_bits, tokens_causal);
+    set_term(a, term_table, term_index, term_slot, kv_blocks);
     const BwdTensors t{dout.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>()};
     const bool cap = softcap > 0;
     scalar_t* dqp = dq.data_ptr<scalar_t>();
@@ -528,6 +602,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blocksparse_bwd(
             w.tok_dk = tok_dk.data_ptr<scalar_t>() + worker * tok_dk.size(1);
             w.tok_dv = tok_dv.data_ptr<scalar_t>() + worker * tok_dv.size(1);
           }
+          if (has_term) w.dterm = dterm.data_ptr<scalar_t>() + worker * dterm.size(1);
           return w;
         },
         [&](int64_t i, BwdScratch<scalar_t>& w) { dq_item(a, nq - 1 - i, w, t, dqp); });
@@ -543,7 +618,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blocksparse_bwd(
     dk.add_(tok_dk.sum(0).view_as(dk));
     dv.add_(tok_dv.sum(0).view_as(dv));
   }
-  return {dq, dk, dv};
+  at::Tensor dtable = has_term ? dterm.sum(0).view_as(*term_table) : at::empty({0}, q.options());
+  return {dq, dk, dv, dtable};
 }
 
 }  // namespace bs
@@ -552,13 +628,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blocksparse_bwd(
 TORCH_LIBRARY_FRAGMENT(foveal_native, m) {
   m.def(
       "blocksparse_fwd(Tensor q, Tensor k, Tensor v, Tensor kv_blocks, Tensor mask_index, Tensor masks, "
-      "Tensor? key_padding, Tensor? sinks, Tensor? kv_tokens, Tensor? token_bits, bool tokens_causal, int block, "
-      "float scale, float softcap) -> (Tensor out, Tensor lse)");
+      "Tensor? key_padding, Tensor? sinks, Tensor? kv_tokens, Tensor? token_bits, bool tokens_causal, "
+      "Tensor? term_table, Tensor? term_index, Tensor? term_slot, int block, float scale, float softcap) "
+      "-> (Tensor out, Tensor lse)");
   m.def(
       "blocksparse_bwd(Tensor q, Tensor k, Tensor v, Tensor dout, Tensor lse, Tensor delta, Tensor kv_blocks, "
       "Tensor mask_index, Tensor masks, Tensor t_indptr, Tensor t_inst, Tensor t_slot, Tensor? key_padding, "
-      "Tensor? kv_tokens, Tensor? token_bits, bool tokens_causal, int block, float scale, float softcap) "
-      "-> (Tensor dq, Tensor dk, Tensor dv)");
+      "Tensor? kv_tokens, Tensor? token_bits, bool tokens_causal, Tensor? term_table, Tensor? term_index, "
+      "Tensor? term_slot, int block, float scale, float softcap) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dterm)");
 }
 
 TORCH_LIBRARY_IMPL(foveal_native, CPU, m) {
