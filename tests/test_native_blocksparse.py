@@ -289,3 +289,21 @@ def test_relative_position_bias_1d_through_attend():
     b = torch.autograd.grad(ref.square().sum(), (q, table))
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, atol=1e-11, rtol=1e-11)
+
+
+def test_auto_takes_native_where_it_was_measured_faster():
+    from foveal.kernels.native.blocksparse import AUTO_MIN_FILL, tile_fill
+    from foveal.kernels.select import Call, select
+
+    n = 2048
+    q, k, v, _ = _inputs(1, 2, 1, n, 8, 8, torch.float32, 19)
+    window = SlidingWindow(n, left=511)
+    na = Neighborhood((64, 32), 7)
+    assert tile_fill(window) >= AUTO_MIN_FILL > tile_fill(na)
+    assert select(Call(q, k, v, window, 0.3), "auto").name == "native"
+    assert select(Call(q, k, v, na, 0.3), "auto").name == "cpu"  # few allowed pairs per tile: the gather kernel
+    assert select(Call(q, k, v, BlockTopK(n, topk=2).select(q, k), 0.3), "auto").name == "native"
+    assert select(Call(q, k, v, Causal(n), 0.3), "auto").name == "sdpa"
+    assert select(Call(q, k, v, window, 0.3, bias=ALiBi(2)), "auto").name == "cpu"
+    out = attend(q, k, v, na, backend="native")  # named, it runs whatever the fill
+    torch.testing.assert_close(out, attend(q, k, v, na, backend="reference"), atol=2e-5, rtol=2e-5)

@@ -42,7 +42,7 @@ from foveal.kernels import native
 from foveal.patterns.dynamic import _causal, _ColumnsOffsets
 
 __all__ = ["NativeTables", "NativeBackend", "static_tables", "selection_tables", "tables_for",
-           "native_blocksparse_attention", "unsupported", "BLOCK"]
+           "native_blocksparse_attention", "unsupported", "tile_fill", "BLOCK", "AUTO_MIN_FILL"]
 
 #: the tile of static patterns' tables (keys and queries)
 BLOCK = 64
@@ -358,6 +358,29 @@ def unsupported(q, pattern, *, bias=None) -> list[str]:
     return reasons
 
 
+#: ``auto`` prefers native for a static pattern only where its allowed pairs fill at least this share of the
+#: 64x64 tiles the kernel computes (measured, tools/bench_native.py: a causal window of 512 at 16k fills 89% and
+#: native was faster than cpu; a 7x7 neighbourhood on 64x64 fills 11% and cpu took 0.81x/0.85x native's time
+#: forward/fwd+bwd on one thread — 0.5 is a choice between those two measured points)
+AUTO_MIN_FILL = 0.5
+#: tile fill of static patterns, by pattern value
+FILLS = LRU("native tile fill", maxsize=256)
+
+
+def tile_fill(pattern, block: int = BLOCK) -> float:
+    """Allowed pairs over the pairs of the tiles the kernel computes (ragged edges cut), for a static pattern."""
+    def build():
+        from foveal.kernels.blocksparse import layout_tables
+
+        kv, _ = layout_tables(pattern, block)
+        rows = torch.clamp(pattern.n_q - torch.arange(kv.shape[0]) * block, max=block)
+        cols = torch.where(kv >= 0, torch.clamp(pattern.n_kv - kv * block, max=block), 0)
+        computed = int((rows[:, None] * cols).sum())
+        return pattern.num_allowed() / computed if computed else 1.0
+
+    return FILLS.get((pattern, block), build, pattern.cacheable)
+
+
 class NativeBackend:
     """The native C++ block-sparse flash kernel: static patterns through their block layout, content selections
     through their tables; exact, forward and backward, CPU. Unsupported calls say why (``why_not``)."""
@@ -366,6 +389,18 @@ class NativeBackend:
 
     def why_not(self, call) -> list[str]:
         return unsupported(call.q, call.pattern, bias=call.bias)
+
+    def auto_skip(self, call) -> str | None:
+        """Why ``auto`` should pass over native for a call it can run (None: take it): a static pattern that
+        fills under ``AUTO_MIN_FILL`` of its tiles, where the gather kernel (cpu) measured faster."""
+        from foveal.patterns.dynamic import BlockSelection
+
+        if isinstance(call.pattern, BlockSelection):
+            return None
+        fill = tile_fill(call.pattern)
+        if fill < AUTO_MIN_FILL:
+            return f"native computes whole 64x64 tiles: this pattern fills {fill:.0%} of them (< {AUTO_MIN_FILL:.0%})"
+        return None
 
     def run(self, call):
         tabs = tables_for(call.pattern, call.q, call.k)
