@@ -386,6 +386,8 @@ class NativeBackend:
     through their tables; exact, forward and backward, CPU. Unsupported calls say why (``why_not``)."""
 
     name = "native"
+    #: runs lowered calls (static patterns, BlockSelections), as every kernel but the reference
+    takes_exact_masks = False
 
     def why_not(self, call) -> list[str]:
         return unsupported(call.q, call.pattern, bias=call.bias)
