@@ -2,9 +2,11 @@
 
 A backend is an object with a ``name``, ``why_not(call) -> list[str]`` (empty when
 it can run the call), ``run(call) -> (out, lse)`` and the capability
-``takes_exact_masks``. ``route(call, backend)`` lowers the call (``foveal.lowering``)
-and gives each piece its backend: for ``"auto"`` the first in ``AUTO_ORDER`` that
-supports it; a named backend that cannot run a piece raises with its reasons;
+``takes_exact_masks``; optionally ``auto_skip(call) -> str | None`` (``auto`` passes
+over it for a call it can run but was measured slower on). ``route(call, backend)``
+lowers the call (``foveal.lowering``) and gives each piece its backend: for ``"auto"``
+the first in ``AUTO_ORDER`` that supports it (and does not skip it); a named backend
+that cannot run a piece raises with its reasons;
 ``why_not(call, backend)`` gives those reasons, so that it and ``attend`` agree on
 every call. A ``Call`` reaching a backend is lowered: its pattern is a static
 ``Pattern`` or a ``BlockSelection`` — except on a backend that ``takes_exact_masks``
@@ -174,7 +176,10 @@ class FlexBackend:
                                    bias=call.bias, key_padding_mask=call.key_padding_mask, softcap=call.softcap)
 
 
-BACKENDS = {b.name: b for b in (ReferenceBackend(), SdpaBackend(), CpuBackend(), BlockSparseBackend(), FlexBackend())}
+from foveal.kernels.native.blocksparse import NativeBackend  # noqa: E402  (the C++ kernel; loaded on first use)
+
+BACKENDS = {b.name: b for b in (ReferenceBackend(), SdpaBackend(), CpuBackend(), BlockSparseBackend(), FlexBackend(),
+                                NativeBackend())}
 
 #: ``auto`` tries these in order, per device type. ``sdpa`` first: it only accepts
 #: ``Full`` and ``Causal`` (no mask, no terms), which PyTorch's fused kernel runs at the
@@ -193,9 +198,24 @@ BACKENDS = {b.name: b for b in (ReferenceBackend(), SdpaBackend(), CpuBackend(),
 #: GPU: ``flex``, whose fused Triton kernel is FlexAttention's fast path there, then
 #: ``cpu`` (runs on CUDA too). No GPU was available to measure this rule; it follows
 #: FlexAttention's own GPU results and should be re-measured.
-AUTO_ORDER = {"cpu": ("sdpa", "cpu", "blocksparse", "reference"),
+#:
+#: ``native`` (the C++ block-sparse flash kernel, when built) comes after ``sdpa`` and before
+#: ``cpu``/``blocksparse`` on CPU. Measured with ``tools/bench_native.py`` (one process, every
+#: contender in every round, medians; batch 1, 4 heads, head_dim 64, float32) on a shared
+#: 2-core machine under load 6.6-10 from other jobs, one thread (two-thread ratios in
+#: brackets, inflated by the load: torch's many small parallel ops suffer more from it),
+#: time over native's, forward / fwd+bwd: causal window 512 at 16k, cpu 1.34x / 1.51x
+#: (20.8x / 7.7x), SDPA is_causal 10.7x / 9.1x; BlockTopK at 16k (density 0.029, selection
+#: included), blocksparse 1.58x / 1.49x (5.5x / 10.2x); VerticalSlash at 16k (64 columns,
+#: 512 diagonals, forward, two threads) blocksparse 3.9x. So: content selections go to
+#: ``native``, and static patterns too, unless they fill under ``AUTO_MIN_FILL`` (0.5) of
+#: the 64x64 tiles it computes (``NativeBackend.auto_skip``): a 7x7 neighbourhood on 64x64
+#: fills 11% and there cpu took 0.81x / 0.85x native's time (12.2x / 3.6x on two threads).
+#: ``sdpa`` stays first: Causal at 16k took 0.73x native's time forward (two threads), a
+#: 7x7 neighbourhood on 14x14 (batch 8, the small masked path) 0.68x / 0.91x.
+AUTO_ORDER = {"cpu": ("sdpa", "native", "cpu", "blocksparse", "reference"),
               "cuda": ("sdpa", "flex", "cpu", "blocksparse", "reference")}
-_AUTO_DEFAULT = ("sdpa", "cpu", "blocksparse", "reference")
+_AUTO_DEFAULT = ("sdpa", "native", "cpu", "blocksparse", "reference")
 
 
 def backend_names() -> list[str]:
@@ -213,6 +233,13 @@ def check_backend_name(backend) -> str:
     return backend
 
 
+def _skipped(b, call: Call) -> list[str]:
+    """``auto`` passes over a backend that can run ``call`` but was measured slower on it (``auto_skip``)."""
+    skip = getattr(b, "auto_skip", None)
+    reason = skip(call) if skip is not None else None
+    return [reason] if reason else []
+
+
 def _route(call: Call, backend: str):
     """``(pieces, reasons)``: the lowered pieces of ``call``, each with the backend that runs it, or the reasons
     why ``backend`` cannot run some piece (then ``pieces`` is empty)."""
@@ -227,6 +254,8 @@ def _route(call: Call, backend: str):
         refused = {}
         for name in names:
             r = BACKENDS[name].why_not(piece.call)
+            if not r and backend == "auto":
+                r = _skipped(BACKENDS[name], piece.call)
             if not r:
                 routed.append((piece, BACKENDS[name]))
                 break
@@ -265,7 +294,7 @@ def select(call: Call, backend: str):
     if check_backend_name(backend) == "auto":
         reasons = {}
         for name in AUTO_ORDER.get(call.q.device.type, _AUTO_DEFAULT):
-            r = BACKENDS[name].why_not(call)
+            r = BACKENDS[name].why_not(call) or _skipped(BACKENDS[name], call)
             if not r:
                 return BACKENDS[name]
             reasons[name] = r
