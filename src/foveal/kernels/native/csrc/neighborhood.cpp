@@ -1,0 +1,459 @@
+// foveal_native::na_forward / na_backward: neighbourhood attention over exactly the pairs a Neighborhood allows.
+//
+// The pattern arrives as per-axis tables made by foveal.kernels.native.neighborhood from
+// Neighborhood.progression (NATTEN's definition: dilation, stride groups, per-axis causal): for every
+// coordinate x of axis a, the first key first[a][x] and the number of keys count[a][x] (step dilation[a]);
+// a query's keys are the product of its per-axis progressions. Grids of 1 or 2 axes are padded to 3 with
+// leading axes of length 1. Every query computes scores against its own keys only (at most
+// prod(kernel_size)), vectorised over head_dim with ATen's Vectorized; softmax with the row's maximum
+// subtracted; out and lse in the compute type (float or double).
+//
+// Backward (FlashAttention-2 style, recomputing P from the lse) in two passes without atomics:
+//  1. per query: P and dS of its window (stored per (query, window slot): O(N·prod(kernel_size)), never N×N)
+//     and dq;
+//  2. per key: NATTEN's inverse neighbourhood (the queries whose window holds the key, again a product of
+//     per-axis lists inv_ptr/inv_x/inv_m giving each such query's coordinate and the key's slot in its
+//     window): dk and dv summed over those queries (and over the query heads sharing the key head, GQA),
+//     each key written by one task.
+// Parallel over (batch, head, rows of the grid's last axis) with at::parallel_for.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#endif
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace foveal {
+namespace na {
+
+using at::vec::Vectorized;
+
+struct Geo {
+  int64_t L[3], K[3], dil[3];
+  const int64_t *first[3], *count[3];
+  const int64_t *inv_ptr[3] = {nullptr, nullptr, nullptr}, *inv_x[3] = {nullptr, nullptr, nullptr},
+                *inv_m[3] = {nullptr, nullptr, nullptr};
+  const int64_t* bidx[3] = {nullptr, nullptr, nullptr};  // (L_a, kk) table offsets per axis, or null
+  int64_t kk = 0;
+  int64_t N() const { return L[0] * L[1] * L[2]; }
+  int64_t KM() const { return K[0] * K[1] * K[2]; }
+};
+
+// the keys of query (x0, x1, x2): flat key index, slot in the K0·K1·K2 window, table offset; returns how many
+inline int64_t window(const Geo& g, int64_t x0, int64_t x1, int64_t x2, int64_t* idx, int64_t* slot, int64_t* boff) {
+  const int64_t f0 = g.first[0][x0], c0 = g.count[0][x0];
+  const int64_t f1 = g.first[1][x1], c1 = g.count[1][x1];
+  const int64_t f2 = g.first[2][x2], c2 = g.count[2][x2];
+  int64_t n = 0;
+  for (int64_t m0 = 0; m0 < c0; ++m0) {
+    const int64_t y0 = f0 + m0 * g.dil[0];
+    for (int64_t m1 = 0; m1 < c1; ++m1) {
+      const int64_t y1 = f1 + m1 * g.dil[1];
+      const int64_t base = (y0 * g.L[1] + y1) * g.L[2] + f2;
+      const int64_t sbase = (m0 * g.K[1] + m1) * g.K[2];
+      int64_t b01 = 0;
+      if (boff) b01 = g.bidx[0][x0 * g.kk + m0] + g.bidx[1][x1 * g.kk + m1];
+      for (int64_t m2 = 0; m2 < c2; ++m2) {
+        idx[n] = base + m2 * g.dil[2];
+        slot[n] = sbase + m2;
+        if (boff) boff[n] = b01 + g.bidx[2][x2 * g.kk + m2];
+        ++n;
+      }
+    }
+  }
+  return n;
+}
+
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  int64_t c = 0;
+  T s = 0;
+  if (n >= W) {
+    V acc0(T(0)), acc1(T(0));
+    for (; c + 2 * W <= n; c += 2 * W) {
+      acc0 = at::vec::fmadd(V::loadu(a + c), V::loadu(b + c), acc0);
+      acc1 = at::vec::fmadd(V::loadu(a + c + W), V::loadu(b + c + W), acc1);
+    }
+    for (; c + W <= n; c += W) acc0 = at::vec::fmadd(V::loadu(a + c), V::loadu(b + c), acc0);
+    s = at::vec::vec_reduce_all<T>([](V& x, V& y) { return x + y; }, acc0 + acc1);
+  }
+  for (; c < n; ++c) s += a[c] * b[c];
+  return s;
+}
+
+// y += alpha · x
+template <typename T>
+inline void axpy(T alpha, const T* x, T* y, int64_t n) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  const V a(alpha);
+  int64_t c = 0;
+  for (; c + W <= n; c += W) at::vec::fmadd(a, V::loadu(x + c), V::loadu(y + c)).store(y + c);
+  for (; c < n; ++c) y[c] += alpha * x[c];
+}
+
+// s = exp(s − m); −inf entries become 0
+template <typename T>
+inline void exp_sub(T* s, int64_t n, T m) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  const V mv(m);
+  int64_t c = 0;
+  for (; c + W <= n; c += W) (V::loadu(s + c) - mv).exp().store(s + c);
+  for (; c < n; ++c) s[c] = std::exp(s[c] - m);
+}
+
+template <typename T>
+struct Terms {
+  T scale;
+  bool has_cap;
+  T cap;
+  const bool* pad;    // (B, N) or null
+  const T* sink;      // (Hq,) or null
+  const T* table;     // (Hq, S) or null
+  int64_t table_stride;
+};
+
+// scores of query row qi against its n keys: sc[t]; tanh of the capped score in th[t] when has_cap
+template <typename T>
+inline T scores(const T* qi, const T* kb, int64_t D, const int64_t* idx, const int64_t* boff, int64_t n,
+                const bool* pb, const T* tb, const Terms<T>& tm, T* sc, T* th) {
+  constexpr T NEG = -std::numeric_limits<T>::infinity();
+  T m = NEG;
+  for (int64_t t = 0; t < n; ++t) {
+    T s;
+    if (pb && pb[idx[t]]) {
+      s = NEG;
+    } else {
+      s = dot(qi, kb + idx[t] * D, D) * tm.scale;
+      if (tm.has_cap) {
+        const T h = std::tanh(s / tm.cap);
+        if (th) th[t] = h;
+        s = tm.cap * h;
+      }
+      if (tb) s += tb[boff[t]];
+    }
+    sc[t] = s;
+    m = std::max(m, s);
+  }
+  return m;
+}
+
+template <typename T>
+void forward_kernel(const T* q, const T* k, const T* v, T* out, T* lse, int64_t B, int64_t Hq, int64_t Hkv,
+                    int64_t D, int64_t Dv, const Geo& g, const Terms<T>& tm) {
+  constexpr T NEG = -std::numeric_limits<T>::infinity();
+  const int64_t N = g.N(), KM = g.KM(), G = Hq / Hkv, rows = g.L[0] * g.L[1];
+  at::parallel_for(0, B * Hq * rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> idx(KM), slot(KM), boff(KM);
+    std::vector<T> sc(KM), acc(Dv);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t bh = r / rows, row = r % rows, b = bh / Hq, h = bh % Hq, hk = h / G;
+      const int64_t x0 = row / g.L[1], x1 = row % g.L[1];
+      const T* kb = k + (b * Hkv + hk) * N * D;
+      const T* vb = v + (b * Hkv + hk) * N * Dv;
+      const bool* pb = tm.pad ? tm.pad + b * N : nullptr;
+      const T* tb = tm.table ? tm.table + h * tm.table_stride : nullptr;
+      const T sk = tm.sink ? tm.sink[h] : NEG;
+      for (int64_t x2 = 0; x2 < g.L[2]; ++x2) {
+        const int64_t i = row * g.L[2] + x2;
+        const T* qi = q + (bh * N + i) * D;
+        T* o = out + (bh * N + i) * Dv;
+        const int64_t n = window(g, x0, x1, x2, idx.data(), slot.data(), tb ? boff.data() : nullptr);
+        const T m = scores<T>(qi, kb, D, idx.data(), boff.data(), n, pb, tb, tm, sc.data(), nullptr);
+        const T mm = std::max(m, sk);
+        if (mm == NEG) {
+          std::fill(o, o + Dv, T(0));
+          lse[bh * N + i] = NEG;
+          continue;
+        }
+        exp_sub(sc.data(), n, mm);
+        T l = 0;
+        for (int64_t t = 0; t < n; ++t) l += sc[t];
+        if (tm.sink) l += std::exp(sk - mm);
+        std::fill(acc.begin(), acc.end(), T(0));
+        for (int64_t t = 0; t < n; ++t)
+          if (sc[t] != T(0)) axpy(sc[t], vb + idx[t] * Dv, acc.data(), Dv);
+        const T inv = T(1) / l;
+        for (int64_t c = 0; c < Dv; ++c) o[c] = acc[c] * inv;
+        lse[bh * N + i] = mm + std::log(l);
+      }
+    }
+  });
+}
+
+// pass 1: per query, P and dS (the gradient of q·k, scale and softcap folded in) in window slots, and dq
+template <typename T>
+void backward_q_kernel(const T* dout, const T* q, const T* k, const T* v, const T* lse, const T* delta, T* dq, T* P,
+                       T* dS, T* dB, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t Dv, const Geo& g,
+                       const Terms<T>& tm) {
+  constexpr T NEG = -std::numeric_limits<T>::infinity();
+  const int64_t N = g.N(), KM = g.KM(), G = Hq / Hkv, rows = g.L[0] * g.L[1];
+  at::parallel_for(0, B * Hq * rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> idx(KM), slot(KM), boff(KM);
+    std::vector<T> sc(KM), th(KM), acc(D);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t bh = r / rows, row = r % rows, b = bh / Hq, h = bh % Hq, hk = h / G;
+      const int64_t x0 = row / g.L[1], x1 = row % g.L[1];
+      const T* kb = k + (b * Hkv + hk) * N * D;
+      const T* vb = v + (b * Hkv + hk) * N * Dv;
+      const bool* pb = tm.pad ? tm.pad + b * N : nullptr;
+      const T* tb = tm.table ? tm.table + h * tm.table_stride : nullptr;
+      for (int64_t x2 = 0; x2 < g.L[2]; ++x2) {
+        const int64_t i = row * g.L[2] + x2;
+        const int64_t qi_off = bh * N + i;
+        T* dqi = dq + qi_off * D;
+        std::fill(dqi, dqi + D, T(0));
+        const T li = lse[qi_off];
+        if (li == NEG) continue;  // no key and no sink: nothing flows back
+        const T* qi = q + qi_off * D;
+        const T* doi = dout + qi_off * Dv;
+        const T di = delta[qi_off];
+        const int64_t n = window(g, x0, x1, x2, idx.data(), slot.data(), tb ? boff.data() : nullptr);
+        scores<T>(qi, kb, D, idx.data(), boff.data(), n, pb, tb, tm, sc.data(), th.data());
+        exp_sub(sc.data(), n, li);
+        std::fill(acc.begin(), acc.end(), T(0));
+        T* Pi = P + qi_off * KM;
+        T* dSi = dS + qi_off * KM;
+        T* dBi = dB ? dB + qi_off * KM : nullptr;
+        for (int64_t t = 0; t < n; ++t) {
+          const T p = sc[t];
+          if (p == T(0)) continue;
+          const T dp = dot(doi, vb + idx[t] * Dv, Dv);
+          const T ds = p * (dp - di);
+          if (dBi) dBi[slot[t]] = ds;
+          T dsr = ds * tm.scale;
+          if (tm.has_cap) dsr *= T(1) - th[t] * th[t];
+          Pi[slot[t]] = p;
+          dSi[slot[t]] = dsr;
+          axpy(dsr, kb + idx[t] * D, acc.data(), D);
+        }
+        std::copy(acc.begin(), acc.end(), dqi);
+      }
+    }
+  });
+}
+
+// pass 2: per key, over the queries whose window holds it (the inverse neighbourhood), dk and dv
+template <typename T>
+void backward_kv_kernel(const T* dout, const T* q, const T* P, const T* dS, T* dk, T* dv, int64_t B, int64_t Hq,
+                        int64_t Hkv, int64_t D, int64_t Dv, const Geo& g) {
+  const int64_t N = g.N(), KM = g.KM(), G = Hq / Hkv, rows = g.L[0] * g.L[1];
+  at::parallel_for(0, B * Hkv * rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> ak(D), av(Dv);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t bhk = r / rows, row = r % rows, b = bhk / Hkv, hk = bhk % Hkv;
+      const int64_t y0 = row / g.L[1], y1 = row % g.L[1];
+      for (int64_t y2 = 0; y2 < g.L[2]; ++y2) {
+        const int64_t j = row * g.L[2] + y2;
+        std::fill(ak.begin(), ak.end(), T(0));
+        std::fill(av.begin(), av.end(), T(0));
+        for (int64_t gg = 0; gg < G; ++gg) {
+          const int64_t bh = b * Hq + hk * G + gg;
+          const T* Pb = P + bh * N * KM;
+          const T* dSb = dS + bh * N * KM;
+          const T* qb = q + bh * N * D;
+          const T* dob = dout + bh * N * Dv;
+          for (int64_t e0 = g.inv_ptr[0][y0]; e0 < g.inv_ptr[0][y0 + 1]; ++e0) {
+            const int64_t x0 = g.inv_x[0][e0], m0 = g.inv_m[0][e0];
+            for (int64_t e1 = g.inv_ptr[1][y1]; e1 < g.inv_ptr[1][y1 + 1]; ++e1) {
+              const int64_t x1 = g.inv_x[1][e1], m1 = g.inv_m[1][e1];
+              const int64_t ibase = (x0 * g.L[1] + x1) * g.L[2], tbase = (m0 * g.K[1] + m1) * g.K[2];
+              for (int64_t e2 = g.inv_ptr[2][y2]; e2 < g.inv_ptr[2][y2 + 1]; ++e2) {
+                const int64_t i = ibase + g.inv_x[2][e2], t = tbase + g.inv_m[2][e2];
+                const T p = Pb[i * KM + t], ds = dSb[i * KM + t];
+                if (p != T(0)) axpy(p, dob + i * Dv, av.data(), Dv);
+                if (ds != T(0)) axpy(ds, qb + i * D, ak.data(), D);
+              }
+            }
+          }
+        }
+        std::copy(ak.begin(), ak.end(), dk + (bhk * N + j) * D);
+        std::copy(av.begin(), av.end(), dv + (bhk * N + j) * Dv);
+      }
+    }
+  });
+}
+
+// ---- op wrappers ----
+
+void check_table(const at::Tensor& t, const char* name, int64_t rows) {
+  TORCH_CHECK(t.scalar_type() == at::kLong && t.is_contiguous() && t.dim() >= 2 && t.size(0) == rows,
+              "foveal_native neighbourhood: ", name, " must be a contiguous int64 tensor with ", rows, " rows");
+}
+
+Geo make_geo(const at::Tensor& geometry, const at::Tensor& first, const at::Tensor& count) {
+  TORCH_CHECK(geometry.scalar_type() == at::kLong && geometry.is_contiguous() && geometry.numel() == 9,
+              "foveal_native neighbourhood: geometry must be a contiguous int64 (3, 3) tensor (grid, kernel_size, "
+              "dilation per axis)");
+  check_table(first, "first", 3);
+  check_table(count, "count", 3);
+  Geo g;
+  const int64_t* gp = geometry.data_ptr<int64_t>();
+  const int64_t lmax = first.size(1);
+  for (int a = 0; a < 3; ++a) {
+    g.L[a] = gp[a];
+    g.K[a] = gp[3 + a];
+    g.dil[a] = gp[6 + a];
+    TORCH_CHECK(g.L[a] >= 1 && g.L[a] <= lmax && g.K[a] >= 1 && g.dil[a] >= 1, "foveal_native neighbourhood: bad geometry");
+    g.first[a] = first.data_ptr<int64_t>() + a * lmax;
+    g.count[a] = count.data_ptr<int64_t>() + a * lmax;
+  }
+  return g;
+}
+
+template <typename T>
+Terms<T> make_terms(double scale, const std::optional<at::Tensor>& pad, std::optional<double> softcap,
+                    const std::optional<at::Tensor>& sink, const std::optional<at::Tensor>& table) {
+  Terms<T> tm;
+  tm.scale = static_cast<T>(scale);
+  tm.has_cap = softcap.has_value();
+  tm.cap = static_cast<T>(softcap.value_or(1.0));
+  tm.pad = pad ? pad->data_ptr<bool>() : nullptr;
+  tm.sink = sink ? sink->data_ptr<T>() : nullptr;
+  tm.table = table ? table->data_ptr<T>() : nullptr;
+  tm.table_stride = table ? table->size(1) : 0;
+  return tm;
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Geo& g,
+                  const std::optional<at::Tensor>& pad, const std::optional<at::Tensor>& sink,
+                  const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& bias_index) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "foveal_native neighbourhood: q, k, v must be 4-D");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(),
+              "foveal_native neighbourhood: q, k, v must be contiguous");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type() &&
+                  (q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble),
+              "foveal_native neighbourhood: q, k, v must all be float32 or all float64");
+  const int64_t B = q.size(0), Hq = q.size(1), Hkv = k.size(1), N = g.N();
+  TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0 && v.size(1) == Hkv && k.size(0) == B && v.size(0) == B,
+              "foveal_native neighbourhood: heads or batch do not match");
+  TORCH_CHECK(q.size(2) == N && k.size(2) == N && v.size(2) == N && k.size(3) == q.size(3),
+              "foveal_native neighbourhood: tokens must equal the grid's size and k must have q's head_dim");
+  if (pad)
+    TORCH_CHECK(pad->scalar_type() == at::kBool && pad->is_contiguous() && pad->dim() == 2 && pad->size(0) == B &&
+                    pad->size(1) == N,
+                "foveal_native neighbourhood: key_padding_mask must be a contiguous bool (B, N) tensor");
+  if (sink)
+    TORCH_CHECK(sink->scalar_type() == q.scalar_type() && sink->is_contiguous() && sink->numel() == Hq,
+                "foveal_native neighbourhood: sink_logits must be (Hq,) in q's dtype");
+  TORCH_CHECK(table.has_value() == bias_index.has_value(),
+              "foveal_native neighbourhood: bias_table and bias_index come together");
+  if (table) {
+    TORCH_CHECK(table->scalar_type() == q.scalar_type() && table->is_contiguous() && table->dim() == 2 &&
+                    table->size(0) == Hq,
+                "foveal_native neighbourhood: bias_table must be (Hq, S) contiguous in q's dtype");
+    check_table(*bias_index, "bias_index", 3);
+    TORCH_CHECK(bias_index->dim() == 3, "foveal_native neighbourhood: bias_index must be (3, Lmax, kk)");
+  }
+}
+
+void attach_bias(Geo& g, const std::optional<at::Tensor>& bias_index) {
+  if (!bias_index) return;
+  const int64_t lmax = bias_index->size(1), kk = bias_index->size(2);
+  TORCH_CHECK(kk >= std::max({g.K[0], g.K[1], g.K[2]}), "foveal_native neighbourhood: bias_index too narrow");
+  g.kk = kk;
+  for (int a = 0; a < 3; ++a) g.bidx[a] = bias_index->data_ptr<int64_t>() + a * lmax * kk;
+}
+
+std::tuple<at::Tensor, at::Tensor> na_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                              const at::Tensor& geometry, const at::Tensor& first,
+                                              const at::Tensor& count, double scale,
+                                              const std::optional<at::Tensor>& key_padding_mask,
+                                              std::optional<double> softcap,
+                                              const std::optional<at::Tensor>& sink_logits,
+                                              const std::optional<at::Tensor>& bias_table,
+                                              const std::optional<at::Tensor>& bias_index) {
+  Geo g = make_geo(geometry, first, count);
+  check_inputs(q, k, v, g, key_padding_mask, sink_logits, bias_table, bias_index);
+  attach_bias(g, bias_index);
+  const int64_t B = q.size(0), Hq = q.size(1), Hkv = k.size(1), D = q.size(3), Dv = v.size(3), N = g.N();
+  at::Tensor out = at::empty({B, Hq, N, Dv}, q.options());
+  at::Tensor lse = at::empty({B, Hq, N}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "foveal_na_forward", [&] {
+    const auto tm = make_terms<scalar_t>(scale, key_padding_mask, softcap, sink_logits, bias_table);
+    forward_kernel<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                             out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), B, Hq, Hkv, D, Dv, g, tm);
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
+    const at::Tensor& delta, const at::Tensor& geometry, const at::Tensor& first, const at::Tensor& count,
+    const at::Tensor& inv_ptr, const at::Tensor& inv_x, const at::Tensor& inv_m, double scale,
+    const std::optional<at::Tensor>& key_padding_mask, std::optional<double> softcap,
+    const std::optional<at::Tensor>& bias_table, const std::optional<at::Tensor>& bias_index, bool need_bias_grad) {
+  Geo g = make_geo(geometry, first, count);
+  check_inputs(q, k, v, g, key_padding_mask, std::nullopt, bias_table, bias_index);
+  attach_bias(g, bias_index);
+  check_table(inv_ptr, "inv_ptr", 3);
+  check_table(inv_x, "inv_x", 3);
+  check_table(inv_m, "inv_m", 3);
+  TORCH_CHECK(inv_x.sizes() == inv_m.sizes() && inv_ptr.size(1) == first.size(1) + 1,
+              "foveal_native neighbourhood: inverse tables of the wrong shape");
+  const int64_t B = q.size(0), Hq = q.size(1), Hkv = k.size(1), D = q.size(3), Dv = v.size(3), N = g.N(),
+                KM = g.KM();
+  TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == q.scalar_type() &&
+                  grad_out.sizes() == at::IntArrayRef({B, Hq, N, Dv}),
+              "foveal_native neighbourhood: grad_out must be contiguous (B, Hq, N, Dv) in q's dtype");
+  TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == q.scalar_type() && lse.numel() == B * Hq * N &&
+                  delta.is_contiguous() && delta.scalar_type() == q.scalar_type() && delta.numel() == B * Hq * N,
+              "foveal_native neighbourhood: lse and delta must be contiguous (B, Hq, N) in q's dtype");
+  const int64_t eb = inv_x.size(1);
+  for (int a = 0; a < 3; ++a) {
+    g.inv_ptr[a] = inv_ptr.data_ptr<int64_t>() + a * inv_ptr.size(1);
+    g.inv_x[a] = inv_x.data_ptr<int64_t>() + a * eb;
+    g.inv_m[a] = inv_m.data_ptr<int64_t>() + a * eb;
+  }
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  at::Tensor P = at::zeros({B, Hq, N, KM}, q.options()), dS = at::zeros({B, Hq, N, KM}, q.options());
+  at::Tensor dB = need_bias_grad ? at::zeros({B, Hq, N, KM}, q.options()) : at::empty({0}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "foveal_na_backward", [&] {
+    const auto tm = make_terms<scalar_t>(scale, key_padding_mask, softcap, std::nullopt, bias_table);
+    backward_q_kernel<scalar_t>(grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                                v.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(),
+                                dq.data_ptr<scalar_t>(), P.data_ptr<scalar_t>(), dS.data_ptr<scalar_t>(),
+                                need_bias_grad ? dB.data_ptr<scalar_t>() : nullptr, B, Hq, Hkv, D, Dv, g, tm);
+    backward_kv_kernel<scalar_t>(grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), P.data_ptr<scalar_t>(),
+                                 dS.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), B, Hq,
+                                 Hkv, D, Dv, g);
+  });
+  return {dq, dk, dv, dB};
+}
+
+}  // namespace na
+}  // namespace foveal
+
+TORCH_LIBRARY_FRAGMENT(foveal_native, m) {
+  m.def(
+      "na_forward(Tensor q, Tensor k, Tensor v, Tensor geometry, Tensor first, Tensor count, float scale, "
+      "Tensor? key_padding_mask=None, float? softcap=None, Tensor? sink_logits=None, Tensor? bias_table=None, "
+      "Tensor? bias_index=None) -> (Tensor out, Tensor lse)");
+  m.def(
+      "na_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta, Tensor geometry, "
+      "Tensor first, Tensor count, Tensor inv_ptr, Tensor inv_x, Tensor inv_m, float scale, "
+      "Tensor? key_padding_mask=None, float? softcap=None, Tensor? bias_table=None, Tensor? bias_index=None, "
+      "bool need_bias_grad=False) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
+}
+
+TORCH_LIBRARY_IMPL(foveal_native, CPU, m) {
+  m.impl("na_forward", &foveal::na::na_forward);
+  m.impl("na_backward", &foveal::na::na_backward);
+}
