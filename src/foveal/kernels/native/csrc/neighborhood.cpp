@@ -108,6 +108,75 @@ inline void axpy(T alpha, const T* x, T* y, int64_t n) {
   for (; c < n; ++c) y[c] += alpha * x[c];
 }
 
+// acc[c] = Σ_t w[t] · rows[idx[t]·stride + c] for c < n, accumulators held in registers over the keys
+// (a chunk of NV vectors at a time); rows with w[t] == 0 are skipped
+template <typename T, int NV>
+inline void wsum_chunk(const T* w, const int64_t* idx, int64_t nk, const T* rows, int64_t stride, int64_t c0, T* acc) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  V a[NV];
+  for (int u = 0; u < NV; ++u) a[u] = V(T(0));
+  for (int64_t t = 0; t < nk; ++t) {
+    if (w[t] == T(0)) continue;
+    const V wt(w[t]);
+    const T* r = rows + idx[t] * stride + c0;
+    for (int u = 0; u < NV; ++u) a[u] = at::vec::fmadd(wt, V::loadu(r + u * W), a[u]);
+  }
+  for (int u = 0; u < NV; ++u) a[u].store(acc + c0 + u * W);
+}
+
+template <typename T>
+inline void wsum(const T* w, const int64_t* idx, int64_t nk, const T* rows, int64_t stride, int64_t n, T* acc) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  int64_t c = 0;
+  for (; c + 4 * W <= n; c += 4 * W) wsum_chunk<T, 4>(w, idx, nk, rows, stride, c, acc);
+  for (; c + 2 * W <= n; c += 2 * W) wsum_chunk<T, 2>(w, idx, nk, rows, stride, c, acc);
+  for (; c + W <= n; c += W) wsum_chunk<T, 1>(w, idx, nk, rows, stride, c, acc);
+  for (; c < n; ++c) {
+    T s = 0;
+    for (int64_t t = 0; t < nk; ++t) s += w[t] * rows[idx[t] * stride + c];
+    acc[c] = s;
+  }
+}
+
+// out[t] = a · rows[idx[t]·stride] (length n) for t < nk, four keys at a time (independent accumulators)
+template <typename T>
+inline void dots(const T* a, const int64_t* idx, int64_t nk, const T* rows, int64_t stride, int64_t n, T* out) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  const auto add = [](V& x, V& y) { return x + y; };
+  int64_t t = 0;
+  const int64_t nv = n / W * W;
+  for (; t + 4 <= nk; t += 4) {
+    const T* r0 = rows + idx[t] * stride;
+    const T* r1 = rows + idx[t + 1] * stride;
+    const T* r2 = rows + idx[t + 2] * stride;
+    const T* r3 = rows + idx[t + 3] * stride;
+    V a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
+    for (int64_t c = 0; c < nv; c += W) {
+      const V x = V::loadu(a + c);
+      a0 = at::vec::fmadd(x, V::loadu(r0 + c), a0);
+      a1 = at::vec::fmadd(x, V::loadu(r1 + c), a1);
+      a2 = at::vec::fmadd(x, V::loadu(r2 + c), a2);
+      a3 = at::vec::fmadd(x, V::loadu(r3 + c), a3);
+    }
+    T s0 = nv ? at::vec::vec_reduce_all<T>(add, a0) : T(0), s1 = nv ? at::vec::vec_reduce_all<T>(add, a1) : T(0);
+    T s2 = nv ? at::vec::vec_reduce_all<T>(add, a2) : T(0), s3 = nv ? at::vec::vec_reduce_all<T>(add, a3) : T(0);
+    for (int64_t c = nv; c < n; ++c) {
+      s0 += a[c] * r0[c];
+      s1 += a[c] * r1[c];
+      s2 += a[c] * r2[c];
+      s3 += a[c] * r3[c];
+    }
+    out[t] = s0;
+    out[t + 1] = s1;
+    out[t + 2] = s2;
+    out[t + 3] = s3;
+  }
+  for (; t < nk; ++t) out[t] = dot(a, rows + idx[t] * stride, n);
+}
+
 // s = exp(s − m); −inf entries become 0
 template <typename T>
 inline void exp_sub(T* s, int64_t n, T m) {
@@ -135,13 +204,14 @@ template <typename T>
 inline T scores(const T* qi, const T* kb, int64_t D, const int64_t* idx, const int64_t* boff, int64_t n,
                 const bool* pb, const T* tb, const Terms<T>& tm, T* sc, T* th) {
   constexpr T NEG = -std::numeric_limits<T>::infinity();
+  dots(qi, idx, n, kb, D, D, sc);
   T m = NEG;
   for (int64_t t = 0; t < n; ++t) {
     T s;
     if (pb && pb[idx[t]]) {
       s = NEG;
     } else {
-      s = dot(qi, kb + idx[t] * D, D) * tm.scale;
+      s = sc[t] * tm.scale;
       if (tm.has_cap) {
         const T h = std::tanh(s / tm.cap);
         if (th) th[t] = h;
@@ -187,9 +257,7 @@ void forward_kernel(const T* q, const T* k, const T* v, T* out, T* lse, int64_t 
         T l = 0;
         for (int64_t t = 0; t < n; ++t) l += sc[t];
         if (tm.sink) l += std::exp(sk - mm);
-        std::fill(acc.begin(), acc.end(), T(0));
-        for (int64_t t = 0; t < n; ++t)
-          if (sc[t] != T(0)) axpy(sc[t], vb + idx[t] * Dv, acc.data(), Dv);
+        wsum(sc.data(), idx.data(), n, vb, Dv, Dv, acc.data());
         const T inv = T(1) / l;
         for (int64_t c = 0; c < Dv; ++c) o[c] = acc[c] * inv;
         lse[bh * N + i] = mm + std::log(l);
@@ -207,7 +275,7 @@ void backward_q_kernel(const T* dout, const T* q, const T* k, const T* v, const 
   const int64_t N = g.N(), KM = g.KM(), G = Hq / Hkv, rows = g.L[0] * g.L[1];
   at::parallel_for(0, B * Hq * rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> idx(KM), slot(KM), boff(KM);
-    std::vector<T> sc(KM), th(KM), acc(D);
+    std::vector<T> sc(KM), th(KM), dp(KM);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t bh = r / rows, row = r % rows, b = bh / Hq, h = bh % Hq, hk = h / G;
       const int64_t x0 = row / g.L[1], x1 = row % g.L[1];
@@ -219,73 +287,89 @@ void backward_q_kernel(const T* dout, const T* q, const T* k, const T* v, const 
         const int64_t i = row * g.L[2] + x2;
         const int64_t qi_off = bh * N + i;
         T* dqi = dq + qi_off * D;
-        std::fill(dqi, dqi + D, T(0));
         const T li = lse[qi_off];
-        if (li == NEG) continue;  // no key and no sink: nothing flows back
+        if (li == NEG) {  // no key and no sink: nothing flows back
+          std::fill(dqi, dqi + D, T(0));
+          continue;
+        }
         const T* qi = q + qi_off * D;
         const T* doi = dout + qi_off * Dv;
         const T di = delta[qi_off];
         const int64_t n = window(g, x0, x1, x2, idx.data(), slot.data(), tb ? boff.data() : nullptr);
         scores<T>(qi, kb, D, idx.data(), boff.data(), n, pb, tb, tm, sc.data(), th.data());
         exp_sub(sc.data(), n, li);
-        std::fill(acc.begin(), acc.end(), T(0));
+        dots(doi, idx.data(), n, vb, Dv, Dv, dp.data());
         T* Pi = P + qi_off * KM;
         T* dSi = dS + qi_off * KM;
         T* dBi = dB ? dB + qi_off * KM : nullptr;
         for (int64_t t = 0; t < n; ++t) {
           const T p = sc[t];
-          if (p == T(0)) continue;
-          const T dp = dot(doi, vb + idx[t] * Dv, Dv);
-          const T ds = p * (dp - di);
+          if (p == T(0)) {
+            dp[t] = T(0);
+            continue;
+          }
+          const T ds = p * (dp[t] - di);
           if (dBi) dBi[slot[t]] = ds;
           T dsr = ds * tm.scale;
           if (tm.has_cap) dsr *= T(1) - th[t] * th[t];
           Pi[slot[t]] = p;
           dSi[slot[t]] = dsr;
-          axpy(dsr, kb + idx[t] * D, acc.data(), D);
+          dp[t] = dsr;
         }
-        std::copy(acc.begin(), acc.end(), dqi);
+        wsum(dp.data(), idx.data(), n, kb, D, D, dqi);
       }
     }
   });
 }
 
-// pass 2: per key, over the queries whose window holds it (the inverse neighbourhood), dk and dv
+// the most queries (over all axes) whose window holds one key
+inline int64_t max_inverse(const Geo& g) {
+  int64_t m = 1;
+  for (int a = 0; a < 3; ++a) {
+    int64_t ma = 0;
+    for (int64_t y = 0; y < g.L[a]; ++y) ma = std::max(ma, g.inv_ptr[a][y + 1] - g.inv_ptr[a][y]);
+    m *= ma;
+  }
+  return m;
+}
+
+// pass 2: per key, over the queries whose window holds it (the inverse neighbourhood) in all the query heads that
+// share its key head, dk = Σ dS·q and dv = Σ P·dO
 template <typename T>
 void backward_kv_kernel(const T* dout, const T* q, const T* P, const T* dS, T* dk, T* dv, int64_t B, int64_t Hq,
                         int64_t Hkv, int64_t D, int64_t Dv, const Geo& g) {
   const int64_t N = g.N(), KM = g.KM(), G = Hq / Hkv, rows = g.L[0] * g.L[1];
+  const int64_t cap = max_inverse(g) * G;
   at::parallel_for(0, B * Hkv * rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> ak(D), av(Dv);
+    std::vector<int64_t> ii(cap);
+    std::vector<T> pw(cap), dw(cap);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t bhk = r / rows, row = r % rows, b = bhk / Hkv, hk = bhk % Hkv;
       const int64_t y0 = row / g.L[1], y1 = row % g.L[1];
+      const int64_t head0 = b * Hq + hk * G;  // the first query head of this key head
+      const T* Pb = P + head0 * N * KM;
+      const T* dSb = dS + head0 * N * KM;
       for (int64_t y2 = 0; y2 < g.L[2]; ++y2) {
         const int64_t j = row * g.L[2] + y2;
-        std::fill(ak.begin(), ak.end(), T(0));
-        std::fill(av.begin(), av.end(), T(0));
+        int64_t n = 0;
         for (int64_t gg = 0; gg < G; ++gg) {
-          const int64_t bh = b * Hq + hk * G + gg;
-          const T* Pb = P + bh * N * KM;
-          const T* dSb = dS + bh * N * KM;
-          const T* qb = q + bh * N * D;
-          const T* dob = dout + bh * N * Dv;
           for (int64_t e0 = g.inv_ptr[0][y0]; e0 < g.inv_ptr[0][y0 + 1]; ++e0) {
             const int64_t x0 = g.inv_x[0][e0], m0 = g.inv_m[0][e0];
             for (int64_t e1 = g.inv_ptr[1][y1]; e1 < g.inv_ptr[1][y1 + 1]; ++e1) {
               const int64_t x1 = g.inv_x[1][e1], m1 = g.inv_m[1][e1];
-              const int64_t ibase = (x0 * g.L[1] + x1) * g.L[2], tbase = (m0 * g.K[1] + m1) * g.K[2];
+              const int64_t ibase = gg * N + (x0 * g.L[1] + x1) * g.L[2], tbase = (m0 * g.K[1] + m1) * g.K[2];
               for (int64_t e2 = g.inv_ptr[2][y2]; e2 < g.inv_ptr[2][y2 + 1]; ++e2) {
                 const int64_t i = ibase + g.inv_x[2][e2], t = tbase + g.inv_m[2][e2];
-                const T p = Pb[i * KM + t], ds = dSb[i * KM + t];
-                if (p != T(0)) axpy(p, dob + i * Dv, av.data(), Dv);
-                if (ds != T(0)) axpy(ds, qb + i * D, ak.data(), D);
+                ii[n] = i;
+                pw[n] = Pb[i * KM + t];
+                dw[n] = dSb[i * KM + t];
+                ++n;
               }
             }
           }
         }
-        std::copy(ak.begin(), ak.end(), dk + (bhk * N + j) * D);
-        std::copy(av.begin(), av.end(), dv + (bhk * N + j) * Dv);
+        wsum(dw.data(), ii.data(), n, q + head0 * N * D, D, D, dk + (bhk * N + j) * D);
+        wsum(pw.data(), ii.data(), n, dout + head0 * N * Dv, Dv, Dv, dv + (bhk * N + j) * Dv);
       }
     }
   });
