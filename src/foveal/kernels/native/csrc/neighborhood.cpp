@@ -177,15 +177,46 @@ inline void dots(const T* a, const int64_t* idx, int64_t nk, const T* rows, int6
   for (; t < nk; ++t) out[t] = dot(a, rows + idx[t] * stride, n);
 }
 
-// s = exp(s − m); −inf entries become 0
+// s = exp(s − m) (−inf entries become 0); returns Σ s
 template <typename T>
-inline void exp_sub(T* s, int64_t n, T m) {
+inline T exp_sub(T* s, int64_t n, T m) {
   using V = Vectorized<T>;
   constexpr int64_t W = V::size();
   const V mv(m);
+  V acc(T(0));
   int64_t c = 0;
-  for (; c + W <= n; c += W) (V::loadu(s + c) - mv).exp().store(s + c);
-  for (; c < n; ++c) s[c] = std::exp(s[c] - m);
+  for (; c + W <= n; c += W) {
+    const V e = (V::loadu(s + c) - mv).exp();
+    e.store(s + c);
+    acc = acc + e;
+  }
+  T sum = at::vec::vec_reduce_all<T>([](V& x, V& y) { return x + y; }, acc);
+  for (; c < n; ++c) {
+    s[c] = std::exp(s[c] - m);
+    sum += s[c];
+  }
+  return sum;
+}
+
+// s *= scale; returns max s
+template <typename T>
+inline T scale_max(T* s, int64_t n, T scale) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  const V sv(scale);
+  V mx(-std::numeric_limits<T>::infinity());
+  int64_t c = 0;
+  for (; c + W <= n; c += W) {
+    const V x = V::loadu(s + c) * sv;
+    x.store(s + c);
+    mx = at::vec::maximum(mx, x);
+  }
+  T m = at::vec::vec_reduce_all<T>([](V& x, V& y) { return at::vec::maximum(x, y); }, mx);
+  for (; c < n; ++c) {
+    s[c] *= scale;
+    m = std::max(m, s[c]);
+  }
+  return m;
 }
 
 template <typename T>
@@ -205,6 +236,7 @@ inline T scores(const T* qi, const T* kb, int64_t D, const int64_t* idx, const i
                 const bool* pb, const T* tb, const Terms<T>& tm, T* sc, T* th) {
   constexpr T NEG = -std::numeric_limits<T>::infinity();
   dots(qi, idx, n, kb, D, D, sc);
+  if (!pb && !tm.has_cap && !tb) return scale_max(sc, n, tm.scale);
   T m = NEG;
   for (int64_t t = 0; t < n; ++t) {
     T s;
@@ -253,9 +285,7 @@ void forward_kernel(const T* q, const T* k, const T* v, T* out, T* lse, int64_t 
           lse[bh * N + i] = NEG;
           continue;
         }
-        exp_sub(sc.data(), n, mm);
-        T l = 0;
-        for (int64_t t = 0; t < n; ++t) l += sc[t];
+        T l = exp_sub(sc.data(), n, mm);
         if (tm.sink) l += std::exp(sk - mm);
         wsum(sc.data(), idx.data(), n, vb, Dv, Dv, acc.data());
         const T inv = T(1) / l;
