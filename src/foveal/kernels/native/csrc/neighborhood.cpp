@@ -257,14 +257,101 @@ inline T scores(const T* qi, const T* kb, int64_t D, const int64_t* idx, const i
   return m;
 }
 
+// ---- the tiled path: W queries of one grid row (the vector's lanes) whose windows on the last axis are the first
+// one's shifted by one key per query (inside the grid, away from its borders, stride 1 on that axis). Then the
+// t-th query's key of every window slot is the first query's key + t, so with q, k, v transposed to (D, N) rows
+// (padded by W columns so a tile never reads past a row) every score and output is a full-width vector
+// operation over the tile's queries: no horizontal sums, no gathers.
+
+// the number of queries from x2 on (at most W) that form such a tile
+inline int64_t shift_run(const Geo& g, int64_t x2, int64_t W) {
+  const int64_t f = g.first[2][x2], c = g.count[2][x2];
+  int64_t r = 1;
+  while (r < W && x2 + r < g.L[2] && g.first[2][x2 + r] == f + r && g.count[2][x2 + r] == c) ++r;
+  return r;
+}
+
+// S[u·W + t] = Σ_c Qt[c][i0 + t] · Kt[c][idx[u] + t] for u < NB
+template <typename T, int NB>
+inline void qk_block(const T* Qh, const T* Kh, int64_t NP, int64_t D, int64_t i0, const int64_t* idx, T* S) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  V acc[NB];
+  for (int u = 0; u < NB; ++u) acc[u] = V(T(0));
+  for (int64_t c = 0; c < D; ++c) {
+    const V qv = V::loadu(Qh + c * NP + i0);
+    const T* kr = Kh + c * NP;
+    for (int u = 0; u < NB; ++u) acc[u] = at::vec::fmadd(qv, V::loadu(kr + idx[u]), acc[u]);
+  }
+  for (int u = 0; u < NB; ++u) acc[u].store(S + u * W);
+}
+
+template <typename T>
+inline void qk_tile(const T* Qh, const T* Kh, int64_t NP, int64_t D, int64_t i0, const int64_t* idx, int64_t n, T* S) {
+  constexpr int64_t W = Vectorized<T>::size();
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) qk_block<T, 8>(Qh, Kh, NP, D, i0, idx + t, S + t * W);
+  for (; t + 4 <= n; t += 4) qk_block<T, 4>(Qh, Kh, NP, D, i0, idx + t, S + t * W);
+  for (; t < n; ++t) qk_block<T, 1>(Qh, Kh, NP, D, i0, idx + t, S + t * W);
+}
+
+// O[(c0 + u)·W + t] = Σ_s S[s·W + t] · Vt[c0 + u][idx[s] + t] for u < NB
+template <typename T, int NB>
+inline void pv_block(const T* S, const int64_t* idx, int64_t n, const T* Vh, int64_t NP, int64_t c0, T* O) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  V acc[NB];
+  for (int u = 0; u < NB; ++u) acc[u] = V(T(0));
+  for (int64_t s = 0; s < n; ++s) {
+    const V pv = V::loadu(S + s * W);
+    for (int u = 0; u < NB; ++u) acc[u] = at::vec::fmadd(pv, V::loadu(Vh + (c0 + u) * NP + idx[s]), acc[u]);
+  }
+  for (int u = 0; u < NB; ++u) acc[u].store(O + (c0 + u) * W);
+}
+
+template <typename T>
+inline void pv_tile(const T* S, const int64_t* idx, int64_t n, const T* Vh, int64_t NP, int64_t Dv, T* O) {
+  int64_t c = 0;
+  for (; c + 8 <= Dv; c += 8) pv_block<T, 8>(S, idx, n, Vh, NP, c, O);
+  for (; c + 4 <= Dv; c += 4) pv_block<T, 4>(S, idx, n, Vh, NP, c, O);
+  for (; c < Dv; ++c) pv_block<T, 1>(S, idx, n, Vh, NP, c, O);
+}
+
+// scores of a tile (scale, softcap, table term per slot), in place; returns the lanes' maximum (with the sink)
+template <typename T>
+inline Vectorized<T> tile_scores(T* S, int64_t n, const int64_t* boff, const T* tb, const Terms<T>& tm, T sk,
+                                 T* TH) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  const V sv(tm.scale), cv(tm.cap), icv(T(1) / tm.cap);
+  V m(sk);
+  for (int64_t s = 0; s < n; ++s) {
+    V x = V::loadu(S + s * W) * sv;
+    if (tm.has_cap) {
+      const V h = (x * icv).tanh();
+      if (TH) h.store(TH + s * W);
+      x = cv * h;
+    }
+    if (tb) x = x + V(tb[boff[s]]);
+    x.store(S + s * W);
+    m = at::vec::maximum(m, x);
+  }
+  return m;
+}
+
 template <typename T>
 void forward_kernel(const T* q, const T* k, const T* v, T* out, T* lse, int64_t B, int64_t Hq, int64_t Hkv,
-                    int64_t D, int64_t Dv, const Geo& g, const Terms<T>& tm) {
+                    int64_t D, int64_t Dv, const Geo& g, const Terms<T>& tm, const T* Qt, const T* Kt, const T* Vt,
+                    int64_t NP) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
   constexpr T NEG = -std::numeric_limits<T>::infinity();
   const int64_t N = g.N(), KM = g.KM(), G = Hq / Hkv, rows = g.L[0] * g.L[1];
+  const bool tiled = Qt != nullptr;
   at::parallel_for(0, B * Hq * rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> idx(KM), slot(KM), boff(KM);
-    std::vector<T> sc(KM), acc(Dv);
+    std::vector<T> sc(KM), acc(Dv), S(tiled ? KM * W : 0), O(tiled ? Dv * W : 0), lt(W);
+    std::vector<int64_t> kix(tiled ? KM : 0), vix(tiled ? KM : 0);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t bh = r / rows, row = r % rows, b = bh / Hq, h = bh % Hq, hk = h / G;
       const int64_t x0 = row / g.L[1], x1 = row % g.L[1];
@@ -273,13 +360,46 @@ void forward_kernel(const T* q, const T* k, const T* v, T* out, T* lse, int64_t 
       const bool* pb = tm.pad ? tm.pad + b * N : nullptr;
       const T* tb = tm.table ? tm.table + h * tm.table_stride : nullptr;
       const T sk = tm.sink ? tm.sink[h] : NEG;
-      for (int64_t x2 = 0; x2 < g.L[2]; ++x2) {
+      for (int64_t x2 = 0; x2 < g.L[2];) {
         const int64_t i = row * g.L[2] + x2;
+        const int64_t n = window(g, x0, x1, x2, idx.data(), slot.data(), tb ? boff.data() : nullptr);
+        const int64_t run = tiled ? shift_run(g, x2, W) : 1;
+        if (run >= 4) {
+          // row-transposed offsets: token (row, x2), channel c at (row·D + c)·L2 + x2
+          const T* Qh = Qt + bh * N * D;
+          const T* Kh = Kt + (b * Hkv + hk) * N * D;
+          const T* Vh = Vt + (b * Hkv + hk) * N * Dv;
+          for (int64_t s = 0; s < n; ++s) {
+            const int64_t kr = idx[s] / NP, kx = idx[s] - kr * NP;
+            kix[s] = kr * D * NP + kx;
+            vix[s] = kr * Dv * NP + kx;
+          }
+          qk_tile(Qh, Kh, NP, D, row * D * NP + x2, kix.data(), n, S.data());
+          const V m = tile_scores<T>(S.data(), n, boff.data(), tb, tm, sk, nullptr);
+          V l(T(0));
+          for (int64_t s = 0; s < n; ++s) {
+            const V e = (V::loadu(S.data() + s * W) - m).exp();
+            e.store(S.data() + s * W);
+            l = l + e;
+          }
+          if (tm.sink) l = l + (V(sk) - m).exp();
+          pv_tile(S.data(), vix.data(), n, Vh, NP, Dv, O.data());
+          const V inv = V(T(1)) / l;
+          (m + l.log()).store(lt.data());
+          for (int64_t c = 0; c < Dv; ++c) (V::loadu(O.data() + c * W) * inv).store(O.data() + c * W);
+          for (int64_t t = 0; t < run; ++t) {
+            T* o = out + (bh * N + i + t) * Dv;
+            for (int64_t c = 0; c < Dv; ++c) o[c] = O[c * W + t];
+            lse[bh * N + i + t] = lt[t];
+          }
+          x2 += run;
+          continue;
+        }
         const T* qi = q + (bh * N + i) * D;
         T* o = out + (bh * N + i) * Dv;
-        const int64_t n = window(g, x0, x1, x2, idx.data(), slot.data(), tb ? boff.data() : nullptr);
         const T m = scores<T>(qi, kb, D, idx.data(), boff.data(), n, pb, tb, tm, sc.data(), nullptr);
         const T mm = std::max(m, sk);
+        ++x2;
         if (mm == NEG) {
           std::fill(o, o + Dv, T(0));
           lse[bh * N + i] = NEG;
@@ -486,6 +606,40 @@ void attach_bias(Geo& g, const std::optional<at::Tensor>& bias_index) {
   for (int a = 0; a < 3; ++a) g.bidx[a] = bias_index->data_ptr<int64_t>() + a * lmax * kk;
 }
 
+// A workspace kept by the calling thread between calls for the tiled path's transposed copies: large fresh
+// allocations are mapped anew by the system on every call, and their page faults cost as much as the
+// copy (up to WORKSPACE_MAX elements kept; larger ones are allocated per call).
+constexpr int64_t WORKSPACE_MAX = int64_t(1) << 26;
+
+template <typename T>
+T* workspace(int64_t n, std::vector<T>& fresh) {
+  thread_local std::vector<T> kept;
+  if (n > WORKSPACE_MAX) {
+    fresh.resize(n);
+    return fresh.data();
+  }
+  if (int64_t(kept.size()) < n) kept.resize(n);
+  return kept.data();
+}
+
+// (B, H, N, D) → row-transposed into dst: for every (batch·head, row of the grid's last axis) a (D, L2) block, then
+// W zeros (a tile's lanes may read past its row's end, never past the copy's)
+template <typename T>
+void row_transposed(const at::Tensor& x, int64_t L2, T* dst) {
+  const int64_t BH = x.size(0) * x.size(1), N = x.size(2), D = x.size(3), rows = N / L2;
+  constexpr int64_t W = Vectorized<T>::size();
+  const T* src = x.data_ptr<T>();
+  std::fill(dst + BH * N * D, dst + BH * N * D + W, T(0));
+  at::parallel_for(0, BH * rows, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* s = src + r * L2 * D;
+      T* d = dst + r * D * L2;
+      for (int64_t x2 = 0; x2 < L2; ++x2)
+        for (int64_t c = 0; c < D; ++c) d[c * L2 + x2] = s[x2 * D + c];
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> na_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                               const at::Tensor& geometry, const at::Tensor& first,
                                               const at::Tensor& count, double scale,
@@ -502,8 +656,24 @@ std::tuple<at::Tensor, at::Tensor> na_forward(const at::Tensor& q, const at::Ten
   at::Tensor lse = at::empty({B, Hq, N}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "foveal_na_forward", [&] {
     const auto tm = make_terms<scalar_t>(scale, key_padding_mask, softcap, sink_logits, bias_table);
+    const int64_t NP = g.L[2];  // the row-transposed tensors' stride over head_dim
+    // the tiled path (no key padding): q, k, v row-transposed into one workspace
+    const bool tiled = !key_padding_mask.has_value();
+    constexpr int64_t W = Vectorized<scalar_t>::size();
+    std::vector<scalar_t> fresh;
+    scalar_t *Qt = nullptr, *Kt = nullptr, *Vt = nullptr;
+    if (tiled) {
+      const int64_t nq = q.numel() + W, nk = k.numel() + W, nv = v.numel() + W;
+      Qt = workspace<scalar_t>(nq + nk + nv, fresh);
+      Kt = Qt + nq;
+      Vt = Kt + nk;
+      row_transposed<scalar_t>(q, NP, Qt);
+      row_transposed<scalar_t>(k, NP, Kt);
+      row_transposed<scalar_t>(v, NP, Vt);
+    }
     forward_kernel<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                             out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), B, Hq, Hkv, D, Dv, g, tm);
+                             out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), B, Hq, Hkv, D, Dv, g, tm,
+                             Qt, Kt, Vt, NP);
   });
   return {out, lse};
 }
