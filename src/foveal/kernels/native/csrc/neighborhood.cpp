@@ -420,12 +420,18 @@ void forward_kernel(const T* q, const T* k, const T* v, T* out, T* lse, int64_t 
 template <typename T>
 void backward_q_kernel(const T* dout, const T* q, const T* k, const T* v, const T* lse, const T* delta, T* dq, T* P,
                        T* dS, T* dB, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t Dv, const Geo& g,
-                       const Terms<T>& tm) {
+                       const Terms<T>& tm, const T* Qt, const T* Kt, const T* Vt, const T* dOt, int64_t NP) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
   constexpr T NEG = -std::numeric_limits<T>::infinity();
   const int64_t N = g.N(), KM = g.KM(), G = Hq / Hkv, rows = g.L[0] * g.L[1];
+  const bool tiled = Qt != nullptr;
   at::parallel_for(0, B * Hq * rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> idx(KM), slot(KM), boff(KM);
     std::vector<T> sc(KM), th(KM), dp(KM);
+    const int64_t TS = tiled ? KM * W : 0;
+    std::vector<T> S(TS), TH(TS), DP(TS), DB(dB ? TS : 0), O(tiled ? D * W : 0), lt(W), dt(W);
+    std::vector<int64_t> kix(tiled ? KM : 0), vix(tiled ? KM : 0);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t bh = r / rows, row = r % rows, b = bh / Hq, h = bh % Hq, hk = h / G;
       const int64_t x0 = row / g.L[1], x1 = row % g.L[1];
@@ -436,8 +442,66 @@ void backward_q_kernel(const T* dout, const T* q, const T* k, const T* v, const 
       for (int64_t x2 = 0; x2 < g.L[2]; ++x2) {
         const int64_t i = row * g.L[2] + x2;
         const int64_t qi_off = bh * N + i;
+        const int64_t run = tiled ? shift_run(g, x2, W) : 1;
+        if (run >= 4) {  // a tile (no key padding here: every lse is finite)
+          const int64_t n = window(g, x0, x1, x2, idx.data(), slot.data(), tb ? boff.data() : nullptr);
+          const T* Qh = Qt + bh * N * D;
+          const T* dOh = dOt + bh * N * Dv;
+          const T* Kh = Kt + (b * Hkv + hk) * N * D;
+          const T* Vh = Vt + (b * Hkv + hk) * N * Dv;
+          for (int64_t s = 0; s < n; ++s) {
+            const int64_t kr = idx[s] / NP, kx = idx[s] - kr * NP;
+            kix[s] = kr * D * NP + kx;
+            vix[s] = kr * Dv * NP + kx;
+          }
+          for (int64_t t = 0; t < W; ++t) {
+            lt[t] = t < run ? lse[qi_off + t] : T(0);
+            dt[t] = t < run ? delta[qi_off + t] : T(0);
+          }
+          qk_tile(Qh, Kh, NP, D, row * D * NP + x2, kix.data(), n, S.data());
+          tile_scores<T>(S.data(), n, boff.data(), tb, tm, NEG, TH.data());
+          qk_tile(dOh, Vh, NP, Dv, row * Dv * NP + x2, vix.data(), n, DP.data());
+          const V lv = V::loadu(lt.data()), dv = V::loadu(dt.data()), sv(tm.scale), one(T(1));
+          for (int64_t s = 0; s < n; ++s) {
+            const V p = (V::loadu(S.data() + s * W) - lv).exp();
+            p.store(S.data() + s * W);
+            const V ds = p * (V::loadu(DP.data() + s * W) - dv);
+            if (dB) ds.store(DB.data() + s * W);
+            V dsr = ds * sv;
+            if (tm.has_cap) {
+              const V h = V::loadu(TH.data() + s * W);
+              dsr = dsr * (one - h * h);
+            }
+            dsr.store(DP.data() + s * W);
+          }
+          pv_tile(DP.data(), kix.data(), n, Kh, NP, D, O.data());
+          for (int64_t t = 0; t < run; ++t) {
+            T* dqi = dq + (qi_off + t) * D;
+            for (int64_t c = 0; c < D; ++c) dqi[c] = O[c * W + t];
+            T* Pi = P + (qi_off + t) * KM;
+            T* dSi = dS + (qi_off + t) * KM;
+            if (n < KM) {  // a causal window's missing slots
+              std::fill(Pi, Pi + KM, T(0));
+              std::fill(dSi, dSi + KM, T(0));
+              if (dB) std::fill(dB + (qi_off + t) * KM, dB + (qi_off + t + 1) * KM, T(0));
+            }
+            for (int64_t s = 0; s < n; ++s) {
+              Pi[slot[s]] = S[s * W + t];
+              dSi[slot[s]] = DP[s * W + t];
+            }
+            if (dB) {
+              T* dBi = dB + (qi_off + t) * KM;
+              for (int64_t s = 0; s < n; ++s) dBi[slot[s]] = DB[s * W + t];
+            }
+          }
+          x2 += run - 1;
+          continue;
+        }
         T* dqi = dq + qi_off * D;
         const T li = lse[qi_off];
+        std::fill(P + qi_off * KM, P + (qi_off + 1) * KM, T(0));
+        std::fill(dS + qi_off * KM, dS + (qi_off + 1) * KM, T(0));
+        if (dB) std::fill(dB + qi_off * KM, dB + (qi_off + 1) * KM, T(0));
         if (li == NEG) {  // no key and no sink: nothing flows back
           std::fill(dqi, dqi + D, T(0));
           continue;
@@ -707,14 +771,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na_backward(
     g.inv_m[a] = inv_m.data_ptr<int64_t>() + a * eb;
   }
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  at::Tensor P = at::zeros({B, Hq, N, KM}, q.options()), dS = at::zeros({B, Hq, N, KM}, q.options());
-  at::Tensor dB = need_bias_grad ? at::zeros({B, Hq, N, KM}, q.options()) : at::empty({0}, q.options());
+  // every row of P, dS (and dB) is written by pass 1, zeros included
+  at::Tensor P = at::empty({B, Hq, N, KM}, q.options()), dS = at::empty({B, Hq, N, KM}, q.options());
+  at::Tensor dB = need_bias_grad ? at::empty({B, Hq, N, KM}, q.options()) : at::empty({0}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "foveal_na_backward", [&] {
     const auto tm = make_terms<scalar_t>(scale, key_padding_mask, softcap, std::nullopt, bias_table);
+    const int64_t NP = g.L[2];
+    const bool tiled = !key_padding_mask.has_value();
+    constexpr int64_t W = Vectorized<scalar_t>::size();
+    std::vector<scalar_t> fresh;
+    scalar_t *Qt = nullptr, *Kt = nullptr, *Vt = nullptr, *dOt = nullptr;
+    if (tiled) {
+      const int64_t nq = q.numel() + W, nk = k.numel() + W, nv = v.numel() + W, no = grad_out.numel() + W;
+      Qt = workspace<scalar_t>(nq + nk + nv + no, fresh);
+      Kt = Qt + nq;
+      Vt = Kt + nk;
+      dOt = Vt + nv;
+      row_transposed<scalar_t>(q, NP, Qt);
+      row_transposed<scalar_t>(k, NP, Kt);
+      row_transposed<scalar_t>(v, NP, Vt);
+      row_transposed<scalar_t>(grad_out, NP, dOt);
+    }
     backward_q_kernel<scalar_t>(grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
                                 v.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(),
                                 dq.data_ptr<scalar_t>(), P.data_ptr<scalar_t>(), dS.data_ptr<scalar_t>(),
-                                need_bias_grad ? dB.data_ptr<scalar_t>() : nullptr, B, Hq, Hkv, D, Dv, g, tm);
+                                need_bias_grad ? dB.data_ptr<scalar_t>() : nullptr, B, Hq, Hkv, D, Dv, g, tm, Qt, Kt,
+                                Vt, dOt, NP);
     backward_kv_kernel<scalar_t>(grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), P.data_ptr<scalar_t>(),
                                  dS.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), B, Hq,
                                  Hkv, D, Dv, g);
