@@ -237,3 +237,18 @@ def native_neighborhood_attention(q, k, v, pattern, scale=None, *, key_padding_m
     if need_lse:
         return out, (lse if cdt == torch.float64 else lse.float())
     return out
+
+
+# -- the backend's side (foveal.kernels.select) -------------------------------------------
+def call_why_not(call) -> list[str]:
+    """Reasons the kernel cannot run a lowered ``Call`` of ``attend`` (empty when it can)."""
+    return why_not(call.q, call.k, call.v, call.pattern, bias=call.bias, key_padding_mask=call.key_padding_mask,
+                   softcap=call.softcap)
+
+
+def call_run(call):
+    """``(out, lse)`` of a lowered ``Call`` (lse None when the call does not want it)."""
+    out, lse = native_neighborhood_attention(call.q, call.k, call.v, call.pattern, call.scale,
+                                             key_padding_mask=call.key_padding_mask, softcap=call.softcap,
+                                             bias=call.bias)
+    return out, (lse if call.need_lse else None)
