@@ -478,29 +478,33 @@ void backward_q_kernel(const T* dout, const T* q, const T* k, const T* v, const 
           for (int64_t t = 0; t < run; ++t) {
             T* dqi = dq + (qi_off + t) * D;
             for (int64_t c = 0; c < D; ++c) dqi[c] = O[c * W + t];
-            T* Pi = P + (qi_off + t) * KM;
-            T* dSi = dS + (qi_off + t) * KM;
-            if (n < KM) {  // a causal window's missing slots
-              std::fill(Pi, Pi + KM, T(0));
-              std::fill(dSi, dSi + KM, T(0));
-              if (dB) std::fill(dB + (qi_off + t) * KM, dB + (qi_off + t + 1) * KM, T(0));
-            }
-            for (int64_t s = 0; s < n; ++s) {
-              Pi[slot[s]] = S[s * W + t];
-              dSi[slot[s]] = DP[s * W + t];
-            }
-            if (dB) {
+            if (dB) {  // the table's gradient stays (query, slot)
               T* dBi = dB + (qi_off + t) * KM;
+              if (n < KM) std::fill(dBi, dBi + KM, T(0));
               for (int64_t s = 0; s < n; ++s) dBi[slot[s]] = DB[s * W + t];
             }
+          }
+          // P and dS slot-major: (batch·head, slot, query), `run` consecutive queries per slot
+          T* Ph = P + bh * KM * N;
+          T* dSh = dS + bh * KM * N;
+          if (n < KM) {  // a causal window's missing slots
+            for (int64_t s = 0; s < KM; ++s) {
+              std::fill(Ph + s * N + i, Ph + s * N + i + run, T(0));
+              std::fill(dSh + s * N + i, dSh + s * N + i + run, T(0));
+            }
+          }
+          for (int64_t s = 0; s < n; ++s) {
+            std::copy(S.data() + s * W, S.data() + s * W + run, Ph + slot[s] * N + i);
+            std::copy(DP.data() + s * W, DP.data() + s * W + run, dSh + slot[s] * N + i);
           }
           x2 += run - 1;
           continue;
         }
         T* dqi = dq + qi_off * D;
         const T li = lse[qi_off];
-        std::fill(P + qi_off * KM, P + (qi_off + 1) * KM, T(0));
-        std::fill(dS + qi_off * KM, dS + (qi_off + 1) * KM, T(0));
+        T* Ph = P + bh * KM * N;
+        T* dSh = dS + bh * KM * N;
+        for (int64_t s = 0; s < KM; ++s) Ph[s * N + i] = dSh[s * N + i] = T(0);
         if (dB) std::fill(dB + qi_off * KM, dB + (qi_off + 1) * KM, T(0));
         if (li == NEG) {  // no key and no sink: nothing flows back
           std::fill(dqi, dqi + D, T(0));
@@ -513,8 +517,6 @@ void backward_q_kernel(const T* dout, const T* q, const T* k, const T* v, const 
         scores<T>(qi, kb, D, idx.data(), boff.data(), n, pb, tb, tm, sc.data(), th.data());
         exp_sub(sc.data(), n, li);
         dots(doi, idx.data(), n, vb, Dv, Dv, dp.data());
-        T* Pi = P + qi_off * KM;
-        T* dSi = dS + qi_off * KM;
         T* dBi = dB ? dB + qi_off * KM : nullptr;
         for (int64_t t = 0; t < n; ++t) {
           const T p = sc[t];
@@ -526,8 +528,8 @@ void backward_q_kernel(const T* dout, const T* q, const T* k, const T* v, const 
           if (dBi) dBi[slot[t]] = ds;
           T dsr = ds * tm.scale;
           if (tm.has_cap) dsr *= T(1) - th[t] * th[t];
-          Pi[slot[t]] = p;
-          dSi[slot[t]] = dsr;
+          Ph[slot[t] * N + i] = p;
+          dSh[slot[t] * N + i] = dsr;
           dp[t] = dsr;
         }
         wsum(dp.data(), idx.data(), n, kb, D, D, dqi);
@@ -547,43 +549,107 @@ inline int64_t max_inverse(const Geo& g) {
   return m;
 }
 
+// the number of keys from y2 on (at most W) whose inverse neighbourhoods on the last axis are the first one's
+// shifted by one query per key (same window slots)
+inline int64_t inverse_shift_run(const Geo& g, int64_t y2, int64_t W) {
+  const int64_t p0 = g.inv_ptr[2][y2], len = g.inv_ptr[2][y2 + 1] - p0;
+  int64_t r = 1;
+  for (; r < W && y2 + r < g.L[2]; ++r) {
+    const int64_t pr = g.inv_ptr[2][y2 + r];
+    if (g.inv_ptr[2][y2 + r + 1] - pr != len) break;
+    bool same = true;
+    for (int64_t e = 0; e < len && same; ++e)
+      same = g.inv_x[2][pr + e] == g.inv_x[2][p0 + e] + r && g.inv_m[2][pr + e] == g.inv_m[2][p0 + e];
+    if (!same) break;
+  }
+  return r;
+}
+
+// O[(c0 + u)·W + t] = Σ_e Wb[woff[e] + t] · Rb[roff[e] + (c0 + u)·NP + t] for u < NB
+template <typename T, int NB>
+inline void wr_block(const T* Wb, const int64_t* woff, const T* Rb, const int64_t* roff, int64_t ne, int64_t NP,
+                     int64_t c0, T* O) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  V acc[NB];
+  for (int u = 0; u < NB; ++u) acc[u] = V(T(0));
+  for (int64_t e = 0; e < ne; ++e) {
+    const V wv = V::loadu(Wb + woff[e]);
+    const T* r = Rb + roff[e] + c0 * NP;
+    for (int u = 0; u < NB; ++u) acc[u] = at::vec::fmadd(wv, V::loadu(r + u * NP), acc[u]);
+  }
+  for (int u = 0; u < NB; ++u) acc[u].store(O + (c0 + u) * W);
+}
+
+template <typename T>
+inline void wr_tile(const T* Wb, const int64_t* woff, const T* Rb, const int64_t* roff, int64_t ne, int64_t NP,
+                    int64_t D, T* O) {
+  int64_t c = 0;
+  for (; c + 8 <= D; c += 8) wr_block<T, 8>(Wb, woff, Rb, roff, ne, NP, c, O);
+  for (; c + 4 <= D; c += 4) wr_block<T, 4>(Wb, woff, Rb, roff, ne, NP, c, O);
+  for (; c < D; ++c) wr_block<T, 1>(Wb, woff, Rb, roff, ne, NP, c, O);
+}
+
 // pass 2: per key, over the queries whose window holds it (the inverse neighbourhood) in all the query heads that
-// share its key head, dk = Σ dS·q and dv = Σ P·dO
+// share its key head, dk = Σ dS·q and dv = Σ P·dO. P and dS are slot-major (batch·head, slot, query). Keys whose
+// inverse neighbourhoods shift by one query per key run W at a time over row-transposed q and dO.
 template <typename T>
 void backward_kv_kernel(const T* dout, const T* q, const T* P, const T* dS, T* dk, T* dv, int64_t B, int64_t Hq,
-                        int64_t Hkv, int64_t D, int64_t Dv, const Geo& g) {
+                        int64_t Hkv, int64_t D, int64_t Dv, const Geo& g, const T* Qt, const T* dOt, int64_t NP) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
   const int64_t N = g.N(), KM = g.KM(), G = Hq / Hkv, rows = g.L[0] * g.L[1];
   const int64_t cap = max_inverse(g) * G;
+  const bool tiled = Qt != nullptr;
   at::parallel_for(0, B * Hkv * rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> ii(cap);
-    std::vector<T> pw(cap), dw(cap);
+    std::vector<int64_t> ii(cap), wo(cap), qo(cap), oo(cap);
+    std::vector<T> pw(cap), dw(cap), O(tiled ? std::max(D, Dv) * W : 0);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t bhk = r / rows, row = r % rows, b = bhk / Hkv, hk = bhk % Hkv;
       const int64_t y0 = row / g.L[1], y1 = row % g.L[1];
       const int64_t head0 = b * Hq + hk * G;  // the first query head of this key head
-      const T* Pb = P + head0 * N * KM;
-      const T* dSb = dS + head0 * N * KM;
-      for (int64_t y2 = 0; y2 < g.L[2]; ++y2) {
+      const T* Pb = P + head0 * KM * N;
+      const T* dSb = dS + head0 * KM * N;
+      for (int64_t y2 = 0; y2 < g.L[2];) {
         const int64_t j = row * g.L[2] + y2;
+        const int64_t run = tiled ? inverse_shift_run(g, y2, W) : 1;
         int64_t n = 0;
         for (int64_t gg = 0; gg < G; ++gg) {
           for (int64_t e0 = g.inv_ptr[0][y0]; e0 < g.inv_ptr[0][y0 + 1]; ++e0) {
             const int64_t x0 = g.inv_x[0][e0], m0 = g.inv_m[0][e0];
             for (int64_t e1 = g.inv_ptr[1][y1]; e1 < g.inv_ptr[1][y1 + 1]; ++e1) {
               const int64_t x1 = g.inv_x[1][e1], m1 = g.inv_m[1][e1];
-              const int64_t ibase = gg * N + (x0 * g.L[1] + x1) * g.L[2], tbase = (m0 * g.K[1] + m1) * g.K[2];
+              const int64_t qrow = x0 * g.L[1] + x1, tbase = (m0 * g.K[1] + m1) * g.K[2];
               for (int64_t e2 = g.inv_ptr[2][y2]; e2 < g.inv_ptr[2][y2 + 1]; ++e2) {
-                const int64_t i = ibase + g.inv_x[2][e2], t = tbase + g.inv_m[2][e2];
-                ii[n] = i;
-                pw[n] = Pb[i * KM + t];
-                dw[n] = dSb[i * KM + t];
+                const int64_t x2 = g.inv_x[2][e2], t = tbase + g.inv_m[2][e2];
+                const int64_t i = qrow * g.L[2] + x2;
+                if (run >= 4) {
+                  wo[n] = (gg * KM + t) * N + i;
+                  qo[n] = gg * N * D + qrow * D * NP + x2;
+                  oo[n] = gg * N * Dv + qrow * Dv * NP + x2;
+                } else {
+                  ii[n] = gg * N + i;
+                  pw[n] = Pb[(gg * KM + t) * N + i];
+                  dw[n] = dSb[(gg * KM + t) * N + i];
+                }
                 ++n;
               }
             }
           }
         }
+        if (run >= 4) {
+          wr_tile(dSb, wo.data(), Qt + head0 * N * D, qo.data(), n, NP, D, O.data());
+          for (int64_t t = 0; t < run; ++t)
+            for (int64_t c = 0; c < D; ++c) dk[(bhk * N + j + t) * D + c] = O[c * W + t];
+          wr_tile(Pb, wo.data(), dOt + head0 * N * Dv, oo.data(), n, NP, Dv, O.data());
+          for (int64_t t = 0; t < run; ++t)
+            for (int64_t c = 0; c < Dv; ++c) dv[(bhk * N + j + t) * Dv + c] = O[c * W + t];
+          y2 += run;
+          continue;
+        }
         wsum(dw.data(), ii.data(), n, q + head0 * N * D, D, D, dk + (bhk * N + j) * D);
         wsum(pw.data(), ii.data(), n, dout + head0 * N * Dv, Dv, Dv, dv + (bhk * N + j) * Dv);
+        ++y2;
       }
     }
   });
@@ -772,7 +838,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na_backward(
   }
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   // every row of P, dS (and dB) is written by pass 1, zeros included
-  at::Tensor P = at::empty({B, Hq, N, KM}, q.options()), dS = at::empty({B, Hq, N, KM}, q.options());
+  // P and dS slot-major (B, Hq, KM, N), W more numbers at the end for the last tile's lanes
+  const int64_t PW = q.scalar_type() == at::kDouble ? Vectorized<double>::size() : Vectorized<float>::size();
+  at::Tensor P = at::empty({B * Hq * KM * N + PW}, q.options()), dS = at::empty({B * Hq * KM * N + PW}, q.options());
+  P.narrow(0, B * Hq * KM * N, PW).zero_();
+  dS.narrow(0, B * Hq * KM * N, PW).zero_();
   at::Tensor dB = need_bias_grad ? at::empty({B, Hq, N, KM}, q.options()) : at::empty({0}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "foveal_na_backward", [&] {
     const auto tm = make_terms<scalar_t>(scale, key_padding_mask, softcap, std::nullopt, bias_table);
@@ -799,7 +869,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na_backward(
                                 Vt, dOt, NP);
     backward_kv_kernel<scalar_t>(grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), P.data_ptr<scalar_t>(),
                                  dS.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), B, Hq,
-                                 Hkv, D, Dv, g);
+                                 Hkv, D, Dv, g, Qt, dOt, NP);
   });
   return {dq, dk, dv, dB};
 }
