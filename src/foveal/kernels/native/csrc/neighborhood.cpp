@@ -739,7 +739,7 @@ void attach_bias(Geo& g, const std::optional<at::Tensor>& bias_index) {
 // A workspace kept by the calling thread between calls for the tiled path's transposed copies: large fresh
 // allocations are mapped anew by the system on every call, and their page faults cost as much as the
 // copy (up to WORKSPACE_MAX elements kept; larger ones are allocated per call).
-constexpr int64_t WORKSPACE_MAX = int64_t(1) << 26;
+constexpr int64_t WORKSPACE_MAX = int64_t(1) << 24;
 
 template <typename T>
 T* workspace(int64_t n, std::vector<T>& fresh) {
@@ -752,18 +752,26 @@ T* workspace(int64_t n, std::vector<T>& fresh) {
   return kept.data();
 }
 
-// (B, H, N, D) → row-transposed into dst: for every (batch·head, row of the grid's last axis) a (D, L2) block, then
-// W zeros (a tile's lanes may read past its row's end, never past the copy's)
+// (B, H, N, D) tensors → row-transposed into their destinations: for every (batch·head, row of the grid's last axis)
+// a (D, L2) block, then W zeros (a tile's lanes may read past its row's end, never past the copy's). One parallel
+// region for all of them.
 template <typename T>
-void row_transposed(const at::Tensor& x, int64_t L2, T* dst) {
-  const int64_t BH = x.size(0) * x.size(1), N = x.size(2), D = x.size(3), rows = N / L2;
+void row_transposed(const std::vector<std::pair<const at::Tensor*, T*>>& jobs, int64_t L2) {
   constexpr int64_t W = Vectorized<T>::size();
-  const T* src = x.data_ptr<T>();
-  std::fill(dst + BH * N * D, dst + BH * N * D + W, T(0));
-  at::parallel_for(0, BH * rows, 8, [&](int64_t begin, int64_t end) {
+  std::vector<int64_t> start(jobs.size() + 1, 0);
+  for (size_t a = 0; a < jobs.size(); ++a) {
+    const at::Tensor& x = *jobs[a].first;
+    std::fill(jobs[a].second + x.numel(), jobs[a].second + x.numel() + W, T(0));
+    start[a + 1] = start[a] + x.size(0) * x.size(1) * (x.size(2) / L2);
+  }
+  at::parallel_for(0, start.back(), 8, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const T* s = src + r * L2 * D;
-      T* d = dst + r * D * L2;
+      size_t a = 0;
+      while (start[a + 1] <= r) ++a;
+      const at::Tensor& x = *jobs[a].first;
+      const int64_t D = x.size(3), rr = r - start[a];
+      const T* s = x.data_ptr<T>() + rr * L2 * D;
+      T* d = jobs[a].second + rr * D * L2;
       for (int64_t x2 = 0; x2 < L2; ++x2)
         for (int64_t c = 0; c < D; ++c) d[c * L2 + x2] = s[x2 * D + c];
     }
@@ -797,9 +805,7 @@ std::tuple<at::Tensor, at::Tensor> na_forward(const at::Tensor& q, const at::Ten
       Qt = workspace<scalar_t>(nq + nk + nv, fresh);
       Kt = Qt + nq;
       Vt = Kt + nk;
-      row_transposed<scalar_t>(q, NP, Qt);
-      row_transposed<scalar_t>(k, NP, Kt);
-      row_transposed<scalar_t>(v, NP, Vt);
+      row_transposed<scalar_t>({{&q, Qt}, {&k, Kt}, {&v, Vt}}, NP);
     }
     forward_kernel<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                              out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), B, Hq, Hkv, D, Dv, g, tm,
@@ -857,10 +863,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na_backward(
       Kt = Qt + nq;
       Vt = Kt + nk;
       dOt = Vt + nv;
-      row_transposed<scalar_t>(q, NP, Qt);
-      row_transposed<scalar_t>(k, NP, Kt);
-      row_transposed<scalar_t>(v, NP, Vt);
-      row_transposed<scalar_t>(grad_out, NP, dOt);
+      row_transposed<scalar_t>({{&q, Qt}, {&k, Kt}, {&v, Vt}, {&grad_out, dOt}}, NP);
     }
     backward_q_kernel<scalar_t>(grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
                                 v.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(),
