@@ -6,15 +6,29 @@ each query computes its scores against its own keys only (at most ``prod(kernel_
 NATTEN's definition as ``foveal.patterns.Neighborhood`` states it — 1-, 2- and 3-D
 grids, dilation, stride groups, per-axis causal — read from the pattern's own
 ``progression`` (first key and count per axis coordinate), so the kernel has no second
-copy of the definition. Forward and backward (P recomputed from the lse; dq per query;
-dk and dv per key over NATTEN's inverse neighbourhood — the queries whose window holds
-the key — so no atomics and no per-thread buffers), GQA, key padding, softcap, learned
-sink logits (a zero-value extra key joining every row's softmax) and
-``RelativePositionBias`` score terms on the pattern's grid with their table's gradient
-(NAT's ``rpb``). Computes in float32 for float32 and in float64 for float64; bfloat16
-and float16 inputs are converted to float32 here (outputs converted back, lse float32).
-Memory: the backward keeps P and dS per (query, window slot), ``2·B·Hq·N·prod(kernel_size)``
-numbers (a third such buffer for a learned table) — never N×N.
+copy of the definition.
+
+How it runs. Forward: W queries of one grid row (W = the vector width: 16 float32 on
+AVX-512) whose windows on the last axis shift by one key per query — every query away
+from the borders, with or without dilation, unless the last axis has a stride — form a
+tile: with q, k, v copied to a row-transposed layout ((D, L_last) blocks per grid row, in
+a per-thread workspace kept between calls), every score, the softmax and every output
+channel is a full-width vector operation over the tile's queries (no horizontal sums, no
+gathers); the other queries (borders, strided last axis, key padding) run one at a time,
+vectorised over head_dim. Backward (P recomputed from the lse): pass 1 per query (the
+same tiles) gives dq and stores P and dS per (window slot, query); pass 2 per key gives
+dk and dv over NATTEN's inverse neighbourhood — the queries whose window holds the key,
+tiled the same way — so each key is written by one task: no atomics, no per-thread
+copies of dk/dv. Parallel over (batch, head, grid rows) with ``at::parallel_for``.
+
+GQA, key padding, softcap, learned sink logits (a zero-value extra key joining every
+row's softmax) and ``RelativePositionBias`` score terms on the pattern's grid with their
+table's gradient (NAT's ``rpb``). Computes in float32 for float32 and in float64 for
+float64; bfloat16 and float16 inputs are converted to float32 here (outputs converted
+back, lse float32). Memory: the backward keeps P and dS per (query, window slot),
+``2·B·Hq·N·prod(kernel_size)`` numbers (a third such buffer for a learned table), never
+N×N; the transposed copies of q, k, v (and dO) are kept per calling thread up to 2^24
+numbers.
 """
 
 from __future__ import annotations
