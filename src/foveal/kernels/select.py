@@ -239,9 +239,10 @@ BACKENDS = {b.name: b for b in (ReferenceBackend(), SdpaBackend(), CpuBackend(),
 #: ``cpu`` (runs on CUDA too). No GPU was available to measure this rule; it follows
 #: FlexAttention's own GPU results and should be re-measured.
 #: ``native-na`` (a bare ``Neighborhood`` on CPU, where the extension is built) comes before ``cpu``: on
-#: NA 7x7 over 64x64, 4 heads, head_dim 32, float32, it took 0.09x dense SDPA's single-thread CPU time
-#: forward and fwd+bwd, where ``cpu`` computes ~4x the allowed pairs (its measurement against ``cpu``
-#: is in the commit that added it); ``sdpa`` keeps the small patterns it was measured to win.
+#: NA 7x7 over 64x64, 4 heads, head_dim 32, float32, one thread's CPU time (tools/native_na_cputime.py, a
+#: loaded 2-core machine) it took 0.45x ``cpu``'s forward and 0.43x its fwd+bwd, 0.04x compiled flex's
+#: forward, 0.08x / 0.09x dense SDPA's forward / fwd+bwd; ``sdpa`` keeps the small patterns it was
+#: measured to win (native against sdpa there is not measured).
 AUTO_ORDER = {"cpu": ("sdpa", "native-na", "cpu", "blocksparse", "reference"),
               "cuda": ("sdpa", "flex", "cpu", "blocksparse", "reference")}
 _AUTO_DEFAULT = ("sdpa", "cpu", "blocksparse", "reference")
