@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import bruteforce as bf
+from precision import attention_tol32
 from foveal.decode import (
     KVCache,
     Quest,
@@ -115,7 +116,7 @@ def test_decoding_equals_full_attention(name, chunked):
     torch.testing.assert_close(out, attend(q, k, v, pattern), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, None), (torch.float64, 1e-12)])
 def test_streaming_llm_token_by_token_equals_attend(dtype, tol):
     # the README's StreamingLLM pattern: decoding it one token at a time is attend over the whole sequence,
     # including the first queries, which must not see sinks later than themselves
@@ -125,6 +126,7 @@ def test_streaming_llm_token_by_token_equals_attend(dtype, tol):
     q, k, v = (torch.randn(2, h, n, 16, generator=g, dtype=dtype) for h in (6, 2, 2))
     out, lse, sizes = _decode(q, k, v, pattern, [(t, t + 1) for t in range(n)])
     assert max(sizes) == 4 + w + 1
+    tol = tol or attention_tol32(q, k, v, max(sizes))  # float32: one call's rounding, derived (tests/precision.py)
     full, full_lse = attend(q, k, v, pattern, return_lse=True)
     torch.testing.assert_close(out, full, atol=tol, rtol=tol)
     torch.testing.assert_close(lse, full_lse.to(lse.dtype), atol=tol, rtol=tol)

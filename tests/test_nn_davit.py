@@ -1,5 +1,6 @@
 """DaViT channel attention and dual block against a dense DaViT written from the paper (per-head loops, windows)."""
 
+import copy
 import math
 import random
 
@@ -8,6 +9,7 @@ import torch
 
 from foveal.nn.davit import ChannelAttention, ChannelBlock, DaViTBlock, SpatialBlock
 from foveal.patterns import Window
+from precision import assert_close64
 
 
 def _gelu(x):
@@ -95,11 +97,12 @@ def _randomize_norms(module):
                 mod.bias.normal_(0.0, 0.3)
 
 
-def _compare(out, want, params, tol):
-    torch.testing.assert_close(out, want, atol=tol, rtol=tol)
+def _compare(out, want, params):
+    """Output and every gradient, in float64 to 1e-10 of their magnitude (tests/precision.py)."""
+    assert_close64(out, want)
     g = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(want, params, g)):
-        torch.testing.assert_close(a, b, atol=10 * tol, rtol=10 * tol)
+        assert_close64(a, b)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -107,10 +110,10 @@ def test_channel_attention_matches_dense(seed):
     rng = random.Random(seed)
     heads = rng.choice([1, 2, 4])
     dim = heads * rng.choice([2, 4, 6])
-    m = ChannelAttention(dim, heads, qkv_bias=seed % 2 == 0, v2=seed >= 2, dynamic_scale=seed != 3)
+    m = ChannelAttention(dim, heads, qkv_bias=seed % 2 == 0, v2=seed >= 2, dynamic_scale=seed != 3).double()
     tokens = tuple(rng.randint(2, 6) for _ in range(rng.choice([1, 2])))
-    x = torch.randn(2, *tokens, dim, requires_grad=True)
-    _compare(m(x), dense_channel_attention(m, x), [x] + list(m.parameters()), 1e-5)
+    x = torch.randn(2, *tokens, dim, dtype=torch.float64, requires_grad=True)
+    _compare(m(x), dense_channel_attention(m, x), [x] + list(m.parameters()))
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -124,9 +127,10 @@ def test_davit_block_matches_dense(seed):
         dim, heads, window_size=ws, mlp_ratio=2, qkv_bias=seed != 1, ffn=seed != 2, cpe_act=seed == 1, v2=seed == 0
     )
     _randomize_norms(blk)
-    x = torch.randn(2, *grid, dim, requires_grad=True)
+    blk.double()  # two blocks deep: float64 (tests/precision.py)
+    x = torch.randn(2, *grid, dim, dtype=torch.float64, requires_grad=True)
     want = dense_block(blk[1], dense_block(blk[0], x))
-    _compare(blk(x), want, [x] + list(blk.parameters()), 1e-5)
+    _compare(blk(x), want, [x] + list(blk.parameters()))
 
 
 def test_drop_path_bfloat16_pattern():
@@ -135,7 +139,8 @@ def test_drop_path_bfloat16_pattern():
     assert blk.pattern((5, 6)) == Window((6, 6), 3)
     blk.eval()
     want = dense_block(blk[1], dense_block(blk[0], x))
-    torch.testing.assert_close(blk(x), want, atol=1e-5, rtol=1e-5)  # eval: no stochastic depth
+    blk64 = copy.deepcopy(blk).double()  # eval: no stochastic depth (float64, two blocks deep)
+    assert_close64(blk64(x.double()), dense_block(blk64[1], dense_block(blk64[0], x.double())))
     blk.train()
     assert not torch.allclose(blk(x), want)
     blk.eval()

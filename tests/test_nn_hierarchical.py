@@ -6,6 +6,7 @@ import torch
 from foveal.nn.hierarchical import HierarchicalLocalAttention
 from foveal.patterns import Window
 from foveal.patterns.order import Ordered
+from precision import assert_close64
 
 
 def hilbert_cells(side):
@@ -85,19 +86,19 @@ CASES = [
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_matches_dense_forward_and_backward(case):
     grid, ws, pool, low_grid = CASES[case]
-    m = HierarchicalLocalAttention(24, 3, window_size=ws, pool=pool)
-    x = torch.randn(2, *grid, 24, requires_grad=True)
-    low = None if low_grid is None else torch.randn(2, *low_grid, 24, requires_grad=True)
+    m = HierarchicalLocalAttention(24, 3, window_size=ws, pool=pool).double()  # float64 (tests/precision.py)
+    x = torch.randn(2, *grid, 24, dtype=torch.float64, requires_grad=True)
+    low = None if low_grid is None else torch.randn(2, *low_grid, 24, dtype=torch.float64, requires_grad=True)
     out, want = m(x, low), dense_reference(m, x, low)
     outs, wants = (out, want) if low is not None else ((out,), (want,))
     inputs = [x] + ([low] if low is not None else []) + list(m.parameters())
     gs = [torch.randn_like(o) for o in outs]
     for a, b in zip(outs, wants):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert_close64(a, b)
     got = torch.autograd.grad(outs, inputs, gs)
     exp = torch.autograd.grad(wants, inputs, gs)
     for a, b in zip(got, exp):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        assert_close64(a, b)
 
 
 def _rel(a, b):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from foveal.nn.maxvit import MaxViTBlock, MBConv, MultiAxisAttention
 from foveal.patterns.local import Grid, Window
+from precision import assert_close64
 
 
 # -- MaxViT's partitions, written with reshapes as in the paper's code ------------------
@@ -167,14 +168,15 @@ def test_block_matches_dense_maxvit_forward_and_backward():
     with torch.no_grad():
         for stage in (blk.attn_block, blk.attn_grid):
             stage.attn.relative_position_bias_table.normal_()
-    x = torch.randn(2, 4, 6, 16, requires_grad=True)
+    blk.double()  # MBConv, two attentions and MLPs deep: float64 (tests/precision.py)
+    x = torch.randn(2, 4, 6, 16, dtype=torch.float64, requires_grad=True)
     out, want = blk(x), dense_block(blk, x)
-    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    assert_close64(out, want)
     g = torch.randn_like(out)
     names = ["x"] + [n for n, _ in blk.named_parameters()]
     tensors = [x] + list(blk.parameters())
     for name, a, b in zip(names, _grads(out, g, tensors), _grads(want, g, tensors)):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda s: f"d{name}: {s}")
+        assert_close64(a, b, msg=lambda s: f"d{name}: {s}")
 
 
 def test_block_trains():

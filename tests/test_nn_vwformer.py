@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from foveal.nn.vwformer import VaryingWindowAttention
 from foveal.patterns import Window
+from precision import assert_close64
 
 
 def _bn(x, norm):
@@ -103,17 +104,18 @@ def test_matches_dense_forward_and_backward(case):
             if isinstance(mod, torch.nn.BatchNorm2d):
                 mod.weight.uniform_(0.5, 1.5)
                 mod.bias.normal_()
-    x = torch.randn(2, *grid, dim, requires_grad=True)
+    # float64: three window attentions, convs and batch norms deep (tests/precision.py)
+    m.double()
+    x = torch.randn(2, *grid, dim, dtype=torch.float64, requires_grad=True)
     out, want = m(x), dense_vwformer(m, x)
-    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    assert_close64(out, want)
     g = torch.randn_like(out)
     # exact gradient zero, computed values are rounding noise: a key bias shifts every score of a query
     # alike; a value bias adds a constant per channel that the output batch norm removes
     zero = ("phi.bias", "g.bias")
     names, params = zip(*[("x", x)] + [(n, p) for n, p in m.named_parameters() if not n.endswith(zero)])
     for name, a, b in zip(names, torch.autograd.grad(out, params, g), torch.autograd.grad(want, params, g)):
-        # gradients of weights sum over every pixel through batch norms: tolerance relative to their scale
-        torch.testing.assert_close(a, b, atol=1e-5 + 2e-5 * float(b.abs().max()), rtol=1e-4, msg=name)
+        assert_close64(a, b, msg=name)
 
 
 def test_bfloat16_compile_and_pattern():

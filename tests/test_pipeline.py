@@ -3,6 +3,7 @@ score terms and per-head patterns, forward and backward; validation, caches, mer
 
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -166,14 +167,14 @@ def test_bfloat16_with_padding_and_softcap(backend):
 def test_a_padded_batch_gives_each_sequence_what_it_gets_alone():
     torch.manual_seed(3)
     n, lengths = 33, [33, 20, 7]
-    q, k, v = _qkv(3, 4, 2, n, n, grad=False)
+    q, k, v = _qkv(3, 4, 2, n, n, dtype=torch.float64, grad=False)  # float64: padding changes the blocking
     pad = torch.arange(n)[None, :] >= torch.tensor(lengths)[:, None]
     for backend in EAGER:
         out = attend(q, k, v, Causal(n) & SlidingWindow(n, left=9), key_padding_mask=pad, backend=backend)
         for b, m in enumerate(lengths):
             alone = attend(q[b : b + 1, :, :m], k[b : b + 1, :, :m], v[b : b + 1, :, :m],
                            Causal(m) & SlidingWindow(m, left=9), backend=backend)
-            torch.testing.assert_close(out[b : b + 1, :, :m], alone, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(out[b : b + 1, :, :m], alone, atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("backend", EAGER)
@@ -291,6 +292,12 @@ def test_bad_terms_padding_and_softcap_are_refused_before_any_work():
         attend(q, k, v, Causal(16), bias=lambda h, i, j: i - j)
     with pytest.raises(ValueError, match="must broadcast to \\(heads, queries, keys\\)"):
         attend(q, k, v, Causal(16), bias=lambda h, i, j: torch.zeros(3, 5, 1, 1))
+    # a result that broadcasts with the index tensors but to a larger shape than the pairs asked for
+    for bad in (torch.zeros(5), torch.zeros(1, 1, 5), torch.zeros(4, 3, 1)):
+        for backend in ("auto", "reference", "sdpa", "cpu", "blocksparse"):
+            with pytest.raises(ValueError, match=rf"bias\(h, q_idx, kv_idx\).*returned shape "
+                                                 rf"{re.escape(str(tuple(bad.shape)))}.*expected \(4, 1, 1\)"):
+                attend(q, k, v, Causal(16), bias=lambda h, i, j, bad=bad: bad, backend=backend)
     with pytest.raises(TypeError, match="key_padding_mask must be a bool tensor"):
         attend(q, k, v, Causal(16), key_padding_mask=torch.zeros(2, 16))
     with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(batch, n_kv\) = \(2, 16\), got \(16,\)"):

@@ -37,7 +37,7 @@ from foveal.patterns import (
     tiles,
 )
 from foveal.patterns.algebra import Intersection, Union
-from foveal.patterns.global_ import is_causal
+from foveal.patterns.causality import is_causal
 
 
 def loops(nq, nkv, rule):

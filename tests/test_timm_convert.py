@@ -2,7 +2,10 @@
 
 Models are built by ``timm.create_model(name, pretrained=False)`` (random weights,
 nothing downloaded; Swin made narrower through its own kwargs). Each converted model is
-compared with the timm model it came from, in eval mode, on the same input.
+compared with the timm model it came from, in eval mode, on the same input, with both in
+float64 to 1e-10 of the magnitudes (tests/precision.py: float32 rounding of a deep model
+depends on threads and ISA); float32 is checked against the float64 truth, bounded by timm's
+own float32 rounding.
 """
 
 import copy
@@ -16,6 +19,7 @@ timm = pytest.importorskip("timm")
 from foveal.integrations.timm import convert, converted_modules, own_pattern, swap_pattern  # noqa: E402
 from foveal.nn import HaloAttention, MultiAxisAttention, WindowAttention  # noqa: E402
 from foveal.patterns import GlobalTokens, Neighborhood  # noqa: E402
+from precision import assert_close64, assert_rounding_like_peer  # noqa: E402
 
 SWIN = ("swin_tiny_patch4_window7_224", dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8)))
 MODELS = {
@@ -89,13 +93,20 @@ def test_converted_logits_equal_the_original(key):
     assert sorted(after) == sorted(state)
     for k in state:
         torch.testing.assert_close(after[k], state[k], atol=0, rtol=0, msg=k)
-    x = torch.randn(2, 3, size, size)
+    x = torch.randn(1, 3, size, size, dtype=torch.float64)  # one image: float64 convs are slow on CPU
     with torch.no_grad():
-        feats, want_feats = model.forward_features(x), original.forward_features(x)
-        logits, want = model.forward_head(feats), original.forward_head(want_feats)
-    # float32 rounding of features that grow to O(100) in the deeper stages
-    torch.testing.assert_close(feats, want_feats, atol=2e-6 * float(want_feats.abs().max()), rtol=1e-5)
-    torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
+        got32, want32 = _features_and_logits(model, x.float()), _features_and_logits(original, x.float())
+        got, want = _features_and_logits(model.double(), x), _features_and_logits(original.double(), x)
+    for what, a, b in zip(("features", "logits"), got, want):
+        assert_close64(a, b, msg=lambda s: f"{what}: {s}")
+    # float32 runs too: as far from the float64 truth as timm's own float32 rounding of the same depth
+    for what, a, a_peer, truth in zip(("features", "logits"), got32, want32, want):
+        assert_rounding_like_peer(a, a_peer, truth, what=what)
+
+
+def _features_and_logits(model, x):
+    feats = model.forward_features(x)
+    return feats, model.forward_head(feats)
 
 
 def test_swin_runs_at_a_resolution_the_original_refuses():
@@ -108,10 +119,10 @@ def test_swin_runs_at_a_resolution_the_original_refuses():
     dynamic, _ = _build("swin", strict_img_size=False)
     dynamic.load_state_dict(original.state_dict())
     with torch.no_grad():
-        torch.testing.assert_close(model(x), dynamic(x), atol=1e-5, rtol=1e-5)
+        assert_close64(model.double()(x.double()), dynamic.double()(x.double()))
     # a grid the window does not divide: refused with the reason (swap the pattern to run it)
     with pytest.raises(ValueError, match="grid\\[0\\]=64 is not divisible by window\\[0\\]=7"):
-        model(torch.randn(1, 3, 256, 256))
+        model(torch.randn(1, 3, 256, 256, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -120,15 +131,15 @@ def test_halonet_zero_borders_on_grids_timm_refuses(stride):
     model = convert(copy.deepcopy(original))
     # a HaloAttn of the model, alone, on a grid its block (8) does not divide
     name = next(n for n, m in model.named_modules() if isinstance(m, HaloAttention) and m.stride == stride)
-    ours, theirs = model.get_submodule(name), original.get_submodule(name)
-    x = torch.randn(1, theirs.q.in_channels, 12, 20)
+    ours, theirs = (copy.deepcopy(m.get_submodule(name)).double() for m in (model, original))
+    x = torch.randn(1, theirs.q.in_channels, 12, 20, dtype=torch.float64)
     with pytest.raises(AssertionError):
         theirs(x)
     with torch.no_grad():
         out = ours(x)
         # timm's module on the map zero-padded up to whole blocks, cropped (HaloNet's q and kv have no bias)
         padded = theirs(torch.nn.functional.pad(x, (0, 4, 0, 4)))[..., : 12 // stride, : 20 // stride]
-    torch.testing.assert_close(out, padded, atol=1e-5, rtol=1e-5)
+    assert_close64(out, padded)
     # so the whole model runs at 224², whose stage grids (14, 7) the block does not divide
     x = torch.randn(1, 3, 224, 224)
     with pytest.raises(AssertionError):
@@ -141,10 +152,10 @@ def test_halonet_zero_borders_on_grids_timm_refuses(stride):
 def test_resolutions_the_original_pads_or_takes(key):
     # DaViT pads to whole windows and FocalNet takes any size: the converted models do the same
     original, _ = _build(key)
-    model = convert(copy.deepcopy(original))
-    x = torch.randn(1, 3, 256, 192)
+    model = convert(copy.deepcopy(original)).double()
+    x = torch.randn(1, 3, 256, 192, dtype=torch.float64)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), original(x), atol=1e-5, rtol=1e-5)
+        assert_close64(model(x), original.double()(x))
 
 
 def _dense_window_attention(m, x, pattern):
@@ -164,10 +175,12 @@ def _dense_window_attention(m, x, pattern):
 
 
 def test_swap_pattern_keeps_every_weight_and_changes_only_the_pattern():
+    # float64: the modules against attention written out, the whole model against timm (tests/precision.py)
     original, size = _build("swin")
+    original.double()
     model = convert(copy.deepcopy(original))
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    x = torch.randn(1, 3, size, size)
+    x = torch.randn(1, 3, size, size, dtype=torch.float64)
     with torch.no_grad():
         want = original(x)
     names = swap_pattern(model, lambda name, m, grid: Neighborhood(grid, m.window_size))
@@ -180,19 +193,19 @@ def test_swap_pattern_keeps_every_weight_and_changes_only_the_pattern():
     attn = model.get_submodule(names[2])
     grid = (28, 28)
     assert attn.pattern(grid) == Neighborhood(grid, 7) and own_pattern(attn, grid) != attn.pattern(grid)
-    feat = torch.randn(2, *grid, attn.dim)
-    torch.testing.assert_close(attn(feat), _dense_window_attention(attn, feat, Neighborhood(grid, 7)), atol=1e-5, rtol=1e-5)
+    feat = torch.randn(2, *grid, attn.dim, dtype=torch.float64)
+    assert_close64(attn(feat), _dense_window_attention(attn, feat, Neighborhood(grid, 7)))
     # a neighbourhood takes any grid: the model now runs at a resolution whose grids 7 does not divide
     with torch.no_grad():
-        assert torch.isfinite(model(torch.randn(1, 3, 256, 256))).all()
+        assert torch.isfinite(model(torch.randn(1, 3, 256, 256, dtype=torch.float64))).all()
     # windows + 4 global tokens, then back to the model's own windows
     swap_pattern(model, lambda name, m, grid: own_pattern(m, grid) | GlobalTokens(math.prod(grid), 4))
-    feat = torch.randn(1, *grid, attn.dim)
+    feat = torch.randn(1, *grid, attn.dim, dtype=torch.float64)
     union = own_pattern(attn, grid) | GlobalTokens(math.prod(grid), 4)
-    torch.testing.assert_close(attn(feat), _dense_window_attention(attn, feat, union), atol=1e-5, rtol=1e-5)
+    assert_close64(attn(feat), _dense_window_attention(attn, feat, union))
     swap_pattern(model, None)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-5)
+        assert_close64(model(x), want)
 
 
 def test_maxvit_with_sliding_windows_runs_where_timm_refuses():
@@ -244,6 +257,7 @@ def test_timm_speed_suite_writes_its_report(tmp_path, monkeypatch):
     result = timm_speed.run_timm("timm-tiny", str(tmp_path), "cpu")
     rows = result["rows"]
     assert [(r["side"], r["contender"]) for r in rows] == [(64, "timm"), (64, "foveal"), (128, "timm"), (128, "foveal")]
+    # float32 (the suite times what users run): logits ~0.08 under timm's init, rounding ~1.5e-8, 1e-5 is ~1000 ulps
     assert all(r["median_s"] > 0 and r["peak_bytes"] >= 0 and r["max_abs_diff"] < 1e-5 for r in rows)
     md = (tmp_path / "timm-cpu.md").read_text()
     assert "| swin_tiny_patch4_window7_224 | 128² |" in md and "foveal / timm" in md
@@ -252,11 +266,11 @@ def test_timm_speed_suite_writes_its_report(tmp_path, monkeypatch):
 
 
 def test_davit_windows_swap_for_a_neighbourhood_without_padding():
-    model = convert(_build("davit")[0])
+    model = convert(_build("davit")[0]).double()  # float64: against attention written out (tests/precision.py)
     names = swap_pattern(model, lambda name, m, grid: Neighborhood(grid, 7))
     attn = model.get_submodule(names[0])  # DaViT's window attention (no position bias)
     grid = (10, 12)  # not whole windows: with the swap nothing is padded
-    x = torch.randn(2, *grid, attn.dim)
+    x = torch.randn(2, *grid, attn.dim, dtype=torch.float64)
     b, n, c = 2, 120, attn.dim
     q, k, v = (x.reshape(b, n, c) @ attn.qkv.weight.T + attn.qkv.bias).reshape(b, n, 3, attn.num_heads, -1).permute(
         2, 0, 3, 1, 4
@@ -265,6 +279,6 @@ def test_davit_windows_swap_for_a_neighbourhood_without_padding():
     allowed = Neighborhood(grid, 7).mask(idx[:, None], idx[None, :])
     s = (q @ k.transpose(-1, -2) * attn.scale).masked_fill(~allowed, float("-inf"))
     want = (torch.softmax(s, -1) @ v).transpose(1, 2).reshape(b, *grid, c) @ attn.proj.weight.T + attn.proj.bias
-    torch.testing.assert_close(attn(x), want, atol=1e-5, rtol=1e-5)
+    assert_close64(attn(x), want)
     with torch.no_grad():
-        assert torch.isfinite(model(torch.randn(1, 3, 200, 200))).all()
+        assert torch.isfinite(model(torch.randn(1, 3, 200, 200, dtype=torch.float64))).all()

@@ -4,6 +4,7 @@
 pattern; ``pattern.layout(block_q, block_k)`` gives its ``BlockLayout``.
 """
 
+from foveal import patterns as _patterns
 from foveal.bias import ALiBi, RelativePositionBias
 from foveal.decode import KVCache, Quest, SnapKV, attend_decode, snapkv_compress
 from foveal.functional import attend
@@ -11,6 +12,7 @@ from foveal.layout import BlockLayout
 from foveal.merge import merge_attentions
 from foveal.patterns import (
     DHSA,
+    DYNAMIC,
     BigBird,
     BlockCover,
     BlockSelection,
@@ -28,10 +30,12 @@ from foveal.patterns import (
     MaskPattern,
     Neighborhood,
     Ordered,
+    PaddedHalo,
     Pattern,
     PerHead,
     Power,
     PrefixLM,
+    ProgressionPattern,
     SharedQuestion,
     Sinks,
     SlidingWindow,
@@ -45,43 +49,15 @@ from foveal.patterns import (
 
 __version__ = "0.1.0"
 
+#: the one export list of patterns is ``foveal.patterns``' (its ``__all__`` and ``DYNAMIC``): every name there is here
 __all__ = [
     "attend",
     "merge_attentions",
     "ALiBi",
     "RelativePositionBias",
     "BlockLayout",
-    "Pattern",
-    "Full",
-    "Causal",
-    "SlidingWindow",
-    "Neighborhood",
-    "Window",
-    "Grid",
-    "Halo",
-    "GlobalTokens",
-    "Sinks",
-    "Strided",
-    "Dilated",
-    "Power",
-    "BigBird",
-    "Document",
-    "PrefixLM",
-    "SharedQuestion",
-    "CausalBlockwise",
-    "Union",
-    "Intersection",
-    "MaskPattern",
-    "Ordered",
-    "PerHead",
-    "DynamicPattern",
-    "BlockSelection",
-    "VerticalSlash",
-    "VerticalSlashCover",
-    "BlockTopK",
-    "BlockCover",
-    "DHSA",
-    "a_shape",
+    *_patterns.__all__,
+    *DYNAMIC,
     "KVCache",
     "attend_decode",
     "Quest",

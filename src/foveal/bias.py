@@ -5,17 +5,25 @@ integer tensors (query head, query token, key token), FlexAttention's ``score_mo
 contract for an additive term; ``attend(..., bias=...)`` adds it to the scaled scores
 before the mask and the softmax. If it has ``parameters()``, gradients flow to those
 that require grad, on every backend. Plain functions work too (no parameters).
+
+Under ``torch.compile`` a term reaches the custom op ``foveal::attend`` through
+``compile_spec() -> (spec, tensors)``: ``spec`` a hashable tuple whose first item is a
+class with ``from_spec(spec[1:], tensors)`` that rebuilds the term, ``tensors`` the
+tensors it reads (their gradients flow). Terms without it and without parameters that
+require grad (plain functions) are passed as they are; see ``foveal.custom_op``.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 
 from foveal._checks import as_shape, per_axis, positive_int
+from foveal.inputs import HALF
 
-__all__ = ["ALiBi", "RelativePositionBias", "bias_parameters", "table_geometry", "WrappedBias"]
+__all__ = ["ALiBi", "RelativePositionBias", "bias_parameters", "table_geometry", "WrappedBias", "float32_term"]
 
 
 def bias_parameters(bias) -> list[torch.Tensor]:
@@ -33,6 +41,23 @@ def table_geometry(bias):
     return geometry if geometry is not None and hasattr(bias, "table_index") else None
 
 
+def float32_term(bias):
+    """``bias`` reading float32 copies of its half-precision tables that require grad (other terms as they are).
+
+    A chunked kernel differentiates the copy, chunk by chunk: ``bias_parameters`` of the copy line up with
+    those of ``bias``, and a table's gradient sums in float32, rounded to the table's dtype once at the end.
+    """
+    promote = getattr(bias, "with_float32_tables", None)
+    return bias if promote is None else promote()
+
+
+def _float32_table(table: torch.Tensor) -> torch.Tensor:
+    """A half table as a float32 leaf that requires grad (a copy of its values); any other table as it is."""
+    if table.dtype in HALF and table.requires_grad:
+        return table.detach().float().requires_grad_()
+    return table
+
+
 class WrappedBias:
     """Base of a score term read through an index map (other heads, tokens or order): ``self.bias`` is the
     wrapped term, whose ``parameters()`` this one forwards, so gradients reach them."""
@@ -42,6 +67,12 @@ class WrappedBias:
     def parameters(self):
         params = getattr(self.bias, "parameters", None)
         return list(params()) if params is not None else []
+
+    def with_float32_tables(self):
+        """This wrapper around ``float32_term(self.bias)``."""
+        out = copy.copy(self)
+        out.bias = float32_term(self.bias)
+        return out
 
 
 def _coords(idx: torch.Tensor, shape: tuple[int, ...]) -> list[torch.Tensor]:
@@ -78,6 +109,14 @@ class ALiBi:
 
     def parameters(self):
         return []
+
+    def compile_spec(self):
+        """``((ALiBi, num_heads), [])``: the slopes follow from the head count (``foveal.custom_op``)."""
+        return (ALiBi, self.num_heads), []
+
+    @staticmethod
+    def from_spec(rest, tensors):
+        return ALiBi(rest[0])
 
     def __repr__(self):
         return f"ALiBi(num_heads={self.num_heads})"
@@ -132,16 +171,36 @@ class RelativePositionBias:
 
     def gather(self, index: torch.Tensor) -> torch.Tensor:
         """The term at a ``table_index`` for every head: ``(heads, *index.shape)``, differentiable in the table."""
-        flat = self.table.flatten(1)
+        flat = self._flat()
         return flat.index_select(1, index.flatten()).view(flat.shape[0], *index.shape)
 
     def __call__(self, h, q_idx, kv_idx):
         index = self.table_index(q_idx, kv_idx)
         h, index = torch.broadcast_tensors(h, index)
-        return self.table.flatten(1)[h, index]
+        return self._flat()[h, index]
+
+    def _flat(self) -> torch.Tensor:
+        """The table as (heads, entries); a half table read as float32, so that its gradient sums in float32."""
+        flat = self.table.flatten(1)
+        return flat.float() if flat.dtype in HALF else flat
 
     def parameters(self):
         return [self.table]
+
+    def compile_spec(self):
+        """``((RelativePositionBias, grid, max_offset, step), [table])`` for ``foveal.custom_op``."""
+        return (RelativePositionBias, self.grid, self.max_offset, self.step), [self.table]
+
+    @staticmethod
+    def from_spec(rest, tensors):
+        grid, max_offset, step = rest
+        return RelativePositionBias(grid, max_offset, tensors[0], step=step)
+
+    def with_float32_tables(self):
+        """This term over a float32 copy of a half table that requires grad (``float32_term``)."""
+        out = copy.copy(self)
+        out.table = _float32_table(self.table)
+        return out
 
     def __repr__(self):
         return f"RelativePositionBias(grid={self.grid}, max_offset={self.max_offset}, heads={self.table.shape[0]})"

@@ -14,7 +14,8 @@ import torch
 
 from foveal.functional import attend
 from foveal.gallery import GALLERY
-from foveal.kernels.select import BACKENDS, Call
+from foveal.kernels.call import Call
+from foveal.kernels.select import BACKENDS, why_not
 
 __all__ = ["check_all"]
 
@@ -33,7 +34,7 @@ def check_pattern(pattern, backend: str, *, dtype=torch.float32, seed: int = 0):
     ours = [t.clone().requires_grad_() for t in (q, k, v)]
     theirs = [t.clone().requires_grad_() for t in (q, k, v)]
     with torch.enable_grad():
-        reasons = BACKENDS[backend].why_not(Call(*ours, pattern, 32**-0.5))
+        reasons = why_not(Call(*ours, pattern, 32**-0.5), backend)
         if reasons:
             return reasons
         out = attend(*ours, pattern, backend=backend)

@@ -29,7 +29,7 @@ from foveal._checks import positive_int
 from foveal.functional import attend
 from foveal.inputs import DTYPES, check_scale, check_sink_logits, check_tensor
 from foveal.patterns import Causal, Full, MaskPattern, Pattern
-from foveal.patterns.global_ import is_causal
+from foveal.patterns.causality import is_causal
 
 __all__ = [
     "KVCache",

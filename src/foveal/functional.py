@@ -21,8 +21,10 @@ from foveal.inputs import (
     check_tokens,
     lse_dtype,
 )
-from foveal.kernels.select import Call, check_backend_name, select
-from foveal.lowering import assemble, lower
+from foveal.custom_op import trace_constant
+from foveal.kernels.call import Call
+from foveal.kernels.select import check_backend_name, route
+from foveal.lowering import assemble
 from foveal.merge import add_sink
 from foveal.patterns.base import Pattern
 from foveal.patterns.dynamic import BlockSelection, DynamicPattern
@@ -43,7 +45,9 @@ def attend(q, k, v, pattern, *, bias=None, scale=None, key_padding_mask=None, so
     pattern's grid. Returns ``out`` (B, Hq, Nq, Dv), and with ``return_lse`` also the
     log-sum-exp of the allowed final scores (B, Hq, Nq): float64 for float64 inputs,
     float32 otherwise. A query with no allowed key gets a zero output and
-    ``lse = -inf``. Batch 0 gives empty results.
+    ``lse = -inf``. Batch 0 gives empty results. bfloat16 and float16 inputs accumulate in
+    float32 on every backend, forward and backward (a score term's table gradient too);
+    only the returned tensors are rounded to their dtype.
 
     The score of query ``i`` and key ``j`` is ``s = scale·q_i·k_j`` (``scale`` defaults
     to ``1/sqrt(D)``), then ``softcap·tanh(s / softcap)`` when ``softcap`` is given
@@ -69,15 +73,26 @@ def attend(q, k, v, pattern, *, bias=None, scale=None, key_padding_mask=None, so
     ``foveal.kernels.select.BACKENDS`` (``reference``, ``sdpa``, ``cpu``,
     ``blocksparse``, ``flex``); a backend that cannot run the call says why.
     """
+    if torch.compiler.is_compiling() and _built_while_tracing(pattern):
+        from foveal.custom_op import attend_outside_graph
+
+        return attend_outside_graph(q, k, v, pattern, bias=bias, scale=scale, key_padding_mask=key_padding_mask,
+                                    softcap=softcap, sink_logits=sink_logits, backend=backend, return_lse=return_lse)
     call = _validate(q, k, v, pattern, bias, scale, key_padding_mask, softcap, backend, return_lse)
     sink_logits = check_sink_logits(sink_logits, q.shape[1], q.device)
     if q.shape[0] == 0:
         return _empty(q, k, v, return_lse)
+    if torch.compiler.is_compiling():  # one opaque op in the graph (foveal.custom_op): it runs the lines below
+        from foveal.custom_op import attend_traced
+
+        return attend_traced(q, k, v, call.pattern, bias=call.bias, scale=call.scale,
+                             key_padding_mask=call.key_padding_mask, softcap=call.softcap, sink_logits=sink_logits,
+                             backend=backend, return_lse=return_lse)
     if sink_logits is not None:
         call = replace(call, need_lse=True)
-    pieces = lower(call, backend)
-    results = [select(piece.call, backend).run(piece.call) for piece in pieces]
-    out, lse = assemble(pieces, results, q.shape[1])
+    routed = route(call, backend)  # lowered pieces, each with its backend (``why_not`` asks the same)
+    results = [runner.run(piece.call) for piece, runner in routed]
+    out, lse = assemble([piece for piece, _ in routed], results, q.shape[1])
     if sink_logits is not None:
         out, lse = add_sink(out, lse, sink_logits)
     return (out, lse) if return_lse else out
@@ -86,14 +101,10 @@ def attend(q, k, v, pattern, *, bias=None, scale=None, key_padding_mask=None, so
 def _validate(q, k, v, pattern, bias, scale, key_padding_mask, softcap, backend, return_lse) -> Call:
     """Every check of ``attend``, before any work: the ``Call`` to lower."""
     check_qkv(q, k, v)
-    if not isinstance(pattern, _PATTERNS):
-        raise TypeError(
-            f"pattern must be a foveal Pattern, got {type(pattern).__name__} "
-            "(a PerHead, a content-selected pattern or a BlockSelection is accepted too)"
-        )
-    check_tokens(q, k, pattern.n_q, pattern.n_kv, pattern)
-    if isinstance(pattern, PerHead) and pattern.num_heads != q.shape[1]:
-        raise ValueError(f"the PerHead pattern has {pattern.num_heads} parts but q has {q.shape[1]} query heads")
+    n_q, n_kv, parts = _pattern_facts(pattern)
+    check_tokens(q, k, n_q, n_kv, pattern)
+    if parts is not None and parts != q.shape[1]:
+        raise ValueError(f"the PerHead pattern has {parts} parts but q has {q.shape[1]} query heads")
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
     check_backend_name(backend)
@@ -103,6 +114,30 @@ def _validate(q, k, v, pattern, bias, scale, key_padding_mask, softcap, backend,
         key_padding_mask=check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2], q.device),
         softcap=check_softcap(softcap),
     )
+
+
+@trace_constant
+def _pattern_facts(pattern) -> tuple[int, int, int | None]:
+    """``(n_q, n_kv, PerHead parts or None)`` of a pattern, after checking it is one (a constant under compile)."""
+    if not isinstance(pattern, _PATTERNS):
+        raise TypeError(
+            f"pattern must be a foveal Pattern, got {type(pattern).__name__} "
+            "(a PerHead, a content-selected pattern or a BlockSelection is accepted too)"
+        )
+    return pattern.n_q, pattern.n_kv, pattern.num_heads if isinstance(pattern, PerHead) else None
+
+
+@trace_constant
+def _built_while_tracing(pattern) -> bool:
+    """Whether torch.compile hands over a pattern that its traced code is still building (its fields not yet
+    set on the object): such a pattern cannot be a constant of the graph, and attend runs outside it."""
+    if not isinstance(pattern, _PATTERNS):
+        return False
+    try:
+        pattern.n_q, pattern.n_kv
+    except AttributeError:
+        return True
+    return False
 
 
 def _empty(q, k, v, return_lse):

@@ -10,7 +10,10 @@ the value given and what is allowed. The exception policy is one rule:
   count, a device, a number out of range, a combination a backend cannot run.
 
 The log-sum-exp rule: ``lse`` is float64 for float64 inputs and float32 otherwise
-(``lse_dtype``); every merge of partial results runs in that dtype.
+(``lse_dtype``); every merge of partial results runs in that dtype. The accumulation
+rule: inputs in a ``HALF`` dtype are computed in float32 — scores, score terms, softmax,
+lse and every sum of a gradient (a score term's table included) — and only the
+returned output and gradients are rounded to the inputs' dtype.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 
 __all__ = [
     "DTYPES",
+    "HALF",
     "lse_dtype",
     "check_tensor",
     "check_qkv",
@@ -35,6 +39,8 @@ __all__ = [
 
 #: the dtypes attention inputs may have
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: the dtypes computed in float32 (the accumulation rule)
+HALF = (torch.float16, torch.bfloat16)
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -157,8 +163,9 @@ def check_bias(bias, heads: int, device):
 
     It is probed on one (query, key) pair of every head before any work: a term for
     another number of heads (``num_heads`` attribute, or a result whose head axis is
-    neither 1 nor ``heads``) or one that returns something else than a floating tensor
-    is refused here rather than inside a kernel.
+    neither 1 nor ``heads``), one whose result does not broadcast to the (heads, 1, 1)
+    it was asked for (a constant of another shape), or one that returns something else
+    than a floating tensor is refused here rather than inside a kernel.
     """
     if bias is None:
         return None
@@ -177,13 +184,15 @@ def check_bias(bias, heads: int, device):
     if not isinstance(probe, torch.Tensor) or not probe.is_floating_point():
         got = probe.dtype if isinstance(probe, torch.Tensor) else type(probe).__name__
         raise TypeError(f"bias must return a floating tensor, got {got}")
+    asked = (heads, 1, 1)  # the pair shape the probe asks for: every head, one query, one key
     try:
-        torch.broadcast_shapes(probe.shape, (heads, 1, 1))
-        if probe.dim() > 3:
-            raise RuntimeError
+        fits = probe.dim() <= 3 and torch.broadcast_shapes(probe.shape, asked) == asked
     except RuntimeError:
+        fits = False
+    if not fits:
         raise ValueError(
-            f"bias(h, q_idx, kv_idx) with h of shape ({heads}, 1, 1) and one (query, key) pair returned shape "
-            f"{tuple(probe.shape)}: a term must broadcast to (heads, queries, keys)"
-        ) from None
+            f"bias(h, q_idx, kv_idx) with h of shape {asked} and one (query, key) pair returned shape "
+            f"{tuple(probe.shape)}: a term must broadcast to (heads, queries, keys), the shape it was asked for, "
+            f"here expected {asked}"
+        )
     return bias

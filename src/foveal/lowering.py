@@ -12,9 +12,10 @@ each rule exact (the mask is unchanged) and independent of the backend:
 * ``Ordered`` → q, k, v (and the key padding and score term) permuted into the order,
   the inner pattern there, the outputs permuted back.
 
-The ``reference`` backend lowers only what has no mask before q and k are seen
-(content selection): it evaluates the exact dense mask of ``PerHead``, ``Ordered`` and
-``Grid`` itself, so that it stays an oracle for the lowering.
+A backend that declares ``takes_exact_masks`` (``reference``) gets lowered only what
+has no mask before q and k are seen (content selection): it evaluates the exact dense
+mask of ``PerHead``, ``Ordered`` and ``Grid`` itself, so that it stays an oracle for the
+lowering.
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from foveal.bias import WrappedBias, table_geometry
-
-from foveal.kernels.select import Call
+from foveal.kernels.call import Call
 from foveal.patterns.dynamic import BlockSelection, DynamicPattern
 from foveal.patterns.local import Grid
 from foveal.patterns.order import Ordered
@@ -44,9 +44,14 @@ class Piece:
     orders: tuple = ()
 
 
-def lower(call: Call, backend: str) -> list[Piece]:
-    """The kernel calls that compute ``call`` exactly."""
-    p, exact_mask = call.pattern, backend == "reference"
+def lower(call: Call, backend=None) -> list[Piece]:
+    """The kernel calls that compute ``call`` exactly, for ``backend`` (a backend object; None: any backend).
+
+    What is lowered depends only on the backend's capability ``takes_exact_masks``.
+    """
+    if isinstance(backend, str):  # a name would read as no capability: refuse it rather than lower differently
+        raise TypeError(f"lower takes a backend object (foveal.kernels.select.BACKENDS[name]) or None, got {backend!r}")
+    p, exact_mask = call.pattern, bool(getattr(backend, "takes_exact_masks", False))
     if isinstance(p, PerHead) and not (exact_mask and not p.dynamic):
         return [piece for sub, heads in _split_heads(call) for piece in _within(lower(sub, backend), heads)]
     if isinstance(p, DynamicPattern):  # selected here: well-formed by construction

@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 
 from foveal._checks import positive_int
-from foveal.patterns.dynamic import DHSA, BlockTopK, VerticalSlash
+from foveal.patterns.dynamic import A_SHAPE_LOCAL, A_SHAPE_SINKS, DHSA, BlockTopK, VerticalSlash
 from foveal.patterns.global_ import Causal, Full, GlobalTokens, Sinks
 from foveal.patterns.local import SlidingWindow
 from foveal.patterns.sparse import Power
@@ -110,10 +110,10 @@ def streaming_llm(sinks: int = 4, window: int = 1024) -> Recipe:
     return _SinksWindow("streaming_llm", ("sinks", "window"), sinks, window)
 
 
-def a_shape(sinks: int = 128, local: int = 1024) -> Recipe:
+def a_shape(sinks: int = A_SHAPE_SINKS, local: int = A_SHAPE_LOCAL) -> Recipe:
     """MInference's A-shape head: the first ``sinks`` keys (``n_init``) and the ``local`` nearest (``n_local``).
 
-    The mask of ``streaming_llm(sinks, window=local)`` and of ``foveal.patterns.a_shape``.
+    The mask of ``streaming_llm(sinks, window=local)`` and of ``foveal.patterns.a_shape``, with its defaults.
     Jiang et al., "MInference 1.0" (NeurIPS 2024).
     """
     return _SinksWindow("a_shape", ("sinks", "local"), sinks, local)

@@ -35,6 +35,10 @@ sequence of the batch:
   and a sliding layer named in ``layers`` runs ``pattern & its window``
   (``windows="keep"``) or the pattern alone (``windows="replace"``; refused while
   decoding when the model's sliding cache no longer holds a key the pattern needs).
+* Under ``torch.compile`` (``fullgraph=True`` without an ``attention_mask``) the mask
+  function is made in the traced code and cannot be read: each layer derives causal
+  and window from itself, one sequence per row, checked on a run-time probe of the
+  real mask function (``transformers_masks.traced_spec``); packed rows are refused there.
 * Content-selected recipes select at prefill and decode densely (``foveal.recipes``).
   A recipe may return the ``(n_q, n_kv)`` pattern or its square self-attention
   pattern, whose last ``n_q`` rows are then taken (``foveal.decode.step_inputs``).
@@ -48,15 +52,16 @@ from dataclasses import dataclass
 import torch
 
 from foveal.cache import LRU
+from foveal.custom_op import built
 from foveal.decode import step_inputs
 from foveal.functional import attend
 from foveal.patterns.base import Pattern
 from foveal.patterns.dynamic import DynamicPattern
-from foveal.patterns.global_ import is_causal
+from foveal.patterns.causality import is_causal
 from foveal.patterns.local import SlidingWindow
 from foveal.patterns.perhead import PerHead
 from foveal.integrations.transformers_keywords import KEYWORDS, check_dropout, read_keywords
-from foveal.integrations.transformers_masks import MaskInfo, documents, mask_info
+from foveal.integrations.transformers_masks import MaskInfo, documents, mask_info, traced_spec
 from foveal.recipes import call_recipe, dense
 
 __all__ = ["NAME", "register", "sparsify", "restore", "is_sparsified", "MaskInfo", "KEYWORDS"]
@@ -102,8 +107,7 @@ class _Plan:
 
         ``window`` is the layer's native window ``(left, right)`` in key distances, or None.
         """
-        key = (self, n_q, n_kv, causal, window)  # a plan hashes by identity
-        return PATTERNS.get(key, lambda: self._build(n_q, n_kv, causal, window))
+        return built(_plan_pattern, self, n_q, n_kv, causal, window)  # under torch.compile: built at trace time
 
     def _build(self, n_q, n_kv, causal, window):
         recipe = dense() if self.recipe is None else self.recipe
@@ -127,6 +131,11 @@ class _Plan:
                                  f"layers")
             p = p & SlidingWindow(p.n_q, left=window[0], right=window[1], n_kv=p.n_kv)
         return p
+
+
+def _plan_pattern(plan: _Plan, n_q: int, n_kv: int, causal: bool, window):
+    key = (plan, n_q, n_kv, causal, window)  # a plan hashes by identity
+    return PATTERNS.get(key, lambda: plan._build(n_q, n_kv, causal, window))
 
 
 def _causal(p) -> bool:
@@ -164,23 +173,35 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
             f"layer {layer} on foveal got a {type(info).__name__} attention mask; foveal builds each "
             f"layer's pattern from the 2D attention_mask (1 = token, 0 = padding): pass that, not a prepared 4D mask"
         )
-    if info.spec is None:
+    if info.spec is None and info.traced is None:
         raise ValueError(f"layer {layer}: {info.error}")
-    causal, window = _geometry(plan, call, info)
-    docs = _documents(plan, call, info, query, key)
+    spec = _spec(plan, call, info, module, query)
+    causal, window = _geometry(plan, call, spec)
+    docs = _documents(plan, call, info, spec, query, key)
     out = _attend_layer(plan, query, key, value, info, call, causal, window, docs)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _geometry(plan: _Plan, call, info: MaskInfo):
-    """(causal, native window) of this call: the module's is_causal and the ``sliding_window`` keyword, each checked
-    against the model's own mask."""
+def _spec(plan: _Plan, call, info: MaskInfo, module, query):
+    """The model's mask as read (eager), or, while torch.compile traces, as this layer derives it from its causality
+    and native window (every row one sequence), checked at run time on a probe of the real mask function."""
+    if info.spec is not None:
+        return info.spec
     causal = plan.causal if call.is_causal is None else call.is_causal
-    if info.spec.causal != causal:
+    w = call.sliding_window if call.sliding_window is not None else native_window(module)
+    window = None if w is None else (w - 1, 0) if causal else (w - 1, w - 1)
+    return traced_spec(info, causal, window, query.shape[0], query.device)
+
+
+def _geometry(plan: _Plan, call, spec):
+    """(causal, native window) of this call: the module's is_causal and the ``sliding_window`` keyword, each checked
+    against the model's own mask (``spec``)."""
+    causal = plan.causal if call.is_causal is None else call.is_causal
+    if spec.causal != causal:
         raise ValueError(f"layer {plan.layer} is_causal={causal} (the module's, or the is_causal keyword) but the "
-                         f"model's mask is {'causal' if info.spec.causal else 'bidirectional'}; foveal follows neither "
+                         f"model's mask is {'causal' if spec.causal else 'bidirectional'}; foveal follows neither "
                          f"silently")
-    window = info.spec.window
+    window = spec.window
     if call.sliding_window is not None:  # FlashAttention's convention: w - 1 keys back (and forward, bidirectional)
         w = call.sliding_window - 1
         said = (w, 0) if causal else (w, w)
@@ -196,7 +217,7 @@ def _packed_by_keywords(call, info, query) -> bool:
     if call.cu_seq_lens is not None:
         return True
     if not isinstance(info, MaskInfo) or info.spec is None or info.spec.packed is not None:
-        return False
+        return False  # under compile (spec None, traced): transformers' own mask, as sdpa runs it when compiled
     return _positions(call, info, query.shape[0], query.shape[2])[0] == "packed"
 
 
@@ -216,6 +237,16 @@ def _positions(call, info: MaskInfo, b: int, n: int):
     if memo is not None and memo[0] is pos:
         return memo[1]
     said = None, None
+    if torch.compiler.is_compiling():  # no Python branch on values while tracing: both refused at run time
+        if not info.q_offset and n > 1:
+            ids = documents(pos.expand(b, -1) if pos.shape[0] == 1 else pos)
+            torch._assert_async((ids[:, -1] == 0).all(), "foveal: position_ids restart in a row (packed sequences); "
+                                "under torch.compile foveal attends one sequence per row: run packed rows eagerly")
+        elif info.q_offset:
+            torch._assert_async(pos[0, 0] == info.q_offset, f"foveal: position_ids do not start at the {info.q_offset} "
+                                f"tokens the cache holds (decoding after a packed prefill?)")
+        info.memo["positions"] = (pos, said)
+        return said
     if not info.q_offset and n > 1:
         ids = documents(pos.expand(b, -1) if pos.shape[0] == 1 else pos)
         if bool(ids[:, -1].any()):
@@ -226,10 +257,10 @@ def _positions(call, info: MaskInfo, b: int, n: int):
     return said
 
 
-def _documents(plan: _Plan, call, info: MaskInfo, q, k):
+def _documents(plan: _Plan, call, info: MaskInfo, spec, q, k):
     """(B, n) packed-sequence ids of this prefill, or None when each row is one sequence."""
     b, n = q.shape[0], q.shape[2]
-    docs = info.spec.packed
+    docs = spec.packed
     said, what = _positions(call, info, b, n)
     if said == "shifted":
         raise ValueError(f"layer {plan.layer}: position_ids start at {what} but the cache holds {info.q_offset} "
@@ -276,7 +307,7 @@ def _attend_layer(plan: _Plan, q, k, v, info: MaskInfo, call, causal, window, do
         if lo_q >= hi_q:
             continue  # every query is padding: 0
         lo_k = max(info.kv_offset, first)
-        whole = len(batch) == b  # one run covers the batch (no padding, or the same for all): views, no copy
+        whole = batch is None or len(batch) == b  # one run covers the batch (no padding, or the same for all)
         idx = None if whole else torch.tensor(batch, device=q.device)
         qs, ks, vs = (t if whole else t.index_select(0, idx) for t in (q, k, v))
         qs = qs[:, :, lo_q - info.q_offset:hi_q - info.q_offset]
@@ -339,9 +370,10 @@ def info_padding(info: MaskInfo, batch: int, end: int) -> torch.Tensor:
 
 
 def _real_runs(info: MaskInfo, batch: int, end: int):
-    """{(first, stop): [batch indices]} of sequences whose real tokens are one run first .. stop - 1, or None."""
+    """{(first, stop): [batch indices] (None: all)} of sequences whose real tokens are one run first .. stop - 1, or
+    None."""
     if info.padding is None:
-        return {(0, end): list(range(batch))}
+        return {(0, end): None}  # None: the whole batch (no list of a batch size torch.compile keeps symbolic)
     real = info_padding(info, batch, end).cpu()
     runs: dict = {}
     for b in range(batch):

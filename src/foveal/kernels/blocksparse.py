@@ -35,8 +35,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from foveal.bias import bias_parameters, float32_term
 from foveal.cache import LRU
-from foveal.inputs import check_qkv
+from foveal.inputs import HALF, check_qkv
 from foveal.kernels.core import backward_tile, cap, compute_dtype, delta_rows, softmax_tile
 
 __all__ = ["blocksparse_attention", "check_tables", "layout_tables", "selection_block_mask", "SCORE_ELEMENTS"]
@@ -229,10 +230,11 @@ def _token_ids(plan: _Plan, r0, r1, s_count, t_count):
     return tok.clamp(0, plan.n_kv - 1)
 
 
-def _term(plan: _Plan, r0, r1, tok, cdt):
-    """The score term of instances r0:r1 at their gathered keys: (r, block, keys)."""
+def _term(plan: _Plan, r0, r1, tok, cdt, bias=None):
+    """The score term (``plan.bias`` unless ``bias`` is given) of instances r0:r1 at their gathered keys:
+    (r, block, keys)."""
     qi = (plan.qb_idx[r0:r1, None, None] * plan.block + torch.arange(plan.block, device=tok.device)[None, :, None])
-    vals = plan.bias(plan.h_idx[r0:r1, None, None], qi.clamp(max=plan.n_q - 1), tok[:, None, :])
+    vals = (plan.bias if bias is None else bias)(plan.h_idx[r0:r1, None, None], qi.clamp(max=plan.n_q - 1), tok[:, None, :])
     return torch.broadcast_to(vals, (r1 - r0, plan.block, tok.shape[1])).to(cdt)
 
 
@@ -352,7 +354,10 @@ def _backward(q, k, v, out_p, dout, dlse, plan: _Plan, scale, params=()):
     dq = torch.zeros_like(qp)
     dkf, dvf = torch.zeros_like(kf), torch.zeros_like(vf)
     dkb, dvb = dkf.view_as(kb), dvf.view_as(vb)
-    param_grads = [torch.zeros_like(p) for p in params]
+    term_fn = float32_term(plan.bias) if params else None  # its half tables' gradients sum in float32
+    params32 = bias_parameters(term_fn) if params else []
+    param_grads = [torch.zeros_like(p, dtype=torch.float32 if p.dtype in HALF else p.dtype)
+                   for p in params32]
     for chunk in plan.chunks:
         r0, r1, s_count, t_count = chunk[:4]
         if s_count + t_count == 0:
@@ -367,7 +372,8 @@ def _backward(q, k, v, out_p, dout, dlse, plan: _Plan, scale, params=()):
         _scatter_add(plan, dkb, dkf, ids, trows, torch.bmm(ds.transpose(1, 2), qc), s_count)
         if params:  # dL/d(term) = dL/d(final score)
             with torch.enable_grad():
-                grads = torch.autograd.grad(_term(plan, r0, r1, tok, cdt), params, ds_final, allow_unused=True)
+                grads = torch.autograd.grad(_term(plan, r0, r1, tok, cdt, term_fn), params32, ds_final,
+                                            allow_unused=True)
             for acc, g in zip(param_grads, grads):
                 if g is not None:
                     acc.add_(g)
@@ -375,6 +381,7 @@ def _backward(q, k, v, out_p, dout, dlse, plan: _Plan, scale, params=()):
     hkv, n_kv = k.shape[1], k.shape[2]
     dk = dkf.view(b, hkv, -1, dkf.shape[-1])[:, :, :n_kv]
     dv = dvf.view(b, hkv, -1, dvf.shape[-1])[:, :, :n_kv]
+    param_grads = [g.to(p.dtype) for g, p in zip(param_grads, params)]
     return _unpad(dq, b, hq, n).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), param_grads
 
 
@@ -414,8 +421,6 @@ def blocksparse_attention(q, k, v, kv_blocks, block: int, scale: float, *, parti
     dtype, ``lse`` (B, Hq, Nq) float32 (float64 for float64 inputs). Differentiable in
     q, k, v and the tensors ``bias.parameters()`` returns.
     """
-    from foveal.bias import bias_parameters
-
     check_tables(q, k, v, kv_blocks, block, partial, mask_fn, kv_tokens)
     plan = _plan(q, k, kv_blocks, block, partial, mask_fn, kv_tokens, bias, key_padding_mask, softcap)
     params = bias_parameters(bias) if bias is not None else []

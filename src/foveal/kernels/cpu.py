@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from foveal.bias import table_geometry
+from foveal.bias import bias_parameters, float32_term, table_geometry
 from foveal.cache import LRU
-from foveal.inputs import check_qkv
+from foveal.inputs import HALF, check_qkv
 from foveal.kernels.core import backward_tile, cap, compute_dtype, delta_rows, softmax_tile
 from foveal.kernels.plan import GatherPlan, build_plan
 
@@ -223,7 +223,10 @@ def _backward(q, k, v, out_slots, dout, dlse, plan: GatherPlan, scale: float, bi
     dvf = torch.zeros_like(vf)
     size = plan.group_size
     rows = size * groups
-    param_grads = [torch.zeros_like(p) for p in params]
+    term_fn = float32_term(bias) if params else None  # its half tables' gradients sum in float32, chunk by chunk
+    params32 = bias_parameters(term_fn) if params else []
+    param_grads = [torch.zeros_like(p, dtype=torch.float32 if p.dtype in HALF else p.dtype)
+                   for p in params32]
     for chunk in plan.chunks:
         c, nk = chunk.keys.shape
         keys = chunk.keys_on(q.device)
@@ -248,12 +251,13 @@ def _backward(q, k, v, out_slots, dout, dlse, plan: GatherPlan, scale: float, bi
             dk[b0:b1].index_add_(1, keys, dkc.view(nb, c * nk, d))
         if dvals is not None:
             with torch.enable_grad():
-                term = _chunk_bias(bias, plan, chunk, hq, hkv, cdt, q.device)
-                grads = torch.autograd.grad(term, params, dvals, allow_unused=True)
+                term = _chunk_bias(term_fn, plan, chunk, hq, hkv, cdt, q.device)
+                grads = torch.autograd.grad(term, params32, dvals, allow_unused=True)
             for acc, g in zip(param_grads, grads):
                 if g is not None:
                     acc.add_(g)
     dq = _from_slots(dqs, token_slot, batch, groups, plan.identity).mul_(scale)
+    param_grads = [g.to(p.dtype) for g, p in zip(param_grads, params)]
     return dq.to(q.dtype), dk.view_as(k).to(k.dtype), dvf.view_as(v).to(v.dtype), param_grads
 
 
@@ -289,7 +293,7 @@ class _GatherAttention(torch.autograd.Function):
         return (dq, dk, dv, None, None, None, None, None, *dparams)
 
 
-def gather_attention(q, k, v, pattern, scale: float, tile=None, need_lse: bool = True, bias=None,
+def gather_attention(q, k, v, pattern, scale: float, tile=None, *, need_lse: bool = True, bias=None,
                      key_padding_mask=None, softcap=None):
     """Exact attention over ``pattern`` by the gather kernel; returns ``(out, lse)``.
 
@@ -299,8 +303,6 @@ def gather_attention(q, k, v, pattern, scale: float, tile=None, need_lse: bool =
     gradients and with ``need_lse=False`` it takes a faster path (a fused softmax) and
     returns ``lse=None``.
     """
-    from foveal.bias import bias_parameters
-
     check_qkv(q, k, v)
     plan = plan_for(pattern, tile)
     params = bias_parameters(bias) if bias is not None else []

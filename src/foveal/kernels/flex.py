@@ -16,6 +16,7 @@ import warnings
 import torch
 
 from foveal.cache import LRU
+from foveal.inputs import HALF
 
 __all__ = ["flex_block_mask_run", "block_mask_for", "cpu_limits"]
 
@@ -89,12 +90,19 @@ def _score_mod(bias, padding, softcap):
     return score_mod
 
 
-def flex_block_mask_run(q, k, v, bm, scale: float, need_lse: bool, bias=None, key_padding_mask=None, softcap=None):
+def flex_block_mask_run(q, k, v, bm, scale: float, *, need_lse: bool, bias=None, key_padding_mask=None,
+                        softcap=None):
     """Run compiled FlexAttention under the ``BlockMask`` ``bm``; returns ``(out, lse or None)``.
 
     The cap, the score term and the key padding go into one ``score_mod`` (padding as
-    ``-inf`` scores, so that full blocks see it too).
+    ``-inf`` scores, so that full blocks see it too). On CPU, bfloat16 and float16 inputs
+    run in float32 (the compiled CPU kernel rounds its probabilities to the inputs'
+    dtype), the output is rounded back.
     """
+    if q.device.type == "cpu" and q.dtype in HALF:
+        out, lse = flex_block_mask_run(q.float(), k.float(), v.float(), bm, scale, need_lse=need_lse, bias=bias,
+                                       key_padding_mask=key_padding_mask, softcap=softcap)
+        return out.to(q.dtype), lse
     from torch.nn.attention.flex_attention import AuxRequest
 
     gqa = q.shape[1] != k.shape[1]

@@ -14,7 +14,7 @@ from foveal.inputs import lse_dtype
 __all__ = ["reference_attention"]
 
 
-def reference_attention(q, k, v, mask: torch.Tensor, scale: float, bias: torch.Tensor | None = None,
+def reference_attention(q, k, v, mask: torch.Tensor, scale: float, *, bias: torch.Tensor | None = None,
                         softcap: float | None = None):
     """Softmax attention of ``q`` over ``k``/``v`` restricted to ``mask``; returns ``(out, lse)``.
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from foveal.bias import table_geometry
 from foveal.cache import LRU
+from foveal.inputs import HALF
 from foveal.merge import merge_attentions
 from foveal.patterns.global_ import Causal, Full
 
@@ -212,15 +213,21 @@ def is_small(pattern, device) -> bool:
     return torch.device(device).type == "cpu" and pattern.n_q * pattern.n_kv <= SMALL_PAIRS
 
 
-def sdpa_attention(q, k, v, pattern, scale: float, need_lse: bool = True, key_padding_mask=None, bias=None):
+def sdpa_attention(q, k, v, pattern, scale: float, *, need_lse: bool = True, key_padding_mask=None, bias=None):
     """Exact attention by the fused kernel; returns ``(out, lse)``.
 
     ``Full`` or (bottom-right) ``Causal`` without a mask; on CPU, any static pattern with
     at most ``SMALL_PAIRS`` pairs under its additive mask, to which a score term
     ``bias(h, i, j)`` is added (differentiable). ``key_padding_mask`` (B, n_kv) bool,
     True = ignore, joins the mask as ``-inf`` (CPU). Rows with no allowed key: zero
-    output, ``lse = -inf``.
+    output, ``lse = -inf``. On CPU, bfloat16 and float16 inputs run in float32 (aten's
+    half kernel rounds its probabilities and approximates ``exp``: lse errors 100x
+    float32's), the output is rounded back.
     """
+    if q.device.type == "cpu" and q.dtype in HALF:
+        out, lse = sdpa_attention(q.float(), k.float(), v.float(), pattern, scale, need_lse=need_lse,
+                                  key_padding_mask=key_padding_mask, bias=bias)
+        return out.to(q.dtype), lse
     pad = key_padding_mask
     kind = dense_kind(pattern)
     if kind is None or bias is not None:

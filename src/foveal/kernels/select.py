@@ -1,63 +1,37 @@
 """Backend registry: what each backend supports, why not, and the ``auto`` choice.
 
 A backend is an object with a ``name``, ``why_not(call) -> list[str]`` (empty when
-it can run the call) and ``run(call) -> (out, lse)``. ``select(call, "auto")`` takes
-the first backend in ``AUTO_ORDER`` that supports the call; a named backend that
-cannot run the call raises with its reasons. A ``Call`` reaching a backend is
-lowered (``foveal.lowering``): its pattern is a static ``Pattern`` or a
-``BlockSelection`` — except on ``reference``, which takes patterns as they are
-(``PerHead``, ``Ordered``, ``Grid``) and evaluates their exact dense mask, so that it
-stays an oracle independent of the lowering.
+it can run the call), ``run(call) -> (out, lse)`` and the capability
+``takes_exact_masks``. ``route(call, backend)`` lowers the call (``foveal.lowering``)
+and gives each piece its backend: for ``"auto"`` the first in ``AUTO_ORDER`` that
+supports it; a named backend that cannot run a piece raises with its reasons;
+``why_not(call, backend)`` gives those reasons, so that it and ``attend`` agree on
+every call. A ``Call`` reaching a backend is lowered: its pattern is a static
+``Pattern`` or a ``BlockSelection`` — except on a backend that ``takes_exact_masks``
+(``reference``), which takes patterns as they are (``PerHead``, ``Ordered``, ``Grid``)
+and evaluates their exact dense mask, so that it stays an oracle independent of the
+lowering.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from foveal.kernels.call import Call
 from foveal.kernels.reference import reference_attention
+from foveal.lowering import Piece, lower
 from foveal.patterns.dynamic import BlockSelection
 from foveal.patterns.perhead import PerHead
 
-__all__ = ["Call", "BACKENDS", "AUTO_ORDER", "select", "why_not", "backend_names"]
-
-
-@dataclass(frozen=True)
-class Call:
-    """Everything a backend needs to decide whether it can run, and to run."""
-
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    pattern: object
-    scale: float
-    #: whether the caller wants the log-sum-exp (backends may skip it otherwise)
-    need_lse: bool = True
-    #: an additive score term ``bias(h, q_idx, kv_idx)`` (see ``foveal.bias``), or None
-    bias: object = None
-    #: (B, n_kv) bool, True = the key is padding and is ignored; or None
-    key_padding_mask: torch.Tensor | None = None
-    #: logit soft-cap: scores become ``softcap·tanh(score / softcap)`` before the bias; or None
-    softcap: float | None = None
-
-    @property
-    def needs_grad(self) -> bool:
-        from foveal.bias import bias_parameters
-
-        tensors = [self.q, self.k, self.v] + (bias_parameters(self.bias) if self.bias is not None else [])
-        return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-    @property
-    def selected(self) -> bool:
-        """True when the pattern is a content selection (per batch element and head)."""
-        return isinstance(self.pattern, BlockSelection)
+__all__ = ["Call", "BACKENDS", "AUTO_ORDER", "select", "route", "why_not", "backend_names", "check_backend_name"]
 
 
 class ReferenceBackend:
     """Dense masked attention over the pattern's full mask: exact, O(N²) memory; the oracle."""
 
     name = "reference"
+    #: evaluates the exact dense mask of ``PerHead``, ``Ordered`` and ``Grid`` itself (lowering leaves them)
+    takes_exact_masks = True
     #: refuse above this many score elements per (batch, head): a dense N×N is the point
     #: of this backend, but not for sizes that would exhaust memory by surprise
     max_pairs = 1 << 28
@@ -85,13 +59,14 @@ class ReferenceBackend:
             qi = torch.arange(p.n_q, device=dev)[None, :, None]
             ki = torch.arange(p.n_kv, device=dev)[None, None, :]
             bias = call.bias(h, qi, ki)
-        return reference_attention(call.q, call.k, call.v, mask, call.scale, bias, call.softcap)
+        return reference_attention(call.q, call.k, call.v, mask, scale=call.scale, bias=bias, softcap=call.softcap)
 
 
 class CpuBackend:
     """Gather-based sparse attention in eager PyTorch: exact, no compile step, forward and backward."""
 
     name = "cpu"
+    takes_exact_masks = False
 
     def why_not(self, call: Call) -> list[str]:
         if call.selected:
@@ -102,7 +77,7 @@ class CpuBackend:
         from foveal.kernels.cpu import gather_attention
 
         return gather_attention(
-            call.q, call.k, call.v, call.pattern, call.scale, need_lse=call.need_lse, bias=call.bias,
+            call.q, call.k, call.v, call.pattern, scale=call.scale, need_lse=call.need_lse, bias=call.bias,
             key_padding_mask=call.key_padding_mask, softcap=call.softcap,
         )
 
@@ -112,6 +87,7 @@ class BlockSparseBackend:
     patterns through their block layout; exact, eager, forward and backward."""
 
     name = "blocksparse"
+    takes_exact_masks = False
     #: the block of static patterns' tables (content selections bring their own)
     block = 64
 
@@ -124,12 +100,12 @@ class BlockSparseBackend:
         q, p = call.q, call.pattern
         terms = dict(bias=call.bias, key_padding_mask=call.key_padding_mask, softcap=call.softcap)
         if isinstance(p, BlockSelection):
-            return blocksparse_attention(q, call.k, call.v, p.kv_blocks, p.block, call.scale, partial=p.partial,
-                                         mask_fn=p.mask_fn, kv_tokens=p.kv_tokens, **terms)
+            return blocksparse_attention(q, call.k, call.v, p.kv_blocks, p.block, scale=call.scale,
+                                         partial=p.partial, mask_fn=p.mask_fn, kv_tokens=p.kv_tokens, **terms)
         kv, partial = layout_tables(p, self.block)
         shape = (q.shape[0], q.shape[1], *kv.shape)
         kv, partial = kv.to(q.device).expand(shape), partial.to(q.device).expand(shape)
-        return blocksparse_attention(q, call.k, call.v, kv, self.block, call.scale, partial=partial,
+        return blocksparse_attention(q, call.k, call.v, kv, self.block, scale=call.scale, partial=partial,
                                      mask_fn=p.mask_mod, **terms)
 
 
@@ -138,6 +114,7 @@ class SdpaBackend:
     on CPU small static patterns under their additive mask (``foveal.kernels.sdpa.SMALL_PAIRS``)."""
 
     name = "sdpa"
+    takes_exact_masks = False
 
     def why_not(self, call: Call) -> list[str]:
         from foveal.kernels.sdpa import SMALL_PAIRS, dense_kind, is_small
@@ -162,8 +139,8 @@ class SdpaBackend:
     def run(self, call: Call):
         from foveal.kernels.sdpa import sdpa_attention
 
-        return sdpa_attention(call.q, call.k, call.v, call.pattern, call.scale, call.need_lse, call.key_padding_mask,
-                              call.bias)
+        return sdpa_attention(call.q, call.k, call.v, call.pattern, scale=call.scale, need_lse=call.need_lse,
+                              key_padding_mask=call.key_padding_mask, bias=call.bias)
 
 
 class FlexBackend:
@@ -171,6 +148,7 @@ class FlexBackend:
     per-(batch, head) block tables (compiles once per shape)."""
 
     name = "flex"
+    takes_exact_masks = False
 
     def why_not(self, call: Call) -> list[str]:
         reasons = []
@@ -192,8 +170,8 @@ class FlexBackend:
             bm = selection_block_mask(call.pattern, call.q.device)
         else:
             bm = block_mask_for(call.pattern, call.q.device)
-        return flex_block_mask_run(call.q, call.k, call.v, bm, call.scale, call.need_lse, call.bias,
-                                   call.key_padding_mask, call.softcap)
+        return flex_block_mask_run(call.q, call.k, call.v, bm, scale=call.scale, need_lse=call.need_lse,
+                                   bias=call.bias, key_padding_mask=call.key_padding_mask, softcap=call.softcap)
 
 
 class NativeNeighborhoodBackend:
@@ -254,19 +232,64 @@ def backend_names() -> list[str]:
 
 
 def check_backend_name(backend) -> str:
-    """``backend`` if it is ``"auto"`` or a registered name, else a ``ValueError`` listing them."""
-    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
+    """``backend`` if it is ``"auto"`` or a registered name: the one check of a backend name (``attend``, the
+    modules, the integrations). ``TypeError`` for a non-string, ``ValueError`` listing the names otherwise."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str ('auto' or one of {sorted(BACKENDS)}), got {backend!r}")
+    if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
     return backend
 
 
+def _route(call: Call, backend: str):
+    """``(pieces, reasons)``: the lowered pieces of ``call``, each with the backend that runs it, or the reasons
+    why ``backend`` cannot run some piece (then ``pieces`` is empty)."""
+    check_backend_name(backend)
+    try:  # a caller's BlockSelection that does not fit q and k is refused by the lowering
+        pieces = lower(call, None if backend == "auto" else BACKENDS[backend])
+    except (ValueError, TypeError) as e:
+        return [], [str(e)]
+    routed, reasons = [], []
+    for piece in pieces:
+        names = AUTO_ORDER.get(call.q.device.type, _AUTO_DEFAULT) if backend == "auto" else (backend,)
+        refused = {}
+        for name in names:
+            r = BACKENDS[name].why_not(piece.call)
+            if not r:
+                routed.append((piece, BACKENDS[name]))
+                break
+            refused[name] = r
+        else:
+            if backend == "auto":
+                detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in refused.items())
+                reasons.append(f"no backend can run this call ({detail})")
+            else:
+                reasons += refused[backend]
+    reasons = list(dict.fromkeys(reasons))  # pieces refused for one reason say it once
+    return ([] if reasons else routed), reasons
+
+
+def route(call: Call, backend: str) -> list[tuple[Piece, object]]:
+    """The lowered pieces of ``call`` (``foveal.lowering.lower``), each with the backend object that runs it.
+
+    ``ValueError`` with the reasons when ``backend`` (or, for ``"auto"``, every backend) cannot run a piece.
+    """
+    routed, reasons = _route(call, backend)
+    if reasons:
+        if backend == "auto":
+            raise ValueError("; ".join(reasons))
+        raise ValueError(f"backend {backend!r} cannot run this call: {'; '.join(reasons)}")
+    return routed
+
+
 def why_not(call: Call, backend: str) -> list[str]:
-    """Reasons ``backend`` cannot run ``call`` (empty if it can)."""
-    return BACKENDS[check_backend_name(backend)].why_not(call)
+    """Reasons ``backend`` (a name or ``"auto"``) cannot run ``call`` (empty if it can): the call is lowered as
+    ``attend`` lowers it (a content-selected pattern is selected from q and k), and every piece is asked."""
+    return _route(call, backend)[1]
 
 
 def select(call: Call, backend: str):
-    """The backend object that will run ``call``."""
+    """The backend object that will run ``call``, a call already lowered (one piece; ``route`` lowers)."""
     if check_backend_name(backend) == "auto":
         reasons = {}
         for name in AUTO_ORDER.get(call.q.device.type, _AUTO_DEFAULT):

@@ -15,14 +15,9 @@ from torch import nn
 
 from foveal._checks import positive_int
 from foveal.models.mixers import build_mixer
+from foveal.nn.mlp import Mlp
 
 __all__ = ["Backbone", "Classifier", "Segmenter"]
-
-
-class _Mlp(nn.Sequential):
-    def __init__(self, dim: int, ratio: float):
-        hidden = int(dim * ratio)
-        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
 
 class Block(nn.Module):
@@ -31,7 +26,7 @@ class Block(nn.Module):
     def __init__(self, dim: int, mixer: nn.Module, mlp_ratio: float = 2.0):
         super().__init__()
         self.norm1, self.mixer = nn.LayerNorm(dim), mixer
-        self.norm2, self.mlp = nn.LayerNorm(dim), _Mlp(dim, mlp_ratio)
+        self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.mixer(self.norm1(x))

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from foveal.nn._common import attend_opaque
+from foveal.nn._common import attend
 from foveal.patterns import Pattern
 
 __all__ = ["rotary", "TinyLM", "EncoderDecoder", "AttentionOnly"]
@@ -53,7 +53,7 @@ class Attention(nn.Module):
             # bottom-right alignment, as the cross patterns: query i sits at key position i + m − n
             q = rotary(q, torch.arange(n, device=x.device) + (m - n))
             k = rotary(k, torch.arange(m, device=x.device))
-        out = attend_opaque(q, k, v, pattern)
+        out = attend(q, k, v, pattern)
         return self.out(out.transpose(1, 2).reshape(b, n, c))
 
 
@@ -141,5 +141,5 @@ class AttentionOnly(nn.Module):
         b, n, _ = tokens.shape
         h = self.inp(tokens)
         q, k, v = self.qkv(h).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        a = attend_opaque(q, k, v, self.pattern_fn(n)).transpose(1, 2).reshape(b, n, -1)
+        a = attend(q, k, v, self.pattern_fn(n)).transpose(1, 2).reshape(b, n, -1)
         return self.out(h + a)[:, -1, 0]

@@ -132,11 +132,11 @@ class _FullAttention(nn.Module):
         return Full(tuple(grid))
 
     def forward(self, x):
-        from foveal.nn._common import attend_opaque
+        from foveal.nn._common import attend
 
         b, *grid, c = x.shape
         qkv = self.qkv(x).reshape(b, -1, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = attend_opaque(qkv[0], qkv[1], qkv[2], self.pattern(grid))
+        out = attend(qkv[0], qkv[1], qkv[2], self.pattern(grid))
         return self.proj(out.transpose(1, 2).reshape(b, *grid, c))
 
 

@@ -1,10 +1,12 @@
-"""Helpers shared by the modules of ``foveal.nn``: argument checks, stochastic depth, an opaque ``attend``,
+"""Helpers shared by the modules of ``foveal.nn``: argument checks, stochastic depth, ``attend``,
 one bounded cache of the patterns modules attend under.
 
 Every check raises before any work, with a message that names the argument, the value
 given and what is allowed (``TypeError`` for the wrong kind, ``ValueError`` for the wrong
-value). Every module of ``foveal.nn`` calls ``attend`` through ``attend_opaque`` and
-gets its patterns from ``cached_pattern``.
+value). Every module of ``foveal.nn`` calls ``attend`` (re-exported here) and gets its
+patterns from ``cached_pattern``. Under ``torch.compile`` both stay in the graph: ``attend``
+is one opaque custom op there (``foveal.custom_op``) and ``cached_pattern`` a trace-time
+constant, so a compiled model built from these modules has no graph break.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ import torch
 
 from foveal._checks import positive_int
 from foveal.cache import LRU
+from foveal.custom_op import built
 from foveal.functional import attend
+from foveal.kernels.select import check_backend_name
 
 __all__ = [
-    "attend_opaque",
+    "attend",
     "cached_pattern",
     "init_attention",
     "check_backend",
@@ -36,11 +40,6 @@ __all__ = [
     "overridden_pattern",
 ]
 
-# Under torch.compile, attend is one opaque eager call: its backends plan in Python
-# (tracing them only adds graph breaks and seconds of compile time) and the flex
-# backend compiles its own kernel. The projections around it are compiled as usual.
-attend_opaque = torch.compiler.disable(attend)
-
 #: the patterns of every module, keyed by how they are built (patterns are values: equal
 #: arguments give equal patterns, so modules with the same geometry share one entry)
 PATTERNS = LRU("foveal.nn patterns", maxsize=256)
@@ -50,10 +49,14 @@ def cached_pattern(build, *args, **kwargs):
     """``build(*args, **kwargs)`` (a pattern), built once per distinct arguments and kept in one bounded LRU.
 
     The arguments must be hashable (ints, tuples, strings, patterns); a build that raises
-    stores nothing.
+    stores nothing. Under ``torch.compile`` it runs once at trace time and its result is a
+    constant of the graph (the arguments are Python values there: ints of static shapes).
     """
-    key = (build, args, tuple(sorted(kwargs.items())))
-    return PATTERNS.get(key, lambda: build(*args, **kwargs))
+    return built(_cached, build, args, tuple(sorted(kwargs.items())))
+
+
+def _cached(build, args, kwargs):
+    return PATTERNS.get((build, args, kwargs), lambda: build(*args, **dict(kwargs)))
 
 
 def set_pattern_override(module, fn) -> None:
@@ -99,15 +102,8 @@ def check_heads(dim, num_heads, dim_name: str = "dim") -> tuple[int, int]:
     return dim, num_heads
 
 
-def check_backend(backend) -> str:
-    """``"auto"`` or the name of a registered ``attend`` backend."""
-    from foveal.kernels.select import BACKENDS
-
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str ('auto' or one of {sorted(BACKENDS)}), got {backend!r}")
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
-    return backend
+#: ``"auto"`` or the name of a registered ``attend`` backend: the one check, ``foveal.kernels.select``'s
+check_backend = check_backend_name
 
 
 def check_bool(name: str, value) -> bool:

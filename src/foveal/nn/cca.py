@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from foveal._checks import positive_int
-from foveal.nn._common import attend_opaque, cached_pattern, check_bool, check_channels_last, init_attention
+from foveal.nn._common import attend, cached_pattern, check_bool, check_channels_last, init_attention
 from foveal.patterns.algebra import Union
 from foveal.patterns.global_ import FlatPattern, _like
 
@@ -139,7 +139,7 @@ class CoreContextAttention(nn.Module):
         core_k, core_v = cca_core_tokens(q, k, v, self.group_size, self.scale)
         keys = torch.cat([core_k, k], dim=2)
         values = torch.cat([core_v, v], dim=2)
-        out = attend_opaque(q, keys, values, self.pattern(n), scale=self.scale, backend=self.backend)
+        out = attend(q, keys, values, self.pattern(n), scale=self.scale, backend=self.backend)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
 
     def extra_repr(self) -> str:

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from foveal._checks import positive_int
-from foveal.nn._common import attend_opaque, cached_pattern, check_backend, check_channels_last
+from foveal.nn._common import attend, cached_pattern, check_backend, check_channels_last
 from foveal.patterns import Full
 
 __all__ = ["PositionAttention", "ChannelAffinityAttention", "channel_affinity_attention"]
@@ -68,7 +68,7 @@ class PositionAttention(nn.Module):
         n = math.prod(grid)
         flat = x.reshape(b, 1, n, c)
         q, k, v = (_pointwise(flat, conv) for conv in (self.query_conv, self.key_conv, self.value_conv))
-        out = attend_opaque(q, k, v, self.pattern(grid), scale=1.0, backend=self.backend)
+        out = attend(q, k, v, self.pattern(grid), scale=1.0, backend=self.backend)
         return self.gamma * out.reshape(x.shape) + x
 
     def extra_repr(self) -> str:

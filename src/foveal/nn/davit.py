@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from foveal._checks import positive_int
 from foveal.nn._common import (
-    attend_opaque,
+    attend,
     cached_pattern,
     check_backend,
     check_bool,
@@ -25,6 +25,7 @@ from foveal.nn._common import (
     drop_path,
     overridden_pattern,
 )
+from foveal.nn.mlp import Mlp
 from foveal.patterns import Window
 
 __all__ = [
@@ -119,19 +120,6 @@ class ConvPosEnc(nn.Module):
         return x + self.activation(feat)
 
 
-class _Mlp(nn.Module):
-    """timm's ``Mlp`` (``fc1`` → GELU → ``fc2``)."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class _WindowAttention(nn.Module):
     """DaViT's window attention (no relative position bias): ``attend`` over ``Window`` on (B, H, W, dim)."""
 
@@ -165,7 +153,7 @@ class _WindowAttention(nn.Module):
             x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
         hp, wp = x.shape[1:3]
         q, k, v = self.qkv(x).reshape(b, hp * wp, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = attend_opaque(q, k, v, self.pattern((h, w)), scale=self.scale, backend=self.backend)
+        out = attend(q, k, v, self.pattern((h, w)), scale=self.scale, backend=self.backend)
         out = self.proj(out.transpose(1, 2).reshape(b, hp, wp, c))
         return out[:, :h, :w] if pad_b or pad_r else out
 
@@ -183,7 +171,7 @@ class _DualHalf(nn.Module):
         self.attn = attn
         self.cpe2 = ConvPosEnc(self.dim, 3, cpe_act)
         self.norm2 = nn.LayerNorm(self.dim) if ffn else None
-        self.mlp = _Mlp(self.dim, int(self.dim * mlp_ratio)) if ffn else None
+        self.mlp = Mlp(self.dim, int(self.dim * mlp_ratio)) if ffn else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: (B, H, W, dim), channels last; returns the same shape."""

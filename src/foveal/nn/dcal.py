@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from foveal._checks import positive_int
-from foveal.nn._common import attend_opaque, cached_pattern, check_input, init_attention
+from foveal.nn._common import attend, cached_pattern, check_input, init_attention
 from foveal.patterns import Full
 
 __all__ = ["GlobalLocalCrossAttention", "PairwiseCrossAttention", "attention_rollout", "select_top"]
@@ -111,7 +111,7 @@ class _Attention(nn.Module):
     def _attend(self, q, k, v, pattern) -> torch.Tensor:
         """``proj(attend(q, k, v))`` for (B, N, dim) projections, split into heads and merged back."""
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
-        o = attend_opaque(q, k, v, pattern, scale=self.scale, backend=self.backend)
+        o = attend(q, k, v, pattern, scale=self.scale, backend=self.backend)
         b, _, n, _ = o.shape
         return self.proj_drop(self.proj(o.transpose(1, 2).reshape(b, n, self.dim)))
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from foveal._checks import positive_int
 from foveal.nn._common import (
-    attend_opaque,
+    attend,
     cached_pattern,
     check_backend,
     check_bool,
@@ -198,12 +198,12 @@ class ScaleWiseAttention(nn.Module):
         t = tokens.shape[2]
         # scale attention: the tokens of one region attend among themselves
         q, k, v = _split_heads(self.scale_qkv(tokens).reshape(b, nr * t, 3 * d), heads)
-        y = attend_opaque(q, k, v, self.scale_pattern(nr, t), scale=self.scale, backend=self.backend)
+        y = attend(q, k, v, self.scale_pattern(nr, t), scale=self.scale, backend=self.backend)
         y = self.scale_proj(y.transpose(1, 2).reshape(b, nr, t, d))
         # patch attention: one token per region, across regions
         r = y[:, :, self.region_token]
         q, k, v = _split_heads(self.qkv(r), heads)
-        out = attend_opaque(q, k, v, patch_pattern, scale=self.scale, backend=self.backend)
+        out = attend(q, k, v, patch_pattern, scale=self.scale, backend=self.backend)
         out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, nr, d)))
         return out.reshape(b, *regions, d)
 

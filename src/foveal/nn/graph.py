@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from foveal._checks import positive_int
 from foveal.nn._common import (
-    attend_opaque,
+    attend,
     cached_pattern,
     check_backend,
     check_bool,
@@ -73,6 +73,26 @@ def ema_kmeans_update(codebook, cluster_size, ema_sum, z, decay: float, eps: flo
     ema_sum.copy_(new_sum)
     codebook.copy_(new_sum / size[:, None])
     return assign
+
+
+class _KeyTerm:
+    """Score term ``values[kv_idx]``: one additive logit per key, the same for every head and query."""
+
+    def __init__(self, values: torch.Tensor):
+        self.values = values
+
+    def __call__(self, h, q_idx, kv_idx):
+        return self.values[kv_idx]
+
+    def parameters(self):
+        return [self.values]
+
+    def compile_spec(self):
+        return (_KeyTerm,), [self.values]
+
+    @staticmethod
+    def from_spec(rest, tensors):
+        return _KeyTerm(tensors[0])
 
 
 class GraphLocalGlobalAttention(nn.Module):
@@ -180,14 +200,8 @@ class GraphLocalGlobalAttention(nn.Module):
         # a copy: in training the codebook is updated in place after this forward
         kv = self.kv_global(self.codebook.to(x.dtype, copy=True))
         k, v = (self._heads(t).transpose(0, 1)[None] for t in kv.split(self.dim, dim=-1))
-        bias = None
-        if self.count_bias:
-            log_count = self.cluster_size.float().log()
-
-            def bias(h, q_idx, kv_idx):
-                return log_count[kv_idx]
-
-        o = attend_opaque(q, k, v, self.pattern(n), bias=bias, scale=self.scale, backend=self.backend)
+        bias = _KeyTerm(self.cluster_size.float().log()) if self.count_bias else None
+        o = attend(q, k, v, self.pattern(n), bias=bias, scale=self.scale, backend=self.backend)
         return o[0].transpose(0, 1)
 
     def forward(self, x: torch.Tensor, neighbors: torch.Tensor, context: torch.Tensor | None = None):
@@ -231,7 +245,10 @@ class GraphLocalGlobalAttention(nn.Module):
             )
         if neighbors.device != x.device:
             raise ValueError(f"neighbors must be on x's device {x.device}, got {neighbors.device}")
-        if neighbors.numel() and (int(neighbors.min()) < -1 or int(neighbors.max()) >= context.shape[0]):
+        if torch.compiler.is_compiling():  # no value can be read while tracing: the same check, in the graph
+            torch._assert_async(((neighbors >= -1) & (neighbors < context.shape[0])).all(),
+                                f"neighbors must hold ids in [0, {context.shape[0]}) or -1 (no neighbour)")
+        elif neighbors.numel() and (int(neighbors.min()) < -1 or int(neighbors.max()) >= context.shape[0]):
             raise ValueError(
                 f"neighbors must hold ids in [0, {context.shape[0]}) or -1 (no neighbour), "
                 f"got values in [{int(neighbors.min())}, {int(neighbors.max())}]"

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from foveal._checks import positive_int
 from foveal.nn._common import (
-    attend_opaque,
+    attend,
     cached_pattern,
     check_backend,
     check_bool,
@@ -57,6 +57,7 @@ class HaloRelativeLogits:
         self.radius = (table_h.shape[-1] - 1) // 2
         self.low = -self.radius if low is None else low
         self.tile = tile
+        self._spec = (tuple(grid), tuple(kv_grid), kv_offset, low, tile)
 
     def _query(self, c):
         if self.tile is None:
@@ -75,6 +76,16 @@ class HaloRelativeLogits:
 
     def parameters(self):
         return [self.table_h, self.table_w]
+
+    def compile_spec(self):
+        """``((HaloRelativeLogits, grid, kv_grid, kv_offset, low, tile), [table_h, table_w])`` for
+        ``foveal.custom_op``: the tables go to the compiled op as tensors, their gradients flow."""
+        return (HaloRelativeLogits, *self._spec), [self.table_h, self.table_w]
+
+    @staticmethod
+    def from_spec(rest, tensors):
+        grid, kv_grid, kv_offset, low, tile = rest
+        return HaloRelativeLogits(tensors[0], tensors[1], grid, kv_grid, kv_offset, low=low, tile=tile)
 
     def __repr__(self):
         return f"HaloRelativeLogits(heads={self.table_h.shape[0]}, radius={self.radius})"
@@ -236,12 +247,12 @@ class HaloAttention(nn.Module):
         kv_grid = k.shape[1:3]
         k, v = (t.reshape(b, -1, nh, d).transpose(1, 2) for t in (k, v))
         if self.pos_embed is None:
-            out = attend_opaque(q, k, v, pattern, scale=self.scale, backend=self.backend)
+            out = attend(q, k, v, pattern, scale=self.scale, backend=self.backend)
         else:
             # the score term has no batch index: fold the batch into the heads
             qf, kf, vf = (t.reshape(1, b * nh, -1, d) for t in (q, k, v))
             bias = self._relative_logits(qf[0], (hq, wq), kv_grid)
-            out = attend_opaque(qf, kf, vf, pattern, bias=bias, scale=self.scale, backend=self.backend)
+            out = attend(qf, kf, vf, pattern, bias=bias, scale=self.scale, backend=self.backend)
         out = out.reshape(b, nh, hq, wq, d)[:, :, :ho, :wo]
         return out.permute(0, 2, 3, 1, 4).reshape(b, ho, wo, c)
 

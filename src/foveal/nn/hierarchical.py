@@ -14,7 +14,7 @@ from torch import nn
 
 from foveal._checks import positive_int
 from foveal.merge import merge_attentions
-from foveal.nn._common import attend_opaque, cached_pattern, check_channels_last, check_input, init_attention
+from foveal.nn._common import attend, cached_pattern, check_channels_last, check_input, init_attention
 from foveal.patterns import Full, Halo, Window
 from foveal.patterns.order import ORDERS, Ordered
 
@@ -131,18 +131,18 @@ class HierarchicalLocalAttention(nn.Module):
         if latent is None and self.pool is not None:
             latent = F.avg_pool2d(x.permute(0, 3, 1, 2), self.pool).permute(0, 2, 3, 1)
         if latent is None:
-            out = attend_opaque(q, k, v, pattern, scale=self.scale, backend=self.backend)
+            out = attend(q, k, v, pattern, scale=self.scale, backend=self.backend)
         else:
             m = latent.shape[1] * latent.shape[2]
             ql, kl, vl = self._heads(latent.reshape(b, m, c))
-            local = attend_opaque(q, k, v, pattern, scale=self.scale, backend=self.backend, return_lse=True)
+            local = attend(q, k, v, pattern, scale=self.scale, backend=self.backend, return_lse=True)
             everyone = self._latent_pattern(hh * ww, m)
-            guide = attend_opaque(q, kl, vl, everyone, scale=self.scale, backend=self.backend, return_lse=True)
+            guide = attend(q, kl, vl, everyone, scale=self.scale, backend=self.backend, return_lse=True)
             out, _ = merge_attentions([local[0], guide[0]], [local[1], guide[1]])
         out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, hh, ww, c)))
         if low is None:
             return out
-        out_low = attend_opaque(ql, kl, vl, self._latent_pattern(m, m), scale=self.scale, backend=self.backend)
+        out_low = attend(ql, kl, vl, self._latent_pattern(m, m), scale=self.scale, backend=self.backend)
         out_low = self.proj_drop(self.proj(out_low.transpose(1, 2).reshape(low.shape)))
         return out, out_low
 

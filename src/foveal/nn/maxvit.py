@@ -32,6 +32,7 @@ from foveal.nn._common import (
     init_attention,
     overridden_pattern,
 )
+from foveal.nn.mlp import Mlp
 from foveal.nn.window import attend_channels_last, swin_table_bias
 from foveal.patterns.local import Grid, Window
 
@@ -296,21 +297,6 @@ class MBConv(nn.Module):
         return x + drop_path(y, self.drop_path, self.training)
 
 
-class _Mlp(nn.Module):
-    """timm's ``Mlp``: ``fc1`` → activation → dropout → ``fc2`` → dropout."""
-
-    def __init__(self, dim: int, hidden: int, act_layer: str, proj_drop: float):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = _ACTS[act_layer]()
-        self.drop1 = nn.Dropout(proj_drop)
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop2 = nn.Dropout(proj_drop)
-
-    def forward(self, x):
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
-
-
 class _PartitionAttention(nn.Module):
     """Pre-norm residual block: ``x + attn(LN(x))``, then ``x + MLP(LN(x))`` (channels last).
 
@@ -329,7 +315,7 @@ class _PartitionAttention(nn.Module):
             head_first=head_first, qkv_bias=qkv_bias, proj_drop=proj_drop, backend=backend,
         )
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = _Mlp(dim, max(1, int(dim * mlp_ratio)), act_layer, proj_drop)
+        self.mlp = Mlp(dim, max(1, int(dim * mlp_ratio)), _ACTS[act_layer], proj_drop)
         self.drop_path = drop_path
 
     def forward(self, x):

@@ -19,7 +19,7 @@ from torch import nn
 from foveal._checks import per_axis, per_axis_bool
 from foveal.bias import RelativePositionBias
 from foveal.nn._common import (
-    attend_opaque,
+    attend,
     cached_pattern,
     check_backend,
     check_bool,
@@ -99,7 +99,7 @@ class _NeighborhoodAttention(nn.Module):
         bias = None
         if self.rpb is not None:
             bias = RelativePositionBias(grid, tuple(k - 1 for k in self.kernel_size), self.rpb, step=self.dilation)
-        out = attend_opaque(qkv[0], qkv[1], qkv[2], pattern, bias=bias, scale=self.scale, backend=self.backend)
+        out = attend(qkv[0], qkv[1], qkv[2], pattern, bias=bias, scale=self.scale, backend=self.backend)
         out = out.transpose(1, 2).reshape(b, *grid, c)
         return self.proj_drop(self.proj(out))
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from foveal._checks import positive_int
 from foveal.nn._common import (
-    attend_opaque,
+    attend,
     cached_pattern,
     check_backend,
     check_bool,
@@ -155,7 +155,7 @@ class VWABranch(nn.Module):
         q = self.theta(x).reshape(b, h * w, heads, -1).transpose(1, 2)
         k = self.phi(context).reshape(b, h * w, heads, -1).transpose(1, 2)
         v = self.g(context).reshape(b, h * w, heads, -1).transpose(1, 2)
-        out = attend_opaque(q, k, v, pattern, backend=self.backend)
+        out = attend(q, k, v, pattern, backend=self.backend)
         return self.out_norm(self.conv_out(out.transpose(1, 2).reshape(b, h, w, c)))
 
 

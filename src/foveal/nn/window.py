@@ -21,7 +21,7 @@ from torch import nn
 from foveal._checks import per_axis
 from foveal.bias import RelativePositionBias
 from foveal.nn._common import (
-    attend_opaque,
+    attend,
     cached_pattern,
     check_backend,
     check_bool,
@@ -78,7 +78,7 @@ def attend_channels_last(
         q, k, v = qkv(x).reshape(b, -1, num_heads, 3, head_dim).permute(3, 0, 2, 1, 4)
     else:
         q, k, v = qkv(x).reshape(b, -1, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
-    out = attend_opaque(q, k, v, pattern, bias=bias, scale=scale, backend=backend)
+    out = attend(q, k, v, pattern, bias=bias, scale=scale, backend=backend)
     return proj(out.transpose(1, 2).reshape(b, *grid, num_heads * head_dim))
 
 

@@ -28,7 +28,8 @@ from foveal.patterns.dynamic import (
     VerticalSlashCover,
     a_shape,
 )
-from foveal.patterns.global_ import Causal, Full, GlobalTokens, Sinks, Strided, is_causal
+from foveal.patterns.causality import is_causal
+from foveal.patterns.global_ import Causal, Full, GlobalTokens, Sinks, Strided
 from foveal.patterns.local import Grid, Halo, Neighborhood, PaddedHalo, SlidingWindow, Window
 from foveal.patterns.perhead import PerHead
 from foveal.patterns.order import Ordered, hilbert, morton, raster, tiles

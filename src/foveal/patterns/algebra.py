@@ -13,7 +13,7 @@ import operator
 
 import torch
 
-from foveal.patterns.base import Pattern
+from foveal.patterns.base import Pattern, visible_later_args
 
 __all__ = ["Union", "Intersection"]
 
@@ -113,11 +113,9 @@ class Intersection(_Combination):
         """Exact: parts that allow every (later query, key) pair are dropped (``Full``; ``Causal`` when every
         key precedes the first later query, as in decoding); one part left answers alone, otherwise the
         mask is evaluated in bounded chunks (an existential does not distribute over AND)."""
-        from foveal.patterns.global_ import Causal, Full, visible_later_args
-
         key_pos, t = visible_later_args(self, key_pos, t)
         first = key_pos.numel() == 0 or int(key_pos.max()) <= t + self.n_kv - self.n_q
-        rest = [p for p in self.parts if not (isinstance(p, Full) or (isinstance(p, Causal) and first))]
+        rest = [p for p in self.parts if not (p._allows_every_pair or (p._allows_every_causal_pair and first))]
         if len(rest) == 1:
             return rest[0].visible_later(key_pos, t)
         if not rest:
@@ -127,11 +125,11 @@ class Intersection(_Combination):
     def _kept_keys_seen(self):
         # Causal and Full hold for every key j <= t; one other part decides (an existential over i does not
         # distribute over AND)
-        from foveal.patterns.global_ import Causal, Full
-
-        rest = [p for p in self.parts if not isinstance(p, (Causal, Full))]
+        rest = [p for p in self.parts if not p._allows_every_causal_pair]
         return len(rest) <= 1 and all(p._kept_keys_seen() for p in self.parts)
 
     def _sees_itself(self):
         return all(p._sees_itself() for p in self.parts)
 
+
+Pattern._union_type, Pattern._intersection_type = Union, Intersection  # what ``|`` and ``&`` build

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from foveal._checks import positive_int
 from foveal.cache import LRU
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -105,9 +106,6 @@ class Pattern:
     # -- derived --------------------------------------------------------------
     def layout(self, block_q: int = 128, block_k: int | None = None) -> "BlockLayout":
         """The block layout for ``block_q`` × ``block_k`` tiles (cached by the pattern's value, bounded)."""
-        from foveal._checks import positive_int
-        from foveal.layout import BlockLayout
-
         block_q = positive_int("block_q", block_q)
         block_k = block_q if block_k is None else positive_int("block_k", block_k)
         return LAYOUTS.get((self, block_q, block_k), lambda: self._build_layout(block_q, block_k), self.cacheable)
@@ -152,15 +150,21 @@ class Pattern:
         return self.num_allowed() / (self.n_q * self.n_kv)
 
     # -- algebra --------------------------------------------------------------
-    def __or__(self, other: "Pattern") -> "Pattern":
-        from foveal.patterns.algebra import Union
+    #: the classes ``|`` and ``&`` build: ``foveal.patterns.algebra``, which builds on this module, sets them to
+    #: its ``Union`` and ``Intersection`` (so that this module imports none of the patterns built on it)
+    _union_type: type | None = None
+    _intersection_type: type | None = None
 
-        return Union(self, other)
+    def __or__(self, other: "Pattern") -> "Pattern":
+        return Pattern._union_type(self, other)
 
     def __and__(self, other: "Pattern") -> "Pattern":
-        from foveal.patterns.algebra import Intersection
+        return Pattern._intersection_type(self, other)
 
-        return Intersection(self, other)
+    #: every pair (i, j) is allowed (``Full``)
+    _allows_every_pair = False
+    #: every pair with ``j <= i + n_kv − n_q`` is allowed (``Causal``, ``Full``)
+    _allows_every_causal_pair = False
 
     # -- identity -------------------------------------------------------------
     def _key(self) -> tuple:
@@ -209,8 +213,6 @@ class Pattern:
         ``t .. n_q − 1`` against the keys in bounded chunks (O((n_q − t)·K) work);
         the built-in patterns override it in closed form.
         """
-        from foveal.patterns.global_ import visible_later_args
-
         key_pos, t = visible_later_args(self, key_pos, t)
         flat = key_pos.reshape(-1)
         seen = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
@@ -222,6 +224,22 @@ class Pattern:
             m = self.mask(q[:, None], flat[None, :])
             seen |= torch.broadcast_to(m, (q.numel(), flat.numel())).any(0)
         return seen.view(key_pos.shape)
+
+
+def visible_later_args(pattern: Pattern, key_pos, t):
+    """Checked arguments of ``pattern.visible_later``: (int64 key positions in ``[0, n_kv)``, int ``t >= 0``)."""
+    if not isinstance(key_pos, torch.Tensor) or key_pos.dtype == torch.bool or key_pos.is_floating_point() \
+            or key_pos.is_complex():
+        got = key_pos.dtype if isinstance(key_pos, torch.Tensor) else type(key_pos).__name__
+        raise TypeError(f"key_pos must be an integer tensor of key positions, got {got}")
+    t = positive_int("t", t, minimum=0)
+    key_pos = key_pos.long()
+    if key_pos.numel() and (int(key_pos.min()) < 0 or int(key_pos.max()) >= pattern.n_kv):
+        raise ValueError(
+            f"key_pos must hold key positions in [0, {pattern.n_kv}) of {pattern!r}, got values in "
+            f"[{int(key_pos.min())}, {int(key_pos.max())}]"
+        )
+    return key_pos, t
 
 
 class ProgressionPattern(Pattern):

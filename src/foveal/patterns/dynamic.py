@@ -55,7 +55,11 @@ __all__ = [
 SELECT_ELEMENTS = 1 << 24
 
 
-def a_shape(n: int, sinks: int = 100, local: int = 800):
+#: MInference's A-shape defaults (its ``n_init`` and ``n_local``): the one copy, ``foveal.recipes.a_shape`` uses it too
+A_SHAPE_SINKS, A_SHAPE_LOCAL = 100, 800
+
+
+def a_shape(n: int, sinks: int = A_SHAPE_SINKS, local: int = A_SHAPE_LOCAL):
     """MInference's A-shape as a static Pattern: key ``j`` is visible to query ``i`` iff
     ``j <= i`` and (``i - j < local`` or ``j < sinks``).
 

@@ -3,8 +3,9 @@
 ``n`` may be an int (a sequence) or a grid tuple; the rule always reads the flat
 row-major token index, so ``Causal((16, 16))`` is raster-order causal.
 
-Also here: ``is_causal(pattern)``, the exact test that no query sees a later key
-(decoding needs it), and the argument check shared by every ``visible_later``.
+``is_causal(pattern)``, the exact test that no query sees a later key, lives in
+``foveal.patterns.causality``; the argument check of every ``visible_later`` in
+``foveal.patterns.base``.
 """
 
 from __future__ import annotations
@@ -13,29 +14,13 @@ import torch
 
 from foveal._checks import as_shape, fmt_axes, positive_int
 from foveal.cache import LRU
-from foveal.patterns.base import Pattern, ProgressionPattern
+from foveal.patterns.base import Pattern, ProgressionPattern, visible_later_args
 
-__all__ = ["Full", "Causal", "GlobalTokens", "Sinks", "Strided", "FlatPattern", "is_causal"]
+__all__ = ["Full", "Causal", "GlobalTokens", "Sinks", "Strided", "FlatPattern", "visible_later_args"]
 
 
 def _like(x: torch.Tensor, value) -> torch.Tensor:
     return torch.zeros_like(x) + value
-
-
-def visible_later_args(pattern: Pattern, key_pos, t):
-    """Checked arguments of ``pattern.visible_later``: (int64 key positions in ``[0, n_kv)``, int ``t >= 0``)."""
-    if not isinstance(key_pos, torch.Tensor) or key_pos.dtype == torch.bool or key_pos.is_floating_point() \
-            or key_pos.is_complex():
-        got = key_pos.dtype if isinstance(key_pos, torch.Tensor) else type(key_pos).__name__
-        raise TypeError(f"key_pos must be an integer tensor of key positions, got {got}")
-    t = positive_int("t", t, minimum=0)
-    key_pos = key_pos.long()
-    if key_pos.numel() and (int(key_pos.min()) < 0 or int(key_pos.max()) >= pattern.n_kv):
-        raise ValueError(
-            f"key_pos must hold key positions in [0, {pattern.n_kv}) of {pattern!r}, got values in "
-            f"[{int(key_pos.min())}, {int(key_pos.max())}]"
-        )
-    return key_pos, t
 
 
 def _none(key_pos: torch.Tensor) -> torch.Tensor:
@@ -90,6 +75,9 @@ class Full(FlatPattern):
     def progression(self, axis, x):
         return _like(x, 0), _like(x, 1), _like(x, self.n_kv)
 
+    _allows_every_pair = True
+    _allows_every_causal_pair = True
+
     def visible_later(self, key_pos, t):
         key_pos, t = visible_later_args(self, key_pos, t)
         return _all(key_pos) if t < self.n_q else _none(key_pos)
@@ -120,6 +108,8 @@ class Causal(FlatPattern):
 
     def progression(self, axis, x):
         return _like(x, 0), _like(x, 1), torch.clamp(x + self.offset + 1, 0, self.n_kv)
+
+    _allows_every_causal_pair = True
 
     def visible_later(self, key_pos, t):
         # the last query sees every key
@@ -223,59 +213,3 @@ class Strided(FlatPattern):
 
     def __repr__(self):
         return f"Strided({self._n_repr()}, stride={self.stride})"
-
-
-class _Later(FlatPattern):
-    """Keys strictly after the query: ``j > i + n_kv − n_q`` (the complement of ``Causal``)."""
-
-    def __init__(self, n, n_kv=None):
-        self._init_shape(n, n_kv)
-
-    def progression(self, axis, x):
-        first = torch.clamp(x + self.offset + 1, 0, self.n_kv)
-        return torch.clamp(first, max=self.n_kv - 1), _like(x, 1), self.n_kv - first
-
-    def _key(self):
-        return (self.shape, self.kv_shape)
-
-    def __repr__(self):
-        return f"_Later({self._n_repr()})"
-
-
-_CAUSAL = LRU("causality of patterns", 256)
-
-
-def is_causal(pattern: Pattern) -> bool:
-    """True iff no query ``i`` of ``pattern`` may see a key ``j > i + n_kv − n_q`` (flat row-major order).
-
-    Exact, and cheap for the built-in patterns: a union is causal iff every part is;
-    an intersection is if some part is; a pattern of one flat progression is iff
-    every query's last key is at most ``i + n_kv − n_q`` (O(n), in chunks). Any other
-    pattern is causal iff ``pattern & (j > i + n_kv − n_q)`` allows no pair, counted
-    from block layouts (by chunked mask evaluation where the pattern has no analytic
-    layout). Cached by the pattern's value.
-    """
-    if not isinstance(pattern, Pattern):
-        raise TypeError(f"pattern must be a foveal Pattern, got {type(pattern).__name__}")
-    if isinstance(pattern, (Causal, Sinks)):
-        return True
-    return _CAUSAL.get(pattern, lambda: _decide_causal(pattern))
-
-
-def _decide_causal(pattern: Pattern) -> bool:
-    from foveal.patterns.algebra import Intersection, Union
-
-    if isinstance(pattern, Union):
-        return all(is_causal(p) for p in pattern.parts)
-    if isinstance(pattern, Intersection) and any(is_causal(p) for p in pattern.parts):
-        return True
-    if isinstance(pattern, ProgressionPattern) and len(pattern.axes_shape) == 1 and len(pattern.kv_axes_shape) == 1:
-        offset = pattern.n_kv - pattern.n_q
-        chunk = 1 << 20
-        for s in range(0, pattern.n_q, chunk):
-            x = torch.arange(s, min(s + chunk, pattern.n_q))
-            first, step, count = (torch.broadcast_to(v, x.shape) for v in pattern.progression(0, x))
-            if bool(((count > 0) & (first + step * (count - 1) > x + offset)).any()):
-                return False
-        return True
-    return (pattern & _Later(pattern.shape, pattern.kv_shape)).num_allowed() == 0
