@@ -24,7 +24,7 @@ from foveal.kernels.native.blocksparse import (  # noqa: E402
 from foveal.bias import ALiBi, RelativePositionBias  # noqa: E402
 from foveal.patterns.documents import Document  # noqa: E402
 from foveal.patterns.dynamic import BlockSelection, BlockTopK, VerticalSlash  # noqa: E402
-from foveal.patterns.global_ import Causal, Full, Sinks  # noqa: E402
+from foveal.patterns.global_ import Causal, Full, GlobalTokens, Sinks  # noqa: E402
 from foveal.patterns.local import Neighborhood, SlidingWindow  # noqa: E402
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5}
@@ -301,7 +301,10 @@ def test_auto_takes_native_where_it_was_measured_faster():
     na = Neighborhood((64, 32), 7)
     assert tile_fill(window) >= AUTO_MIN_FILL > tile_fill(na)
     assert select(Call(q, k, v, window, 0.3), "auto").name == "native"
-    assert select(Call(q, k, v, na, 0.3), "auto").name == "cpu"  # few allowed pairs per tile: the gather kernel
+    assert select(Call(q, k, v, na, 0.3), "auto").name == "native-na"  # a bare neighbourhood: its pairs-only kernel
+    mixed = na | GlobalTokens((64, 32), 2)
+    assert tile_fill(mixed) < AUTO_MIN_FILL
+    assert select(Call(q, k, v, mixed, 0.3), "auto").name == "cpu"  # few allowed pairs per tile: the gather kernel
     assert select(Call(q, k, v, BlockTopK(n, topk=2).select(q, k), 0.3), "auto").name == "native"
     assert select(Call(q, k, v, Causal(n), 0.3), "auto").name == "sdpa"
     assert select(Call(q, k, v, window, 0.3, bias=ALiBi(2)), "auto").name == "cpu"

@@ -53,7 +53,8 @@ def attend(q, k, v, pattern, *, bias=None, scale=None, key_padding_mask=None, so
     ``BlockSelection`` made beforehand with ``pattern.select(q, k)``, whose statistics the
     caller keeps. ``backend`` is ``"auto"`` or a name from
     ``foveal.kernels.select.BACKENDS`` (``reference``, ``sdpa``, ``cpu``,
-    ``blocksparse``, ``flex``); a backend that cannot run the call says why.
+    ``blocksparse``, ``flex``, and where the C++ extension is built ``native`` and
+    ``native-na``); a backend that cannot run the call says why.
     """
     if torch.compiler.is_compiling() and _built_while_tracing(pattern):
         from foveal.custom_op import attend_outside_graph

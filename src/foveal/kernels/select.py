@@ -176,10 +176,32 @@ class FlexBackend:
                                    bias=call.bias, key_padding_mask=call.key_padding_mask, softcap=call.softcap)
 
 
+class NativeNeighborhoodBackend:
+    """foveal's native C++ neighbourhood kernel (``foveal.kernels.native.neighborhood``): a bare ``Neighborhood``
+    on CPU, exactly its pairs, forward and backward; refuses other patterns, score terms other than a
+    ``RelativePositionBias`` on the pattern's grid, and says so when the extension is not built or disabled."""
+
+    name = "native-na"
+
+    def why_not(self, call: Call) -> list[str]:
+        from foveal.patterns.local import Neighborhood
+
+        if not isinstance(call.pattern, Neighborhood):
+            return [f"native-na runs a bare Neighborhood only, got {type(call.pattern).__name__}"]
+        from foveal.kernels.native.neighborhood import call_why_not
+
+        return call_why_not(call)
+
+    def run(self, call: Call):
+        from foveal.kernels.native.neighborhood import call_run
+
+        return call_run(call)
+
+
 from foveal.kernels.native.blocksparse import NativeBackend  # noqa: E402  (the C++ kernel; loaded on first use)
 
 BACKENDS = {b.name: b for b in (ReferenceBackend(), SdpaBackend(), CpuBackend(), BlockSparseBackend(), FlexBackend(),
-                                NativeBackend())}
+                                NativeBackend(), NativeNeighborhoodBackend())}
 
 #: ``auto`` tries these in order, per device type. ``sdpa`` first: it only accepts
 #: ``Full`` and ``Causal`` (no mask, no terms), which PyTorch's fused kernel runs at the
@@ -200,20 +222,25 @@ BACKENDS = {b.name: b for b in (ReferenceBackend(), SdpaBackend(), CpuBackend(),
 #: FlexAttention's own GPU results and should be re-measured.
 #:
 #: ``native`` (the C++ block-sparse flash kernel, when built) comes after ``sdpa`` and before
-#: ``cpu``/``blocksparse`` on CPU. Measured with ``tools/bench_native.py`` (one process, every
-#: contender in every round, medians; batch 1, 4 heads, head_dim 64, float32) on a shared
-#: 2-core machine under load 6.6-10 from other jobs, one thread (two-thread ratios in
-#: brackets, inflated by the load: torch's many small parallel ops suffer more from it),
-#: time over native's, forward / fwd+bwd: causal window 512 at 16k, cpu 1.34x / 1.51x
-#: (20.8x / 7.7x), SDPA is_causal 10.7x / 9.1x; BlockTopK at 16k (density 0.029, selection
-#: included), blocksparse 1.58x / 1.49x (5.5x / 10.2x); VerticalSlash at 16k (64 columns,
-#: 512 diagonals, forward, two threads) blocksparse 3.9x. So: content selections go to
-#: ``native``, and static patterns too, unless they fill under ``AUTO_MIN_FILL`` (0.5) of
-#: the 64x64 tiles it computes (``NativeBackend.auto_skip``): a 7x7 neighbourhood on 64x64
-#: fills 11% and there cpu took 0.81x / 0.85x native's time (12.2x / 3.6x on two threads).
-#: ``sdpa`` stays first: Causal at 16k took 0.73x native's time forward (two threads), a
-#: 7x7 neighbourhood on 14x14 (batch 8, the small masked path) 0.68x / 0.91x.
-AUTO_ORDER = {"cpu": ("sdpa", "native", "cpu", "blocksparse", "reference"),
+#: ``cpu``/``blocksparse`` on CPU. Measured with a prototype script (``git show 729b377:tools/bench_native.py``;
+#: one process, every contender in every round, medians; batch 1, 4 heads, head_dim 64, float32) on a shared 2-core
+#: machine under load 6.6-10 from other jobs, one thread (two-thread ratios in brackets, inflated by the load:
+#: torch's many small parallel ops suffer more from it), time over native's, forward / fwd+bwd: causal window 512
+#: at 16k, cpu 1.34x / 1.51x (20.8x / 7.7x), SDPA is_causal 10.7x / 9.1x; BlockTopK at 16k (density 0.029,
+#: selection included), blocksparse 1.58x / 1.49x (5.5x / 10.2x); VerticalSlash at 16k (64 columns, 512 diagonals,
+#: forward, two threads) blocksparse 3.9x. So: content selections go to ``native``, and static patterns too, unless
+#: they fill under ``AUTO_MIN_FILL`` (0.5) of the 64x64 tiles it computes (``NativeBackend.auto_skip``): a 7x7
+#: neighbourhood on 64x64 fills 11% and there cpu took 0.81x / 0.85x native's time (12.2x / 3.6x on two threads).
+#: ``sdpa`` stays first: Causal at 16k took 0.73x native's time forward (two threads), a 7x7 neighbourhood on 14x14
+#: (batch 8, the small masked path) 0.68x / 0.91x.
+#:
+#: ``native-na`` (a bare ``Neighborhood`` on CPU, where the extension is built) comes before ``native`` (which
+#: passes over a neighbourhood: it fills 11% of its tiles) and ``cpu``: on NA 7x7 over 64x64, 4 heads, head_dim 32,
+#: float32, one thread's CPU time (``git show 7c2d1c6:tools/native_na_cputime.py``, a loaded 2-core machine) it
+#: took 0.45x ``cpu``'s forward and 0.43x its fwd+bwd, 0.04x compiled flex's forward, 0.08x / 0.09x dense SDPA's
+#: forward / fwd+bwd; ``sdpa`` keeps the small patterns it was measured to win (native against sdpa there is not
+#: measured).
+AUTO_ORDER = {"cpu": ("sdpa", "native-na", "native", "cpu", "blocksparse", "reference"),
               "cuda": ("sdpa", "flex", "cpu", "blocksparse", "reference")}
 _AUTO_DEFAULT = ("sdpa", "native", "cpu", "blocksparse", "reference")
 

@@ -358,10 +358,10 @@ def unsupported(q, pattern, *, bias=None) -> list[str]:
     return reasons
 
 
-#: ``auto`` prefers native for a static pattern only where its allowed pairs fill at least this share of the
-#: 64x64 tiles the kernel computes (measured, tools/bench_native.py: a causal window of 512 at 16k fills 89% and
-#: native was faster than cpu; a 7x7 neighbourhood on 64x64 fills 11% and cpu took 0.81x/0.85x native's time
-#: forward/fwd+bwd on one thread — 0.5 is a choice between those two measured points)
+#: ``auto`` prefers native for a static pattern only where its allowed pairs fill at least this share of the 64x64
+#: tiles the kernel computes (measured with ``git show 729b377:tools/bench_native.py``: a causal window of 512 at
+#: 16k fills 89% and native was faster than cpu; a 7x7 neighbourhood on 64x64 fills 11% and cpu took 0.81x/0.85x
+#: native's time forward/fwd+bwd on one thread — 0.5 is a choice between those two measured points)
 AUTO_MIN_FILL = 0.5
 #: tile fill of static patterns, by pattern value
 FILLS = LRU("native tile fill", maxsize=256)
