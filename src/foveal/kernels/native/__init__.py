@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["available", "why_unavailable", "ops", "library_path", "sources", "ENV"]
+__all__ = ["available", "why_unavailable", "ops", "library_path", "sources", "common_reasons", "ENV"]
 
 #: set to 0 (or false/off/no) to run without the native kernels
 ENV = "FOVEAL_NATIVE"
@@ -97,3 +97,19 @@ def ops():
     import torch
 
     return getattr(torch.ops, NAME)
+
+
+def common_reasons(q, kernel: str) -> list[str]:
+    """What every native kernel needs of a call: the library loaded, CPU tensors, a floating dtype (half inputs
+    computed in float32); ``kernel`` names it in the reasons."""
+    reasons = []
+    why = why_unavailable()
+    if why is not None:
+        reasons.append(why)
+    if q.device.type != "cpu":
+        reasons.append(f"{kernel} runs on CPU tensors, got {q.device.type}")
+    from foveal.inputs import DTYPES
+
+    if q.dtype not in DTYPES:
+        reasons.append(f"{kernel} computes float32/float64 (half inputs in float32), got {q.dtype}")
+    return reasons

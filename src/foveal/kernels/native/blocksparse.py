@@ -338,14 +338,7 @@ def unsupported(q, pattern, *, bias=None) -> list[str]:
     """Why the native kernel cannot run this (empty: it can)."""
     from foveal.patterns.dynamic import BlockSelection
 
-    reasons = []
-    why = native.why_unavailable()
-    if why is not None:
-        reasons.append(why)
-    if q.device.type != "cpu":
-        reasons.append(f"native runs on CPU tensors, got {q.device.type}")
-    if q.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-        reasons.append(f"native computes float32/float64 (half inputs in float32), got {q.dtype}")
+    reasons = native.common_reasons(q, "native")
     if bias is not None:
         from foveal.bias import table_geometry
 

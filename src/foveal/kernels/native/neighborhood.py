@@ -37,6 +37,7 @@ import math
 
 import torch
 
+from foveal.inputs import lse_dtype
 from foveal.kernels import native
 from foveal.patterns.local import Neighborhood
 
@@ -138,10 +139,6 @@ def _bias_index(pattern, bias):
     return _cached(("rpb", pattern._key(), bias.geometry), make)
 
 
-def _compute_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def why_not(q, k, v, pattern, *, bias=None, key_padding_mask=None, softcap=None) -> list[str]:
     """Reasons the native neighbourhood kernel cannot run this call (empty when it can)."""
     reasons = []
@@ -151,13 +148,7 @@ def why_not(q, k, v, pattern, *, bias=None, key_padding_mask=None, softcap=None)
     else:
         if len(pattern.shape) > 3:
             reasons.append("the native neighbourhood kernel runs 1-, 2- and 3-D grids")
-    unavailable = native.why_unavailable()
-    if unavailable:
-        reasons.append(unavailable)
-    if q.device.type != "cpu":
-        reasons.append(f"the native neighbourhood kernel runs on CPU, got {q.device.type}")
-    if q.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-        reasons.append(f"the native neighbourhood kernel runs floating dtypes, got {q.dtype}")
+    reasons += native.common_reasons(q, "the native neighbourhood kernel")
     if bias is not None:
         from foveal.bias import RelativePositionBias
 
@@ -239,7 +230,7 @@ def native_neighborhood_attention(q, k, v, pattern, scale=None, *, key_padding_m
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key heads ({k.shape[1]}) and k, v "
                          "must have the same heads")
     in_dtype = q.dtype
-    cdt = _compute_dtype(in_dtype)
+    cdt = lse_dtype(in_dtype)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     qc, kc, vc = (x.to(cdt).contiguous() for x in (q, k, v))
     sink = sink_logits.to(cdt).contiguous() if sink_logits is not None else None

@@ -168,6 +168,26 @@ struct Rows {
   int64_t b, h0, sg, qb, bq, R;
 };
 
+// A work item of the forward and of dQ: (batch, query-head group, query block) -> its rows, key head, the key
+// head's first token row, its table instance and the instance's first table slot
+struct Item {
+  Rows r;
+  int64_t kh, head0, inst, trow;
+};
+
+static Item item_rows(const Geo& g, int64_t item) {
+  Item it;
+  Rows& r = it.r;
+  r.qb = item % g.nqb;
+  const int64_t hg = (item / g.nqb) % g.groups;
+  r.b = item / (g.nqb * g.groups);
+  r.h0 = hg * g.SG, r.sg = g.SG;
+  r.bq = std::min(g.block, g.Nq - r.qb * g.block), r.R = r.sg * r.bq;
+  it.kh = r.h0 / g.G, it.head0 = (r.b * g.Hkv + it.kh) * g.Nk;
+  it.inst = ((g.Bt > 1 ? r.b : 0) * g.Ht + (g.Ht > 1 ? hg : 0)) * g.nqb + r.qb, it.trow = it.inst * g.S;
+  return it;
+}
+
 // Scaled queries of the rows into qs (R×D)
 template <typename T>
 static void load_q(const Args<T>& a, const Rows& r, T* qs) {
@@ -313,14 +333,9 @@ static bool absorb(const Geo& g, int64_t R, T* s, int64_t kn, T* m, T* l, T* acc
 template <typename T>
 static void forward_item(const Args<T>& a, int64_t item, FwdScratch<T>& w, T* out, T* lse) {
   const Geo& g = a.g;
-  Rows r;
-  r.qb = item % g.nqb;
-  const int64_t hg = (item / g.nqb) % g.groups;
-  r.b = item / (g.nqb * g.groups);
-  r.h0 = hg * g.SG, r.sg = g.SG;
-  r.bq = std::min(g.block, g.Nq - r.qb * g.block), r.R = r.sg * r.bq;
-  const int64_t kh = r.h0 / g.G, head0 = (r.b * g.Hkv + kh) * g.Nk;
-  const int64_t inst = ((g.Bt > 1 ? r.b : 0) * g.Ht + (g.Ht > 1 ? hg : 0)) * g.nqb + r.qb, trow = inst * g.S;
+  const Item it = item_rows(g, item);
+  const Rows& r = it.r;
+  const int64_t kh = it.kh, head0 = it.head0, inst = it.inst, trow = it.trow;
   T *qs = w.qs.data(), *s = w.s.data(), *acc = w.acc.data(), *m = w.m.data(), *l = w.l.data();
   load_q(a, r, qs);
   std::fill(m, m + r.R, neg_inf<T>());
@@ -474,14 +489,9 @@ static void load_bwd_rows(const Args<T>& a, const Rows& r, const BwdTensors& t, 
 template <typename T>
 static void dq_item(const Args<T>& a, int64_t item, BwdScratch<T>& w, const BwdTensors& t, T* dq) {
   const Geo& g = a.g;
-  Rows r;
-  r.qb = item % g.nqb;
-  const int64_t hg = (item / g.nqb) % g.groups;
-  r.b = item / (g.nqb * g.groups);
-  r.h0 = hg * g.SG, r.sg = g.SG;
-  r.bq = std::min(g.block, g.Nq - r.qb * g.block), r.R = r.sg * r.bq;
-  const int64_t kh = r.h0 / g.G, head0 = (r.b * g.Hkv + kh) * g.Nk;
-  const int64_t inst = ((g.Bt > 1 ? r.b : 0) * g.Ht + (g.Ht > 1 ? hg : 0)) * g.nqb + r.qb, trow = inst * g.S;
+  const Item it = item_rows(g, item);
+  const Rows& r = it.r;
+  const int64_t kh = it.kh, head0 = it.head0, inst = it.inst, trow = it.trow;
   T* deriv = w.deriv.empty() ? nullptr : w.deriv.data();
   load_bwd_rows(a, r, t, w);
   T* acc = w.acc.data();
