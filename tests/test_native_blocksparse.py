@@ -94,6 +94,21 @@ def test_neighborhood_2d(grid, kernel, dilation, dtype):
     _compare(q, k, v, Neighborhood(grid, kernel, dilation=dilation))
 
 
+@pytest.mark.parametrize("pattern", ["causal", "document", "topk"])
+def test_more_keys_than_one_chunk(pattern):
+    """Query blocks reading more key blocks than one softmax chunk (512 keys), in runs and gaps, and key blocks read
+    by more query tiles than one stacked dK/dV tile: forward and backward with padding, soft-cap and sinks."""
+    n = 1100
+    q, k, v, g = _inputs(2, 4, 2, n, 8, 8, torch.float64, 11)
+    padding = torch.rand(2, n, generator=g) < 0.1
+    sinks = torch.randn(4, generator=g, dtype=torch.float64).requires_grad_()
+    if pattern == "topk":  # 16-key blocks: 32 a chunk; 45 of up to 69 kept, most of them not consecutive
+        pat = BlockTopK(n, topk=45, block=16).select(q, k)
+    else:
+        pat = Causal(n) if pattern == "causal" else Document([700, n - 700])
+    _compare(q, k, v, pat, padding=padding, softcap=2.0, sinks=sinks)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_padding_softcap_and_sink_logits_together(dtype):
     n = 150

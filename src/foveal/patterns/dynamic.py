@@ -250,12 +250,13 @@ def _scores(q, k):
 def _pool(x, block):
     """Mean of each block of tokens (the ragged last block over its own tokens) and block sizes."""
     b, h, n, d = x.shape
-    nb = -(-n // block)
-    xp = x.new_zeros(b, h, nb * block, d, dtype=torch.float32)
-    xp[:, :, :n] = x
-    xp = xp.view(b, h, nb, block, d)
+    nb, full = -(-n // block), n // block
+    x = x.float()
+    sums = x[:, :, : full * block].reshape(b, h, full, block, d).sum(3)  # no padded copy of x
+    if full < nb:
+        sums = torch.cat([sums, x[:, :, full * block:].sum(2, keepdim=True)], 2)
     sizes = torch.clamp(n - torch.arange(nb, device=x.device) * block, max=block).float()
-    return xp.sum(3) / sizes[:, None], sizes
+    return sums / sizes[:, None], sizes
 
 
 def _table(keep):

@@ -34,9 +34,13 @@ using namespace foveal::tile;
 struct Geo {
   int64_t B, Hq, Hkv, G, Nq, Nk, D, Dv, block, nqb, nkb, Bt, Ht, S, W, SG, groups;
   int64_t T = 0, WT = 0, lds = 0;  // single key tokens per instance, their bit words per row; score tile width
+  int64_t ct = 1;  // key tiles taken together by the forward (one softmax pass over ct·block keys)
 };
 
 constexpr int64_t kTokenChunk = 64;
+// Keys the forward takes together: one score GEMM over consecutive key blocks (else one per tile) and one softmax
+// pass, the accumulator rescaled once per chunk (PyTorch's CPU flash kernel splits keys by 512 likewise).
+constexpr int64_t kChunkKeys = 512;
 
 template <typename T>
 struct Args {
@@ -106,7 +110,8 @@ static Geo geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
               "masks must be a contiguous int64 (M, block, ceil(block / 64)) tensor");
   g.SG = g.Ht == 1 ? g.G : 1;
   g.groups = g.Hq / g.SG;
-  g.lds = block;
+  g.ct = std::max<int64_t>(1, kChunkKeys / block);
+  g.lds = g.ct * block;
   return g;
 }
 
@@ -124,7 +129,7 @@ static void add_tokens(Geo& g, const std::optional<at::Tensor>& tokens, const st
     TORCH_CHECK(bits.has_value() && bits->defined() && bits->scalar_type() == at::kLong && bits->is_contiguous() &&
                     bits->numel() == g.B * g.Hq * g.nqb * g.block * g.WT,
                 "token_bits must be a contiguous int64 (B, Hq, nqb, block, ceil(T / 64)) tensor");
-  g.lds = std::max(g.block, kTokenChunk);
+  g.lds = std::max(g.lds, kTokenChunk);
 }
 
 template <typename T>
@@ -217,14 +222,14 @@ static const bool* padding_of(const Args<T>& a, int64_t b, int64_t kv0, int64_t 
   return nullptr;
 }
 
-// Final scores of the rows against kn keys at kp into s (R × block): scale·q·kᵀ, cap (its derivative into deriv
-// when given), the tile's bit mask (mask index mi, -1 none) and key padding as -inf.
+// The rest of the final scores, on a tile s (R × kn, leading dimension lds) holding scale·q·kᵀ: cap (its
+// derivative into deriv when given), the score term (tidx), the tile's bit mask (mask index mi, -1 none) and key
+// padding as -inf.
 template <typename T>
-static void scores(const Args<T>& a, const Rows& r, const T* qs, const T* kp, int64_t kn, int64_t mi,
-                   const bool* pad, T* s, T* deriv, const int32_t* tidx = nullptr) {
+static void finish_scores(const Args<T>& a, const Rows& r, int64_t kn, int64_t mi, const bool* pad, T* s, T* deriv,
+                          const int32_t* tidx) {
   const Geo& g = a.g;
   const int64_t ld = g.lds;
-  gemm<T>(false, true, r.R, kn, g.D, T(1), qs, g.D, kp, g.D, T(0), s, ld);
   if (a.softcap > T(0))
     for (int64_t i = 0; i < r.R; ++i) softcap_row(s + i * ld, kn, a.softcap, deriv ? deriv + i * ld : nullptr);
   if (tidx) {
@@ -245,6 +250,14 @@ static void scores(const Args<T>& a, const Rows& r, const T* qs, const T* kp, in
       for (int64_t j = 0; j < kn; ++j)
         if (pad[j]) s[i * ld + j] = ninf;
   }
+}
+
+// Final scores of the rows against kn keys at kp into s (R × kn, leading dimension lds)
+template <typename T>
+static void scores(const Args<T>& a, const Rows& r, const T* qs, const T* kp, int64_t kn, int64_t mi,
+                   const bool* pad, T* s, T* deriv, const int32_t* tidx = nullptr) {
+  gemm<T>(false, true, r.R, kn, a.g.D, T(1), qs, a.g.D, kp, a.g.D, T(0), s, a.g.lds);
+  finish_scores(a, r, kn, mi, pad, s, deriv, tidx);
 }
 
 // The score term's index tile of a slot (null without a term)
@@ -290,6 +303,45 @@ static void token_scores(const Args<T>& a, const Rows& r, int64_t inst, const T*
       if (!ok) s[i * ld + j] = ninf;
     }
   }
+}
+
+// The next run of the instance's table (row trow) from `slot` on, unused slots skipped: at most `most` consecutive
+// key blocks (one GEMM reads them). Returns its first block (-1: none left), its length in n, its slots in sl;
+// `slot` moves past it.
+template <typename T>
+static int64_t next_run(const Args<T>& a, int64_t trow, int64_t& slot, int64_t most, int64_t* sl, int64_t& n) {
+  const Geo& g = a.g;
+  while (slot < g.S && a.table[trow + slot] < 0) ++slot;
+  n = 0;
+  if (slot == g.S) return -1;
+  const int64_t kb = a.table[trow + slot];
+  sl[n++] = slot++;
+  for (; slot < g.S && n < most; ++slot) {
+    const int64_t next = a.table[trow + slot];
+    if (next < 0) continue;
+    if (next != kb + n) break;
+    sl[n++] = slot;
+  }
+  return kb;
+}
+
+// The keys of a run of n blocks from kb: its first key and how many (only the sequence's last block is ragged)
+inline int64_t run_keys(const Geo& g, int64_t kb, int64_t n) { return std::min(g.Nk, (kb + n) * g.block) - kb * g.block; }
+
+// Final scores of the rows against a run of key blocks (from next_run) into s (R × its keys): one GEMM, then each
+// tile's cap, term, bit mask and padding
+template <typename T>
+static int64_t run_scores(const Args<T>& a, const Rows& r, const T* qs, int64_t head0, int64_t trow, int64_t kb,
+                          int64_t n, const int64_t* sl, T* s, T* deriv) {
+  const Geo& g = a.g;
+  const int64_t kv0 = kb * g.block, kn = run_keys(g, kb, n);
+  gemm<T>(false, true, r.R, kn, g.D, T(1), qs, g.D, a.k + (head0 + kv0) * g.D, g.D, T(0), s, g.lds);
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t c0 = t * g.block, tn = std::min(g.block, kn - c0);
+    finish_scores(a, r, tn, a.midx[trow + sl[t]], padding_of(a, r.b, kv0 + c0, tn), s + c0,
+                  deriv ? deriv + c0 : nullptr, term_tile(a, trow + sl[t]));
+  }
+  return kn;
 }
 
 template <typename T>
@@ -341,14 +393,22 @@ static void forward_item(const Args<T>& a, int64_t item, FwdScratch<T>& w, T* ou
   std::fill(m, m + r.R, neg_inf<T>());
   std::fill(l, l + r.R, T(0));
   std::fill(acc, acc + r.R * g.Dv, T(0));
-  for (int64_t slot = 0; slot < g.S; ++slot) {
-    const int64_t kb = a.table[trow + slot];
-    if (kb < 0) continue;
-    const int64_t kv0 = kb * g.block, kn = std::min(g.block, g.Nk - kv0);
-    scores(a, r, qs, a.k + (head0 + kv0) * g.D, kn, a.midx[trow + slot], padding_of(a, r.b, kv0, kn), s,
-           (T*)nullptr, term_tile(a, trow + slot));
-    if (absorb(g, r.R, s, kn, m, l, acc))
-      gemm<T>(false, false, r.R, g.Dv, kn, T(1), s, g.lds, a.v + (head0 + kv0) * g.Dv, g.Dv, T(1), acc, g.Dv);
+  // chunks of up to ct key blocks: one score GEMM per run of consecutive blocks, one softmax pass per chunk
+  int64_t slot = 0, sl[kChunkKeys], runs[kChunkKeys][2];
+  while (true) {
+    int64_t tiles = 0, nruns = 0, kn = 0, n, kb;
+    while (tiles < g.ct && (kb = next_run(a, trow, slot, g.ct - tiles, sl + tiles, n)) >= 0) {
+      runs[nruns][0] = kb, runs[nruns++][1] = n;
+      kn += run_scores(a, r, qs, head0, trow, kb, n, sl + tiles, s + kn, (T*)nullptr);
+      tiles += n;
+    }
+    if (tiles == 0) break;
+    if (!absorb(g, r.R, s, kn, m, l, acc)) continue;
+    for (int64_t u = 0, col = 0; u < nruns; ++u) {  // P·V, a GEMM per run
+      const int64_t kv0 = runs[u][0] * g.block, rk = run_keys(g, runs[u][0], runs[u][1]);
+      gemm<T>(false, false, r.R, g.Dv, rk, T(1), s + col, g.lds, a.v + (head0 + kv0) * g.Dv, g.Dv, T(1), acc, g.Dv);
+      col += rk;
+    }
   }
   if (g.T) {
     int64_t pos = 0, c;
@@ -426,8 +486,8 @@ struct BwdScratch {
   T *tok_dk = nullptr, *tok_dv = nullptr;  // this worker's dK/dV of single tokens (B·Hkv·Nk rows)
   T* dterm = nullptr;  // this worker's gradient of the term table (Hq, L)
   BwdScratch(const Geo& g, bool cap) {
-    const int64_t R = g.SG * g.block;
-    qs.resize(R * g.D), dO.resize(R * g.Dv), lse.resize(R), delta.resize(R), s.resize(R * g.lds),
+    const int64_t R = g.SG * g.block, RS = g.ct * R;  // RS: the rows of ct stacked query tiles (dK/dV pass)
+    qs.resize(RS * g.D), dO.resize(RS * g.Dv), lse.resize(RS), delta.resize(RS), s.resize(R * g.lds),
         dp.resize(R * g.lds), deriv.resize(cap ? R * g.lds : 0);
     acc.resize(std::max(R, g.block) * g.D), acc2.resize(g.block * g.Dv);
     if (g.T) kbuf.resize(kTokenChunk * g.D), vbuf.resize(kTokenChunk * g.Dv), tk.resize(kTokenChunk * g.D),
@@ -478,12 +538,13 @@ static void probs_and_dscores(const Args<T>& a, const Rows& r, BwdScratch<T>& w,
   }
 }
 
+// The rows' scaled q, dO, lse and delta into the scratch from row `at` on
 template <typename T>
-static void load_bwd_rows(const Args<T>& a, const Rows& r, const BwdTensors& t, BwdScratch<T>& w) {
-  load_q(a, r, w.qs.data());
-  load_rows(a.g, r, static_cast<const T*>(t.dout), a.g.Dv, w.dO.data());
-  load_rows(a.g, r, static_cast<const T*>(t.lse), 1, w.lse.data());
-  load_rows(a.g, r, static_cast<const T*>(t.delta), 1, w.delta.data());
+static void load_bwd_rows(const Args<T>& a, const Rows& r, const BwdTensors& t, BwdScratch<T>& w, int64_t at = 0) {
+  load_q(a, r, w.qs.data() + at * a.g.D);
+  load_rows(a.g, r, static_cast<const T*>(t.dout), a.g.Dv, w.dO.data() + at * a.g.Dv);
+  load_rows(a.g, r, static_cast<const T*>(t.lse), 1, w.lse.data() + at);
+  load_rows(a.g, r, static_cast<const T*>(t.delta), 1, w.delta.data() + at);
 }
 
 template <typename T>
@@ -496,14 +557,13 @@ static void dq_item(const Args<T>& a, int64_t item, BwdScratch<T>& w, const BwdT
   load_bwd_rows(a, r, t, w);
   T* acc = w.acc.data();
   std::fill(acc, acc + r.R * g.D, T(0));
-  for (int64_t slot = 0; slot < g.S; ++slot) {
-    const int64_t kb = a.table[trow + slot];
-    if (kb < 0) continue;
-    const int64_t kv0 = kb * g.block, kn = std::min(g.block, g.Nk - kv0);
-    const T* kp = a.k + (head0 + kv0) * g.D;
-    const int32_t* tidx = term_tile(a, trow + slot);
-    scores(a, r, w.qs.data(), kp, kn, a.midx[trow + slot], padding_of(a, r.b, kv0, kn), w.s.data(), deriv, tidx);
-    probs_and_dscores(a, r, w, a.v + (head0 + kv0) * g.Dv, kn, tidx, w.dterm);
+  // runs of consecutive key blocks, one tile at a time with a score term (its gradient is gathered per tile)
+  const int64_t most = a.term ? 1 : g.ct;
+  int64_t slot = 0, n, kb, sl[kChunkKeys];
+  while ((kb = next_run(a, trow, slot, most, sl, n)) >= 0) {
+    const T* kp = a.k + (head0 + kb * g.block) * g.D;
+    const int64_t kn = run_scores(a, r, w.qs.data(), head0, trow, kb, n, sl, w.s.data(), deriv);
+    probs_and_dscores(a, r, w, a.v + (head0 + kb * g.block) * g.Dv, kn, term_tile(a, trow + sl[0]), w.dterm);
     gemm<T>(false, false, r.R, g.D, kn, T(1), w.dp.data(), g.lds, kp, g.D, T(1), acc, g.D);
   }
   if (g.T) {  // single tokens: dQ here, and their dK/dV into this worker's buffers
@@ -530,9 +590,13 @@ static void dq_item(const Args<T>& a, int64_t item, BwdScratch<T>& w, const BwdT
   }
 }
 
+// dK and dV of one key block: the query tiles reading it (the transposed table), up to ct at a time stacked as
+// the rows of one score tile (one at a time with a score term, whose gradient the dQ pass gathers)
 template <typename T>
-static void dkv_item(const Args<T>& a, int64_t item, BwdScratch<T>& w, const BwdTensors& t, const int64_t* indptr,
+static void dkv_item(const Args<T>& a0, int64_t item, BwdScratch<T>& w, const BwdTensors& t, const int64_t* indptr,
                      const int64_t* inst, const int64_t* slots, T* dk, T* dv) {
+  Args<T> a = a0;
+  a.g.lds = a.g.block;  // the score tile here is (stacked rows × one key block)
   const Geo& g = a.g;
   const int64_t kb = item % g.nkb, kh = (item / g.nkb) % g.Hkv, b = item / (g.nkb * g.Hkv);
   const int64_t kv0 = kb * g.block, kn = std::min(g.block, g.Nk - kv0);
@@ -545,20 +609,32 @@ static void dkv_item(const Args<T>& a, int64_t item, BwdScratch<T>& w, const Bwd
   std::fill(dka, dka + kn * g.D, T(0));
   std::fill(dva, dva + kn * g.Dv, T(0));
   const bool* pad = padding_of(a, b, kv0, kn);
-  for (int64_t e = indptr[key]; e < indptr[key + 1]; ++e) {
-    const int64_t in = inst[e];
-    Rows r;
-    r.b = b;
-    r.qb = in % g.nqb;
-    const int64_t th = (in / g.nqb) % g.Ht;
-    r.h0 = g.Ht > 1 ? th : kh * g.G, r.sg = g.SG;
-    r.bq = std::min(g.block, g.Nq - r.qb * g.block), r.R = r.sg * r.bq;
-    load_bwd_rows(a, r, t, w);
-    scores(a, r, w.qs.data(), kp, kn, a.midx[in * g.S + slots[e]], pad, w.s.data(), deriv,
-           term_tile(a, in * g.S + slots[e]));
-    probs_and_dscores(a, r, w, vp, kn);
-    gemm<T>(true, false, kn, g.Dv, r.R, T(1), w.s.data(), g.lds, w.dO.data(), g.Dv, T(1), dva, g.Dv);
-    gemm<T>(true, false, kn, g.D, r.R, T(1), w.dp.data(), g.lds, w.qs.data(), g.D, T(1), dka, g.D);
+  const int64_t most = a.term ? 1 : g.ct;
+  Rows sub[kChunkKeys];
+  for (int64_t e = indptr[key]; e < indptr[key + 1];) {
+    int64_t rows = 0, c = 0;
+    for (; e < indptr[key + 1] && c < most; ++e, ++c) {
+      Rows& r = sub[c];
+      const int64_t in = inst[e];
+      r.b = b;
+      r.qb = in % g.nqb;
+      const int64_t th = (in / g.nqb) % g.Ht;
+      r.h0 = g.Ht > 1 ? th : kh * g.G, r.sg = g.SG;
+      r.bq = std::min(g.block, g.Nq - r.qb * g.block), r.R = r.sg * r.bq;
+      load_bwd_rows(a, r, t, w, rows);
+      rows += r.R;
+    }
+    gemm<T>(false, true, rows, kn, g.D, T(1), w.qs.data(), g.D, kp, g.D, T(0), w.s.data(), g.lds);
+    for (int64_t u = 0, at = 0; u < c; at += sub[u].R, ++u) {
+      const int64_t en = e - c + u;
+      finish_scores(a, sub[u], kn, a.midx[inst[en] * g.S + slots[en]], pad, w.s.data() + at * g.lds,
+                    deriv ? deriv + at * g.lds : nullptr, term_tile(a, inst[en] * g.S + slots[en]));
+    }
+    Rows all = sub[0];
+    all.R = rows;
+    probs_and_dscores(a, all, w, vp, kn);
+    gemm<T>(true, false, kn, g.Dv, rows, T(1), w.s.data(), g.lds, w.dO.data(), g.Dv, T(1), dva, g.Dv);
+    gemm<T>(true, false, kn, g.D, rows, T(1), w.dp.data(), g.lds, w.qs.data(), g.D, T(1), dka, g.D);
   }
   std::copy(dka, dka + kn * g.D, dk + base * g.D);
   std::copy(dva, dva + kn * g.Dv, dv + base * g.Dv);
