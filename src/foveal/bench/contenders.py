@@ -67,6 +67,10 @@ class FoveaBackend:
             from foveal.kernels.select import BACKENDS
 
             _, setup = timed(lambda: layout_tables(pattern, BACKENDS["blocksparse"].block), q.device)
+        elif chosen == "native":
+            from foveal.kernels.native.blocksparse import tables_for
+
+            _, setup = timed(lambda: tables_for(pattern, q, k), q.device)
         elif chosen == "flex":
             from foveal.kernels.flex import block_mask_for
 
@@ -220,6 +224,8 @@ CONTENDERS = [
     FoveaBackend("sdpa"),
     FoveaBackend("cpu"),
     FoveaBackend("blocksparse"),
+    FoveaBackend("native"),
+    FoveaBackend("native-na"),
     FoveaBackend("flex"),
     FoveaBackend("auto"),
     FoveaBackend("reference"),
