@@ -14,6 +14,7 @@ import torch
 
 from foveal.functional import attend
 from foveal.patterns.dynamic import DHSA, BlockCover, BlockTopK, VerticalSlash, VerticalSlashCover, a_shape
+from foveal.patterns.vertical_slash_ranges import VerticalSlashRanges
 from test_blocksparse import dense_attention
 
 HEADS = [(4, 2), (3, 3), (2, 1)]
@@ -412,6 +413,7 @@ def test_bad_arguments_are_refused_with_the_value():
 @pytest.mark.parametrize("make", [
     lambda n: VerticalSlash(n, 7, 5, last_q=8, block=8, always_vertical=2, always_slash=2),
     lambda n: VerticalSlashCover(n, 0.5, 2, last_q=8, block=8),
+    lambda n: VerticalSlashRanges(n, 7, 3, last_q=8, block=8, always_vertical=2, always_slash=0, min_slash=0),
     lambda n: BlockTopK(n, 2, block=8),
     lambda n: BlockCover(n, 0.5, block=8, causal=False),
     lambda n: DHSA(n, 20, chunk=8),

@@ -5,6 +5,7 @@ import torch
 
 from foveal import attend
 from foveal.patterns.dynamic import DHSA, BlockCover, BlockTopK, VerticalSlash, VerticalSlashCover
+from foveal.patterns.vertical_slash_ranges import VerticalSlashRanges
 
 SELECTORS = [
     lambda n: BlockTopK(n, topk=3, block=16),
@@ -12,6 +13,8 @@ SELECTORS = [
     lambda n: DHSA(n, budget=40, chunk=16),
     lambda n: VerticalSlash(n, vertical=8, slash=8, last_q=16, always_vertical=2, always_slash=2, block=16),
     lambda n: VerticalSlashCover(n, alpha=0.5, min_budget=8, last_q=16),
+    lambda n: VerticalSlashRanges(n, vertical=8, slash=4, last_q=16, always_vertical=2, always_slash=0, min_slash=0,
+                                  block=16),
 ]
 
 

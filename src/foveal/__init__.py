@@ -43,6 +43,7 @@ from foveal.patterns import (
     Union,
     VerticalSlash,
     VerticalSlashCover,
+    VerticalSlashRanges,
     Window,
     a_shape,
 )

@@ -9,7 +9,8 @@ them with ``|`` and ``&``; ``MaskPattern`` wraps any elementwise function.
 (``raster``, ``tiles``, ``morton``, ``hilbert``).
 
 Content-selected (dynamic) patterns pick key blocks per batch and head from q and k
-at call time: ``VerticalSlash``, ``VerticalSlashCover``, ``BlockTopK``, ``BlockCover``,
+at call time: ``VerticalSlash``, ``VerticalSlashCover``, ``VerticalSlashRanges`` (as MInference's kernel
+computes it), ``BlockTopK``, ``BlockCover``,
 ``DHSA`` (``pattern.select(q, k)`` gives a ``BlockSelection`` with its statistics);
 ``a_shape`` is MInference's static A-shape.
 """
@@ -28,6 +29,7 @@ from foveal.patterns.dynamic import (
     VerticalSlashCover,
     a_shape,
 )
+from foveal.patterns.vertical_slash_ranges import VerticalSlashRanges
 from foveal.patterns.causality import is_causal
 from foveal.patterns.global_ import Causal, Full, GlobalTokens, Sinks, Strided
 from foveal.patterns.local import Grid, Halo, Neighborhood, PaddedHalo, SlidingWindow, Window
@@ -64,6 +66,7 @@ __all__ = [
 ]
 
 # token orders: functions, not patterns (kept out of __all__ so that pattern-name listings stay patterns)
-DYNAMIC = ["DynamicPattern", "BlockSelection", "VerticalSlash", "VerticalSlashCover", "BlockTopK", "BlockCover", "DHSA",
+DYNAMIC = ["DynamicPattern", "BlockSelection", "VerticalSlash", "VerticalSlashCover", "VerticalSlashRanges",
+           "BlockTopK", "BlockCover", "DHSA",
            "a_shape"]
 ORDERS = {"raster": raster, "tiles": tiles, "morton": morton, "hilbert": hilbert}

@@ -433,7 +433,10 @@ class VerticalSlash(DynamicPattern):
     forced (``slash`` below 100), MInference's top-k picks among equal (infinite)
     scores in an unspecified order; here the nearest forced offsets win (the first
     forced columns likewise). ``block`` (64, *chosen*) only sets the kernel's tiling,
-    not the mask. Causal only (``causal=False`` is refused). Selection ``info``:
+    not the mask. MInference's kernel does not attend this mask: its index conversion turns each kept
+    diagonal into a whole range of keys per 64-query block and drops kept columns past the nearest
+    range, which ``VerticalSlashRanges`` reproduces (a superset of this mask where no column is
+    dropped); this class is the exact-diagonal rule. Causal only (``causal=False`` is refused). Selection ``info``:
     ``columns`` and ``offsets``, (B, H, n) bool. Jiang et al., "MInference 1.0:
     Accelerating Pre-filling for Long-Context LLMs via Dynamic Sparse Attention",
     2024; Nawrot et al., "The Sparse Frontier", 2025.
@@ -478,8 +481,9 @@ class VerticalSlash(DynamicPattern):
         """How many columns and offsets are kept."""
         return min(max(self.vertical, self.min_vertical), self.n), min(max(self.slash, self.min_slash), self.n)
 
-    def _select(self, q, k, scale):
-        n, bs = self.n, self.block
+    def _kept(self, q, k, scale):
+        """The kept columns and offsets: two (B, H, n) bool tensors."""
+        n = self.n
         col, diag = self.estimate(q, k, scale)
         nv, ns = self._counts(col, diag)
         fv, fs = min(self.always_vertical, n), min(self.always_slash, n)
@@ -487,6 +491,11 @@ class VerticalSlash(DynamicPattern):
         # forced entries rank first (lower index, i.e. nearer offset, first among them), then by score
         cols = _keep_ranked(torch.where(first < fv, float("inf"), col), nv)
         offs = _keep_ranked(torch.where(first < fs, float("inf"), diag), ns)
+        return cols, offs
+
+    def _select(self, q, k, scale):
+        n, bs = self.n, self.block
+        cols, offs = self._kept(q, k, scale)
         band = self._slash_blocks(offs)
         info = {"columns": cols, "offsets": offs}
         return BlockSelection(n, bs, _table(band), None, self._mask_fn(info), type(self).__name__, info,

@@ -40,6 +40,7 @@ from foveal.cache import LRU
 from foveal.inputs import lse_dtype
 from foveal.kernels import native
 from foveal.patterns.dynamic import _causal, _ColumnsOffsets
+from foveal.patterns.vertical_slash_ranges import _RangesColumns, low_bits, range_tiles
 
 __all__ = ["NativeTables", "NativeBackend", "static_tables", "selection_tables", "tables_for",
            "native_blocksparse_attention", "unsupported", "tile_fill", "BLOCK", "AUTO_MIN_FILL"]
@@ -142,7 +143,10 @@ def static_tables(pattern, hkv: int, group: int, block: int = BLOCK) -> NativeTa
 
 
 def selection_tables(sel, hkv: int) -> NativeTables:
-    """A ``BlockSelection``'s per-(batch, query head) tables; partial tiles' masks from its ``mask_fn``."""
+    """A ``BlockSelection``'s per-(batch, query head) tables; partial tiles' masks from its ``mask_fn``
+    (``VerticalSlashRanges``': from its ranges, ``range_tables``)."""
+    if isinstance(sel.mask_fn, _RangesColumns):
+        return range_tables(sel, hkv)
     kv = sel.kv_blocks.to(device="cpu", dtype=torch.int64)
     b, hq, nqb, s = kv.shape
     block = sel.block
@@ -179,6 +183,25 @@ def selection_tables(sel, hkv: int) -> NativeTables:
     else:
         masks, index = _masks_of(tiles, where.numel(), block)
     return _finish(block, kv, (where, index), masks, -(-sel.n // block), hkv, hq // hkv, _token_tables(sel))
+
+
+def range_tables(sel, hkv: int) -> NativeTables:
+    """``VerticalSlashRanges``' tables straight from its ranges and gathered columns (``range_tiles``): each partial
+    tile's mask is its row-invariant key word, cut causally on the diagonal tile, deduplicated; the columns outside
+    kept tiles are single key tokens, seen by the queries at or after them. No tile is evaluated elementwise."""
+    info, block = sel.info, sel.block
+    kv, words, partial, tokens = range_tiles(*(info[name].to("cpu") for name in
+                                               ("range_starts", "range_ends", "column_index")), sel.n, block)
+    nqb = kv.shape[2]
+    where = partial.reshape(-1).nonzero().squeeze(1)
+    diag = (kv == torch.arange(nqb)[:, None]).reshape(-1)[where]
+    uniq, index = torch.unique(torch.stack([words.reshape(-1)[where], diag.long()], 1), dim=0, return_inverse=True)
+    causal = low_bits(torch.arange(block) + 1)  # row r of the diagonal tile sees keys 0 .. r
+    masks = uniq[:, :1] & torch.where(uniq[:, 1:] == 1, causal, torch.full_like(causal, -1))
+    toks = (tokens, None, True) if tokens.shape[-1] else (None, None, False)
+    hq = kv.shape[1]
+    return _finish(block, kv, (where, index.reshape(-1)), masks[..., None].contiguous(), -(-sel.n // block), hkv,
+                   hq // hkv, toks)
 
 
 def _token_tables(sel):
