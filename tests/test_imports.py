@@ -71,6 +71,15 @@ def test_no_import_circle_between_modules_not_even_inside_functions():
     assert _circles(graph) == []
 
 
+def test_patterns_import_no_later_layer():
+    """DESIGN.md: patterns -> layout -> kernels -> functional -> nn; a pattern uses a native op through torch.ops."""
+    later = ("foveal.kernels", "foveal.functional", "foveal.eager", "foveal.nn", "foveal.integrations", "foveal.bench")
+    graph = _import_graph()
+    wrong = {m: sorted(t for t in ts if t.startswith(later)) for m, ts in graph.items()
+             if m.startswith("foveal.patterns")}
+    assert not {m: ts for m, ts in wrong.items() if ts}
+
+
 def test_the_circle_finder_finds_a_circle():
     assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 

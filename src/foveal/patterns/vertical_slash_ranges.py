@@ -60,15 +60,22 @@ def vertical_slash_index(vertical: torch.Tensor, slash: torch.Tensor, n: int, bl
     (``foveal_native::vertical_slash_index``, C++) when the extension is loaded and the
     lists are on the CPU, else ``vertical_slash_index_torch``; both are MInference's walk.
     """
-    from foveal.kernels import native
-
     _check_lists(vertical, slash, n, block)
-    if native.available() and vertical.device.type == "cpu":
-        rs, re, cols = native.ops().vertical_slash_index(vertical=vertical.contiguous(), slash=slash.contiguous(),
-                                                         n=n, block=block)
+    op = _native_op()
+    if op is not None and vertical.device.type == "cpu":
+        rs, re, cols = op(vertical=vertical.contiguous(), slash=slash.contiguous(), n=n, block=block)
     else:
         rs, re, cols = vertical_slash_index_torch(vertical, slash, n, block)
     return _trim(rs), _trim(re), _trim(cols)
+
+
+def _native_op():
+    """``torch.ops.foveal_native.vertical_slash_index`` once ``foveal.kernels.native`` has loaded the extension (at
+    the first call that routes; patterns do not import kernels, DESIGN.md), else None: then the torch walk."""
+    try:
+        return torch.ops.foveal_native.vertical_slash_index
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def _trim(t):
