@@ -146,7 +146,7 @@ def test_every_family_reaches_the_neighbourhood_of_its_target():
 
 
 def test_recipes_without_an_encoder_form_are_refused():
-    for fam in ("power", "vertical_slash"):
+    for fam in ("power", "vertical_slash", "vertical_slash_ranges"):
         with pytest.raises(ValueError):
             QR.solve_recipe(fam, 0.1, 256, False)
     _, _, density = QR.solve_recipe("streaming_llm", 0.1, 256, False)
@@ -226,11 +226,11 @@ def test_the_runner_writes_table_json_and_plots_for_a_decoder_and_an_encoder(tok
     rows = result["rows"]
     llama = [r for r in rows if r["model"] == "tiny-llama"]
     bert = [r for r in rows if r["model"] == "tiny-bert"]
-    assert len(llama) == (1 + len(QR.STATIC + QR.SELECTED)) * 3 + 1  # full and 7 families × 3 tasks, dense: LM
+    assert len(llama) == (1 + len(QR.STATIC + QR.SELECTED)) * 3 + 1  # full and every family × 3 tasks, dense: LM
     assert len(bert) == 2 + len(QR.STATIC + QR.SELECTED)
     assert all(r["status"] == "ok" for r in llama), [r["status"] for r in llama if r["status"] != "ok"]
     skipped = {r["family"] for r in bert if r["status"] != "ok"}
-    assert skipped == {"power", "vertical_slash"}  # causal only
+    assert skipped == {"power", "vertical_slash", "vertical_slash_ranges"}  # causal only
     assert all(r["status"].startswith("skipped:") for r in bert if r["family"] in skipped)
 
     def get(model, fam, task):

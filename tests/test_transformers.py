@@ -204,8 +204,10 @@ def test_one_cached_decode_step_equals_the_full_forward():
 @pytest.mark.parametrize("recipe", [recipes.vertical_slash(vertical=3, slash=4, last_q=8, block=8,
                                                            always_vertical=1, always_slash=2, min_vertical=1,
                                                            min_slash=1),
+                                    recipes.vertical_slash_ranges(vertical=3, slash=4, last_q=8, block=8,
+                                                                  always_vertical=1, always_slash=2),
                                     recipes.block_topk(topk=2, block=8), recipes.dhsa(budget=16, chunk=8)],
-                         ids=["vertical_slash", "block_topk", "dhsa"])
+                         ids=["vertical_slash", "vertical_slash_ranges", "block_topk", "dhsa"])
 def test_content_selected_prefill_equals_the_reference_and_decodes_densely(recipe):
     model = llama()
     ids = tokens(2, 40)

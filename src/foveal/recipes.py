@@ -22,8 +22,10 @@ from foveal.patterns.dynamic import A_SHAPE_LOCAL, A_SHAPE_SINKS, DHSA, BlockTop
 from foveal.patterns.global_ import Causal, Full, GlobalTokens, Sinks
 from foveal.patterns.local import SlidingWindow
 from foveal.patterns.sparse import Power
+from foveal.patterns.vertical_slash_ranges import VerticalSlashRanges
 
-__all__ = ["Recipe", "dense", "streaming_llm", "a_shape", "power", "vertical_slash", "block_topk", "dhsa", "call_recipe"]
+__all__ = ["Recipe", "dense", "streaming_llm", "a_shape", "power", "vertical_slash", "vertical_slash_ranges", "block_topk",
+           "dhsa", "call_recipe"]
 
 
 class Recipe:
@@ -158,6 +160,11 @@ class _VerticalSlash(_Selected):
     has_encoder_form = False  # VerticalSlash is defined for causal attention only
 
 
+class _VerticalSlashRanges(_VerticalSlash):
+    name = "vertical_slash_ranges"
+    make = VerticalSlashRanges
+
+
 class _BlockTopK(_Selected):
     name = "block_topk"
     make = BlockTopK
@@ -176,6 +183,17 @@ def vertical_slash(vertical: int = 1000, slash: int = 6096, **options) -> Recipe
     """
     VerticalSlash(2, vertical, slash, **options)  # checks the parameters now, not at the first call
     return _VerticalSlash(vertical=vertical, slash=slash, **options)
+
+
+def vertical_slash_ranges(vertical: int = 1000, slash: int = 6096, **options) -> Recipe:
+    """Vertical-slash as MInference's kernel attends it: each kept diagonal as a whole 64-key range per query block.
+
+    ``foveal.patterns.VerticalSlashRanges`` at prefill (the selection of ``vertical_slash``,
+    then MInference's ``convert_vertical_slash_indexes``: a superset of its pairs but for
+    columns past a block's last range); dense decoding. Jiang et al., "MInference 1.0" (NeurIPS 2024).
+    """
+    VerticalSlashRanges(2, vertical, slash, **options)
+    return _VerticalSlashRanges(vertical=vertical, slash=slash, **options)
 
 
 def block_topk(topk: int = 16, block: int = 64, sinks: int = 1) -> Recipe:

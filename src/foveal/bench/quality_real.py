@@ -95,13 +95,18 @@ FAMILIES = {
                                             always_slash=min(16, k), min_vertical=0, min_slash=0),
         "vertical = slash", lambda n: n,
         "MInference: k columns and k diagonals scored by the last 64 queries; first 4 columns, 16 nearest forced"),
+    "vertical_slash_ranges": Family(
+        lambda k, n: recipes.vertical_slash_ranges(vertical=k, slash=k, last_q=64, block=64, always_vertical=min(4, k),
+                                                   always_slash=min(16, k), min_vertical=0, min_slash=0),
+        "vertical = slash", lambda n: n,
+        "vertical_slash's selection as MInference's kernel attends it: diagonals as whole 64-key ranges"),
     "block_topk": Family(lambda k, n: recipes.block_topk(topk=k, block=block_for(n), sinks=1), "topk",
                          lambda n: -(-n // block_for(n)), "top-k key blocks of n/128 tokens by pooled q·k, 1 sink"),
     "dhsa": Family(lambda k, n: recipes.dhsa(budget=k, chunk=block_for(n)), "budget", lambda n: n,
                    "DHSA: whole chunks of n/128 tokens by chunk similarity within a key budget"),
 }
 STATIC = ("streaming_llm", "window", "a_shape", "power")
-SELECTED = ("vertical_slash", "block_topk", "dhsa")
+SELECTED = ("vertical_slash", "vertical_slash_ranges", "block_topk", "dhsa")
 
 
 def dense_pairs(n_q: int, n_kv: int, causal: bool) -> int:
