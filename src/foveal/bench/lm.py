@@ -27,7 +27,7 @@ from foveal.bench.report import result_name, write_report
 from foveal.bench.timing import per_call, time_interleaved, timed
 from foveal.decode import KVCache, Quest, SnapKV, attend_decode, snapkv_compress
 from foveal.functional import attend
-from foveal.patterns import DHSA, BlockTopK, Causal, Sinks, SlidingWindow, VerticalSlash
+from foveal.patterns import DHSA, BlockTopK, Causal, Sinks, SlidingWindow, VerticalSlash, VerticalSlashRanges
 
 __all__ = ["LM_SUITES", "SIZES", "cases", "run_lm", "run_suite"]
 
@@ -92,6 +92,10 @@ PREFILL_ROWS = [
     Row("vertical-slash n/32, n/16", _selected(lambda n: VerticalSlash(n, vertical=n // 32, slash=n // 16), False)),
     Row("vertical-slash, selection made beforehand",
         _selected(lambda n: VerticalSlash(n, vertical=n // 32, slash=n // 16), True)),
+    Row("vertical-slash ranges n/32, n/16",
+        _selected(lambda n: VerticalSlashRanges(n, vertical=n // 32, slash=n // 16), False)),
+    Row("vertical-slash ranges, selection made beforehand",
+        _selected(lambda n: VerticalSlashRanges(n, vertical=n // 32, slash=n // 16), True)),
     Row("block top-k, density ~0.03", _selected(lambda n: BlockTopK(n, topk=_topk_for(n, 0.03)), False)),
     Row("DHSA, density ~0.03", _selected(lambda n: DHSA(n, budget=max(64, int(0.03 * n))), False)),
 ]
@@ -358,7 +362,11 @@ def targets(rows) -> str:
             ratio(get("vertical-slash n/32, n/16"), base, f"vertical-slash {n} {d} / SDPA", 0.3 if big else 1.0)
             ratio(get("vertical-slash, selection made beforehand"), base,
                   f"vertical-slash on a selection {n} {d} / SDPA", 0.15 if big else 1.0)
-            ratio(get("block top-k, density ~0.03"), base, f"block top-k {n} {d} / SDPA", 0.1 if big else 1.0)
+            ratio(get("vertical-slash ranges n/32, n/16"), base, f"vertical-slash ranges {n} {d} / SDPA",
+                  0.3 if big else 1.0)
+            ratio(get("vertical-slash ranges, selection made beforehand"), base,
+                  f"vertical-slash ranges on a selection {n} {d} / SDPA", 0.15 if big else 1.0)
+            ratio(get("block top-k, density ~0.03"), base, f"block top-k {n} {d} / SDPA", 0.06 if big else 1.0)
             ratio(get("DHSA, density ~0.03"), base, f"DHSA {n} {d} / SDPA", 0.1 if big else 1.0)
     longest = max((r["context"] for r in rows if r["kind"] == "decode"), default=None)
     if longest:
