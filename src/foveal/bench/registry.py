@@ -98,7 +98,8 @@ SUITES = {s.name: s for s in [
     Suite("speed", "speed", "every contender (foveal's backends, dense and masked SDPA, compiled flex, NATTEN, "
           "local-attention) on the same tensors: time, setup, compile, peak memory, useful FLOP/s",
           {"dry": _DRY, "quick": "NA 7x7 on 64², causal window 512 at 8k (about 2 minutes)",
-           "full": "NA 2-D and 3-D, windows up to 64k, streaming, the 64k memory case"}),
+           "full": "NA 2-D and 3-D, windows up to 64k, streaming, the 64k memory case",
+           "targets": "the native-kernel issue's cases: NA 7x7 on 64² and causal window 512 at 16k, fwd and fwd+bwd"}),
     Suite("modules", "speed", "every attention module of foveal.nn against itself on dense masked SDPA and on the "
           "dense reference, forward and forward+backward",
           {"dry": _DRY, "quick": "grids 14² and 28² (about 1 minute)", "full": "grids 14² to 112² (7 minutes)"}),

@@ -62,6 +62,16 @@ def _quick():
     ]
 
 
+def _targets():
+    """The native-kernel issue's speed cases: NA 7x7 on 64² and a causal window of 512 at 16k, fwd and fwd+bwd."""
+    return [
+        Case("neighborhood 2-D 7x7", _na((64, 64), 7), heads=4),
+        Case("neighborhood 2-D 7x7", _na((64, 64), 7), heads=4, backward=True),
+        Case("causal window 512", _sw(16384, 512), heads=8),
+        Case("causal window 512", _sw(16384, 512), heads=8, backward=True),
+    ]
+
+
 def _full():
     cases = []
     for side in (32, 64, 128):
@@ -86,9 +96,9 @@ def _dry():
     ]
 
 
-SUITES = {"quick": _quick, "full": _full, "dry": _dry}
+SUITES = {"quick": _quick, "full": _full, "dry": _dry, "targets": _targets}
 #: registry sizes (``foveal bench run speed --size S``) → ``SUITES``
-SIZES = {"dry": "dry", "quick": "quick", "full": "full"}
+SIZES = {"dry": "dry", "quick": "quick", "full": "full", "targets": "targets"}
 #: the dry size's contenders (compiled flex alone would take a minute)
 DRY_CONTENDERS = ["foveal cpu", "foveal auto", "torch sdpa (dense)"]
 
