@@ -34,6 +34,10 @@ Suites (``SUITES``; times on a 2-core CPU with the machine to itself):
   densities 0.05, 0.1 and 0.2; LM at 2048 tokens (every 2nd scored position for SmolLM2, every 4th for Gemma: 512 and 256); passkey
   at 1024 and 2048 × 3 depths; multi-key at 2048, 3 trials; 8 MiniLM chunks of 512. No 4096-token tasks:
   three prompts of 4k per row would double the run.
+* ``real-long`` (about 25 minutes): SmolLM2 with all 30 layers sparse at density 0.1 (``LONG``: streaming_llm,
+  block_topk, vertical_slash, vertical_slash_ranges), knobs solved at 8192 tokens; LM and prefill time at 8192
+  (every 16th scored position; prefill in 2 interleaved rounds); a passkey a third of the way into 4096 and 8192
+  tokens: the native-kernel issue's end-to-end case.
 """
 
 from __future__ import annotations
@@ -222,6 +226,10 @@ class DensityMeter:
 
 
 # -- suites --------------------------------------------------------------------------------------------------------
+#: timed forwards per recipe (and for the model's own sdpa), in rounds over all of them; the median is reported
+PREFILL_ROUNDS = 3
+
+
 @dataclass(frozen=True)
 class RealSuite:
     """What one suite runs. Per-model fields can be overridden in ``per_model[name]``."""
@@ -242,6 +250,8 @@ class RealSuite:
     encoder_chunks: int = 8
     #: the models of ``models`` that are encoders (one task: embeddings)
     encoders: tuple[str, ...] = ("minilm-l6",)
+    #: interleaved rounds of the prefill timing (each contender also runs twice untimed first)
+    prefill_rounds: int = PREFILL_ROUNDS
     per_model: dict = field(default_factory=dict)
 
     def for_model(self, name: str) -> "RealSuite":
@@ -249,6 +259,8 @@ class RealSuite:
 
 
 ALL = ("dense",) + STATIC + SELECTED
+#: the end-to-end long-context case of the native-kernel issue: every layer sparse at density 0.1
+LONG = ("streaming_llm", "block_topk", "vertical_slash", "vertical_slash_ranges")
 SUITES = {
     # about 2 minutes on a 2-core CPU: SmolLM2 only, 1024 tokens, one density
     "real-quick": RealSuite(models=("smollm2-135m",), families=ALL, densities=(0.1,), lm_length=1024,
@@ -259,12 +271,16 @@ SUITES = {
                       densities=(0.05, 0.1, 0.2), lm_length=2048, lm_stride=2, passkey_lengths=(1024, 2048),
                       depths=(0.1, 0.5, 0.9), multikey_length=2048, multikey_trials=3,
                       per_model={"gemma3-270m": {"lm_stride": 4}}),
+    # about 25 minutes on a 2-core CPU: SmolLM2 prefill at 8192 tokens with all 30 layers sparse (LONG, density
+    # 0.1) against its own sdpa, 2 timed rounds; a passkey a third of the way into 4096 and 8192 tokens
+    "real-long": RealSuite(models=("smollm2-135m",), families=LONG, densities=(0.1,), lm_length=8192, lm_stride=16,
+                           passkey_lengths=(4096, 8192), depths=(1 / 3,), prefill_rounds=2),
     # seconds: a tiny random Llama (no weights), a static and a content-selected recipe, one passkey length
     "real-dry": RealSuite(models=("tiny-llama",), families=("dense", "window", "block_topk"), densities=(0.2,),
                           lm_length=256, passkey_lengths=(512,), depths=(0.5,), encoders=()),
 }
 #: registry sizes (``foveal bench run quality-real --size S``) → ``SUITES``
-SIZES = {"dry": "real-dry", "quick": "real-quick", "full": "real"}
+SIZES = {"dry": "real-dry", "quick": "real-quick", "full": "real", "long": "real-long"}
 
 
 # -- running one model ---------------------------------------------------------------------------------------------
@@ -487,20 +503,16 @@ def _run_model(loaded, spec: RealSuite, text_ids, limit, step, out_rows, save):
                 row["status"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
             out_rows.append(row)
             save()
-    step(f"{loaded.name}: prefill of {len(to_time)} recipes and sdpa, {PREFILL_ROUNDS} interleaved rounds")
-    times = time_prefill(loaded.model, runner.prefill, to_time)
+    step(f"{loaded.name}: prefill of {len(to_time)} recipes and sdpa, {spec.prefill_rounds} interleaved rounds")
+    times = time_prefill(loaded.model, runner.prefill, to_time, spec.prefill_rounds)
     for row in out_rows:
         if row["model"] == loaded.name and row["task"] in ("lm", "embedding") and row["status"] == "ok":
             key = "full" if row["family"] == "full" else (row["family"], row["target_density"])
             row["prefill_s"] = times[key]
             row["prefill_ratio"] = times[key] / times["full"]
     return {"title": loaded.title, "kind": loaded.kind, "sdpa_prefill_s": times["full"],
-            "prefill_rounds": PREFILL_ROUNDS, "sparsified_layers": _sparsified_layers(loaded.model),
+            "prefill_rounds": spec.prefill_rounds, "sparsified_layers": _sparsified_layers(loaded.model),
             "tasks": [list(t) for t in tasks]}
-
-
-#: timed forwards per recipe (and for the model's own sdpa), in rounds over all of them; the median is reported
-PREFILL_ROUNDS = 3
 
 
 def time_prefill(model, prefill, recipes_by_key: dict, rounds: int = PREFILL_ROUNDS) -> dict:

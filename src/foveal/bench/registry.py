@@ -132,7 +132,9 @@ SUITES = {s.name: s for s in [
           "training-free: perplexity, KL, top-1, passkey, multi-key, embedding cosine, prefill time",
           {"dry": "a tiny random Llama with a character tokenizer (no weights)",
            "quick": "SmolLM2 at 1024 tokens, density 0.1 (about 2 minutes)",
-           "full": "three models, densities 0.05, 0.1, 0.2 (33 minutes; make bench-models)"},
+           "full": "three models, densities 0.05, 0.1, 0.2 (33 minutes; make bench-models)",
+           "long": "SmolLM2 prefill at 8k, all layers sparse at density 0.1 (4 recipes) against its sdpa; passkey a "
+                   "third of the way into 4k and 8k (about 25 minutes)"},
           needs=("transformers",), plots="NAME-MODEL.png", limit="the first N pattern rows of each model"),
 ]}
 
@@ -147,7 +149,8 @@ LEGACY = {
                 "lm-quick": [("quality-lm", "quick")], "lm": [("quality-lm", "full")],
                 "lm-hard": [("quality-lm", "hard")], "vision-quick": [("quality-vision", "quick")],
                 "vision": [("quality-vision", "full")], "vision-hard": [("quality-vision", "hard")],
-                "real-quick": [("quality-real", "quick")], "real": [("quality-real", "full")]},
+                "real-quick": [("quality-real", "quick")], "real": [("quality-real", "full")],
+                "real-long": [("quality-real", "long")]},
     "cp": {"quick": [("cp", "quick")], "full": [("cp", "full")]},
 }
 
