@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from foveal.bench.captured import LAYER, captured_qk
 from foveal.bench.measure import matmul_rate, progress, target_line
 from foveal.bench.report import result_name, write_report
 from foveal.bench.timing import per_call, time_interleaved, timed
@@ -101,14 +102,21 @@ PREFILL_ROWS = [
 ]
 
 
-def _suite(lengths, decode_lengths, min_seconds=1.0, calls=200):
-    """A suite: prefill lengths, decode context lengths, the least time per timed row, calls per decode figure."""
-    return {"lengths": lengths, "decode_lengths": decode_lengths, "min_seconds": min_seconds, "calls": calls}
+#: content-selected rows on q and k captured from SmolLM2 (``captured.captured_qk``; v random: speed and
+#: selection do not depend on it), against SDPA on the same tensors
+CAPTURED_ROWS = [PREFILL_ROWS[0]] + [r for r in PREFILL_ROWS if r.name.startswith(("vertical-slash", "block top-k"))]
+
+
+def _suite(lengths, decode_lengths, min_seconds=1.0, calls=200, captured=0):
+    """A suite: prefill lengths, decode context lengths, the least time per timed row, calls per decode figure,
+    the length of the SmolLM2 capture (0: none)."""
+    return {"lengths": lengths, "decode_lengths": decode_lengths, "min_seconds": min_seconds, "calls": calls,
+            "captured": captured}
 
 
 LM_SUITES = {
-    "lm": _suite((4096, 16384), (1024, 4096, 16384)),
-    "lm-quick": _suite((1024, 2048), (256, 1024)),
+    "lm": _suite((4096, 16384), (1024, 4096, 16384), captured=8192),
+    "lm-quick": _suite((1024, 2048), (256, 1024), captured=2048),
     "lm-dry": _suite((128,), (64,), min_seconds=0.0, calls=3),
 }
 #: registry sizes (``foveal bench run lm --size S``) → ``LM_SUITES``
@@ -126,19 +134,25 @@ def _failed(e: Exception) -> dict:
     return {"status": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"}
 
 
-def _time_group(n: int, backward: bool, device, min_seconds: float, on_row=None) -> list[dict]:
-    """Every prefill row at ``n`` tokens on the same tensors, timed in interleaved rounds.
+def _time_group(n: int, backward: bool, device, min_seconds: float, on_row=None, qk=None,
+                rows=PREFILL_ROWS) -> list[dict]:
+    """Every row of ``rows`` at ``n`` tokens on the same tensors, timed in interleaved rounds.
 
-    Each row is called once first (plans, selections, compile), then the rows take turns,
-    round after round (at least 3, until each row has had ``min_seconds`` or 7 rounds; every
-    row in every round: ``time_interleaved(together=True)``), so that the machine's drift
-    falls on every row alike; each row's figure is its median.
+    The tensors are random, or ``qk`` (captured q and k, with a random v). Each row is called
+    once first (plans, selections, compile), then the rows take turns, round after round (at
+    least 3, until each row has had ``min_seconds`` or 7 rounds; every row in every round:
+    ``time_interleaved(together=True)``), so that the machine's drift falls on every row
+    alike; each row's figure is its median.
     """
     gen = torch.Generator().manual_seed(n)
-    q, k, v = (t.to(device).requires_grad_(backward) for t in _tensors(n, gen))
-    grad = torch.randn(1, HEADS, n, HEAD_DIM, generator=gen).to(device)
+    q, k, v = _tensors(n, gen)
+    if qk is not None:
+        q, k = qk
+        v = torch.randn(k.shape, generator=gen)
+    q, k, v = (t.to(device).requires_grad_(backward) for t in (q, k, v))
+    grad = torch.randn(q.shape, generator=gen).to(device)
     infos, calls = [], {}
-    for i, row in enumerate(PREFILL_ROWS):
+    for i, row in enumerate(rows):
         if on_row is not None:
             on_row(i, row)
         try:
@@ -242,11 +256,34 @@ def _groups(cfg) -> list[tuple[int, bool]]:
     return [(n, bwd) for n in cfg["lengths"] for bwd in (False, True)]
 
 
+def _captured_label(n, bwd):
+    return f"SmolLM2 layer {LAYER}'s q, k at n={n} {'fwd+bwd' if bwd else 'fwd'}: {len(CAPTURED_ROWS)} rows"
+
+
 def cases(size: str) -> list[str]:
-    """The cases of a size: prefill groups (every row of ``PREFILL_ROWS`` each), decode lengths, the overhead."""
+    """The cases of a size: prefill groups (every row of ``PREFILL_ROWS`` each), the captured groups, decode
+    lengths, the overhead."""
     cfg = LM_SUITES[SIZES[size]]
+    cap = [_captured_label(cfg["captured"], bwd) for bwd in (False, True)] if cfg["captured"] else []
     return ([f"prefill n={n} {'fwd+bwd' if bwd else 'fwd'}: {len(PREFILL_ROWS)} rows" for n, bwd in _groups(cfg)]
-            + [f"decode over {n} cached tokens" for n in cfg["decode_lengths"]] + ["decode overhead"])
+            + cap + [f"decode over {n} cached tokens" for n in cfg["decode_lengths"]] + ["decode overhead"])
+
+
+def _captured_rows(n: int, device, min_seconds: float) -> list[dict]:
+    """The content-selected rows on SmolLM2's q and k (``captured``), fwd and fwd+bwd; skipped rows say why."""
+    from foveal.bench.real_models import ModelMissing
+
+    try:
+        qk = captured_qk(n)
+    except (ModelMissing, ImportError) as e:
+        return [{"kind": "captured", "tokens": n, "direction": "fwd", "contender": r.name,
+                 "status": f"skipped: {e}"} for r in CAPTURED_ROWS]
+    rows = []
+    for bwd in (False, True):
+        direction = "fwd+bwd" if bwd else "fwd"
+        for row, res in zip(CAPTURED_ROWS, _time_group(n, bwd, device, min_seconds, qk=qk, rows=CAPTURED_ROWS)):
+            rows.append({"kind": "captured", "tokens": n, "direction": direction, "contender": row.name, **res})
+    return rows
 
 
 def run_suite(size: str, out_dir: str = "bench-out", *, device=None, contenders=None, limit=None) -> dict:
@@ -264,7 +301,7 @@ def run_lm(suite: str = "lm", out_dir: str = "bench-out", device: str | None = N
     dev = torch.device(device or "cpu")
     rate = matmul_rate(dev, torch.float32)
     groups = _groups(cfg)
-    total = len(groups) * len(PREFILL_ROWS) + len(cfg["decode_lengths"]) + 1
+    total = len(groups) * len(PREFILL_ROWS) + bool(cfg["captured"]) + len(cfg["decode_lengths"]) + 1
     rows, start = [], time.perf_counter()
     for g, (n, bwd) in enumerate(groups):
         direction = "fwd+bwd" if bwd else "fwd"
@@ -274,6 +311,10 @@ def run_lm(suite: str = "lm", out_dir: str = "bench-out", device: str | None = N
 
         for row, res in zip(PREFILL_ROWS, _time_group(n, bwd, dev, cfg["min_seconds"], on_row)):
             rows.append({"kind": "prefill", "tokens": n, "direction": direction, "contender": row.name, **res})
+    if cfg["captured"]:
+        progress(len(groups) * len(PREFILL_ROWS), total,
+                 f"SmolLM2's q and k at {cfg['captured']} tokens (a forward), then its rows fwd and fwd+bwd")
+        rows += _captured_rows(cfg["captured"], dev, cfg["min_seconds"])
     jobs = groups * len(PREFILL_ROWS)
     for j, length in enumerate(cfg["decode_lengths"]):
         progress(len(jobs) + j, total, f"decode over {length} cached tokens")
@@ -295,18 +336,17 @@ def _base(rows, **where):
     return None
 
 
-def report(result) -> str:
-    """Markdown: prefill ratios to SDPA per length and direction, decode ratios, overhead, targets."""
-    rows = result["rows"]
-    lines = [f"suite `{result['suite']}` on {result['device']} ({result['machine']}); dense float32 matmul in the "
-             f"same run: {result['matmul_flops'] / 1e9:.0f} GFLOP/s; batch 1, {HEADS} query heads over {KV_HEADS} "
-             f"key heads, head_dim {HEAD_DIM}, float32", ""]
-    prefill = [r for r in rows if r["kind"] == "prefill"]
+def _prefill_tables(prefill, kind) -> list[str]:
+    """Markdown tables of prefill rows (``kind`` "prefill": random tensors; "captured": SmolLM2's q and k)."""
+    lines = []
     for n in dict.fromkeys(r["tokens"] for r in prefill):
         for direction in ("fwd", "fwd+bwd"):
             block = [r for r in prefill if r["tokens"] == n and r["direction"] == direction]
+            if not block:
+                continue
             base = _base(block, contender=PREFILL_ROWS[0].name)
-            lines += [f"**prefill, {n} tokens, {direction}**", "",
+            what = "prefill" if kind == "prefill" else f"SmolLM2 layer {LAYER}'s q and k (v random)"
+            lines += [f"**{what}, {n} tokens, {direction}**", "",
                       "| contender | × SDPA | time | density | selection (own column) |", "|---|---|---|---|---|"]
             for r in block:
                 if r["status"] != "ok":
@@ -318,6 +358,17 @@ def report(result) -> str:
                 dens = f"{r['density']:.3f}" if "density" in r else ""
                 lines.append(f"| {r['contender']} | {ratio} | {r['median_s'] * 1e3:.0f} ms | {dens} | {sel} |")
             lines.append("")
+    return lines
+
+
+def report(result) -> str:
+    """Markdown: prefill ratios to SDPA per length and direction, decode ratios, overhead, targets."""
+    rows = result["rows"]
+    lines = [f"suite `{result['suite']}` on {result['device']} ({result['machine']}); dense float32 matmul in the "
+             f"same run: {result['matmul_flops'] / 1e9:.0f} GFLOP/s; batch 1, {HEADS} query heads over {KV_HEADS} "
+             f"key heads, head_dim {HEAD_DIM}, float32", ""]
+    for kind in ("prefill", "captured"):
+        lines += _prefill_tables([r for r in rows if r["kind"] == kind], kind)
     decode = [r for r in rows if r["kind"] == "decode"]
     if decode:
         lines += ["**one decode step (1 query) over a cached context**", "",
@@ -348,13 +399,21 @@ def targets(rows) -> str:
             x = row["median_s"] / base["median_s"]
             out.append(target_line(x, text, goal))
 
-    for n in sorted({r["tokens"] for r in rows if r["kind"] == "prefill"}):
+    for kind, n in sorted({(r["kind"], r["tokens"]) for r in rows if r["kind"] in ("prefill", "captured")}):
         for d in ("fwd", "fwd+bwd"):
-            base = _base(rows, kind="prefill", tokens=n, direction=d, contender=PREFILL_ROWS[0].name)
+            base = _base(rows, kind=kind, tokens=n, direction=d, contender=PREFILL_ROWS[0].name)
 
             def get(name):
-                return _base(rows, kind="prefill", tokens=n, direction=d, contender=name)
+                return _base(rows, kind=kind, tokens=n, direction=d, contender=name)
 
+            if kind == "captured":  # real selections: the 16k targets of random ones, at the captured length
+                ratio(get("vertical-slash n/32, n/16"), base, f"SmolLM2 q, k: vertical-slash {n} {d} / SDPA", 0.3)
+                ratio(get("vertical-slash ranges n/32, n/16"), base,
+                      f"SmolLM2 q, k: vertical-slash ranges {n} {d} / SDPA", 0.3)
+                ratio(get("vertical-slash ranges, selection made beforehand"), base,
+                      f"SmolLM2 q, k: vertical-slash ranges on a selection {n} {d} / SDPA", 0.15)
+                ratio(get("block top-k, density ~0.03"), base, f"SmolLM2 q, k: block top-k {n} {d} / SDPA", 0.06)
+                continue
             ratio(get("causal (with lse)"), base, f"Causal {n} {d} / SDPA", 1.05)
             same, anew = get("window 1024 + 4 sinks, same object"), get("window 1024 + 4 sinks, built each call")
             ratio(anew, same, f"window+sinks {n} {d}: built each call / same object", 1.1)
