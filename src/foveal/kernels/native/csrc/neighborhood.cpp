@@ -772,26 +772,26 @@ void row_transposed(const std::vector<std::pair<const at::Tensor*, T*>>& jobs, i
       const int64_t D = x.size(3), rr = r - start[a];
       const T* s = x.data_ptr<T>() + rr * L2 * D;
       T* d = jobs[a].second + rr * D * L2;
-      for (int64_t x2 = 0; x2 < L2; ++x2)
-        for (int64_t c = 0; c < D; ++c) d[c * L2 + x2] = s[x2 * D + c];
+      at::vec::transpose_mxn<T>(s, D, d, L2, int(L2), int(D));  // 16×16 register blocks for float on AVX-512
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> na_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> na_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                               const at::Tensor& geometry, const at::Tensor& first,
                                               const at::Tensor& count, double scale,
                                               const std::optional<at::Tensor>& key_padding_mask,
                                               std::optional<double> softcap,
                                               const std::optional<at::Tensor>& sink_logits,
                                               const std::optional<at::Tensor>& bias_table,
-                                              const std::optional<at::Tensor>& bias_index) {
+                                              const std::optional<at::Tensor>& bias_index, bool keep_transposed) {
   Geo g = make_geo(geometry, first, count);
   check_inputs(q, k, v, g, key_padding_mask, sink_logits, bias_table, bias_index);
   attach_bias(g, bias_index);
   const int64_t B = q.size(0), Hq = q.size(1), Hkv = k.size(1), D = q.size(3), Dv = v.size(3), N = g.N();
   at::Tensor out = at::empty({B, Hq, N, Dv}, q.options());
   at::Tensor lse = at::empty({B, Hq, N}, q.options());
+  at::Tensor kept = at::empty({0}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "foveal_na_forward", [&] {
     const auto tm = make_terms<scalar_t>(scale, key_padding_mask, softcap, sink_logits, bias_table);
     const int64_t NP = g.L[2];  // the row-transposed tensors' stride over head_dim
@@ -802,7 +802,12 @@ std::tuple<at::Tensor, at::Tensor> na_forward(const at::Tensor& q, const at::Ten
     scalar_t *Qt = nullptr, *Kt = nullptr, *Vt = nullptr;
     if (tiled) {
       const int64_t nq = q.numel() + W, nk = k.numel() + W, nv = v.numel() + W;
-      Qt = workspace<scalar_t>(nq + nk + nv, fresh);
+      if (keep_transposed) {  // handed to the backward, which then transposes only grad_out
+        kept = at::empty({nq + nk + nv}, q.options());
+        Qt = kept.data_ptr<scalar_t>();
+      } else {
+        Qt = workspace<scalar_t>(nq + nk + nv, fresh);
+      }
       Kt = Qt + nq;
       Vt = Kt + nk;
       row_transposed<scalar_t>({{&q, Qt}, {&k, Kt}, {&v, Vt}}, NP);
@@ -811,15 +816,16 @@ std::tuple<at::Tensor, at::Tensor> na_forward(const at::Tensor& q, const at::Ten
                              out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), B, Hq, Hkv, D, Dv, g, tm,
                              Qt, Kt, Vt, NP);
   });
-  return {out, lse};
+  return {out, lse, kept};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na_backward(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
-    const at::Tensor& delta, const at::Tensor& geometry, const at::Tensor& first, const at::Tensor& count,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> na_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, const at::Tensor& geometry, const at::Tensor& first, const at::Tensor& count,
     const at::Tensor& inv_ptr, const at::Tensor& inv_x, const at::Tensor& inv_m, double scale,
     const std::optional<at::Tensor>& key_padding_mask, std::optional<double> softcap,
-    const std::optional<at::Tensor>& bias_table, const std::optional<at::Tensor>& bias_index, bool need_bias_grad) {
+    const std::optional<at::Tensor>& bias_table, const std::optional<at::Tensor>& bias_index, bool need_bias_grad,
+    const std::optional<at::Tensor>& transposed) {
   Geo g = make_geo(geometry, first, count);
   check_inputs(q, k, v, g, key_padding_mask, std::nullopt, bias_table, bias_index);
   attach_bias(g, bias_index);
@@ -833,9 +839,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na_backward(
   TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == q.scalar_type() &&
                   grad_out.sizes() == at::IntArrayRef({B, Hq, N, Dv}),
               "foveal_native neighbourhood: grad_out must be contiguous (B, Hq, N, Dv) in q's dtype");
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == q.scalar_type() && out.sizes() == grad_out.sizes(),
+              "foveal_native neighbourhood: out must be contiguous (B, Hq, N, Dv) in q's dtype");
   TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == q.scalar_type() && lse.numel() == B * Hq * N &&
-                  delta.is_contiguous() && delta.scalar_type() == q.scalar_type() && delta.numel() == B * Hq * N,
-              "foveal_native neighbourhood: lse and delta must be contiguous (B, Hq, N) in q's dtype");
+                  (!grad_lse || (grad_lse->is_contiguous() && grad_lse->scalar_type() == q.scalar_type() &&
+                                 grad_lse->numel() == B * Hq * N)),
+              "foveal_native neighbourhood: lse and grad_lse must be contiguous (B, Hq, N) in q's dtype");
   const int64_t eb = inv_x.size(1);
   for (int a = 0; a < 3; ++a) {
     g.inv_ptr[a] = inv_ptr.data_ptr<int64_t>() + a * inv_ptr.size(1);
@@ -843,6 +852,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na_backward(
     g.inv_m[a] = inv_m.data_ptr<int64_t>() + a * eb;
   }
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  at::Tensor delta = at::empty({B, Hq, N}, q.options());
   // every row of P, dS (and dB) is written by pass 1, zeros included
   // P and dS slot-major (B, Hq, KM, N), W more numbers at the end for the last tile's lanes
   const int64_t PW = q.scalar_type() == at::kDouble ? Vectorized<double>::size() : Vectorized<float>::size();
@@ -857,13 +867,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na_backward(
     constexpr int64_t W = Vectorized<scalar_t>::size();
     std::vector<scalar_t> fresh;
     scalar_t *Qt = nullptr, *Kt = nullptr, *Vt = nullptr, *dOt = nullptr;
+    // delta = rowsum(dO ∘ O) − grad_lse
+    {
+      const scalar_t* o = out.data_ptr<scalar_t>();
+      const scalar_t* go = grad_out.data_ptr<scalar_t>();
+      const scalar_t* gl = grad_lse ? grad_lse->data_ptr<scalar_t>() : nullptr;
+      scalar_t* dl = delta.data_ptr<scalar_t>();
+      at::parallel_for(0, B * Hq * N, 256, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) dl[i] = dot(go + i * Dv, o + i * Dv, Dv) - (gl ? gl[i] : scalar_t(0));
+      });
+    }
     if (tiled) {
       const int64_t nq = q.numel() + W, nk = k.numel() + W, nv = v.numel() + W, no = grad_out.numel() + W;
-      Qt = workspace<scalar_t>(nq + nk + nv + no, fresh);
+      // the forward's row-transposed q, k, v when it kept them: then only grad_out is transposed here
+      const bool reuse =
+          transposed && transposed->numel() == nq + nk + nv && transposed->scalar_type() == q.scalar_type();
+      Qt = reuse ? transposed->data_ptr<scalar_t>() : workspace<scalar_t>(nq + nk + nv + no, fresh);
       Kt = Qt + nq;
       Vt = Kt + nk;
-      dOt = Vt + nv;
-      row_transposed<scalar_t>({{&q, Qt}, {&k, Kt}, {&v, Vt}, {&grad_out, dOt}}, NP);
+      dOt = reuse ? workspace<scalar_t>(no, fresh) : Vt + nv;
+      if (reuse) row_transposed<scalar_t>({{&grad_out, dOt}}, NP);
+      else row_transposed<scalar_t>({{&q, Qt}, {&k, Kt}, {&v, Vt}, {&grad_out, dOt}}, NP);
     }
     backward_q_kernel<scalar_t>(grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
                                 v.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(),
@@ -874,7 +898,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na_backward(
                                  dS.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), B, Hq,
                                  Hkv, D, Dv, g, Qt, dOt, NP);
   });
-  return {dq, dk, dv, dB};
+  return {dq, dk, dv, dB, delta};
 }
 
 }  // namespace na
@@ -884,12 +908,14 @@ TORCH_LIBRARY_FRAGMENT(foveal_native, m) {
   m.def(
       "na_forward(Tensor q, Tensor k, Tensor v, Tensor geometry, Tensor first, Tensor count, float scale, "
       "Tensor? key_padding_mask=None, float? softcap=None, Tensor? sink_logits=None, Tensor? bias_table=None, "
-      "Tensor? bias_index=None) -> (Tensor out, Tensor lse)");
+      "Tensor? bias_index=None, bool keep_transposed=False) -> (Tensor out, Tensor lse, Tensor transposed)");
   m.def(
-      "na_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta, Tensor geometry, "
+      "na_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? grad_lse, "
+      "Tensor geometry, "
       "Tensor first, Tensor count, Tensor inv_ptr, Tensor inv_x, Tensor inv_m, float scale, "
       "Tensor? key_padding_mask=None, float? softcap=None, Tensor? bias_table=None, Tensor? bias_index=None, "
-      "bool need_bias_grad=False) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
+      "bool need_bias_grad=False, Tensor? transposed=None) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias, "
+      "Tensor delta)");
 }
 
 TORCH_LIBRARY_IMPL(foveal_native, CPU, m) {
