@@ -16,18 +16,9 @@
 //     window): dk and dv summed over those queries (and over the query heads sharing the key head, GQA),
 //     each key written by one task.
 // Parallel over (batch, head, rows of the grid's last axis) with at::parallel_for.
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__) && defined(__FMA__)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
+#include "flash_tile.h"  // first: sets the vector instruction set (CPU_CAPABILITY) before ATen's headers
 
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -175,27 +166,6 @@ inline void dots(const T* a, const int64_t* idx, int64_t nk, const T* rows, int6
     out[t + 3] = s3;
   }
   for (; t < nk; ++t) out[t] = dot(a, rows + idx[t] * stride, n);
-}
-
-// s = exp(s − m) (−inf entries become 0); returns Σ s
-template <typename T>
-inline T exp_sub(T* s, int64_t n, T m) {
-  using V = Vectorized<T>;
-  constexpr int64_t W = V::size();
-  const V mv(m);
-  V acc(T(0));
-  int64_t c = 0;
-  for (; c + W <= n; c += W) {
-    const V e = (V::loadu(s + c) - mv).exp();
-    e.store(s + c);
-    acc = acc + e;
-  }
-  T sum = at::vec::vec_reduce_all<T>([](V& x, V& y) { return x + y; }, acc);
-  for (; c < n; ++c) {
-    s[c] = std::exp(s[c] - m);
-    sum += s[c];
-  }
-  return sum;
 }
 
 // s *= scale; returns max s
@@ -378,11 +348,11 @@ void forward_kernel(const T* q, const T* k, const T* v, T* out, T* lse, int64_t 
           const V m = tile_scores<T>(S.data(), n, boff.data(), tb, tm, sk, nullptr);
           V l(T(0));
           for (int64_t s = 0; s < n; ++s) {
-            const V e = (V::loadu(S.data() + s * W) - m).exp();
+            const V e = tile::vexp(V::loadu(S.data() + s * W) - m);
             e.store(S.data() + s * W);
             l = l + e;
           }
-          if (tm.sink) l = l + (V(sk) - m).exp();
+          if (tm.sink) l = l + tile::vexp(V(sk) - m);
           pv_tile(S.data(), vix.data(), n, Vh, NP, Dv, O.data());
           const V inv = V(T(1)) / l;
           (m + l.log()).store(lt.data());
@@ -405,7 +375,7 @@ void forward_kernel(const T* q, const T* k, const T* v, T* out, T* lse, int64_t 
           lse[bh * N + i] = NEG;
           continue;
         }
-        T l = exp_sub(sc.data(), n, mm);
+        T l = tile::exp_sum(sc.data(), n, mm);
         if (tm.sink) l += std::exp(sk - mm);
         wsum(sc.data(), idx.data(), n, vb, Dv, Dv, acc.data());
         const T inv = T(1) / l;
@@ -463,7 +433,7 @@ void backward_q_kernel(const T* dout, const T* q, const T* k, const T* v, const 
           qk_tile(dOh, Vh, NP, Dv, row * Dv * NP + x2, vix.data(), n, DP.data());
           const V lv = V::loadu(lt.data()), dv = V::loadu(dt.data()), sv(tm.scale), one(T(1));
           for (int64_t s = 0; s < n; ++s) {
-            const V p = (V::loadu(S.data() + s * W) - lv).exp();
+            const V p = tile::vexp(V::loadu(S.data() + s * W) - lv);
             p.store(S.data() + s * W);
             const V ds = p * (V::loadu(DP.data() + s * W) - dv);
             if (dB) ds.store(DB.data() + s * W);
@@ -515,7 +485,7 @@ void backward_q_kernel(const T* dout, const T* q, const T* k, const T* v, const 
         const T di = delta[qi_off];
         const int64_t n = window(g, x0, x1, x2, idx.data(), slot.data(), tb ? boff.data() : nullptr);
         scores<T>(qi, kb, D, idx.data(), boff.data(), n, pb, tb, tm, sc.data(), th.data());
-        exp_sub(sc.data(), n, li);
+        tile::exp_sum(sc.data(), n, li);
         dots(doi, idx.data(), n, vb, Dv, Dv, dp.data());
         T* dBi = dB ? dB + qi_off * KM : nullptr;
         for (int64_t t = 0; t < n; ++t) {
