@@ -241,6 +241,18 @@ inline int64_t shift_run(const Geo& g, int64_t x2, int64_t W) {
   return r;
 }
 
+// dst[t·ld + c] = O[c·W + t] for t < run, c < D: a tile's (D, W) result back to token-major rows
+template <typename T>
+inline void untile(const T* O, int64_t D, int64_t run, T* dst, int64_t ld) {
+  at::vec::transpose_mxn<T>(O, Vectorized<T>::size(), dst, ld, int(D), int(run));
+}
+
+// dst[0:run] = src[0:run] (run ≤ W) as one (masked) vector store
+template <typename T>
+inline void store_run(const T* src, int64_t run, T* dst) {
+  Vectorized<T>::loadu(src).store(dst, run);
+}
+
 // S[u·W + t] = Σ_c Qt[c][i0 + t] · Kt[c][idx[u] + t] for u < NB
 template <typename T, int NB>
 inline void qk_block(const T* Qh, const T* Kh, int64_t NP, int64_t D, int64_t i0, const int64_t* idx, T* S) {
@@ -357,11 +369,8 @@ void forward_kernel(const T* q, const T* k, const T* v, T* out, T* lse, int64_t 
           const V inv = V(T(1)) / l;
           (m + l.log()).store(lt.data());
           for (int64_t c = 0; c < Dv; ++c) (V::loadu(O.data() + c * W) * inv).store(O.data() + c * W);
-          for (int64_t t = 0; t < run; ++t) {
-            T* o = out + (bh * N + i + t) * Dv;
-            for (int64_t c = 0; c < Dv; ++c) o[c] = O[c * W + t];
-            lse[bh * N + i + t] = lt[t];
-          }
+          untile(O.data(), Dv, run, out + (bh * N + i) * Dv, Dv);
+          store_run(lt.data(), run, lse + bh * N + i);
           x2 += run;
           continue;
         }
@@ -445,14 +454,11 @@ void backward_q_kernel(const T* dout, const T* q, const T* k, const T* v, const 
             dsr.store(DP.data() + s * W);
           }
           pv_tile(DP.data(), kix.data(), n, Kh, NP, D, O.data());
-          for (int64_t t = 0; t < run; ++t) {
-            T* dqi = dq + (qi_off + t) * D;
-            for (int64_t c = 0; c < D; ++c) dqi[c] = O[c * W + t];
-            if (dB) {  // the table's gradient stays (query, slot)
-              T* dBi = dB + (qi_off + t) * KM;
-              if (n < KM) std::fill(dBi, dBi + KM, T(0));
-              for (int64_t s = 0; s < n; ++s) dBi[slot[s]] = DB[s * W + t];
-            }
+          untile(O.data(), D, run, dq + qi_off * D, D);
+          for (int64_t t = 0; dB && t < run; ++t) {  // the table's gradient stays (query, slot)
+            T* dBi = dB + (qi_off + t) * KM;
+            if (n < KM) std::fill(dBi, dBi + KM, T(0));
+            for (int64_t s = 0; s < n; ++s) dBi[slot[s]] = DB[s * W + t];
           }
           // P and dS slot-major: (batch·head, slot, query), `run` consecutive queries per slot
           T* Ph = P + bh * KM * N;
@@ -464,8 +470,8 @@ void backward_q_kernel(const T* dout, const T* q, const T* k, const T* v, const 
             }
           }
           for (int64_t s = 0; s < n; ++s) {
-            std::copy(S.data() + s * W, S.data() + s * W + run, Ph + slot[s] * N + i);
-            std::copy(DP.data() + s * W, DP.data() + s * W + run, dSh + slot[s] * N + i);
+            store_run(S.data() + s * W, run, Ph + slot[s] * N + i);
+            store_run(DP.data() + s * W, run, dSh + slot[s] * N + i);
           }
           x2 += run - 1;
           continue;
@@ -609,11 +615,9 @@ void backward_kv_kernel(const T* dout, const T* q, const T* P, const T* dS, T* d
         }
         if (run >= 4) {
           wr_tile(dSb, wo.data(), Qt + head0 * N * D, qo.data(), n, NP, D, O.data());
-          for (int64_t t = 0; t < run; ++t)
-            for (int64_t c = 0; c < D; ++c) dk[(bhk * N + j + t) * D + c] = O[c * W + t];
+          untile(O.data(), D, run, dk + (bhk * N + j) * D, D);
           wr_tile(Pb, wo.data(), dOt + head0 * N * Dv, oo.data(), n, NP, Dv, O.data());
-          for (int64_t t = 0; t < run; ++t)
-            for (int64_t c = 0; c < Dv; ++c) dv[(bhk * N + j + t) * Dv + c] = O[c * W + t];
+          untile(O.data(), Dv, run, dv + (bhk * N + j) * Dv, Dv);
           y2 += run;
           continue;
         }
