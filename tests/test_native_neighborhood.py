@@ -189,3 +189,31 @@ def test_long_rows_run_the_tiled_path_with_every_term(dtype, causal):
     _compare(p, q, k, v, dtype, extra=(sinks, table), bias=rpb, softcap=4.0, sink_logits=sinks)
     pad = torch.rand(2, p.n_q) < 0.2
     _compare(p, q, k, v, dtype, extra=(sinks,), key_padding_mask=pad, sink_logits=sinks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_backward_with_and_without_the_forwards_transposed_copies(dtype):
+    """The backward reuses the row-transposed q, k, v a forward kept (autograd's path, which the tests above
+    check against the reference) or transposes them itself: both give the same gradients, with a gradient on the
+    lse (delta = rowsum(dO ∘ O) − grad_lse in the kernel), GQA, batch 2, ragged tiles (rows of 37) and a table."""
+    from foveal.kernels.native.neighborhood import _bias_index, tables
+
+    p = Neighborhood((3, 37), (3, 5), dilation=(1, 2))
+    q, k, v = (x.detach() for x in _qkv(random.Random(9), p.n_q, dtype, hq=4, hkv=2, dim=19, dv=19))
+    table = torch.randn(4, 5 * 9, dtype=dtype)
+    rpb = RelativePositionBias(p.shape, (2, 4), table=table.reshape(4, 5, 9), step=p.dilation)
+    t, (bias_index, _) = tables(p), _bias_index(p, rpb)
+    ops = native.ops()
+    common = dict(geometry=t["geometry"], first=t["first"], count=t["count"], scale=0.3, softcap=3.0,
+                  bias_table=table, bias_index=bias_index)
+    out, lse, kept = ops.na_forward(q=q, k=k, v=v, keep_transposed=True, **common)
+    out2, lse2, none = ops.na_forward(q=q, k=k, v=v, **common)
+    assert kept.numel() > q.numel() + k.numel() + v.numel() and none.numel() == 0
+    assert torch.equal(out, out2) and torch.equal(lse, lse2)
+    go, gl = torch.randn_like(out), torch.randn_like(lse)
+    grads = [ops.na_backward(grad_out=go, q=q, k=k, v=v, out=out, lse=lse, grad_lse=gl, inv_ptr=t["inv_ptr"],
+                             inv_x=t["inv_x"], inv_m=t["inv_m"], need_bias_grad=True, transposed=tr, **common)
+             for tr in (kept, None)]
+    torch.testing.assert_close(grads[0][4], (go * out).sum(-1) - gl, **TOL[dtype])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)

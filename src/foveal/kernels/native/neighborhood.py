@@ -27,8 +27,10 @@ table's gradient (NAT's ``rpb``). Computes in float32 for float32 and in float64
 float64; bfloat16 and float16 inputs are converted to float32 here (outputs converted
 back, lse float32). Memory: the backward keeps P and dS per (query, window slot),
 ``2·B·Hq·N·prod(kernel_size)`` numbers (a third such buffer for a learned table), never
-N×N; the transposed copies of q, k, v (and dO) are kept per calling thread up to 2^24
-numbers.
+N×N; a forward whose inputs want a gradient keeps its row-transposed q, k, v for the
+backward (as many numbers as q, k, v; the backward then transposes dO only and computes
+delta = rowsum(dO ∘ O) itself); other transposed copies are kept per calling thread up to
+2^24 numbers.
 """
 
 from __future__ import annotations
@@ -167,31 +169,33 @@ class _NeighborhoodAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, sink, table, pattern, bias, scale, key_padding_mask, softcap):
         t = tables(pattern)
         bias_index, flat = _bias_index(pattern, bias) if bias is not None else (None, None)
-        out, lse = native.ops().na_forward(
+        # with a gradient to come, the forward keeps its row-transposed q, k, v for the backward (3 copies of the
+        # inputs' size, kept until then) so that it transposes grad_out only
+        keep = any(ctx.needs_input_grad[:3]) or bool(ctx.needs_input_grad[4])
+        out, lse, transposed = native.ops().na_forward(
             q=q, k=k, v=v, geometry=t["geometry"], first=t["first"], count=t["count"], scale=scale,
             key_padding_mask=key_padding_mask, softcap=softcap, sink_logits=sink, bias_table=table,
-            bias_index=bias_index,
+            bias_index=bias_index, keep_transposed=keep,
         )
-        ctx.save_for_backward(q, k, v, out, lse, sink, table, key_padding_mask)
+        ctx.save_for_backward(q, k, v, out, lse, sink, table, key_padding_mask, transposed)
         ctx.pattern, ctx.bias_index, ctx.flat, ctx.scale, ctx.softcap = pattern, bias_index, flat, scale, softcap
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, sink, table, kpm = ctx.saved_tensors
+        q, k, v, out, lse, sink, table, kpm, transposed = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         grad_out = grad_out.contiguous()
-        delta = (grad_out * out).sum(-1)
-        if grad_lse is not None:
-            delta = delta - grad_lse
         t = tables(ctx.pattern)
         need_table = table is not None and ctx.needs_input_grad[4]
-        dq, dk, dv, dpairs = native.ops().na_backward(
-            grad_out=grad_out, q=q, k=k, v=v, lse=lse, delta=delta.contiguous(), geometry=t["geometry"],
+        # delta = rowsum(grad_out ∘ out) − grad_lse, computed by the kernel (and returned for the sinks' gradient)
+        dq, dk, dv, dpairs, delta = native.ops().na_backward(
+            grad_out=grad_out, q=q, k=k, v=v, out=out, lse=lse,
+            grad_lse=None if grad_lse is None else grad_lse.contiguous(), geometry=t["geometry"],
             first=t["first"], count=t["count"], inv_ptr=t["inv_ptr"], inv_x=t["inv_x"], inv_m=t["inv_m"],
             scale=ctx.scale, key_padding_mask=kpm, softcap=ctx.softcap, bias_table=table,
-            bias_index=ctx.bias_index, need_bias_grad=need_table,
+            bias_index=ctx.bias_index, need_bias_grad=need_table, transposed=transposed,
         )
         dsink = dtable = None
         if sink is not None and ctx.needs_input_grad[3]:

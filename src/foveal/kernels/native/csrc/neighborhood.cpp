@@ -16,18 +16,9 @@
 //     window): dk and dv summed over those queries (and over the query heads sharing the key head, GQA),
 //     each key written by one task.
 // Parallel over (batch, head, rows of the grid's last axis) with at::parallel_for.
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__) && defined(__FMA__)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
+#include "flash_tile.h"  // first: sets the vector instruction set (CPU_CAPABILITY) before ATen's headers
 
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -177,27 +168,6 @@ inline void dots(const T* a, const int64_t* idx, int64_t nk, const T* rows, int6
   for (; t < nk; ++t) out[t] = dot(a, rows + idx[t] * stride, n);
 }
 
-// s = exp(s − m) (−inf entries become 0); returns Σ s
-template <typename T>
-inline T exp_sub(T* s, int64_t n, T m) {
-  using V = Vectorized<T>;
-  constexpr int64_t W = V::size();
-  const V mv(m);
-  V acc(T(0));
-  int64_t c = 0;
-  for (; c + W <= n; c += W) {
-    const V e = (V::loadu(s + c) - mv).exp();
-    e.store(s + c);
-    acc = acc + e;
-  }
-  T sum = at::vec::vec_reduce_all<T>([](V& x, V& y) { return x + y; }, acc);
-  for (; c < n; ++c) {
-    s[c] = std::exp(s[c] - m);
-    sum += s[c];
-  }
-  return sum;
-}
-
 // s *= scale; returns max s
 template <typename T>
 inline T scale_max(T* s, int64_t n, T scale) {
@@ -269,6 +239,18 @@ inline int64_t shift_run(const Geo& g, int64_t x2, int64_t W) {
   int64_t r = 1;
   while (r < W && x2 + r < g.L[2] && g.first[2][x2 + r] == f + r && g.count[2][x2 + r] == c) ++r;
   return r;
+}
+
+// dst[t·ld + c] = O[c·W + t] for t < run, c < D: a tile's (D, W) result back to token-major rows
+template <typename T>
+inline void untile(const T* O, int64_t D, int64_t run, T* dst, int64_t ld) {
+  at::vec::transpose_mxn<T>(O, Vectorized<T>::size(), dst, ld, int(D), int(run));
+}
+
+// dst[0:run] = src[0:run] (run ≤ W) as one (masked) vector store
+template <typename T>
+inline void store_run(const T* src, int64_t run, T* dst) {
+  Vectorized<T>::loadu(src).store(dst, run);
 }
 
 // S[u·W + t] = Σ_c Qt[c][i0 + t] · Kt[c][idx[u] + t] for u < NB
@@ -378,20 +360,17 @@ void forward_kernel(const T* q, const T* k, const T* v, T* out, T* lse, int64_t 
           const V m = tile_scores<T>(S.data(), n, boff.data(), tb, tm, sk, nullptr);
           V l(T(0));
           for (int64_t s = 0; s < n; ++s) {
-            const V e = (V::loadu(S.data() + s * W) - m).exp();
+            const V e = tile::vexp(V::loadu(S.data() + s * W) - m);
             e.store(S.data() + s * W);
             l = l + e;
           }
-          if (tm.sink) l = l + (V(sk) - m).exp();
+          if (tm.sink) l = l + tile::vexp(V(sk) - m);
           pv_tile(S.data(), vix.data(), n, Vh, NP, Dv, O.data());
           const V inv = V(T(1)) / l;
           (m + l.log()).store(lt.data());
           for (int64_t c = 0; c < Dv; ++c) (V::loadu(O.data() + c * W) * inv).store(O.data() + c * W);
-          for (int64_t t = 0; t < run; ++t) {
-            T* o = out + (bh * N + i + t) * Dv;
-            for (int64_t c = 0; c < Dv; ++c) o[c] = O[c * W + t];
-            lse[bh * N + i + t] = lt[t];
-          }
+          untile(O.data(), Dv, run, out + (bh * N + i) * Dv, Dv);
+          store_run(lt.data(), run, lse + bh * N + i);
           x2 += run;
           continue;
         }
@@ -405,7 +384,7 @@ void forward_kernel(const T* q, const T* k, const T* v, T* out, T* lse, int64_t 
           lse[bh * N + i] = NEG;
           continue;
         }
-        T l = exp_sub(sc.data(), n, mm);
+        T l = tile::exp_sum(sc.data(), n, mm);
         if (tm.sink) l += std::exp(sk - mm);
         wsum(sc.data(), idx.data(), n, vb, Dv, Dv, acc.data());
         const T inv = T(1) / l;
@@ -463,7 +442,7 @@ void backward_q_kernel(const T* dout, const T* q, const T* k, const T* v, const 
           qk_tile(dOh, Vh, NP, Dv, row * Dv * NP + x2, vix.data(), n, DP.data());
           const V lv = V::loadu(lt.data()), dv = V::loadu(dt.data()), sv(tm.scale), one(T(1));
           for (int64_t s = 0; s < n; ++s) {
-            const V p = (V::loadu(S.data() + s * W) - lv).exp();
+            const V p = tile::vexp(V::loadu(S.data() + s * W) - lv);
             p.store(S.data() + s * W);
             const V ds = p * (V::loadu(DP.data() + s * W) - dv);
             if (dB) ds.store(DB.data() + s * W);
@@ -475,14 +454,11 @@ void backward_q_kernel(const T* dout, const T* q, const T* k, const T* v, const 
             dsr.store(DP.data() + s * W);
           }
           pv_tile(DP.data(), kix.data(), n, Kh, NP, D, O.data());
-          for (int64_t t = 0; t < run; ++t) {
-            T* dqi = dq + (qi_off + t) * D;
-            for (int64_t c = 0; c < D; ++c) dqi[c] = O[c * W + t];
-            if (dB) {  // the table's gradient stays (query, slot)
-              T* dBi = dB + (qi_off + t) * KM;
-              if (n < KM) std::fill(dBi, dBi + KM, T(0));
-              for (int64_t s = 0; s < n; ++s) dBi[slot[s]] = DB[s * W + t];
-            }
+          untile(O.data(), D, run, dq + qi_off * D, D);
+          for (int64_t t = 0; dB && t < run; ++t) {  // the table's gradient stays (query, slot)
+            T* dBi = dB + (qi_off + t) * KM;
+            if (n < KM) std::fill(dBi, dBi + KM, T(0));
+            for (int64_t s = 0; s < n; ++s) dBi[slot[s]] = DB[s * W + t];
           }
           // P and dS slot-major: (batch·head, slot, query), `run` consecutive queries per slot
           T* Ph = P + bh * KM * N;
@@ -494,8 +470,8 @@ void backward_q_kernel(const T* dout, const T* q, const T* k, const T* v, const 
             }
           }
           for (int64_t s = 0; s < n; ++s) {
-            std::copy(S.data() + s * W, S.data() + s * W + run, Ph + slot[s] * N + i);
-            std::copy(DP.data() + s * W, DP.data() + s * W + run, dSh + slot[s] * N + i);
+            store_run(S.data() + s * W, run, Ph + slot[s] * N + i);
+            store_run(DP.data() + s * W, run, dSh + slot[s] * N + i);
           }
           x2 += run - 1;
           continue;
@@ -515,7 +491,7 @@ void backward_q_kernel(const T* dout, const T* q, const T* k, const T* v, const 
         const T di = delta[qi_off];
         const int64_t n = window(g, x0, x1, x2, idx.data(), slot.data(), tb ? boff.data() : nullptr);
         scores<T>(qi, kb, D, idx.data(), boff.data(), n, pb, tb, tm, sc.data(), th.data());
-        exp_sub(sc.data(), n, li);
+        tile::exp_sum(sc.data(), n, li);
         dots(doi, idx.data(), n, vb, Dv, Dv, dp.data());
         T* dBi = dB ? dB + qi_off * KM : nullptr;
         for (int64_t t = 0; t < n; ++t) {
@@ -639,11 +615,9 @@ void backward_kv_kernel(const T* dout, const T* q, const T* P, const T* dS, T* d
         }
         if (run >= 4) {
           wr_tile(dSb, wo.data(), Qt + head0 * N * D, qo.data(), n, NP, D, O.data());
-          for (int64_t t = 0; t < run; ++t)
-            for (int64_t c = 0; c < D; ++c) dk[(bhk * N + j + t) * D + c] = O[c * W + t];
+          untile(O.data(), D, run, dk + (bhk * N + j) * D, D);
           wr_tile(Pb, wo.data(), dOt + head0 * N * Dv, oo.data(), n, NP, Dv, O.data());
-          for (int64_t t = 0; t < run; ++t)
-            for (int64_t c = 0; c < Dv; ++c) dv[(bhk * N + j + t) * Dv + c] = O[c * W + t];
+          untile(O.data(), Dv, run, dv + (bhk * N + j) * Dv, Dv);
           y2 += run;
           continue;
         }
@@ -772,26 +746,26 @@ void row_transposed(const std::vector<std::pair<const at::Tensor*, T*>>& jobs, i
       const int64_t D = x.size(3), rr = r - start[a];
       const T* s = x.data_ptr<T>() + rr * L2 * D;
       T* d = jobs[a].second + rr * D * L2;
-      for (int64_t x2 = 0; x2 < L2; ++x2)
-        for (int64_t c = 0; c < D; ++c) d[c * L2 + x2] = s[x2 * D + c];
+      at::vec::transpose_mxn<T>(s, D, d, L2, int(L2), int(D));  // 16×16 register blocks for float on AVX-512
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> na_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> na_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                               const at::Tensor& geometry, const at::Tensor& first,
                                               const at::Tensor& count, double scale,
                                               const std::optional<at::Tensor>& key_padding_mask,
                                               std::optional<double> softcap,
                                               const std::optional<at::Tensor>& sink_logits,
                                               const std::optional<at::Tensor>& bias_table,
-                                              const std::optional<at::Tensor>& bias_index) {
+                                              const std::optional<at::Tensor>& bias_index, bool keep_transposed) {
   Geo g = make_geo(geometry, first, count);
   check_inputs(q, k, v, g, key_padding_mask, sink_logits, bias_table, bias_index);
   attach_bias(g, bias_index);
   const int64_t B = q.size(0), Hq = q.size(1), Hkv = k.size(1), D = q.size(3), Dv = v.size(3), N = g.N();
   at::Tensor out = at::empty({B, Hq, N, Dv}, q.options());
   at::Tensor lse = at::empty({B, Hq, N}, q.options());
+  at::Tensor kept = at::empty({0}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "foveal_na_forward", [&] {
     const auto tm = make_terms<scalar_t>(scale, key_padding_mask, softcap, sink_logits, bias_table);
     const int64_t NP = g.L[2];  // the row-transposed tensors' stride over head_dim
@@ -802,7 +776,12 @@ std::tuple<at::Tensor, at::Tensor> na_forward(const at::Tensor& q, const at::Ten
     scalar_t *Qt = nullptr, *Kt = nullptr, *Vt = nullptr;
     if (tiled) {
       const int64_t nq = q.numel() + W, nk = k.numel() + W, nv = v.numel() + W;
-      Qt = workspace<scalar_t>(nq + nk + nv, fresh);
+      if (keep_transposed) {  // handed to the backward, which then transposes only grad_out
+        kept = at::empty({nq + nk + nv}, q.options());
+        Qt = kept.data_ptr<scalar_t>();
+      } else {
+        Qt = workspace<scalar_t>(nq + nk + nv, fresh);
+      }
       Kt = Qt + nq;
       Vt = Kt + nk;
       row_transposed<scalar_t>({{&q, Qt}, {&k, Kt}, {&v, Vt}}, NP);
@@ -811,15 +790,16 @@ std::tuple<at::Tensor, at::Tensor> na_forward(const at::Tensor& q, const at::Ten
                              out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), B, Hq, Hkv, D, Dv, g, tm,
                              Qt, Kt, Vt, NP);
   });
-  return {out, lse};
+  return {out, lse, kept};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na_backward(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
-    const at::Tensor& delta, const at::Tensor& geometry, const at::Tensor& first, const at::Tensor& count,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> na_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, const at::Tensor& geometry, const at::Tensor& first, const at::Tensor& count,
     const at::Tensor& inv_ptr, const at::Tensor& inv_x, const at::Tensor& inv_m, double scale,
     const std::optional<at::Tensor>& key_padding_mask, std::optional<double> softcap,
-    const std::optional<at::Tensor>& bias_table, const std::optional<at::Tensor>& bias_index, bool need_bias_grad) {
+    const std::optional<at::Tensor>& bias_table, const std::optional<at::Tensor>& bias_index, bool need_bias_grad,
+    const std::optional<at::Tensor>& transposed) {
   Geo g = make_geo(geometry, first, count);
   check_inputs(q, k, v, g, key_padding_mask, std::nullopt, bias_table, bias_index);
   attach_bias(g, bias_index);
@@ -833,9 +813,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na_backward(
   TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == q.scalar_type() &&
                   grad_out.sizes() == at::IntArrayRef({B, Hq, N, Dv}),
               "foveal_native neighbourhood: grad_out must be contiguous (B, Hq, N, Dv) in q's dtype");
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == q.scalar_type() && out.sizes() == grad_out.sizes(),
+              "foveal_native neighbourhood: out must be contiguous (B, Hq, N, Dv) in q's dtype");
   TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == q.scalar_type() && lse.numel() == B * Hq * N &&
-                  delta.is_contiguous() && delta.scalar_type() == q.scalar_type() && delta.numel() == B * Hq * N,
-              "foveal_native neighbourhood: lse and delta must be contiguous (B, Hq, N) in q's dtype");
+                  (!grad_lse || (grad_lse->is_contiguous() && grad_lse->scalar_type() == q.scalar_type() &&
+                                 grad_lse->numel() == B * Hq * N)),
+              "foveal_native neighbourhood: lse and grad_lse must be contiguous (B, Hq, N) in q's dtype");
   const int64_t eb = inv_x.size(1);
   for (int a = 0; a < 3; ++a) {
     g.inv_ptr[a] = inv_ptr.data_ptr<int64_t>() + a * inv_ptr.size(1);
@@ -843,6 +826,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na_backward(
     g.inv_m[a] = inv_m.data_ptr<int64_t>() + a * eb;
   }
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  at::Tensor delta = at::empty({B, Hq, N}, q.options());
   // every row of P, dS (and dB) is written by pass 1, zeros included
   // P and dS slot-major (B, Hq, KM, N), W more numbers at the end for the last tile's lanes
   const int64_t PW = q.scalar_type() == at::kDouble ? Vectorized<double>::size() : Vectorized<float>::size();
@@ -857,13 +841,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na_backward(
     constexpr int64_t W = Vectorized<scalar_t>::size();
     std::vector<scalar_t> fresh;
     scalar_t *Qt = nullptr, *Kt = nullptr, *Vt = nullptr, *dOt = nullptr;
+    // delta = rowsum(dO ∘ O) − grad_lse
+    {
+      const scalar_t* o = out.data_ptr<scalar_t>();
+      const scalar_t* go = grad_out.data_ptr<scalar_t>();
+      const scalar_t* gl = grad_lse ? grad_lse->data_ptr<scalar_t>() : nullptr;
+      scalar_t* dl = delta.data_ptr<scalar_t>();
+      at::parallel_for(0, B * Hq * N, 256, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) dl[i] = dot(go + i * Dv, o + i * Dv, Dv) - (gl ? gl[i] : scalar_t(0));
+      });
+    }
     if (tiled) {
       const int64_t nq = q.numel() + W, nk = k.numel() + W, nv = v.numel() + W, no = grad_out.numel() + W;
-      Qt = workspace<scalar_t>(nq + nk + nv + no, fresh);
+      // the forward's row-transposed q, k, v when it kept them: then only grad_out is transposed here
+      const bool reuse =
+          transposed && transposed->numel() == nq + nk + nv && transposed->scalar_type() == q.scalar_type();
+      Qt = reuse ? transposed->data_ptr<scalar_t>() : workspace<scalar_t>(nq + nk + nv + no, fresh);
       Kt = Qt + nq;
       Vt = Kt + nk;
-      dOt = Vt + nv;
-      row_transposed<scalar_t>({{&q, Qt}, {&k, Kt}, {&v, Vt}, {&grad_out, dOt}}, NP);
+      dOt = reuse ? workspace<scalar_t>(no, fresh) : Vt + nv;
+      if (reuse) row_transposed<scalar_t>({{&grad_out, dOt}}, NP);
+      else row_transposed<scalar_t>({{&q, Qt}, {&k, Kt}, {&v, Vt}, {&grad_out, dOt}}, NP);
     }
     backward_q_kernel<scalar_t>(grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
                                 v.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(),
@@ -874,7 +872,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na_backward(
                                  dS.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), B, Hq,
                                  Hkv, D, Dv, g, Qt, dOt, NP);
   });
-  return {dq, dk, dv, dB};
+  return {dq, dk, dv, dB, delta};
 }
 
 }  // namespace na
@@ -884,12 +882,14 @@ TORCH_LIBRARY_FRAGMENT(foveal_native, m) {
   m.def(
       "na_forward(Tensor q, Tensor k, Tensor v, Tensor geometry, Tensor first, Tensor count, float scale, "
       "Tensor? key_padding_mask=None, float? softcap=None, Tensor? sink_logits=None, Tensor? bias_table=None, "
-      "Tensor? bias_index=None) -> (Tensor out, Tensor lse)");
+      "Tensor? bias_index=None, bool keep_transposed=False) -> (Tensor out, Tensor lse, Tensor transposed)");
   m.def(
-      "na_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta, Tensor geometry, "
+      "na_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? grad_lse, "
+      "Tensor geometry, "
       "Tensor first, Tensor count, Tensor inv_ptr, Tensor inv_x, Tensor inv_m, float scale, "
       "Tensor? key_padding_mask=None, float? softcap=None, Tensor? bias_table=None, Tensor? bias_index=None, "
-      "bool need_bias_grad=False) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
+      "bool need_bias_grad=False, Tensor? transposed=None) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias, "
+      "Tensor delta)");
 }
 
 TORCH_LIBRARY_IMPL(foveal_native, CPU, m) {
