@@ -331,3 +331,14 @@ def test_prefill_is_timed_in_interleaved_rounds_under_each_recipe(tok):
     # 3 contenders × (an untimed call, the memory call, 3 rounds); sdpa's calls unsparsified, the others' not
     assert len(seen) == 15 and seen.count(False) == 5 and not is_sparsified(model)
     assert seen[6:] == [False, True, True] * 3  # the rounds go over all contenders in turn
+
+
+@pytest.mark.parametrize("n, seed", [(200, 0), (333, 1), (64, 2)])
+def test_kept_pairs_of_vertical_slash_ranges_from_its_tables_equals_the_mask(n, seed):
+    from foveal.patterns import VerticalSlashRanges
+
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(2, 3, n, 8, generator=g), torch.randn(2, 3, n, 8, generator=g)
+    sel = VerticalSlashRanges(n, vertical=7, slash=9, last_q=16, block=32, always_vertical=2, always_slash=3,
+                              min_vertical=0, min_slash=0).select(q, k)
+    assert QR.kept_pairs(sel) == int(sel.keys_kept().sum())

@@ -140,6 +140,9 @@ def kept_pairs(selection) -> int:
         w = n - torch.arange(n, device=col.device)
         both = (col * off.cumsum(-1).flip(-1)).sum()
         return int((col * w).sum() + (off * w).sum() - both)
+    if selection.method == "VerticalSlashRanges" and {"range_starts", "range_ends", "column_index"} <= set(info):
+        return _ranges_pairs(info["range_starts"], info["range_ends"], info["column_index"], selection.n,
+                             selection.block)
     if selection.partial is not None and selection.kv_tokens is None:
         kv, part, n, bs = selection.kv_blocks, selection.partial, selection.n, selection.block
         kept = kv >= 0
@@ -153,6 +156,20 @@ def kept_pairs(selection) -> int:
         only = BlockSelection(n, bs, marked[..., :m], None, selection.mask_fn, selection.method)
         return full + int(only.keys_kept().sum())
     return int(selection.keys_kept().sum())
+
+
+def _ranges_pairs(starts, ends, columns, n: int, block: int) -> int:
+    """Pairs of a ``VerticalSlashRanges`` selection from its tables: per query row ``i``, the keys ``j <= i`` of its
+    block's ranges (disjoint) and of its gathered columns (outside them). O(B·H·n·(R + V)), no mask evaluated."""
+    nb = starts.shape[2]
+    i = (torch.arange(nb, device=starts.device)[:, None] * block + torch.arange(block, device=starts.device))
+    live = (i < n)[None, None, :, None, :]  # (1, 1, nb, 1, block)
+    i = i[None, None, :, None, :]
+    s, e = starts[..., None], ends[..., None]
+    in_ranges = ((torch.minimum(e, i + 1) - s).clamp(min=0) * ((s >= 0) & live)).sum()
+    c = columns[..., None]
+    in_columns = ((c >= 0) & (c <= i) & live).sum()
+    return int(in_ranges + in_columns)
 
 
 def recipe_density(recipe, n: int, causal: bool, qk=None) -> float:
