@@ -74,8 +74,7 @@ def test_bench_quality_refuses_an_unknown_suite(tmp_path):
 def test_lm_suite_writes_ratios_targets_json_and_plot(tmp_path, monkeypatch):
     from foveal.bench import lm as lm_speed
 
-    monkeypatch.setitem(lm_speed.LM_SUITES, "tiny", {"lengths": (256,), "decode_lengths": (64, 128),
-                                                      "min_seconds": 0.0, "calls": 3})
+    monkeypatch.setitem(lm_speed.LM_SUITES, "tiny", lm_speed._suite((256,), (64, 128), min_seconds=0.0, calls=3))
     result = lm_speed.run_lm("tiny", str(tmp_path), "cpu")
     rows = result["rows"]
     assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
