@@ -252,14 +252,6 @@ static void finish_scores(const Args<T>& a, const Rows& r, int64_t kn, int64_t m
   }
 }
 
-// Final scores of the rows against kn keys at kp into s (R × kn, leading dimension lds)
-template <typename T>
-static void scores(const Args<T>& a, const Rows& r, const T* qs, const T* kp, int64_t kn, int64_t mi,
-                   const bool* pad, T* s, T* deriv, const int32_t* tidx = nullptr) {
-  gemm<T>(false, true, r.R, kn, a.g.D, T(1), qs, a.g.D, kp, a.g.D, T(0), s, a.g.lds);
-  finish_scores(a, r, kn, mi, pad, s, deriv, tidx);
-}
-
 // The score term's index tile of a slot (null without a term)
 template <typename T>
 static const int32_t* term_tile(const Args<T>& a, int64_t at) {
@@ -325,7 +317,7 @@ static int64_t next_run(const Args<T>& a, int64_t trow, int64_t& slot, int64_t m
   return kb;
 }
 
-// The keys of a run of n blocks from kb: its first key and how many (only the sequence's last block is ragged)
+// How many keys a run of n blocks from kb holds (only the sequence's last block is ragged)
 inline int64_t run_keys(const Geo& g, int64_t kb, int64_t n) { return std::min(g.Nk, (kb + n) * g.block) - kb * g.block; }
 
 // Final scores of the rows against a run of key blocks (from next_run) into s (R × its keys): one GEMM, then each
