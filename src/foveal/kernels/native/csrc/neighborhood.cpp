@@ -233,6 +233,17 @@ inline T scores(const T* qi, const T* kb, int64_t D, const int64_t* idx, const i
 // (padded by W columns so a tile never reads past a row) every score and output is a full-width vector
 // operation over the tile's queries: no horizontal sums, no gathers.
 
+// the n window keys idx[s] (flat token = row·NP + x) as offsets into row-transposed k (D channels) and v (Dv):
+// token (row, x), channel c at (row·E + c)·NP + x
+inline void transposed_offsets(const int64_t* idx, int64_t n, int64_t NP, int64_t D, int64_t Dv, int64_t* kix,
+                               int64_t* vix) {
+  for (int64_t s = 0; s < n; ++s) {
+    const int64_t kr = idx[s] / NP, kx = idx[s] - kr * NP;
+    kix[s] = kr * D * NP + kx;
+    vix[s] = kr * Dv * NP + kx;
+  }
+}
+
 // the number of queries from x2 on (at most W) that form such a tile
 inline int64_t shift_run(const Geo& g, int64_t x2, int64_t W) {
   const int64_t f = g.first[2][x2], c = g.count[2][x2];
@@ -351,11 +362,7 @@ void forward_kernel(const T* q, const T* k, const T* v, T* out, T* lse, int64_t 
           const T* Qh = Qt + bh * N * D;
           const T* Kh = Kt + (b * Hkv + hk) * N * D;
           const T* Vh = Vt + (b * Hkv + hk) * N * Dv;
-          for (int64_t s = 0; s < n; ++s) {
-            const int64_t kr = idx[s] / NP, kx = idx[s] - kr * NP;
-            kix[s] = kr * D * NP + kx;
-            vix[s] = kr * Dv * NP + kx;
-          }
+          transposed_offsets(idx.data(), n, NP, D, Dv, kix.data(), vix.data());
           qk_tile(Qh, Kh, NP, D, row * D * NP + x2, kix.data(), n, S.data());
           const V m = tile_scores<T>(S.data(), n, boff.data(), tb, tm, sk, nullptr);
           V l(T(0));
@@ -428,11 +435,7 @@ void backward_q_kernel(const T* dout, const T* q, const T* k, const T* v, const 
           const T* dOh = dOt + bh * N * Dv;
           const T* Kh = Kt + (b * Hkv + hk) * N * D;
           const T* Vh = Vt + (b * Hkv + hk) * N * Dv;
-          for (int64_t s = 0; s < n; ++s) {
-            const int64_t kr = idx[s] / NP, kx = idx[s] - kr * NP;
-            kix[s] = kr * D * NP + kx;
-            vix[s] = kr * Dv * NP + kx;
-          }
+          transposed_offsets(idx.data(), n, NP, D, Dv, kix.data(), vix.data());
           for (int64_t t = 0; t < W; ++t) {
             lt[t] = t < run ? lse[qi_off + t] : T(0);
             dt[t] = t < run ? delta[qi_off + t] : T(0);
